@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each creates .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint bench clean
+
+$(BIN)/flowgate: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Flowgate needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: $(BIN)/flowgate
+	$(BIN)/flowgate demo
+
+test: $(BIN)/flowgate
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/flowgate
+	$(BIN)/python bench/engine_core.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

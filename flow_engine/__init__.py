@@ -1,0 +1,1 @@
+"""Flowgate flow engine: stores, validates, compiles and runs LLM flows."""

@@ -1,0 +1,123 @@
+"""ChatModel: an LLM call. Providers: ``openai`` (any OpenAI-compatible endpoint through
+langchain-openai, always streamed so tokens can be relayed and a run can be cancelled
+between tokens) and ``echo`` (offline and deterministic, for tests and demos).
+
+API keys never come from a flow definition: ``api_key`` in params is a validation error;
+the key comes from the engine's environment (``OPENAI_API_KEY``) via the BuildContext.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+
+from flow_engine.components.base import BuildContext, Component, Limits, Port
+
+_SECRET_PARAMS = ("api_key", "openai_api_key", "apikey", "key", "token", "secret")
+# A key is needed by the client even for endpoints that ignore it (llm-sim, Ollama, vLLM).
+_PLACEHOLDER_KEY = "flowgate-no-key"
+
+
+class EchoChatModel(BaseChatModel):
+    """Deterministic stand-in for an LLM: answers with the last message, prefixed so that
+    nobody mistakes it for a model's answer. Streams one word per chunk when asked to
+    (``invoke(..., stream=True)``, which the engine does for streamed runs)."""
+
+    prefix: str = "[echo: not an LLM] "
+
+    @property
+    def _llm_type(self) -> str:
+        return "flowgate-echo"
+
+    def _reply(self, messages: list[BaseMessage]) -> tuple[str, dict[str, int]]:
+        last = messages[-1].text if messages else ""
+        text = self.prefix + last
+        prompt_tokens = sum(len(m.text.split()) for m in messages)
+        completion_tokens = len(text.split())
+        usage = {
+            "input_tokens": prompt_tokens,
+            "output_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return text, usage
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+        text, usage = self._reply(messages)
+        message = AIMessage(content=text, usage_metadata=usage)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        text, usage = self._reply(messages)
+        words = text.split(" ")
+        for i, word in enumerate(words):
+            piece = word if i == 0 else " " + word
+            last = i == len(words) - 1
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(content=piece, usage_metadata=usage if last else None)
+            )
+
+
+class ChatModel(Component):
+    type_name = "ChatModel"
+    display_name = "Chat Model"
+    description = (
+        "Calls an LLM. provider 'openai' = any OpenAI-compatible endpoint; 'echo' = offline stand-in."
+    )
+    outputs = ("message",)
+    input_ports = (Port("prompt", coerce="prompt", description="text, prompt or messages"),)
+    params_schema = {
+        "type": "object",
+        "properties": {
+            "provider": {"enum": ["openai", "echo"], "default": "openai"},
+            "model": {"type": "string", "minLength": 1, "maxLength": 200, "default": "gpt-4o-mini"},
+            "base_url": {"type": "string", "pattern": "^https?://", "maxLength": 2000,
+                         "description": "default: the engine's OPENAI_BASE_URL"},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 60},
+            "max_retries": {"type": "integer", "minimum": 0, "maximum": 5, "default": 1},
+        },
+    }
+
+    def check_params(self, params: Mapping[str, Any], limits: Limits):
+        secrets = [k for k in params if k.lower() in _SECRET_PARAMS]
+        for key in secrets:
+            yield f".{key}", (
+                f"'{key}' must not be in a flow definition: flows are stored and listed in "
+                "clear; set OPENAI_API_KEY in the engine's environment instead"
+            )
+        rest = {k: v for k, v in params.items() if k not in secrets}
+        yield from super().check_params(rest, limits)
+
+    def build(self, node_id: str, params: dict[str, Any], ctx: BuildContext) -> Runnable:
+        if params["provider"] == "echo":
+            return EchoChatModel()
+        from langchain_openai import ChatOpenAI  # imported lazily: ~0.3 s the echo path never pays
+
+        options: dict[str, Any] = {
+            "model": params["model"],
+            "api_key": ctx.openai_api_key or _PLACEHOLDER_KEY,
+            "timeout": params["timeout"],
+            "max_retries": params["max_retries"],
+            "streaming": True,
+            "stream_usage": True,
+        }
+        base_url = params.get("base_url") or ctx.openai_base_url
+        if base_url:
+            options["base_url"] = base_url
+        for name in ("temperature", "max_tokens"):
+            if name in params:
+                options[name] = params[name]
+        return ChatOpenAI(**options)

@@ -1,0 +1,1 @@
+"""Running compiled flows and recording what happens while they run."""

@@ -1,0 +1,373 @@
+"""Run a compiled flow: ``run()`` returns a :class:`RunResult`; ``stream()`` yields
+:class:`RunEvent` s while the flow runs.
+
+Run events (DESIGN.md), in order, each with a per-run sequence number starting at 1:
+
+- ``run_started``   ``{run_id, flow_id, version, session_id}`` — before any node runs
+- ``node_started``  ``{node, type}``
+- ``token``         ``{node, index, text}`` — one per LLM token, index counts per node from 0
+- ``node_finished`` ``{node, type, output, duration_ms}``
+- ``error``         ``{code, message, node}`` — last event of a failed or cancelled run
+- ``run_finished``  the full result, as the non-streamed call returns it — last event
+
+Events come from LangChain callbacks: the compiled graph runs each node as a child run of
+its own, so the recorder maps runs to nodes by their parent. Everything is synchronous
+(a WSGI worker under gevent has no asyncio loop); ``stream()`` runs the flow in a thread,
+which gevent turns into a greenlet. Cancellation is checked at every node start and every
+token: the recorder raises, LangChain unwinds, and the provider's HTTP stream is closed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from flow_engine.errors import FlowgateError, LLMError, RunCancelled, RunFailed, RunTimeout
+from flow_engine.flows.compile import STREAM_TOKENS, CompiledFlow
+from flow_engine.flows.values import to_jsonable, to_text
+
+Emit = Callable[[str, dict[str, Any]], None]
+_MAX_ERROR_MESSAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    seq: int
+    type: str
+    data: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "type": self.type, **self.data}
+
+
+@dataclass(frozen=True)
+class RunInput:
+    """LangFlow's run body, minus what routing consumes (flow id, version, tweaks)."""
+
+    input_value: str | None = None
+    input_type: str = "chat"
+    output_type: str = "chat"
+    session_id: str | None = None
+
+    def graph_input(self) -> dict[str, Any]:
+        return {
+            "input_value": self.input_value,
+            "input_type": self.input_type,
+            "session_id": self.session_id,
+        }
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    flow_id: str
+    version: int
+    session_id: str | None
+    output: str | None
+    outputs: list[dict[str, Any]]
+    usage: dict[str, int]
+    duration_ms: float
+    nodes: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "flow_id": self.flow_id,
+            "version": self.version,
+            "session_id": self.session_id,
+            "output": self.output,
+            "outputs": self.outputs,
+            "usage": self.usage,
+            "duration_ms": self.duration_ms,
+        }
+
+
+class CancelToken:
+    """Set from anywhere (API call, client disconnect); the run stops at its next node
+    start or token."""
+
+    __slots__ = ("_event", "reason")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+class _RunRecorder(BaseCallbackHandler):
+    """Turns LangChain callbacks into run events; raises to stop a cancelled run."""
+
+    raise_error = True  # so that RunCancelled raised here unwinds the run
+    run_inline = True
+
+    def __init__(self, emit: Emit, node_types: dict[str, str], cancel: CancelToken) -> None:
+        self._emit = emit
+        self._types = node_types
+        self._cancel = cancel
+        self._root: UUID | None = None
+        self._node_of: dict[UUID, str] = {}  # every run inside a node → that node
+        self._started: dict[UUID, float] = {}  # node runs → perf_counter at start
+        self._token_index: dict[str, int] = {}
+        self.durations: dict[str, float] = {}
+        self.failed_node: str | None = None
+        self.usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "llm_calls": 0}
+
+    def _check_cancel(self) -> None:
+        if self._cancel.cancelled:
+            raise RunCancelled(f"run cancelled: {self._cancel.reason}")
+
+    def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str | None) -> None:
+        self._check_cancel()
+        if parent_run_id is None:
+            self._root = run_id
+        elif parent_run_id == self._root and name in self._types:
+            self._node_of[run_id] = name
+            self._started[run_id] = time.perf_counter()
+            self._emit("node_started", {"node": name, "type": self._types[name]})
+        elif parent_run_id in self._node_of:
+            self._node_of[run_id] = self._node_of[parent_run_id]
+
+    def _end(self, run_id: UUID, output: Any) -> None:
+        started = self._started.pop(run_id, None)
+        if started is None:
+            return
+        node = self._node_of[run_id]
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.durations[node] = duration_ms
+        self._emit(
+            "node_finished",
+            {"node": node, "type": self._types[node], "output": to_jsonable(output),
+             "duration_ms": duration_ms},
+        )
+
+    def _error(self, run_id: UUID) -> None:
+        if run_id in self._started and self.failed_node is None:
+            self.failed_node = self._node_of.get(run_id)
+
+    # starts
+    def on_chain_start(self, serialized, inputs, *, run_id, parent_run_id=None, **kw):
+        self._start(run_id, parent_run_id, kw.get("name"))
+
+    def on_chat_model_start(self, serialized, messages, *, run_id, parent_run_id=None, **kw):
+        self._start(run_id, parent_run_id, kw.get("name"))
+
+    def on_llm_start(self, serialized, prompts, *, run_id, parent_run_id=None, **kw):
+        self._start(run_id, parent_run_id, kw.get("name"))
+
+    def on_retriever_start(self, serialized, query, *, run_id, parent_run_id=None, **kw):
+        self._start(run_id, parent_run_id, kw.get("name"))
+
+    # progress
+    def on_llm_new_token(self, token, *, run_id, parent_run_id=None, **kw):
+        self._check_cancel()
+        if not token:
+            return
+        node = self._node_of.get(run_id)
+        if node is None:
+            return
+        index = self._token_index.get(node, 0)
+        self._token_index[node] = index + 1
+        self._emit("token", {"node": node, "index": index, "text": token})
+
+    # ends
+    def on_chain_end(self, outputs, *, run_id, parent_run_id=None, **kw):
+        self._end(run_id, outputs)
+
+    def on_retriever_end(self, documents, *, run_id, parent_run_id=None, **kw):
+        self._end(run_id, documents)
+
+    def on_llm_end(self, response, *, run_id, parent_run_id=None, **kw):
+        message = None
+        try:
+            generation = response.generations[0][0]
+            message = getattr(generation, "message", None)
+        except (IndexError, AttributeError):
+            generation = None
+        usage = getattr(message, "usage_metadata", None) or {}
+        self.usage["llm_calls"] += 1
+        for key in ("input_tokens", "output_tokens", "total_tokens"):
+            self.usage[key] += int(usage.get(key) or 0)
+        self._end(run_id, message if message is not None else getattr(generation, "text", None))
+
+    def on_chain_error(self, error, *, run_id, parent_run_id=None, **kw):
+        self._error(run_id)
+
+    def on_llm_error(self, error, *, run_id, parent_run_id=None, **kw):
+        self._error(run_id)
+
+    def on_retriever_error(self, error, *, run_id, parent_run_id=None, **kw):
+        self._error(run_id)
+
+
+def execute(
+    compiled: CompiledFlow,
+    run_input: RunInput,
+    *,
+    emit: Emit,
+    run_id: str | None = None,
+    cancel: CancelToken | None = None,
+    display_names: dict[str, str] | None = None,
+    stream_tokens: bool = False,
+) -> RunResult:
+    """Run the flow in the calling thread, reporting every event to ``emit``. Raises a
+    :class:`FlowgateError` (the run's ``error`` event has been emitted) on failure.
+    ``stream_tokens`` asks every chat model to stream (always on for the openai provider)."""
+    run_id = run_id or uuid.uuid4().hex
+    cancel = cancel or CancelToken()
+    started = time.perf_counter()
+    emit("run_started", {"run_id": run_id, "flow_id": compiled.flow_id,
+                         "version": compiled.version, "session_id": run_input.session_id})
+    recorder = _RunRecorder(emit, dict(compiled.node_types), cancel)
+    try:
+        values = compiled.runnable.invoke(
+            run_input.graph_input(),
+            {"callbacks": [recorder], "metadata": {"flowgate_run_id": run_id},
+             "configurable": {STREAM_TOKENS: stream_tokens}},
+        )
+    except BaseException as exc:
+        error = classify_error(exc, recorder.failed_node, compiled.node_types)
+        emit("error", {**error.to_dict(), "node": recorder.failed_node})
+        if error is exc:
+            raise
+        raise error from exc
+    result = RunResult(
+        run_id=run_id,
+        flow_id=compiled.flow_id,
+        version=compiled.version,
+        session_id=run_input.session_id,
+        output=None,
+        outputs=[],
+        usage=recorder.usage,
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        nodes=recorder.durations,
+    )
+    _fill_outputs(result, values, compiled, run_input, display_names or {})
+    emit("run_finished", result.as_dict())
+    return result
+
+
+def run(compiled: CompiledFlow, run_input: RunInput, **kwargs: Any) -> RunResult:
+    """Run to completion and return the result (events are discarded)."""
+    return execute(compiled, run_input, emit=_discard, **kwargs)
+
+
+def stream(
+    compiled: CompiledFlow,
+    run_input: RunInput,
+    *,
+    run_id: str | None = None,
+    cancel: CancelToken | None = None,
+    sink: Emit | None = None,
+) -> Iterator[RunEvent]:
+    """Yield the run's events as they happen. Closing the iterator early cancels the run.
+    ``sink`` additionally receives every event (e.g. to append it to an event log)."""
+    cancel = cancel or CancelToken()
+    events: queue.Queue = queue.Queue()
+    done = object()
+    counter = iter(range(1, 1 << 62))
+
+    def emit(kind: str, data: dict[str, Any]) -> None:
+        event = RunEvent(next(counter), kind, data)
+        if sink is not None:
+            sink(kind, data)
+        events.put(event)
+
+    def worker() -> None:
+        try:
+            execute(compiled, run_input, emit=emit, run_id=run_id, cancel=cancel,
+                    stream_tokens=True)
+        except FlowgateError:
+            pass  # reported as an error event
+        except BaseException as exc:
+            emit("error", {"code": "internal", "message": _short(exc), "node": None})
+        finally:
+            events.put(done)
+
+    thread = threading.Thread(target=worker, name=f"flowgate-run-{run_id}", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while True:
+            item = events.get()
+            if item is done:
+                finished = True
+                return
+            yield item
+    finally:
+        if not finished:
+            cancel.cancel("the stream's consumer went away")
+
+
+def classify_error(
+    exc: BaseException, node: str | None, node_types: dict[str, str] | Any
+) -> FlowgateError:
+    """Map an exception from inside a run to the error contract (scrubbed, no traceback)."""
+    if isinstance(exc, FlowgateError):
+        return exc
+    where = f"node '{node}' ({node_types.get(node, '?')})" if node else "the flow"
+    name = type(exc).__name__
+    # langchain-openai re-raises provider errors as subclasses of openai's own classes
+    lineage = [(c.__module__ or "", c.__name__) for c in type(exc).__mro__]
+    if any(m.startswith(("openai", "httpx", "httpcore")) for m, _ in lineage):
+        if any("Timeout" in n for _, n in lineage):
+            return RunTimeout(f"{where}: the LLM provider timed out")
+        status = getattr(exc, "status_code", None)
+        detail = f"HTTP {status}" if status else name
+        return LLMError(f"{where}: the LLM provider failed ({detail}): {_short(exc)}")
+    if isinstance(exc, TimeoutError):
+        return RunTimeout(f"{where} timed out")
+    return RunFailed(f"{where} failed: {name}: {_short(exc)}")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:_MAX_ERROR_MESSAGE]
+
+
+def _discard(kind: str, data: dict[str, Any]) -> None:
+    return None
+
+
+_SENDER = {"ChatOutput": ("message", "Machine", "AI"), "TextOutput": ("text", None, None)}
+
+
+def _fill_outputs(result, values, compiled, run_input: RunInput, display_names) -> None:
+    """``output`` is the text of the first selected output node that ran; ``outputs`` keeps
+    LangFlow's nesting (``outputs[0].outputs[i].results.message.text``)."""
+    wanted = {"chat": ("ChatOutput",), "text": ("TextOutput",)}.get(run_input.output_type)
+    ran = [nid for nid in compiled.output_ids if nid in values]
+    selected = [n for n in ran if wanted is None or compiled.node_types[n] in wanted] or ran
+    entries = []
+    for node_id in selected:
+        node_type = compiled.node_types[node_id]
+        text = to_text(values[node_id])
+        key, sender, sender_name = _SENDER.get(node_type, ("text", None, None))
+        message = {"text": text, "sender": sender, "sender_name": sender_name,
+                   "session_id": run_input.session_id}
+        entries.append({
+            "component_id": node_id,
+            "component_display_name": display_names.get(node_id, node_type),
+            "results": {key: message},
+            "outputs": {key: {"message": text, "type": "text"}},
+            "artifacts": {key: text, "type": "text"},
+            "messages": [{"message": text, "sender": sender, "sender_name": sender_name,
+                          "session_id": run_input.session_id, "component_id": node_id}],
+        })
+    result.outputs = [{"inputs": {"input_value": run_input.input_value}, "outputs": entries}]
+    result.output = entries[0]["results"][_SENDER.get(
+        compiled.node_types[selected[0]], ("text",))[0]]["text"] if entries else None

@@ -1,0 +1,1 @@
+"""Flowgate: a Flask flow engine and ambassador sidecar for running LangChain LLM workflows."""

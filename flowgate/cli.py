@@ -1,0 +1,199 @@
+"""The ``flowgate`` command.
+
+    flowgate demo [--flow FILE] [--input TEXT]    run an example flow, streaming its events
+    flowgate flows validate FILE...               validate flow files offline
+    flowgate llm-sim [--port 9100 ...]            the OpenAI-compatible LLM simulator
+
+Exit codes: 0 success, 1 the flow is invalid or the run failed, 2 bad usage or unreadable
+input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+DEMO_FLOW = EXAMPLES / "faq-rag.json"
+DEMO_QUESTION = "How long does it take to get a refund?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["llm-sim"]:  # its own argparse, so `flowgate llm-sim --help` is complete
+        from flowgate import llm_sim
+
+        llm_sim.main(argv[1:])
+        return 0
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowgate", description="Run LLM flows for microservices.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run an example flow against the LLM simulator, streaming")
+    demo.add_argument("--flow", type=Path, default=DEMO_FLOW, help=f"flow file (default {DEMO_FLOW.name})")
+    demo.add_argument("--input", default=DEMO_QUESTION, help="the user's message")
+    demo.add_argument("--tps", type=float, default=40.0, help="simulated tokens per second")
+    demo.set_defaults(handler=_demo)
+
+    sub.add_parser("llm-sim", help="serve the OpenAI-compatible LLM simulator (see --help)")
+
+    flows = sub.add_parser("flows", help="work with flow definitions")
+    flows_sub = flows.add_subparsers(title="flows commands", metavar="COMMAND")
+    validate = flows_sub.add_parser("validate", help="validate flow files offline")
+    validate.add_argument("files", nargs="+", type=Path)
+    validate.set_defaults(handler=_validate)
+    return parser
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SystemExit(f"flowgate: cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        print(f"flowgate: {path} is not valid JSON: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from flow_engine.components import default_registry
+    from flow_engine.config import Settings
+    from flow_engine.errors import FlowInvalid
+    from flow_engine.flows.validate import validate_flow
+
+    limits = Settings.load().limits
+    status = 0
+    for path in args.files:
+        data = _load_json(path)
+        try:
+            flow = validate_flow(data, default_registry(), limits, flow_id=path.stem)
+        except FlowInvalid as exc:
+            status = 1
+            print(f"{path}: invalid ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''})")
+            for problem in exc.problems:
+                print(f"  {problem.path}: {problem.message}")
+            continue
+        print(f"{path}: valid — flow '{flow.id}', {len(flow.nodes)} nodes, {len(flow.edges)} edges")
+    return status
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from flow_engine.components import default_registry
+    from flow_engine.config import Settings
+    from flow_engine.errors import FlowInvalid
+    from flow_engine.flows.compile import compile_flow
+    from flow_engine.flows.model import FlowVersion
+    from flow_engine.flows.validate import validate_flow
+    from flow_engine.runs.runner import RunInput, stream
+
+    settings = Settings.load()
+    data = _load_json(args.flow)
+    try:
+        definition = validate_flow(data, default_registry(), settings.limits, flow_id=args.flow.stem)
+    except FlowInvalid as exc:
+        print(f"{args.flow}: invalid flow", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    with _llm_endpoint(settings, args.tps) as base_url:
+        ctx = replace(settings, openai_base_url=base_url).build_context
+        compiled = compile_flow(FlowVersion(definition.id, 1, definition), default_registry(), ctx)
+        print(f"flow   {definition.name} ({definition.id}, {len(definition.nodes)} nodes)")
+        print(f"llm    {base_url}")
+        print(f"input  {args.input}\n")
+        return _print_stream(stream(compiled, RunInput(input_value=args.input)))
+
+
+def _print_stream(events) -> int:
+    streaming_node = None
+    status = 1
+    for event in events:
+        data = event.data
+        if event.type == "node_started":
+            print(f"  ▸ {data['node']} ({data['type']})", flush=True)
+        elif event.type == "token":
+            if streaming_node != data["node"]:
+                streaming_node = data["node"]
+                print("    ", end="")
+            print(data["text"], end="", flush=True)
+        elif event.type == "node_finished":
+            if streaming_node == data["node"]:
+                print()
+                streaming_node = None
+            print(f"  ✓ {data['node']} {data['duration_ms']:.1f} ms", flush=True)
+        elif event.type == "error":
+            print(f"\nrun failed: {data['code']}: {data['message']}", file=sys.stderr)
+        elif event.type == "run_finished":
+            usage = data["usage"]
+            print(f"\noutput  {data['output']}")
+            print(f"run     {data['run_id']}  {data['duration_ms']:.0f} ms  "
+                  f"tokens in/out {usage['input_tokens']}/{usage['output_tokens']}")
+            status = 0
+    return status
+
+
+@contextmanager
+def _llm_endpoint(settings, tps: float):
+    """The configured OpenAI-compatible endpoint, or a private llm-sim for the demo."""
+    if settings.openai_base_url:
+        yield settings.openai_base_url
+        return
+    port = _free_port()
+    cmd = [sys.executable, "-m", "flowgate.llm_sim", "--port", str(port), "--ttft", "0.3",
+           "--tps", str(tps), "--reply-tokens", "40"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # noqa: S603
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/v1/models", proc)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"flowgate: llm-sim exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback only
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"flowgate: llm-sim did not become ready within {timeout_s:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

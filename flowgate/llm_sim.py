@@ -1,0 +1,448 @@
+"""An OpenAI-compatible LLM *simulator*: a stand-in for a paid LLM in demos, tests and benchmarks.
+
+It is not an LLM: it answers with deterministic filler text. It speaks OpenAI's HTTP wire
+format so the real ``openai`` client and ``langchain_openai`` work against it unchanged
+(``base_url="http://HOST:PORT/v1"``, any API key, any model name):
+
+- ``POST /v1/chat/completions``: a ``chat.completion`` object, or with ``"stream": true``
+  a ``text/event-stream`` of ``data: {chat.completion.chunk}`` events: a first chunk with
+  ``delta.role``, one chunk per token, a chunk with ``finish_reason``, a ``choices: []``
+  chunk with ``usage`` if ``stream_options.include_usage``, then ``data: [DONE]``.
+  ``max_tokens`` / ``max_completion_tokens`` truncate the reply (``finish_reason: "length"``).
+- ``GET /v1/models``, ``GET /v1/models/<id>``, and ``POST /v1/embeddings`` (deterministic
+  unit vectors; ``encoding_format`` ``float`` or ``base64`` as the ``openai`` client asks).
+- Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``.
+
+Replies are deterministic: ``[simulated reply] you said: "<start of the last user message>"``
+followed by filler words picked from a hash of the messages. Tokens are words (every token
+but the first has a leading space). Latency (``ttft_s``, ``tokens_per_s``) and failures
+(``error_rate`` of 500 / 429 / hang-then-504) are injected from :class:`SimSettings`.
+
+Test hooks: ``GET /sim/stats`` (counters), ``POST /sim/reset`` (zero them), ``GET|POST
+/sim/config`` (read / change settings at runtime). Counters live in the worker process.
+
+Run: ``python -m flowgate.llm_sim --port 9100`` (or ``flowgate llm-sim``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+ERROR_KINDS = ("500", "429", "timeout")
+MODELS = ("flowgate-sim", "flowgate-sim-embedding")
+FINGERPRINT = "fp_flowgate_sim"
+_FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed",
+           "do", "eiusmod", "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna",
+           "aliqua", "enim", "ad", "minim", "veniam", "quis", "nostrud", "exercitation")
+_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+def _model(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "flowgate"}
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    """Behaviour knobs. Frozen: a request works on one consistent snapshot."""
+
+    ttft_s: float = 0.0  # delay before the first token (and before a non-streamed answer)
+    tokens_per_s: float = 0.0  # 0 = no delay between tokens
+    reply_tokens: int = 24
+    error_rate: float = 0.0  # probability that a chat completion fails
+    # "timeout" is opt-in because it holds a connection for hang_s seconds.
+    error_kinds: tuple[str, ...] = ("500", "429")
+    hang_s: float = 30.0  # how long a "timeout" error hangs before answering 504
+    embedding_dim: int = 64
+    seed: int | None = None  # salts reply filler; seeds error injection (None = random)
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_s", "tokens_per_s", "hang_s"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        if not _is_number(self.error_rate) or not 0 <= self.error_rate <= 1:
+            raise ValueError(f"error_rate must be a number in [0, 1], got {self.error_rate!r}")
+        for name, hi in (("reply_tokens", 100_000), ("embedding_dim", 8192)):
+            if not _is_int(getattr(self, name)) or not 1 <= getattr(self, name) <= hi:
+                raise ValueError(f"{name} must be an integer in [1, {hi}], got "
+                                 f"{getattr(self, name)!r}")
+        kinds = self.error_kinds
+        if isinstance(kinds, str):  # CLI style: "500,429"
+            kinds = [k.strip() for k in kinds.split(",") if k.strip()]
+        if not isinstance(kinds, list | tuple) or not kinds or any(
+                k not in ERROR_KINDS for k in kinds):
+            raise ValueError(f"error_kinds must be a non-empty subset of {ERROR_KINDS}, "
+                             f"got {self.error_kinds!r}")
+        object.__setattr__(self, "error_kinds", tuple(dict.fromkeys(kinds)))
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
+
+    def updated(self, changes: dict[str, Any]) -> SimSettings:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class _Stats:
+    """Counters shared by all greenlets/threads of one worker process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # created in the worker: gevent-patched by then
+        self._c: dict[str, Any] = {"active_streams": 0}
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:  # active_streams is a gauge, not a counter: it survives resets
+            self._c = {
+                "requests": {}, "chat_completions_started": 0, "chat_completions_completed": 0,
+                "streams_closed_early": 0, "errors_injected": dict.fromkeys(ERROR_KINDS, 0),
+                "bad_requests": 0, "tokens_sent": 0, "active_streams": self._c["active_streams"]}
+
+    def add(self, key: str, n: int = 1, sub: str | None = None) -> None:
+        with self._lock:
+            if sub is None:
+                self._c[key] += n
+            else:
+                self._c[key][sub] = self._c[key].get(sub, 0) + n
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return json.loads(json.dumps(self._c))  # a deep copy
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None,
+           param: str | None = None, headers: dict[str, str] | None = None) -> Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Response(json.dumps(body), status, headers=headers, mimetype="application/json")
+
+
+def _json_object() -> dict[str, Any]:
+    body = request.get_json(force=True, silent=True)  # force: curl users forget the header
+    if not isinstance(body, dict):
+        raise _BadRequest("Request body must be a JSON object.")
+    return body
+
+
+def _opt(body: dict[str, Any], name: str, check: Any, what: str) -> Any:
+    value = body.get(name)
+    if value is not None and not check(value):
+        raise _BadRequest(f"Invalid '{name}': expected {what}, got {value!r}.", name)
+    return value
+
+
+def _content_text(content: Any, i: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        return " ".join(p["text"] for p in content if isinstance(p.get("text"), str))
+    raise _BadRequest(f"Invalid 'messages[{i}].content': expected a string or a list of "
+                      "content parts.", f"messages[{i}].content")
+
+
+def _parse_messages(body: dict[str, Any]) -> list[tuple[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _BadRequest("'messages' must be a non-empty array.", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise _BadRequest(f"Invalid 'messages[{i}]': expected an object with a 'role' "
+                              f"in {sorted(_ROLES)}.", f"messages[{i}]")
+        out.append((m["role"], _content_text(m.get("content"), i)))
+    return out
+
+
+def count_prompt_tokens(messages: list[tuple[str, str]]) -> int:
+    """Whitespace words plus OpenAI-like per-message (4) and per-reply (3) overhead."""
+    return sum(len(text.split()) + 4 for _, text in messages) + 3
+
+
+def reply_tokens(messages: list[tuple[str, str]], n: int, seed: int | None = None) -> list[str]:
+    """The deterministic reply for ``messages``, as ``n`` word tokens."""
+    last_user = next((t for r, t in reversed(messages) if r == "user"), "").split()
+    quote = last_user[:8] or ["(nothing)"]
+    quote[0] = '"' + quote[0]
+    quote[-1] += '..."' if len(last_user) > 8 else '"'
+    words = ["[simulated", "reply]", "you", "said:", *quote]
+    key = json.dumps([seed or 0, messages]).encode()
+    words += [_FILLER[b % len(_FILLER)] for b in hashlib.shake_256(key).digest(n)]
+    return [w if i == 0 else " " + w for i, w in enumerate(words[:n])]
+
+
+def embed(text: str, dim: int) -> list[float]:
+    """A deterministic unit vector for ``text`` (hash bytes mapped to [-1, 1])."""
+    raw = struct.unpack(f"<{dim}I", hashlib.shake_256(text.encode()).digest(4 * dim))
+    vec = [x / 2**31 - 1 for x in raw]
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _Sim:
+    def __init__(self, settings: SimSettings):
+        self.stats = _Stats()
+        self.configure(settings)
+
+    def configure(self, settings: SimSettings) -> None:
+        self.rng = random.Random(settings.seed)  # failure injection, not crypto
+        self.settings = settings
+
+    def pick_error(self, s: SimSettings) -> str | None:
+        if s.error_rate and self.rng.random() < s.error_rate:
+            return self.rng.choice(s.error_kinds)
+        return None
+
+    def injected_error(self, kind: str, s: SimSettings) -> Response:
+        self.stats.add("errors_injected", sub=kind)
+        if kind == "429":
+            return _error(429, "Rate limit reached for requests (simulated).", "requests",
+                          "rate_limit_exceeded", headers={"Retry-After": "1"})
+        if kind == "timeout":
+            time.sleep(s.hang_s)  # cooperative under gunicorn's gevent worker
+            return _error(504, "Upstream timed out (simulated).", "timeout", "timeout")
+        return _error(500, "The server had an error while processing your request "
+                      "(simulated).", "server_error", "server_error")
+
+    def stream(self, s: SimSettings, base: dict[str, Any], tokens: list[str], finish: str,
+               usage: dict[str, Any] | None) -> Iterator[bytes]:
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            extra = {"usage": None} if usage else {}  # OpenAI sends usage: null until the end
+            return _sse({**base, "choices": [choice], **extra})
+
+        # Counted here rather than in the view: an unstarted generator is closed silently.
+        self.stats.add("chat_completions_started")
+        self.stats.add("active_streams")
+        done = False
+        try:
+            yield b""  # gunicorn sends the headers now, like OpenAI, before the first token
+            time.sleep(s.ttft_s)
+            yield chunk({"role": "assistant", "content": "", "refusal": None})
+            for i, token in enumerate(tokens):
+                if i and s.tokens_per_s:
+                    time.sleep(1 / s.tokens_per_s)
+                yield chunk({"content": token})
+                self.stats.add("tokens_sent")  # yield returned: the server wrote the token
+            yield chunk({}, finish)
+            if usage:
+                yield _sse({**base, "choices": [], "usage": usage})
+            yield b"data: [DONE]\n\n"
+            done = True
+        except GeneratorExit:  # the server closes us when a write fails: client went away
+            self.stats.add("streams_closed_early")
+            raise
+        finally:
+            self.stats.add("active_streams", -1)
+            if done:
+                self.stats.add("chat_completions_completed")
+
+
+def _usage(prompt: int, completion: int) -> dict[str, Any]:
+    details = ("reasoning_tokens", "audio_tokens", "accepted_prediction_tokens",
+               "rejected_prediction_tokens")
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": dict.fromkeys(details, 0)}
+
+
+def create_app(settings: SimSettings | None = None) -> Flask:
+    """Build the simulator's Flask app. Each app has its own settings and counters."""
+    app = Flask(__name__)
+    sim = _Sim(settings or SimSettings())
+    app.extensions["llm_sim"] = sim
+
+    @app.before_request
+    def count_request() -> None:
+        if request.path.startswith("/v1/"):
+            rule = request.url_rule.rule if request.url_rule else "unmatched"
+            sim.stats.add("requests", sub=rule)
+
+    @app.errorhandler(_BadRequest)
+    def bad_request(e: _BadRequest) -> Response:
+        sim.stats.add("bad_requests")
+        return _error(400, str(e), "invalid_request_error", param=e.param)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException) -> Response:
+        msg = f"{e.name}: {request.method} {request.path}"
+        return _error(e.code or 500, msg, "invalid_request_error")
+
+    @app.post("/v1/chat/completions")
+    def chat_completions() -> Response:
+        body = _json_object()
+        messages = _parse_messages(body)
+        model = _opt(body, "model", _is_name, "a model name")
+        if model is None:
+            raise _BadRequest("'model' is required.", "model")
+        stream = _opt(body, "stream", lambda v: isinstance(v, bool), "a boolean")
+        opts = _opt(body, "stream_options", lambda v: isinstance(v, dict), "an object") or {}
+        is_limit = lambda v: _is_int(v) and v >= 1  # noqa: E731
+        limit = (_opt(body, "max_completion_tokens", is_limit, "an integer >= 1")
+                 or _opt(body, "max_tokens", is_limit, "an integer >= 1"))
+        _opt(body, "n", lambda v: v == 1, "1 (the simulator makes one choice)")
+
+        s = sim.settings
+        kind = sim.pick_error(s)
+        if kind:
+            return sim.injected_error(kind, s)
+        n = min(s.reply_tokens, limit or s.reply_tokens)
+        tokens = reply_tokens(messages, n, s.seed)
+        finish = "length" if n < s.reply_tokens else "stop"
+        usage = _usage(count_prompt_tokens(messages), n)
+        kind_ = "chat.completion.chunk" if stream else "chat.completion"
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": kind_,
+                "created": int(time.time()), "model": model, "service_tier": "default",
+                "system_fingerprint": FINGERPRINT}
+        headers = {"x-request-id": f"req_{uuid.uuid4().hex}"}
+        if stream:
+            body_iter = sim.stream(s, base, tokens,
+                                   finish, usage if opts.get("include_usage") else None)
+            headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return Response(body_iter, mimetype="text/event-stream", headers=headers)
+
+        sim.stats.add("chat_completions_started")
+        # Same wall time as the streamed answer would take, so both modes compare fairly.
+        time.sleep(s.ttft_s + ((n - 1) / s.tokens_per_s if s.tokens_per_s else 0))
+        message = {"role": "assistant", "content": "".join(tokens), "refusal": None,
+                   "annotations": []}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        sim.stats.add("tokens_sent", n)
+        sim.stats.add("chat_completions_completed")
+        resp = jsonify({**base, "choices": [choice], "usage": usage})
+        resp.headers.update(headers)
+        return resp
+
+    @app.get("/v1/models")
+    def list_models() -> Response:
+        return jsonify({"object": "list", "data": [_model(m) for m in MODELS]})
+
+    @app.get("/v1/models/<path:model_id>")
+    def get_model(model_id: str) -> Response:
+        return jsonify(_model(model_id))  # any model name is accepted
+
+    @app.post("/v1/embeddings")
+    def embeddings() -> Response:
+        body = _json_object()
+        model = _opt(body, "model", _is_name, "a model name")
+        texts = _embedding_inputs(body.get("input"))
+        dim = _opt(body, "dimensions", lambda v: _is_int(v) and 1 <= v <= 8192,
+                   "an integer in [1, 8192]") or sim.settings.embedding_dim
+        fmt = _opt(body, "encoding_format", lambda v: v in ("float", "base64"),
+                   "'float' or 'base64'") or "float"
+        data = []
+        for i, text in enumerate(texts):
+            vec: Any = embed(text, dim)
+            if fmt == "base64":  # what the openai client requests by default
+                vec = base64.b64encode(struct.pack(f"<{dim}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vec})
+        tokens = sum(len(t.split()) for t in texts)
+        return jsonify({"object": "list", "data": data, "model": model or MODELS[1],
+                        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @app.get("/sim/stats")
+    def stats() -> Response:
+        return jsonify(sim.stats.snapshot())
+
+    @app.post("/sim/reset")
+    def reset() -> Response:
+        sim.stats.reset()
+        return jsonify(sim.stats.snapshot())
+
+    @app.route("/sim/config", methods=["GET", "POST"])
+    def config() -> Response:
+        if request.method == "POST":
+            try:
+                sim.configure(sim.settings.updated(_json_object()))
+            except ValueError as e:
+                raise _BadRequest(str(e)) from e
+        return jsonify(dataclasses.asdict(sim.settings))
+
+    return app
+
+
+def _embedding_inputs(value: Any) -> list[str]:
+    """Strings, or token arrays (langchain's OpenAIEmbeddings sends those) hashed as text."""
+    items = value if isinstance(value, list) and value and not _is_int(value[0]) else [value]
+    texts = []
+    for item in items:
+        if isinstance(item, str) and item:
+            texts.append(item)
+        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
+            texts.append(" ".join(map(str, item)))
+        else:
+            raise _BadRequest("'input' must be a non-empty string, a non-empty array of "
+                              "non-empty strings, or token arrays.", "input")
+    return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: serve the simulator under gunicorn with gevent workers."""
+    from flowgate.serving import serve
+
+    p = argparse.ArgumentParser(prog="flowgate llm-sim", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9100)
+    p.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
+    p.add_argument("--tps", type=float, default=0.0, help="tokens per second (0 = no delay)")
+    p.add_argument("--reply-tokens", type=int, default=24)
+    p.add_argument("--error-rate", type=float, default=0.0, help="0..1, chat completions only")
+    p.add_argument("--error-kinds", default="500,429", help="comma list of 500,429,timeout")
+    p.add_argument("--hang", type=float, default=30.0, help="seconds a 'timeout' error hangs")
+    p.add_argument("--seed", type=int, default=None, help="seed for filler and errors")
+    p.add_argument("--workers", type=int, default=1,
+                   help="gunicorn workers (default 1). Counters and /sim/config are per "
+                        "worker process, so keep 1 when tests read /sim/stats.")
+    args = p.parse_args(argv)
+    try:
+        settings = SimSettings(ttft_s=args.ttft, tokens_per_s=args.tps,
+                               reply_tokens=args.reply_tokens, error_rate=args.error_rate,
+                               error_kinds=args.error_kinds, hang_s=args.hang,
+                               seed=args.seed)
+    except ValueError as e:
+        p.error(str(e))
+    # Short graceful_timeout: the simulator has nothing worth finishing on shutdown.
+    serve(partial(create_app, settings), host=args.host, port=args.port, workers=args.workers,
+          graceful_timeout=3, proc_name="flowgate-llm-sim")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Serve a WSGI app under gunicorn from Python, without a gunicorn command line.
+
+Used by the LLM simulator, the flow engine and the ambassador so that each one is
+started the same way (``python -m ...`` or a console command) and gets the same
+production server: a gunicorn master with gevent workers.
+
+The app is passed as a zero-argument *factory*, not as an app object, because the
+gevent worker monkey-patches the standard library when it starts.  Anything built
+before that (locks, sockets, HTTP clients) would be the blocking, unpatched kind,
+so the factory is called inside each worker, after patching.  Consequently every
+worker has its own app instance and its own in-memory state.
+
+Example::
+
+    from flowgate.serving import serve
+    serve(lambda: create_app(settings), host="127.0.0.1", port=8080, workers=2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+WSGIApp = Callable[..., Any]
+
+#: Defaults applied unless the caller overrides them.  ``accesslog=None`` keeps
+#: access logging off (load benchmarks would otherwise measure log I/O).
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "workers": 1,
+    "worker_class": "gevent",
+    "worker_connections": 1000,
+    "timeout": 30,
+    "graceful_timeout": 30,
+    "keepalive": 5,
+    "accesslog": None,
+    "errorlog": "-",
+    "loglevel": "info",
+    # gunicorn >= 25 opens a control socket at one fixed per-user path by default, so
+    # a second server on the same host (sim + engine + ambassador in tests) would clash.
+    "control_socket_disable": True,
+}
+
+
+class GunicornApp(BaseApplication):
+    """A gunicorn application built from an app factory and a dict of gunicorn settings.
+
+    ``options`` takes gunicorn setting names (``bind``, ``workers``, ``worker_class``,
+    ``worker_connections``, ``timeout``, ``graceful_timeout``, ``keepalive``,
+    ``accesslog``, ``loglevel``, ``proc_name``, ...).  Values of ``None`` leave the
+    default in place, except ``accesslog`` where ``None`` means "off".  Unknown
+    names raise ``ValueError`` so typos do not pass silently.
+    """
+
+    def __init__(self, app_factory: Callable[[], WSGIApp], options: dict[str, Any] | None = None):
+        self._app_factory = app_factory
+        self._options = {**DEFAULT_OPTIONS, **(options or {})}
+        super().__init__()
+
+    def load_config(self) -> None:
+        assert self.cfg is not None
+        for key, value in self._options.items():
+            name = key.lower()
+            if name not in self.cfg.settings:
+                raise ValueError(f"unknown gunicorn setting: {key!r}")
+            if value is not None or name == "accesslog":
+                self.cfg.set(name, value)
+
+    def load(self) -> WSGIApp:
+        # Runs in the worker process after the worker class has monkey-patched.
+        return self._app_factory()
+
+
+def bind_address(host: str, port: int) -> str:
+    """Return gunicorn's ``bind`` string, bracketing IPv6 literals."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve(
+    app_factory: Callable[[], WSGIApp],
+    *,
+    host: str,
+    port: int,
+    workers: int = 1,
+    **options: Any,
+) -> None:
+    """Run ``app_factory()`` under gunicorn on ``host:port`` until the master is stopped.
+
+    Blocks; SIGTERM/SIGINT stop the server gracefully (``graceful_timeout``).
+    Extra keyword arguments are gunicorn settings, see :class:`GunicornApp`.
+    """
+    opts = {**options, "bind": bind_address(host, port), "workers": workers}
+    GunicornApp(app_factory, opts).run()

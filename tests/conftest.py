@@ -1,0 +1,60 @@
+"""Shared fixtures: a real LLM simulator process (flowgate.llm_sim) for the whole session."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from support.procs import ServerProcess, free_port
+
+from flowgate.llm_sim import SimSettings
+
+
+class LlmSim:
+    """Handle on a running simulator: URLs plus its /sim/* test endpoints."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url  # http://127.0.0.1:PORT
+        self.base_url = url + "/v1"  # what openai / langchain_openai take as base_url
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("GET", "/sim/stats")
+
+    def reset(self) -> dict[str, Any]:
+        """Zero the counters (settings are left alone)."""
+        return self._call("POST", "/sim/reset")
+
+    def configure(self, **settings: Any) -> dict[str, Any]:
+        """Change SimSettings fields at runtime; returns the full settings now in force."""
+        return self._call("POST", "/sim/config", settings)
+
+    def restore_defaults(self) -> None:
+        """Counters to zero and every setting back to SimSettings() defaults."""
+        self.configure(**dataclasses.asdict(SimSettings()))
+        self.reset()
+
+    def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        resp = requests.request(method, self.url + path, json=body, timeout=10)
+        resp.raise_for_status()
+        return resp.json()
+
+
+@pytest.fixture(scope="session")
+def llm_sim() -> Iterator[LlmSim]:
+    """One simulator process (gunicorn + gevent, 1 worker) for the test session."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "flowgate.llm_sim", "--port", str(port)]
+    with ServerProcess(cmd, port=port, ready_path="/sim/stats", name="llm-sim") as proc:
+        yield LlmSim(proc.url)
+
+
+@pytest.fixture
+def fresh_llm_sim(llm_sim: LlmSim) -> Iterator[LlmSim]:
+    """The session simulator with zeroed counters and default settings (before and after)."""
+    llm_sim.restore_defaults()
+    yield llm_sim
+    llm_sim.restore_defaults()

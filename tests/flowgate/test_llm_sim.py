@@ -1,0 +1,429 @@
+"""The LLM simulator, tested as a real gunicorn process over real sockets with real clients."""
+
+from __future__ import annotations
+
+import array
+import base64
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import openai
+import pytest
+import requests
+from langchain_openai import ChatOpenAI
+
+from flowgate.llm_sim import SimSettings, count_prompt_tokens, reply_tokens
+
+pytestmark = pytest.mark.integration
+
+MODEL = "flowgate-sim"
+QUESTION = "What is the capital of France?"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+
+
+def _client(sim: Any, **kwargs: Any) -> openai.OpenAI:
+    # max_retries=0: the client would otherwise silently retry our injected 429/500s.
+    return openai.OpenAI(base_url=sim.base_url, api_key="x", max_retries=0, timeout=30, **kwargs)
+
+
+def _text(sim: Any, messages: list[dict[str, Any]] = MESSAGES, **kwargs: Any) -> str:
+    resp = _client(sim).chat.completions.create(model=MODEL, messages=messages, **kwargs)
+    return resp.choices[0].message.content
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def _stats_settle(sim: Any, **expected: int) -> dict[str, Any]:
+    """Poll /sim/stats until the given counters have the given values (streams end async)."""
+    box: dict[str, Any] = {}
+
+    def check() -> bool:
+        box["s"] = sim.stats()
+        return all(box["s"][k] == v for k, v in expected.items())
+
+    try:
+        _wait_for(check)
+    except AssertionError:
+        pytest.fail(f"stats never reached {expected}: {box['s']}")
+    return box["s"]
+
+
+# --- pure unit tests --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({"ttft_s": -0.1}, "ttft_s", id="negative-ttft"),
+        pytest.param({"tokens_per_s": "fast"}, "tokens_per_s", id="tps-not-number"),
+        pytest.param({"error_rate": 1.01}, "error_rate", id="error-rate-above-1"),
+        pytest.param({"error_rate": True}, "error_rate", id="error-rate-bool"),
+        pytest.param({"reply_tokens": 0}, "reply_tokens", id="zero-reply-tokens"),
+        pytest.param({"reply_tokens": 2.5}, "reply_tokens", id="fractional-reply-tokens"),
+        pytest.param({"error_kinds": ("500", "503")}, "error_kinds", id="unknown-error-kind"),
+        pytest.param({"error_kinds": ()}, "error_kinds", id="no-error-kinds"),
+        pytest.param({"embedding_dim": 0}, "embedding_dim", id="zero-dim"),
+        pytest.param({"hang_s": float("nan")}, "hang_s", id="nan-hang"),
+        pytest.param({"seed": "7"}, "seed", id="seed-not-int"),
+    ],
+)
+def test_sim_settings_rejects_bad_values(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SimSettings(**kwargs)
+
+
+def test_sim_settings_normalises_error_kinds_and_rejects_unknown_fields() -> None:
+    assert SimSettings(error_kinds="500, timeout").error_kinds == ("500", "timeout")
+    assert SimSettings(error_kinds=["429", "429"]).error_kinds == ("429",)
+    with pytest.raises(ValueError, match="unknown setting"):
+        SimSettings().updated({"ttft": 1})
+    assert SimSettings().updated({"ttft_s": 2}).ttft_s == 2
+
+
+def test_reply_is_deterministic_and_truncation_is_a_prefix() -> None:
+    msgs = [("user", "one two three four five six seven eight nine ten")]
+    full = reply_tokens(msgs, 24)
+    assert full == reply_tokens(msgs, 24)
+    assert reply_tokens(msgs, 5) == full[:5]
+    assert "".join(full).startswith('[simulated reply] you said: "one two')
+    assert ' eight..."' in "".join(full)  # long messages are quoted in part
+    assert reply_tokens(msgs, 24, seed=1)[:12] == full[:12]  # the seed salts the filler only
+    assert reply_tokens(msgs, 24, seed=1) != full
+    assert count_prompt_tokens(msgs) == 10 + 4 + 3
+
+
+# --- chat completions over the wire -----------------------------------------------------------
+
+
+def test_non_streamed_completion_with_openai_client(fresh_llm_sim: Any) -> None:
+    client = _client(fresh_llm_sim)
+    first = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    again = client.chat.completions.create(model=MODEL, messages=MESSAGES)
+
+    assert first.object == "chat.completion"
+    assert first.id.startswith("chatcmpl-") and first.id != again.id
+    assert first.model == MODEL
+    choice = first.choices[0]
+    assert (choice.index, choice.message.role, choice.finish_reason) == (0, "assistant", "stop")
+    text = choice.message.content
+    assert text.startswith(f'[simulated reply] you said: "{QUESTION}"')
+    assert text == again.choices[0].message.content
+    assert first.usage.completion_tokens == len(text.split()) == 24
+    assert first.usage.prompt_tokens == (2 + 4) + (6 + 4) + 3
+    assert first.usage.total_tokens == first.usage.prompt_tokens + 24
+
+    other = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Something else entirely"}])
+    assert other.choices[0].message.content != text
+    assert other.usage.prompt_tokens == 3 + 4 + 3
+
+
+@pytest.mark.parametrize("include_usage", [pytest.param(True, id="usage"),
+                                           pytest.param(False, id="no-usage")])
+def test_streamed_completion_with_openai_client(fresh_llm_sim: Any, include_usage: bool) -> None:
+    expected = _text(fresh_llm_sim)
+    stream = _client(fresh_llm_sim).chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True,
+        stream_options={"include_usage": include_usage})
+    chunks = list(stream)
+
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    tokens = [c.choices[0].delta.content for c in chunks
+              if c.choices and c.choices[0].delta.content]
+    assert len(tokens) == 24
+    assert tokens[0] == "[simulated" and all(t.startswith(" ") for t in tokens[1:])
+    assert "".join(tokens) == expected
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert [f for f in finishes if f] == ["stop"] and finishes[-1] == "stop"
+    if include_usage:
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage.completion_tokens == 24
+        assert chunks[-1].usage.prompt_tokens == (2 + 4) + (6 + 4) + 3
+        assert all(c.usage is None for c in chunks[:-1])
+    else:
+        assert all(c.choices and c.usage is None for c in chunks)
+    _stats_settle(fresh_llm_sim, chat_completions_started=2, chat_completions_completed=2,
+                  tokens_sent=48, streams_closed_early=0, active_streams=0)
+
+
+def test_langchain_chat_openai_invoke_and_stream(fresh_llm_sim: Any) -> None:
+    prompt = "Tell me about Flowgate"
+    expected = _text(fresh_llm_sim, [{"role": "user", "content": prompt}])
+    llm = ChatOpenAI(model=MODEL, base_url=fresh_llm_sim.base_url, api_key="x",
+                     streaming=True, stream_usage=True, max_retries=0)
+
+    message = llm.invoke(prompt)
+    assert message.content == expected
+    assert message.usage_metadata["output_tokens"] == 24
+    assert message.usage_metadata["input_tokens"] == 4 + 4 + 3
+
+    pieces = [chunk.content for chunk in llm.stream(prompt)]
+    assert "".join(pieces) == expected
+    assert len([p for p in pieces if p]) == 24
+    _stats_settle(fresh_llm_sim, chat_completions_completed=3, active_streams=0)
+
+
+@pytest.mark.parametrize(
+    ("limit", "stream", "n", "finish"),
+    [
+        pytest.param({"max_tokens": 5}, False, 5, "length", id="max_tokens"),
+        pytest.param({"max_completion_tokens": 3}, False, 3, "length", id="max_completion"),
+        pytest.param({"max_tokens": 5}, True, 5, "length", id="max_tokens-streamed"),
+        pytest.param({"max_tokens": 100}, False, 24, "stop", id="limit-above-reply"),
+    ],
+)
+def test_max_tokens_truncates_reply(
+    fresh_llm_sim: Any, limit: dict[str, int], stream: bool, n: int, finish: str
+) -> None:
+    full = _text(fresh_llm_sim).split(" ")
+    client = _client(fresh_llm_sim)
+    if stream:
+        chunks = list(client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, **limit))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        got_finish = chunks[-1].choices[0].finish_reason
+    else:
+        resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, **limit)
+        text, got_finish = resp.choices[0].message.content, resp.choices[0].finish_reason
+        assert resp.usage.completion_tokens == n
+    assert text == " ".join(full[:n])
+    assert got_finish == finish
+
+
+def test_reply_tokens_setting_applies_at_runtime(fresh_llm_sim: Any) -> None:
+    assert fresh_llm_sim.configure(reply_tokens=7)["reply_tokens"] == 7
+    resp = _client(fresh_llm_sim).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert resp.usage.completion_tokens == 7 and resp.choices[0].finish_reason == "stop"
+
+
+def test_ttft_and_tokens_per_second_are_honoured(fresh_llm_sim: Any) -> None:
+    ttft, tps, n = 0.8, 20.0, 20
+    fresh_llm_sim.configure(ttft_s=ttft, tokens_per_s=tps, reply_tokens=n)
+    client = _client(fresh_llm_sim)
+
+    start = time.monotonic()
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    headers_at = time.monotonic() - start
+    arrivals = [time.monotonic() - start for c in stream
+                if c.choices and c.choices[0].delta.content]
+
+    assert len(arrivals) == n
+    # Headers come before the first token, as with OpenAI: create() returns early.
+    assert headers_at < arrivals[0] - 0.3
+    assert arrivals[0] >= ttft - 0.05
+    # The first token reached us long before the last one was generated.
+    assert arrivals[-1] - arrivals[0] >= 0.8 * (n - 1) / tps
+    assert arrivals[-1] < 10
+
+    start = time.monotonic()
+    client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert time.monotonic() - start >= ttft + 0.8 * (n - 1) / tps
+
+
+def test_slow_requests_are_served_concurrently(fresh_llm_sim: Any) -> None:
+    # One gevent worker: the sleeps must be cooperative or 20 requests would take 10 s.
+    fresh_llm_sim.configure(ttft_s=0.5)
+
+    def call(_: int) -> int:
+        return requests.post(f"{fresh_llm_sim.base_url}/chat/completions", timeout=30,
+                             json={"model": MODEL, "messages": MESSAGES}).status_code
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        assert list(pool.map(call, range(20))) == [200] * 20
+    assert time.monotonic() - start < 4.0
+
+
+def test_client_closing_stream_early_is_counted(fresh_llm_sim: Any) -> None:
+    fresh_llm_sim.configure(tokens_per_s=50, reply_tokens=500)  # 10 s if read to the end
+    client = _client(fresh_llm_sim)
+    streams = [client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+               for _ in range(2)]
+    for stream in streams:
+        for _, _chunk in zip(range(3), stream, strict=False):
+            pass
+    # Both streams are served concurrently by the one gevent worker.
+    _stats_settle(fresh_llm_sim, active_streams=2)
+    for stream in streams:
+        stream.close()
+
+    stats = _stats_settle(fresh_llm_sim, streams_closed_early=2, active_streams=0)
+    assert stats["chat_completions_started"] == 2
+    assert stats["chat_completions_completed"] == 0
+    assert 4 <= stats["tokens_sent"] < 500
+
+
+# --- injected failures ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [pytest.param(False, id="plain"),
+                                    pytest.param(True, id="streamed")])
+@pytest.mark.parametrize(
+    ("kind", "exc", "error_type"),
+    [
+        pytest.param("500", openai.InternalServerError, "server_error", id="500"),
+        pytest.param("429", openai.RateLimitError, "requests", id="429"),
+    ],
+)
+def test_injected_errors(fresh_llm_sim: Any, kind: str, exc: type[openai.APIStatusError],
+                         error_type: str, stream: bool) -> None:
+    fresh_llm_sim.configure(error_rate=1, error_kinds=[kind])
+    with pytest.raises(exc) as info:
+        _client(fresh_llm_sim).chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                       stream=stream)
+    assert info.value.status_code == int(kind)
+    assert info.value.body["type"] == error_type
+    if kind == "429":
+        assert info.value.response.headers["retry-after"] == "1"
+    stats = fresh_llm_sim.stats()
+    assert stats["errors_injected"][kind] == 1
+    assert stats["chat_completions_started"] == 0
+
+
+def test_injected_timeout_hangs_then_504(fresh_llm_sim: Any) -> None:
+    fresh_llm_sim.configure(error_rate=1, error_kinds=["timeout"], hang_s=0.5)
+    start = time.monotonic()
+    resp = requests.post(f"{fresh_llm_sim.base_url}/chat/completions",
+                         json={"model": MODEL, "messages": MESSAGES}, timeout=10)
+    assert time.monotonic() - start >= 0.45
+    assert resp.status_code == 504
+    assert resp.json()["error"]["code"] == "timeout"
+    assert fresh_llm_sim.stats()["errors_injected"]["timeout"] == 1
+
+
+def test_error_injection_is_random_but_seeded(fresh_llm_sim: Any) -> None:
+    def statuses() -> list[int]:
+        fresh_llm_sim.configure(error_rate=0.5, error_kinds=["500", "429"], seed=7)
+        return [requests.post(f"{fresh_llm_sim.base_url}/chat/completions", timeout=10,
+                              json={"model": MODEL, "messages": MESSAGES}).status_code
+                for _ in range(40)]
+
+    first = statuses()
+    assert {200, 500, 429} == set(first)
+    assert statuses() == first
+
+
+# --- other endpoints --------------------------------------------------------------------------
+
+
+def test_embeddings_are_deterministic_unit_vectors(fresh_llm_sim: Any) -> None:
+    # The openai client asks for base64 unless told otherwise; the sim must honour both.
+    resp = _client(fresh_llm_sim).embeddings.create(
+        model="text-embedding-3-small", input=["alpha", "beta", "alpha"])
+    vectors = [d.embedding for d in resp.data]
+    assert [d.index for d in resp.data] == [0, 1, 2]
+    assert all(len(v) == 64 for v in vectors)
+    assert all(math.isclose(math.hypot(*v), 1.0, abs_tol=1e-5) for v in vectors)
+    assert vectors[0] == vectors[2] and vectors[0] != vectors[1]
+    assert resp.usage.prompt_tokens == 3
+
+    url = f"{fresh_llm_sim.base_url}/embeddings"
+    floats = requests.post(url, json={"model": "m", "input": "alpha", "encoding_format": "float"},
+                           timeout=10).json()["data"][0]["embedding"]
+    assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(floats, vectors[0], strict=True))
+    packed = requests.post(url, json={"model": "m", "input": "alpha", "encoding_format": "base64"},
+                           timeout=10).json()["data"][0]["embedding"]
+    assert list(array.array("f", base64.b64decode(packed))) == vectors[0]  # float32, LE
+
+    small = requests.post(url, json={"model": "m", "input": "alpha", "dimensions": 8},
+                          timeout=10).json()["data"][0]["embedding"]
+    assert len(small) == 8 and math.isclose(math.hypot(*small), 1.0)
+    fresh_llm_sim.configure(embedding_dim=32)
+    configured = requests.post(url, json={"model": "m", "input": "alpha"}, timeout=10).json()
+    assert len(configured["data"][0]["embedding"]) == 32
+
+
+def test_models_list_and_retrieve(fresh_llm_sim: Any) -> None:
+    client = _client(fresh_llm_sim)
+    assert MODEL in [m.id for m in client.models.list()]
+    assert client.models.retrieve("gpt-anything").id == "gpt-anything"
+
+
+def test_counters_by_endpoint_and_reset(fresh_llm_sim: Any) -> None:
+    client = _client(fresh_llm_sim)
+    client.models.list()
+    client.chat.completions.create(model=MODEL, messages=MESSAGES)
+    client.embeddings.create(model="m", input="x")
+    stats = fresh_llm_sim.stats()
+    assert stats["requests"] == {"/v1/models": 1, "/v1/chat/completions": 1, "/v1/embeddings": 1}
+    assert stats["tokens_sent"] == 24
+    zeroed = fresh_llm_sim.reset()
+    assert zeroed["requests"] == {} and zeroed["tokens_sent"] == 0
+
+
+CHAT, EMB = "/chat/completions", "/embeddings"
+OK_CHAT = {"model": MODEL, "messages": MESSAGES}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        pytest.param(CHAT, b"{not json", id="bad-json"),
+        pytest.param(CHAT, [1, 2], id="not-an-object"),
+        pytest.param(CHAT, {"model": MODEL}, id="missing-messages"),
+        pytest.param(CHAT, {"model": MODEL, "messages": []}, id="empty-messages"),
+        pytest.param(CHAT, {"model": MODEL, "messages": "hi"}, id="messages-not-list"),
+        pytest.param(CHAT, {"model": MODEL, "messages": [{"content": "x"}]}, id="no-role"),
+        pytest.param(CHAT, {"model": MODEL, "messages": ["hi"]}, id="message-not-object"),
+        pytest.param(CHAT, {"model": MODEL, "messages": [{"role": "user", "content": 42}]},
+                     id="content-int"),
+        pytest.param(CHAT, {"messages": MESSAGES}, id="missing-model"),
+        pytest.param(CHAT, {**OK_CHAT, "max_tokens": "5"}, id="max-tokens-str"),
+        pytest.param(CHAT, {**OK_CHAT, "max_tokens": 0}, id="max-tokens-zero"),
+        pytest.param(CHAT, {**OK_CHAT, "stream": "yes"}, id="stream-not-bool"),
+        pytest.param(CHAT, {**OK_CHAT, "stream_options": []}, id="stream-options-list"),
+        pytest.param(CHAT, {**OK_CHAT, "n": 2}, id="n-2"),
+        pytest.param(EMB, {"model": "m", "input": ""}, id="emb-empty-string"),
+        pytest.param(EMB, {"model": "m", "input": []}, id="emb-empty-list"),
+        pytest.param(EMB, {"model": "m", "input": 42}, id="emb-int"),
+        pytest.param(EMB, {"model": "m", "input": ["a", None]}, id="emb-null-item"),
+        pytest.param(EMB, {"model": "m", "input": "a", "encoding_format": "hex"}, id="emb-fmt"),
+    ],
+)
+def test_malformed_requests_get_400_in_openai_format(
+    fresh_llm_sim: Any, path: str, body: Any
+) -> None:
+    url = fresh_llm_sim.base_url + path
+    kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
+    resp = requests.post(url, timeout=10, headers={"Content-Type": "application/json"}, **kwargs)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert fresh_llm_sim.stats()["bad_requests"] == 1
+
+
+def test_unknown_path_is_404_in_openai_format(fresh_llm_sim: Any) -> None:
+    resp = requests.post(f"{fresh_llm_sim.base_url}/completions/legacy", json={}, timeout=10)
+    assert resp.status_code == 404
+    assert "/v1/completions/legacy" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"error_rate": 1.5}, id="error-rate"),
+        pytest.param({"ttft_s": -1}, id="negative-ttft"),
+        pytest.param({"tokens_per_s": "fast"}, id="tps-str"),
+        pytest.param({"error_kinds": ["503"]}, id="error-kind"),
+        pytest.param({"error_kinds": []}, id="no-error-kinds"),
+        pytest.param({"reply_tokens": 0}, id="reply-tokens"),
+        pytest.param({"bogus": 1}, id="unknown-field"),
+        pytest.param([1], id="not-an-object"),
+    ],
+)
+def test_sim_config_rejects_bad_values(fresh_llm_sim: Any, body: Any) -> None:
+    before = requests.get(f"{fresh_llm_sim.url}/sim/config", timeout=10).json()
+    resp = requests.post(f"{fresh_llm_sim.url}/sim/config", json=body, timeout=10)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"]
+    assert requests.get(f"{fresh_llm_sim.url}/sim/config", timeout=10).json() == before

@@ -1,0 +1,154 @@
+"""Start real server processes for integration tests.
+
+Example::
+
+    port = free_port()
+    with ServerProcess([sys.executable, "-m", "flowgate.llm_sim", "--port", str(port)],
+                       port=port, ready_path="/sim/stats") as proc:
+        requests.get(proc.url + "/v1/models")
+
+The process gets its own session (process group) so that a SIGKILL on shutdown also
+reaches children such as gunicorn workers. Its stdout and stderr go to a temp file whose
+tail is included in the error when the process dies or never becomes ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import requests
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerNotReady(RuntimeError):
+    """The process exited, or did not answer 200 on its ready path in time."""
+
+
+class ServerProcess:
+    """A server process that is ready once ``GET http://127.0.0.1:{port}{ready_path}`` is 200.
+
+    ``env`` is added to (not substituted for) the current environment.
+    Use as a context manager, or call :meth:`start` and :meth:`stop` yourself.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        port: int,
+        ready_path: str = "/",
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        ready_timeout: float = 15.0,
+        stop_timeout: float = 10.0,
+        name: str | None = None,
+        keep_log: bool = False,
+    ) -> None:
+        self.args = [str(a) for a in args]
+        self.port = port
+        self.ready_path = ready_path
+        self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        self.ready_timeout = ready_timeout
+        self.stop_timeout = stop_timeout
+        self.name = name or Path(self.args[0]).name
+        self.keep_log = keep_log  # otherwise the log file is deleted by stop()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        fd, path = tempfile.mkstemp(prefix=f"{self.name}-", suffix=".log")
+        self.log_path = Path(path)
+        with os.fdopen(fd, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, cwd=self.cwd, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.ready_timeout
+        last_error = "no attempt"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerNotReady(self._describe(f"exited with code {self.proc.returncode}"))
+            try:
+                resp = requests.get(self.url + self.ready_path, timeout=1)
+                if resp.status_code == 200:
+                    return
+                last_error = f"HTTP {resp.status_code}"
+            except requests.RequestException as e:
+                last_error = type(e).__name__
+            time.sleep(0.1)
+        raise ServerNotReady(self._describe(
+            f"not ready after {self.ready_timeout:.0f}s (last: {last_error})"))
+
+    def _describe(self, what: str) -> str:
+        return f"{self.name} ({' '.join(self.args)}) {what}; output tail:\n{self.tail()}"
+
+    def tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the process's combined stdout/stderr."""
+        if self.log_path is None or not self.log_path.exists():
+            return "<no output captured>"
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:]) or "<empty>"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL to the whole process group after ``stop_timeout``.
+
+        Returns the exit code. Idempotent.
+        """
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self._kill_group()
+                self.proc.wait(5)
+        self._kill_group()  # stragglers (orphaned workers) must not outlive the test run
+        if self.log_path is not None and not self.keep_log:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
+        return self.proc.returncode
+
+    def _kill_group(self) -> None:
+        assert self.proc is not None
+        # start_new_session=True made the child the leader of a group whose id is its pid.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
