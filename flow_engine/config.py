@@ -1,25 +1,51 @@
-"""Engine settings: defaults < environment (``FLOW_ENGINE_*`` and the documented plain
-names such as ``OPENAI_BASE_URL``) < an explicit mapping (tests)."""
+"""Engine settings: defaults < environment < an explicit mapping (tests).
+
+Environment names are ``FLOW_ENGINE_<FIELD>`` (``FLOW_ENGINE_MAX_NODES``), plus the plain
+names DESIGN.md documents: ``DATABASE_URL``, ``REDIS_URL``, ``OPENAI_BASE_URL``,
+``OPENAI_API_KEY``. ``FLOW_ENGINE_API_KEYS`` is comma-separated.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from flow_engine.components.base import BuildContext, Limits
 
+_PLAIN_ENV = {
+    "database_url": "DATABASE_URL",
+    "redis_url": "REDIS_URL",
+    "openai_base_url": "OPENAI_BASE_URL",
+    "openai_api_key": "OPENAI_API_KEY",
+}
+
+
+class ConfigError(ValueError):
+    """A setting has a value the engine cannot start with; the message names it."""
+
 
 @dataclass(frozen=True)
 class Settings:
+    api_keys: tuple[str, ...] = ()
+    api_key_file: str | None = None
+    insecure_no_auth: bool = False
+    database_url: str = "sqlite:///flowgate.db"
+    redis_url: str | None = None
     openai_base_url: str | None = None
     openai_api_key: str | None = None
-    max_nodes: int = Limits.max_nodes
-    max_edges: int = Limits.max_edges
-    max_template_chars: int = Limits.max_template_chars
-    max_definition_bytes: int = Limits.max_definition_bytes
+    max_nodes: int = 100
+    max_edges: int = 400
+    max_template_chars: int = 20_000
+    max_definition_bytes: int = 2_000_000
+    max_body_bytes: int = 4 * 1024 * 1024
     compile_cache_size: int = 512
+    idempotency_ttl_s: int = 24 * 3600
+    idempotency_wait_s: float = 300.0
+    sse_keepalive_s: float = 15.0
+    log_level: str = "INFO"
 
     @classmethod
     def load(
@@ -29,12 +55,38 @@ class Settings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f"FLOW_ENGINE_{f.name.upper()}")
-            if raw is None and f.name.startswith("openai_"):
-                raw = env.get(f.name.upper())
-            if raw is not None and raw != "":
-                values[f.name] = _convert(f.name, raw, f.default)
-        settings = replace(cls(), **values)
-        return replace(settings, **dict(overrides or {}))
+            if raw is None and f.name in _PLAIN_ENV:
+                raw = env.get(_PLAIN_ENV[f.name])
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _convert(f.name, raw.strip(), f.default)
+        values.update(overrides or {})
+        if isinstance(values.get("api_keys"), str):
+            values["api_keys"] = _split(values["api_keys"])
+        return replace(cls(), **values)
+
+    def all_api_keys(self) -> tuple[str, ...]:
+        """Keys from FLOW_ENGINE_API_KEYS plus the key file (one key per line, # comments)."""
+        keys = list(self.api_keys)
+        if self.api_key_file:
+            try:
+                text = Path(self.api_key_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(
+                    f"FLOW_ENGINE_API_KEY_FILE={self.api_key_file}: cannot read it ({exc.strerror})"
+                ) from None
+            keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        return tuple(k for k in keys if k)
+
+    def check_auth(self) -> tuple[str, ...]:
+        """The accepted keys; refuses to run without one unless insecure_no_auth is set."""
+        keys = self.all_api_keys()
+        if not keys and not self.insecure_no_auth:
+            raise ConfigError(
+                "no API key configured: set FLOW_ENGINE_API_KEYS (comma-separated) or "
+                "FLOW_ENGINE_API_KEY_FILE, or start with --insecure-no-auth "
+                "(FLOW_ENGINE_INSECURE_NO_AUTH=1) for local development only"
+            )
+        return keys
 
     @property
     def limits(self) -> Limits:
@@ -47,12 +99,27 @@ class Settings:
                             openai_api_key=self.openai_api_key)
 
 
+def _split(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
 def _convert(name: str, raw: str, default: Any) -> Any:
+    env_name = _PLAIN_ENV.get(name, f"FLOW_ENGINE_{name.upper()}")
     if isinstance(default, bool):
-        return raw.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{env_name} must be true or false, got {raw!r}")
+    if isinstance(default, tuple):
+        return _split(raw)
+    if isinstance(default, int | float):
         try:
-            return int(raw)
+            value = type(default)(raw)
         except ValueError:
-            raise ValueError(f"FLOW_ENGINE_{name.upper()} must be an integer, got {raw!r}") from None
+            raise ConfigError(
+                f"{env_name} must be a {type(default).__name__}, got {raw!r}") from None
+        if value < 0:
+            raise ConfigError(f"{env_name} must not be negative, got {raw!r}")
+        return value
     return raw

@@ -58,12 +58,71 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("llm-sim", help="serve the OpenAI-compatible LLM simulator (see --help)")
 
+    eng = sub.add_parser("engine", help="serve the flow engine under gunicorn (gevent workers)")
+    eng.add_argument("--host", default="127.0.0.1")
+    eng.add_argument("--port", type=int, default=8000)
+    eng.add_argument("--workers", type=int, default=None,
+                     help="worker processes (default: FLOW_ENGINE_WORKERS or 2)")
+    eng.add_argument("--insecure-no-auth", action="store_true",
+                     help="accept requests without an API key (local development only)")
+    eng.set_defaults(handler=_engine)
+
     flows = sub.add_parser("flows", help="work with flow definitions")
     flows_sub = flows.add_subparsers(title="flows commands", metavar="COMMAND")
     validate = flows_sub.add_parser("validate", help="validate flow files offline")
     validate.add_argument("files", nargs="+", type=Path)
     validate.set_defaults(handler=_validate)
     return parser
+
+
+def _engine(args: argparse.Namespace) -> int:
+    """Check settings and migrate the store once in the master, then fork the workers."""
+    import shutil
+    import tempfile
+
+    _patch_and_preload("flow_engine.app")
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # before anything imports the client
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flowgate-engine-metrics-")
+    else:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    if args.insecure_no_auth:
+        os.environ["FLOW_ENGINE_INSECURE_NO_AUTH"] = "1"
+
+    from flow_engine.config import ConfigError, Settings
+    from flow_engine.errors import FlowgateError
+    from flow_engine.store import SqlFlowStore
+    from flowgate.serving import serve
+
+    try:
+        settings = Settings.load()
+        settings.check_auth()
+        store = SqlFlowStore(settings.database_url)
+        store.migrate()
+        store.close()
+    except (ConfigError, FlowgateError) as exc:
+        print(f"flowgate engine: {exc}", file=sys.stderr)
+        return 2
+    config_file = str(Path(__file__).resolve().parent.parent / "flow_engine" / "gunicorn_conf.py")
+    serve(_engine_app, host=args.host, port=args.port, workers=args.workers,
+          config_file=config_file)
+    return 0
+
+
+def _patch_and_preload(module: str) -> None:
+    """gevent-patch the master first, then import the app's modules once: forked workers
+    inherit them (ready faster, pages shared copy-on-write) and nothing imported ssl or
+    threading before the patch. The app itself is still built in each worker."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    __import__(module)
+
+
+def _engine_app():
+    from flow_engine.app import create_app
+
+    return create_app(migrate=False)
 
 
 def _load_json(path: Path) -> Any:

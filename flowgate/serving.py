@@ -53,9 +53,11 @@ class GunicornApp(BaseApplication):
     names raise ``ValueError`` so typos do not pass silently.
     """
 
-    def __init__(self, app_factory: Callable[[], WSGIApp], options: dict[str, Any] | None = None):
+    def __init__(self, app_factory: Callable[[], WSGIApp], options: dict[str, Any] | None = None,
+                 config_file: str | None = None):
         self._app_factory = app_factory
-        self._options = {**DEFAULT_OPTIONS, **(options or {})}
+        file_options = read_config_file(config_file) if config_file else {}
+        self._options = {**DEFAULT_OPTIONS, **file_options, **(options or {})}
         super().__init__()
 
     def load_config(self) -> None:
@@ -72,6 +74,18 @@ class GunicornApp(BaseApplication):
         return self._app_factory()
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """The gunicorn settings a Python config file defines (like ``gunicorn -c FILE``):
+    every top-level name that is a gunicorn setting, hooks included."""
+    from gunicorn.config import Config
+
+    namespace: dict[str, Any] = {"__file__": path, "__name__": "__gunicorn_config__"}
+    with open(path, encoding="utf-8") as fh:
+        exec(compile(fh.read(), path, "exec"), namespace)  # noqa: S102 - our own config file
+    known = Config().settings
+    return {k: v for k, v in namespace.items() if k in known}
+
+
 def bind_address(host: str, port: int) -> str:
     """Return gunicorn's ``bind`` string, bracketing IPv6 literals."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -82,7 +96,8 @@ def serve(
     *,
     host: str,
     port: int,
-    workers: int = 1,
+    workers: int | None = 1,
+    config_file: str | None = None,
     **options: Any,
 ) -> None:
     """Run ``app_factory()`` under gunicorn on ``host:port`` until the master is stopped.
@@ -90,5 +105,7 @@ def serve(
     Blocks; SIGTERM/SIGINT stop the server gracefully (``graceful_timeout``).
     Extra keyword arguments are gunicorn settings, see :class:`GunicornApp`.
     """
-    opts = {**options, "bind": bind_address(host, port), "workers": workers}
-    GunicornApp(app_factory, opts).run()
+    opts = {**options, "bind": bind_address(host, port)}
+    if workers is not None:
+        opts["workers"] = workers
+    GunicornApp(app_factory, opts, config_file=config_file).run()

@@ -14,6 +14,7 @@ from flow_engine.components.base import (
     Routed,
 )
 from flow_engine.components.io import ChatInput, ChatOutput, TextInput, TextOutput
+from flow_engine.components.memory import ChatHistory
 from flow_engine.components.models import ChatModel, EchoChatModel
 from flow_engine.components.parsers import JsonOutputParser, StrOutputParser
 from flow_engine.components.prompts import ChatPromptTemplate, PromptTemplate
@@ -23,7 +24,8 @@ from flow_engine.components.text import TextSplitter
 
 ALL_COMPONENTS = (
     ChatInput, TextInput, PromptTemplate, ChatPromptTemplate, ChatModel, StrOutputParser,
-    JsonOutputParser, TextSplitter, BM25Retriever, ConditionalRouter, ChatOutput, TextOutput,
+    JsonOutputParser, TextSplitter, BM25Retriever, ConditionalRouter, ChatHistory, ChatOutput,
+    TextOutput,
 )
 
 

@@ -74,6 +74,9 @@ class Component:
     # True when the Runnable takes a dict of inputs even if only one is connected
     # (prompt templates); otherwise a single connected input is passed as the bare value.
     takes_mapping: ClassVar[bool] = False
+    # True when the Runnable is given the run input ({input_value, session_id, ...}) instead
+    # of edges (input nodes, chat history).
+    reads_run_input: ClassVar[bool] = False
 
     def __init__(self) -> None:
         schema = dict(self.params_schema)

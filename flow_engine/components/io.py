@@ -11,6 +11,7 @@ from flow_engine.components.base import BuildContext, Component, Port
 
 class _InputComponent(Component):
     kind = "input"
+    reads_run_input = True
     outputs = ("message",)
     accepts: tuple[str, ...] = ()  # run input_type values that feed this node
 

@@ -150,7 +150,7 @@ def compile_flow(
                 node_id=node.id,
                 type=node.type,
                 runnable=runnable,
-                is_input=component.kind == "input",
+                is_input=component.reads_run_input,
                 is_model=isinstance(runnable, BaseChatModel),
                 as_mapping=component.takes_mapping or len(feeds) > 1,
                 feeds=feeds,

@@ -235,7 +235,7 @@ def execute(
     recorder = _RunRecorder(emit, dict(compiled.node_types), cancel)
     try:
         values = compiled.runnable.invoke(
-            run_input.graph_input(),
+            {**run_input.graph_input(), "flow_id": compiled.flow_id},
             {"callbacks": [recorder], "metadata": {"flowgate_run_id": run_id},
              "configurable": {STREAM_TOKENS: stream_tokens}},
         )
@@ -277,33 +277,53 @@ def stream(
     """Yield the run's events as they happen. Closing the iterator early cancels the run.
     ``sink`` additionally receives every event (e.g. to append it to an event log)."""
     cancel = cancel or CancelToken()
+
+    def work(emit: Emit) -> None:
+        def both(kind: str, data: dict[str, Any]) -> None:
+            if sink is not None:
+                sink(kind, data)
+            emit(kind, data)
+
+        execute(compiled, run_input, emit=both, run_id=run_id, cancel=cancel, stream_tokens=True)
+
+    for event in stream_with(work, cancel=cancel):
+        if event is not None:
+            yield event
+
+
+def stream_with(
+    work: Callable[[Emit], Any], *, cancel: CancelToken, keepalive_s: float | None = None
+) -> Iterator[RunEvent | None]:
+    """Run ``work(emit)`` in a thread (a greenlet under gevent) and yield what it emits as
+    numbered events; ``None`` when ``keepalive_s`` passes without one. Closing the iterator
+    early cancels the run through ``cancel``."""
     events: queue.Queue = queue.Queue()
     done = object()
     counter = iter(range(1, 1 << 62))
 
     def emit(kind: str, data: dict[str, Any]) -> None:
-        event = RunEvent(next(counter), kind, data)
-        if sink is not None:
-            sink(kind, data)
-        events.put(event)
+        events.put(RunEvent(next(counter), kind, data))
 
     def worker() -> None:
         try:
-            execute(compiled, run_input, emit=emit, run_id=run_id, cancel=cancel,
-                    stream_tokens=True)
+            work(emit)
         except FlowgateError:
-            pass  # reported as an error event
+            pass  # already reported as an error event
         except BaseException as exc:
             emit("error", {"code": "internal", "message": _short(exc), "node": None})
         finally:
             events.put(done)
 
-    thread = threading.Thread(target=worker, name=f"flowgate-run-{run_id}", daemon=True)
+    thread = threading.Thread(target=worker, name="flowgate-run", daemon=True)
     thread.start()
     finished = False
     try:
         while True:
-            item = events.get()
+            try:
+                item = events.get(timeout=keepalive_s)
+            except queue.Empty:
+                yield None
+                continue
             if item is done:
                 finished = True
                 return

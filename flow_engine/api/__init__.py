@@ -1,0 +1,1 @@
+"""HTTP API blueprints. Handlers parse and answer; the logic lives in the services."""

@@ -1,0 +1,129 @@
+"""``create_app(config)``: settings → store → services → blueprints. No logic here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from flow_engine.api import components, flows, health, openapi, runs
+from flow_engine.api.common import Engine, check_api_key
+from flow_engine.components import default_registry
+from flow_engine.config import Settings
+from flow_engine.errors import FlowgateError
+from flow_engine.metrics import EngineMetrics
+from flow_engine.runs.service import RunService
+from flow_engine.service import FlowService
+from flow_engine.store import SqlFlowStore
+from flowgate import jsonlog, tracing
+
+log = logging.getLogger("flow_engine")
+access_log = logging.getLogger("flow_engine.access")
+API_PREFIX = "/api/v1"
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
+               413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited"}
+
+
+def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetrics | None = None,
+               migrate: bool = True) -> Flask:
+    settings = Settings.load(config)
+    jsonlog.configure(settings.log_level)
+    keys = settings.check_auth()
+    if not keys:
+        log.warning("AUTH DISABLED: the engine accepts requests without an API key "
+                    "(--insecure-no-auth); never run it like this outside a developer machine")
+    metrics = metrics or EngineMetrics()
+    store = SqlFlowStore(settings.database_url,
+                         on_error=lambda op: metrics.store_errors.labels(op).inc())
+    if migrate:
+        store.migrate()
+    flow_service = FlowService(store, default_registry(), settings, metrics)
+    run_service = RunService(flow_service, store, settings, metrics)
+
+    app = Flask("flow_engine")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service,
+                                        tuple(k.encode() for k in keys))
+
+    app.register_blueprint(health.bp)
+    for blueprint in (components.bp, flows.bp, runs.bp, openapi.bp):
+        blueprint.before_request(check_api_key)
+        app.register_blueprint(blueprint, url_prefix=API_PREFIX, name=f"api_{blueprint.name}")
+    _install_request_hooks(app, metrics)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_request_hooks(app: Flask, metrics: EngineMetrics) -> None:
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        g.trace = tracing.from_headers(request.headers.get("traceparent"),
+                                       request.headers.get("X-Request-ID"))
+        g.trace_token = tracing.current.set(g.trace)
+
+    @app.after_request
+    def _finish(response):
+        trace = getattr(g, "trace", None)
+        if trace is not None:
+            response.headers["X-Trace-ID"] = trace.trace_id
+            response.headers["X-Request-ID"] = trace.request_id
+            response.headers["traceparent"] = trace.traceparent
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        metrics.http_requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.http_duration.labels(route, request.method).observe(elapsed)
+        if route not in ("/healthz", "/readyz", "/metrics"):
+            access_log.info("request", extra={
+                "method": request.method, "path": request.path, "route": route,
+                "status": response.status_code, "duration_ms": round(elapsed * 1000, 3),
+                "flow_id": g.get("flow_id"), "run_id": g.get("run_id")})
+        return response
+
+    @app.teardown_request
+    def _reset(_exc):
+        token = g.pop("trace_token", None)
+        if token is not None:
+            tracing.current.reset(token)
+
+
+def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None):
+    trace = g.get("trace")
+    body = {**body, "trace_id": trace.trace_id if trace else None}
+    return jsonify({"error": body}), status, headers or {}
+
+
+def _install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(FlowgateError)
+    def _flowgate(exc: FlowgateError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if exc.status == 503:
+            headers["Retry-After"] = "1"
+        return _error(exc.status, exc.to_dict(), headers)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        status = exc.code or 500
+        code = _HTTP_CODES.get(status, "http_error")
+        message = {404: f"no route {request.method} {request.path}",
+                   405: f"{request.method} is not allowed on {request.path}",
+                   413: f"request body over the {app.config['MAX_CONTENT_LENGTH']} byte limit",
+                   }.get(status, exc.description or exc.name)
+        headers = {}
+        valid = getattr(exc, "valid_methods", None)
+        if status == 405 and valid:
+            headers["Allow"] = ", ".join(sorted(valid))
+        return _error(status, {"code": code, "message": message}, headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, {"code": "internal",
+                            "message": "internal error; the trace id identifies it in the logs"})

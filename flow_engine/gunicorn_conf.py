@@ -1,0 +1,31 @@
+"""gunicorn settings of the flow engine — the one file for workers, connections, timeouts.
+
+``flowgate engine`` loads it; each value can be overridden by the environment variable
+named next to it. gevent workers: one process per core, thousands of concurrent runs per
+process (a run waiting on an LLM costs a greenlet, not a thread).
+"""
+
+import os
+
+workers = int(os.environ.get("FLOW_ENGINE_WORKERS", "2"))
+worker_class = "gevent"
+worker_connections = int(os.environ.get("FLOW_ENGINE_WORKER_CONNECTIONS", "1000"))
+# Heartbeat timeout: a worker that stops answering its arbiter this long is restarted.
+# Long LLM runs do not count (they yield to the gevent hub while they wait).
+timeout = int(os.environ.get("FLOW_ENGINE_WORKER_TIMEOUT", "60"))
+# SIGTERM: stop accepting, let in-flight runs finish for up to this long, then exit.
+graceful_timeout = int(os.environ.get("FLOW_ENGINE_GRACEFUL_TIMEOUT", "30"))
+# Idle keep-alive connections hold a graceful shutdown open, so keep this short.
+keepalive = int(os.environ.get("FLOW_ENGINE_KEEPALIVE", "5"))
+proc_name = "flowgate-engine"
+accesslog = None  # the app writes JSON access lines itself
+errorlog = "-"
+loglevel = os.environ.get("FLOW_ENGINE_GUNICORN_LOGLEVEL", "warning")
+
+
+def child_exit(server, worker):
+    """Forget a dead worker's live gauges (prometheus multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,75 @@
+"""Every engine metric, defined once.
+
+Under gunicorn each worker is a process, so the engine uses prometheus_client's
+multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set (``flowgate engine`` sets it):
+``/metrics`` then aggregates all workers. Gauges sum over live workers. Tests pass their
+own ``CollectorRegistry``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+NODE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.multiprocess = registry is None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        # multiprocess: values go to mmap files and render() collects them from every worker
+        kw = {"registry": None if self.multiprocess else self.registry}
+
+        self.http_requests = Counter(
+            "flowgate_engine_http_requests_total", "HTTP requests by route, method and status.",
+            ["route", "method", "status"], **kw)
+        self.http_duration = Histogram(
+            "flowgate_engine_http_request_duration_seconds", "HTTP request latency by route.",
+            ["route", "method"], buckets=HTTP_BUCKETS, **kw)
+        self.runs = Counter(
+            "flowgate_engine_runs_total", "Finished runs by flow, version and status.",
+            ["flow", "version", "status"], **kw)
+        self.run_duration = Histogram(
+            "flowgate_engine_run_duration_seconds", "Run duration by flow.",
+            ["flow"], buckets=RUN_BUCKETS, **kw)
+        self.node_duration = Histogram(
+            "flowgate_engine_node_duration_seconds", "Node duration by flow and node type.",
+            ["flow", "node_type"], buckets=NODE_BUCKETS, **kw)
+        self.llm_tokens = Counter(
+            "flowgate_engine_llm_tokens_total", "LLM tokens by flow and direction (input|output).",
+            ["flow", "direction"], **kw)
+        self.active_runs = Gauge(
+            "flowgate_engine_active_runs", "Runs in progress.", multiprocess_mode="livesum", **kw)
+        self.compile_cache = Counter(
+            "flowgate_engine_compile_cache_total", "Compile-cache lookups by result (hit|miss).",
+            ["result"], **kw)
+        self.store_errors = Counter(
+            "flowgate_engine_store_errors_total", "Flow store failures by operation.",
+            ["op"], **kw)
+        self.idempotent_replays = Counter(
+            "flowgate_engine_idempotent_replays_total",
+            "Run requests answered from an earlier run with the same Idempotency-Key.", **kw)
+        for result in ("hit", "miss"):
+            self.compile_cache.labels(result)
+        for op in ("read", "write"):
+            self.store_errors.labels(op)
+
+    def render(self) -> tuple[bytes, str]:
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,285 @@
+"""Run requests end to end: pick the version, compile (cached), record the run, run it,
+and honour ``Idempotency-Key``.
+
+Idempotency: the first request with a key inserts the run record holding the key and a hash
+of the request; the unique key makes concurrent duplicates lose that insert. A duplicate
+with the same hash gets the first run's result — waiting for it while it runs — instead of
+a second LLM call; a different hash is a 409. Keys older than the retention window are
+forgotten. Per run the store sees one insert and one update; reads hit the compile cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flow_engine.config import Settings
+from flow_engine.errors import BadRequest, Conflict, FlowgateError, RunFailed
+from flow_engine.flows.compile import CompiledFlow
+from flow_engine.metrics import EngineMetrics
+from flow_engine.runs import runner
+from flow_engine.runs.runner import CancelToken, RunEvent, RunInput, RunResult
+from flow_engine.service import FlowService
+from flow_engine.store.base import ChatMessage, FlowStore, RunRecord
+
+log = logging.getLogger(__name__)
+_TYPES = ("chat", "text", "any")
+MAX_INPUT_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """LangFlow's run body plus Flowgate's ``version`` pin, validated."""
+
+    input_value: str | None
+    input_type: str
+    output_type: str
+    session_id: str | None
+    tweaks: dict[str, Any] | None
+    version: int | None
+
+    @classmethod
+    def from_body(cls, body: Any) -> RunRequest:
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise BadRequest("the run body must be a JSON object like "
+                             '{"input_value": "hello", "session_id": "s1"}')
+        value = body.get("input_value")
+        if value is not None and not isinstance(value, str):
+            raise BadRequest("input_value must be a string")
+        if value is not None and len(value) > MAX_INPUT_CHARS:
+            raise BadRequest(f"input_value is longer than {MAX_INPUT_CHARS} characters")
+        kinds = {}
+        for name in ("input_type", "output_type"):
+            kind = body.get(name) or "chat"
+            if kind == "debug":
+                kind = "any"
+            if kind not in _TYPES:
+                raise BadRequest(f"{name} must be one of {', '.join(_TYPES)}")
+            kinds[name] = kind
+        session = body.get("session_id")
+        if session is not None and (not isinstance(session, str) or not 0 < len(session) <= 200):
+            raise BadRequest("session_id must be a string of 1-200 characters")
+        tweaks = body.get("tweaks")
+        if tweaks is not None and not isinstance(tweaks, dict):
+            raise BadRequest("tweaks must be an object {node_id: {param: value}}")
+        version = body.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                    or version < 1):
+            raise BadRequest("version must be a positive integer")
+        return cls(value, kinds["input_type"], kinds["output_type"], session, tweaks or None,
+                   version)
+
+    def run_input(self) -> RunInput:
+        return RunInput(self.input_value, self.input_type, self.output_type, self.session_id)
+
+
+@dataclass
+class PreparedRun:
+    run_id: str
+    compiled: CompiledFlow
+    request: RunRequest
+    cancel: CancelToken
+    replay: RunRecord | None = None  # set when an earlier run with this key answers
+
+
+class RunService:
+    def __init__(self, flows: FlowService, store: FlowStore, settings: Settings,
+                 metrics: EngineMetrics, clock: Callable[[], datetime] | None = None) -> None:
+        self.flows = flows
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._now = clock or (lambda: datetime.now(UTC))
+        self._active: dict[str, CancelToken] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, id_or_name: str, request: RunRequest, *, idempotency_key: str | None,
+                trace_id: str | None) -> PreparedRun:
+        flow, version = self.flows.resolve(id_or_name, pinned=request.version,
+                                           sticky_value=request.session_id)
+        compiled = self.flows.compiled(flow.id, version, request.tweaks)
+        prepared = PreparedRun(uuid.uuid4().hex, compiled, request, CancelToken())
+        record = RunRecord(
+            run_id=prepared.run_id, flow_id=flow.id, version=version, status="running",
+            created_at=self._now(), session_id=request.session_id, trace_id=trace_id,
+            idempotency_key=idempotency_key,
+            request_hash=_request_hash(flow.id, request) if idempotency_key else None,
+        )
+        existing = self.store.insert_run(record)
+        if existing is not None and self._expired(existing):
+            self.store.delete_run(existing.run_id)
+            existing = self.store.insert_run(record)
+        if existing is not None:
+            if existing.request_hash != record.request_hash:
+                raise Conflict("this Idempotency-Key was used for a different request; "
+                               "use a new key for a new request")
+            prepared.replay = existing
+        return prepared
+
+    def _expired(self, record: RunRecord) -> bool:
+        return record.created_at < self._now() - timedelta(seconds=self.settings.idempotency_ttl_s)
+
+    # -- plain runs --------------------------------------------------------------------------
+
+    def run(self, prepared: PreparedRun) -> tuple[dict[str, Any], bool]:
+        """The run's response body and whether it was replayed from an earlier run."""
+        if prepared.replay is not None:
+            return self._replayed_result(prepared.replay), True
+        result = self._execute(prepared, runner._discard, stream_tokens=False)
+        return result.as_dict(), False
+
+    def _execute(self, prepared: PreparedRun, emit, *, stream_tokens: bool) -> RunResult:
+        compiled = prepared.compiled
+        with self._lock:
+            self._active[prepared.run_id] = prepared.cancel
+        self.metrics.active_runs.inc()
+        started = time.perf_counter()
+        try:
+            result = runner.execute(
+                compiled, prepared.request.run_input(), emit=emit, run_id=prepared.run_id,
+                cancel=prepared.cancel, stream_tokens=stream_tokens)
+        except FlowgateError as exc:
+            status = "cancelled" if exc.code == "run_cancelled" else "failed"
+            self._finish(prepared, status, time.perf_counter() - started, None,
+                         {"status": exc.status, **exc.to_dict()})
+            raise
+        except BaseException as exc:
+            self._finish(prepared, "failed", time.perf_counter() - started, None,
+                         {"status": 500, "code": "internal", "message": "internal error"})
+            raise RunFailed("the run failed unexpectedly") from exc
+        self._finish(prepared, "succeeded", time.perf_counter() - started, result, None)
+        return result
+
+    def _finish(self, prepared: PreparedRun, status: str, seconds: float,
+                result: RunResult | None, error: dict[str, Any] | None) -> None:
+        compiled = prepared.compiled
+        with self._lock:
+            self._active.pop(prepared.run_id, None)
+        m = self.metrics
+        m.active_runs.dec()
+        m.runs.labels(compiled.flow_id, str(compiled.version), status).inc()
+        m.run_duration.labels(compiled.flow_id).observe(seconds)
+        if result is not None:
+            for node, ms in result.nodes.items():
+                m.node_duration.labels(compiled.flow_id, compiled.node_types[node]).observe(ms / 1000)
+            m.llm_tokens.labels(compiled.flow_id, "input").inc(result.usage["input_tokens"])
+            m.llm_tokens.labels(compiled.flow_id, "output").inc(result.usage["output_tokens"])
+            self._remember_chat(prepared, result)
+        try:
+            self.store.finish_run(prepared.run_id, status=status, duration_ms=round(seconds * 1000, 3),
+                                  result=result.as_dict() if result else None, error=error)
+        except FlowgateError:
+            # The client still gets its answer; the record stays "running" and says so.
+            log.exception("could not record the end of run %s", prepared.run_id)
+
+    def _remember_chat(self, prepared: PreparedRun, result: RunResult) -> None:
+        session = prepared.request.session_id
+        if not session or "ChatHistory" not in prepared.compiled.node_types.values():
+            return
+        turn = [ChatMessage("human", prepared.request.input_value or ""),
+                ChatMessage("ai", result.output or "")]
+        try:
+            self.store.append_chat(session, prepared.compiled.flow_id, turn)
+        except FlowgateError:
+            log.exception("could not store chat history for session %s", session)
+
+    def _replayed_result(self, record: RunRecord) -> dict[str, Any]:
+        self.metrics.idempotent_replays.inc()
+        record = self._wait_until_finished(record)
+        if record.status == "succeeded" and record.result is not None:
+            return record.result
+        error = record.error or {}
+        raise _StoredError(error.get("status", 502), error.get("code", "run_failed"),
+                           error.get("message", f"run {record.run_id} ended {record.status}"))
+
+    def _wait_until_finished(self, record: RunRecord) -> RunRecord:
+        deadline = time.monotonic() + self.settings.idempotency_wait_s
+        delay = 0.01
+        while record.status == "running":
+            if time.monotonic() > deadline:
+                raise Conflict(f"run {record.run_id} with this Idempotency-Key is still running; "
+                               "retry later", run_id=record.run_id)
+            time.sleep(delay)  # cooperative under gevent
+            delay = min(delay * 2, 0.2)
+            record = self.store.get_run(record.run_id)
+        return record
+
+    # -- streamed runs ----------------------------------------------------------------------------
+
+    def stream(self, prepared: PreparedRun, keepalive_s: float) -> Iterator[RunEvent | None]:
+        """Events of the run as they happen; ``None`` marks a quiet ``keepalive_s`` interval.
+        A replayed key yields the earlier run's final event."""
+        if prepared.replay is not None:
+            record = self._wait_until_finished(prepared.replay)
+            yield _final_event(record)
+            return
+        yield from runner.stream_with(
+            lambda emit: self._execute(prepared, emit, stream_tokens=True),
+            cancel=prepared.cancel, keepalive_s=keepalive_s)
+
+    # -- records and cancellation ---------------------------------------------------------------
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        record = self.store.get_run(run_id)
+        return run_record_json(record)
+
+    def cancel(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            token = self._active.get(run_id)
+        if token is not None:
+            token.cancel("cancelled by API request")
+            return {"run_id": run_id, "status": "cancelling"}
+        record = self.store.get_run(run_id)
+        if record.status != "running":
+            raise Conflict(f"run {run_id} already ended ({record.status})", run_id=run_id)
+        raise Conflict(f"run {run_id} is running in another engine process; cancelling it "
+                       "there needs REDIS_URL", run_id=run_id)
+
+
+class _StoredError(FlowgateError):
+    """An error replayed from an earlier run's record (same status and code)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code  # type: ignore[misc]
+
+
+def _final_event(record: RunRecord) -> RunEvent:
+    if record.status == "succeeded" and record.result is not None:
+        return RunEvent(1, "run_finished", record.result)
+    error = dict(record.error or {"code": "run_failed", "message": f"run ended {record.status}"})
+    error.pop("status", None)
+    return RunEvent(1, "error", {**error, "node": None})
+
+
+def run_record_json(record: RunRecord) -> dict[str, Any]:
+    body = {
+        "run_id": record.run_id, "flow_id": record.flow_id, "version": record.version,
+        "status": record.status, "session_id": record.session_id, "trace_id": record.trace_id,
+        "created_at": record.created_at.isoformat(),
+        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+        "duration_ms": record.duration_ms,
+    }
+    if record.result is not None:
+        body["output"] = record.result.get("output")
+        body["result"] = record.result
+    if record.error is not None:
+        body["error"] = {k: v for k, v in record.error.items() if k != "status"}
+    return body
+
+
+def _request_hash(flow_id: str, request: RunRequest) -> str:
+    blob = json.dumps([flow_id, request.input_value, request.input_type, request.output_type,
+                       request.session_id, request.tweaks, request.version],
+                      sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

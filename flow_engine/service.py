@@ -1,0 +1,89 @@
+"""Flow service logic between the API and the store: validate, version, publish, route, and
+hand out compiled graphs from the compile cache."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from flow_engine.components import ComponentRegistry
+from flow_engine.components.base import BuildContext
+from flow_engine.config import Settings
+from flow_engine.errors import BadRequest
+from flow_engine.flows.compile import CompileCache, CompiledFlow, compile_flow, tweaks_digest
+from flow_engine.flows.model import FlowDefinition, FlowVersion
+from flow_engine.flows.validate import apply_tweaks, validate_flow
+from flow_engine.metrics import EngineMetrics
+from flow_engine.routing import choose_version, parse_routing
+from flow_engine.store.base import FlowRecord, FlowStore, VersionRecord
+
+
+class FlowService:
+    def __init__(self, store: FlowStore, registry: ComponentRegistry, settings: Settings,
+                 metrics: EngineMetrics) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.limits = settings.limits
+        base = settings.build_context
+        self.build_context = BuildContext(base.openai_base_url, base.openai_api_key,
+                                          {"chat_memory": store})
+        hits, misses = metrics.compile_cache.labels("hit"), metrics.compile_cache.labels("miss")
+        self.cache = CompileCache(settings.compile_cache_size, on_hit=hits.inc, on_miss=misses.inc)
+
+    # -- definitions -------------------------------------------------------------------------
+
+    def validate(self, data: Any, flow_id: str | None = None) -> FlowDefinition:
+        return validate_flow(data, self.registry, self.limits, flow_id=flow_id)
+
+    def create(self, data: Any) -> FlowRecord:
+        flow_id = None
+        if isinstance(data, dict) and "id" not in data:
+            flow_id = _new_id(data.get("name"))
+        definition = self.validate(data, flow_id)
+        raw = {**definition.raw, "id": definition.id, "name": definition.name}
+        return self.store.create_flow(definition.id, definition.name, definition.description, raw)
+
+    def new_version(self, flow_id: str, data: Any) -> VersionRecord:
+        flow = self.store.get_flow(flow_id)
+        if isinstance(data, dict) and data.get("id", flow.id) != flow.id:
+            raise BadRequest(f"the body's id '{data.get('id')}' does not match the flow '{flow.id}'")
+        if isinstance(data, dict) and "name" not in data:
+            data = {**data, "name": flow.name}
+        definition = self.validate(data, flow.id)
+        raw = {**definition.raw, "id": flow.id, "name": definition.name}
+        return self.store.add_version(flow.id, raw, definition.name, definition.description)
+
+    def set_routing(self, flow_id: str, body: Any) -> FlowRecord:
+        flow = self.store.get_flow(flow_id)
+        live, routing = parse_routing(body, flow.latest_version)
+        if live is not None and live != flow.live_version:
+            self.store.publish(flow.id, live)
+        return self.store.set_routing(flow.id, routing)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def resolve(self, id_or_name: str, *, pinned: int | None, sticky_value: str | None
+                ) -> tuple[FlowRecord, int]:
+        flow = self.store.get_flow(id_or_name)
+        return flow, choose_version(flow, pinned=pinned, sticky_value=sticky_value)
+
+    def compiled(self, flow_id: str, version: int,
+                 tweaks: Mapping[str, Any] | None = None) -> CompiledFlow:
+        """The compiled graph of a version (cached; tweaked variants cached separately)."""
+        key = (flow_id, version, tweaks_digest(tweaks))
+        return self.cache.get_or_compile(key, lambda: self._compile(flow_id, version, tweaks))
+
+    def _compile(self, flow_id: str, version: int, tweaks: Mapping[str, Any] | None) -> CompiledFlow:
+        record = self.store.get_version(flow_id, version)
+        raw = apply_tweaks(record.definition, tweaks) if tweaks else record.definition
+        definition = self.validate(raw, flow_id)
+        return compile_flow(FlowVersion(flow_id, version, definition), self.registry,
+                            self.build_context)
+
+
+def _new_id(name: Any) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48] if isinstance(name, str) else ""
+    return f"{slug or 'flow'}-{secrets.token_hex(4)}"

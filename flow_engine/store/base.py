@@ -1,0 +1,95 @@
+"""The store interface and its records (plain values; no SQL types leak out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from flow_engine.errors import FlowgateError
+
+
+class StoreError(FlowgateError):
+    """The database failed (unreachable, locked too long, ...): 503, the request may be retried."""
+
+    status, code = 503, "store_unavailable"
+
+
+@dataclass(frozen=True)
+class FlowRecord:
+    id: str
+    name: str
+    description: str
+    latest_version: int
+    live_version: int | None
+    live_history: tuple[int, ...]  # earlier live versions, most recent last (for rollback)
+    routing: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    flow_id: str
+    version: int
+    definition: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    flow_id: str
+    version: int
+    status: str  # running | succeeded | failed | cancelled
+    created_at: datetime
+    session_id: str | None = None
+    trace_id: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    finished_at: datetime | None = None
+    duration_ms: float | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # human | ai
+    content: str
+
+
+class FlowStore(Protocol):
+    """Everything the engine persists. Implementations raise the errors of
+    :mod:`flow_engine.errors` (FlowNotFound, Conflict, ...) and StoreError, never driver errors."""
+
+    def ping(self) -> None: ...
+
+    # flows and versions
+    def create_flow(self, flow_id: str, name: str, description: str,
+                    definition: dict[str, Any]) -> FlowRecord: ...
+    def add_version(self, flow_id: str, definition: dict[str, Any], name: str,
+                    description: str) -> VersionRecord: ...
+    def get_flow(self, id_or_name: str) -> FlowRecord: ...
+    def list_flows(self, limit: int = 100, offset: int = 0) -> list[FlowRecord]: ...
+    def delete_flow(self, flow_id: str) -> None: ...
+    def get_version(self, flow_id: str, version: int) -> VersionRecord: ...
+    def list_versions(self, flow_id: str) -> list[VersionRecord]: ...
+    def publish(self, flow_id: str, version: int) -> FlowRecord: ...
+    def rollback(self, flow_id: str) -> FlowRecord: ...
+    def set_routing(self, flow_id: str, routing: dict[str, Any] | None) -> FlowRecord: ...
+
+    # runs
+    def insert_run(self, record: RunRecord) -> RunRecord | None:
+        """Insert; when the idempotency key is taken, return the existing record instead."""
+        ...
+    def finish_run(self, run_id: str, *, status: str, duration_ms: float,
+                   result: dict[str, Any] | None, error: dict[str, Any] | None) -> None: ...
+    def get_run(self, run_id: str) -> RunRecord: ...
+    def find_run_by_key(self, idempotency_key: str) -> RunRecord | None: ...
+    def delete_run(self, run_id: str) -> None: ...
+
+    # chat memory
+    def chat_history(self, session_id: str, flow_id: str, limit: int) -> list[ChatMessage]: ...
+    def append_chat(self, session_id: str, flow_id: str, messages: list[ChatMessage]) -> None: ...

@@ -1,0 +1,408 @@
+"""FlowStore on SQLAlchemy Core: SQLite by default, PostgreSQL when ``DATABASE_URL`` says so.
+
+Writes that read before they write (publish, rollback, new version) run in one transaction
+that holds the flow's row lock (``SELECT ... FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE``
+on SQLite), so two concurrent publishes serialise and the live pointer only ever names a
+version that exists. A crash mid-write rolls the transaction back: the old state stays.
+
+The schema is created or migrated on start-up (``migrate()``), guarded by a lock so that
+several workers starting at once do not race.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from flow_engine.errors import Conflict, FlowNotFound, NotFound, RunNotFound
+from flow_engine.store.base import ChatMessage, FlowRecord, RunRecord, StoreError, VersionRecord
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+metadata = sa.MetaData()
+TS = sa.DateTime(timezone=True)
+
+flows = sa.Table(
+    "flows", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("description", sa.Text, nullable=False, default=""),
+    sa.Column("latest_version", sa.Integer, nullable=False),
+    sa.Column("live_version", sa.Integer, nullable=True),
+    sa.Column("live_history", sa.JSON, nullable=False),
+    sa.Column("routing", sa.JSON, nullable=True),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+flow_versions = sa.Table(
+    "flow_versions", metadata,
+    sa.Column("flow_id", sa.String(64), sa.ForeignKey("flows.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("definition", sa.JSON, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+)
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("flow_id", sa.String(64), nullable=False, index=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("session_id", sa.String(200), nullable=True),
+    sa.Column("trace_id", sa.String(64), nullable=True),
+    sa.Column("idempotency_key", sa.String(300), nullable=True, unique=True),
+    sa.Column("request_hash", sa.String(64), nullable=True),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("finished_at", TS, nullable=True),
+    sa.Column("duration_ms", sa.Float, nullable=True),
+    sa.Column("result", sa.JSON, nullable=True),
+    sa.Column("error", sa.JSON, nullable=True),
+)
+chat_messages = sa.Table(
+    "chat_messages", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("session_id", sa.String(200), nullable=False),
+    sa.Column("flow_id", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("content", sa.Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Index("ix_chat_session", "session_id", "flow_id", "id"),
+)
+schema_version = sa.Table(
+    "flowgate_schema", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", TS, nullable=False),
+)
+
+# Each migration brings the schema from version i to i + 1. Append, never edit.
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    lambda conn: metadata.create_all(conn, tables=[flows, flow_versions, runs, chat_messages]),
+]
+
+
+def normalise_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` use psycopg 3 (the driver this package installs)."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)  # SQLite drops the zone; everything is stored in UTC
+    return value
+
+
+class SqlFlowStore:
+    """The one FlowStore implementation (see the module docstring)."""
+
+    def __init__(self, url: str, *, echo: bool = False,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.url = normalise_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        self._on_error = on_error
+        self.engine = self._make_engine(echo)
+
+    def _make_engine(self, echo: bool) -> Engine:
+        if not self.is_sqlite:
+            return sa.create_engine(self.url, echo=echo, pool_pre_ping=True, pool_size=10,
+                                    max_overflow=20, pool_recycle=1800)
+        engine = sa.create_engine(
+            self.url, echo=echo,
+            connect_args={"check_same_thread": False, "timeout": 30, "isolation_level": None},
+        )
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
+            cursor = dbapi_conn.cursor()
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                           "busy_timeout=30000"):
+                cursor.execute(f"PRAGMA {pragma}")
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn):  # take the write lock up front so read-then-write never deadlocks
+            mode = "IMMEDIATE" if conn.get_execution_options().get("flowgate_write") else "DEFERRED"
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._guard("write"), self.engine.connect() as conn:
+            conn = conn.execution_options(flowgate_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._guard("read"), self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _guard(self, op: str) -> Iterator[None]:
+        try:
+            yield
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            if self._on_error:
+                self._on_error(op)
+            log.error("store %s failed: %s", op, exc.__class__.__name__,
+                      extra={"error": str(exc.orig) if hasattr(exc, "orig") else str(exc)})
+            raise StoreError("the flow store is unavailable; retry shortly") from exc
+
+    def _lock_flow(self, conn: Connection, flow_id: str) -> sa.Row:
+        query = sa.select(flows).where(flows.c.id == flow_id)
+        if not self.is_sqlite:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise FlowNotFound(f"no flow '{flow_id}'")
+        return row
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema; returns the schema version now in force."""
+        for attempt in range(5):
+            try:
+                with self._write() as conn:
+                    if not self.is_sqlite:
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(727272)"))
+                    schema_version.create(conn, checkfirst=True)
+                    current = conn.execute(
+                        sa.select(sa.func.coalesce(sa.func.max(schema_version.c.version), 0))
+                    ).scalar_one()
+                    for target in range(current, len(MIGRATIONS)):
+                        MIGRATIONS[target](conn)
+                        conn.execute(schema_version.insert().values(version=target + 1,
+                                                                    applied_at=now()))
+                    return len(MIGRATIONS)
+            except (IntegrityError, OperationalError):
+                if attempt == 4:  # another process migrated concurrently; look again
+                    raise
+        return len(MIGRATIONS)
+
+    def ping(self) -> None:
+        with self._read() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- flows and versions -------------------------------------------------------------------
+
+    def create_flow(self, flow_id: str, name: str, description: str,
+                    definition: dict[str, Any]) -> FlowRecord:
+        stamp = now()
+        try:
+            with self._write() as conn:
+                taken = conn.execute(sa.select(flows.c.id).where(
+                    sa.or_(flows.c.id == flow_id, flows.c.name == name))).first()
+                if taken is not None:
+                    raise Conflict(_taken_message(taken.id, flow_id, name))
+                conn.execute(flows.insert().values(
+                    id=flow_id, name=name, description=description, latest_version=1,
+                    live_version=1, live_history=[], routing=None, created_at=stamp,
+                    updated_at=stamp))
+                conn.execute(flow_versions.insert().values(
+                    flow_id=flow_id, version=1, definition=definition, created_at=stamp))
+        except IntegrityError:  # lost a race with a concurrent create of the same id/name
+            raise Conflict(f"a flow with id '{flow_id}' or name '{name}' already exists") from None
+        return self.get_flow(flow_id)
+
+    def add_version(self, flow_id: str, definition: dict[str, Any], name: str,
+                    description: str) -> VersionRecord:
+        stamp = now()
+        try:
+            with self._write() as conn:
+                row = self._lock_flow(conn, flow_id)
+                clash = conn.execute(sa.select(flows.c.id).where(
+                    flows.c.name == name, flows.c.id != flow_id)).first()
+                if clash is not None:
+                    raise Conflict(f"another flow ('{clash.id}') is already named '{name}'")
+                version = row.latest_version + 1
+                conn.execute(flow_versions.insert().values(
+                    flow_id=flow_id, version=version, definition=definition, created_at=stamp))
+                conn.execute(flows.update().where(flows.c.id == flow_id).values(
+                    latest_version=version, name=name, description=description,
+                    updated_at=stamp))
+        except IntegrityError:
+            raise Conflict("the flow changed concurrently; retry") from None
+        return VersionRecord(flow_id, version, definition, stamp)
+
+    def get_flow(self, id_or_name: str) -> FlowRecord:
+        with self._read() as conn:
+            row = conn.execute(sa.select(flows).where(flows.c.id == id_or_name)).first()
+            if row is None:
+                row = conn.execute(sa.select(flows).where(flows.c.name == id_or_name)).first()
+        if row is None:
+            raise FlowNotFound(f"no flow with id or name '{id_or_name}'")
+        return _flow(row)
+
+    def list_flows(self, limit: int = 100, offset: int = 0) -> list[FlowRecord]:
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(flows).order_by(flows.c.created_at, flows.c.id).limit(limit).offset(offset)
+            ).all()
+        return [_flow(r) for r in rows]
+
+    def delete_flow(self, flow_id: str) -> None:
+        with self._write() as conn:
+            self._lock_flow(conn, flow_id)
+            conn.execute(flow_versions.delete().where(flow_versions.c.flow_id == flow_id))
+            conn.execute(flows.delete().where(flows.c.id == flow_id))
+
+    def get_version(self, flow_id: str, version: int) -> VersionRecord:
+        with self._read() as conn:
+            row = conn.execute(sa.select(flow_versions).where(
+                flow_versions.c.flow_id == flow_id, flow_versions.c.version == version)).first()
+        if row is None:
+            raise NotFound(f"flow '{flow_id}' has no version {version}")
+        return VersionRecord(row.flow_id, row.version, row.definition, _aware(row.created_at))
+
+    def list_versions(self, flow_id: str) -> list[VersionRecord]:
+        with self._read() as conn:
+            if conn.execute(sa.select(flows.c.id).where(flows.c.id == flow_id)).first() is None:
+                raise FlowNotFound(f"no flow '{flow_id}'")
+            rows = conn.execute(sa.select(flow_versions).where(
+                flow_versions.c.flow_id == flow_id).order_by(flow_versions.c.version)).all()
+        return [VersionRecord(r.flow_id, r.version, r.definition, _aware(r.created_at)) for r in rows]
+
+    def publish(self, flow_id: str, version: int) -> FlowRecord:
+        with self._write() as conn:
+            row = self._lock_flow(conn, flow_id)
+            exists = conn.execute(sa.select(flow_versions.c.version).where(
+                flow_versions.c.flow_id == flow_id, flow_versions.c.version == version)).first()
+            if exists is None:
+                raise NotFound(f"flow '{flow_id}' has no version {version}; "
+                               f"its versions are 1..{row.latest_version}")
+            history = list(row.live_history or [])
+            if row.live_version is not None and row.live_version != version:
+                history.append(row.live_version)
+            conn.execute(flows.update().where(flows.c.id == flow_id).values(
+                live_version=version, live_history=history[-100:], routing=None,
+                updated_at=now()))
+        return self.get_flow(flow_id)
+
+    def rollback(self, flow_id: str) -> FlowRecord:
+        with self._write() as conn:
+            row = self._lock_flow(conn, flow_id)
+            history = list(row.live_history or [])
+            if not history:
+                raise Conflict(f"flow '{flow_id}' has no earlier live version to roll back to")
+            previous = history.pop()
+            conn.execute(flows.update().where(flows.c.id == flow_id).values(
+                live_version=previous, live_history=history, routing=None, updated_at=now()))
+        return self.get_flow(flow_id)
+
+    def set_routing(self, flow_id: str, routing: dict[str, Any] | None) -> FlowRecord:
+        with self._write() as conn:
+            self._lock_flow(conn, flow_id)
+            conn.execute(flows.update().where(flows.c.id == flow_id).values(
+                routing=routing, updated_at=now()))
+        return self.get_flow(flow_id)
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def insert_run(self, record: RunRecord) -> RunRecord | None:
+        values = {
+            "run_id": record.run_id, "flow_id": record.flow_id, "version": record.version,
+            "status": record.status, "session_id": record.session_id,
+            "trace_id": record.trace_id, "idempotency_key": record.idempotency_key,
+            "request_hash": record.request_hash, "created_at": record.created_at,
+        }
+        try:
+            with self._write() as conn:
+                conn.execute(runs.insert().values(**values))
+        except IntegrityError:
+            if record.idempotency_key is None:
+                raise Conflict(f"run id '{record.run_id}' already exists") from None
+            existing = self.find_run_by_key(record.idempotency_key)
+            if existing is None:  # deleted between our insert and this read: try once more
+                return self.insert_run(record)
+            return existing
+        return None
+
+    def finish_run(self, run_id: str, *, status: str, duration_ms: float,
+                   result: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
+        with self._write() as conn:
+            conn.execute(runs.update().where(runs.c.run_id == run_id).values(
+                status=status, duration_ms=duration_ms, result=result, error=error,
+                finished_at=now()))
+
+    def get_run(self, run_id: str) -> RunRecord:
+        with self._read() as conn:
+            row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).first()
+        if row is None:
+            raise RunNotFound(f"no run '{run_id}'")
+        return _run(row)
+
+    def find_run_by_key(self, idempotency_key: str) -> RunRecord | None:
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(runs).where(runs.c.idempotency_key == idempotency_key)).first()
+        return _run(row) if row is not None else None
+
+    def delete_run(self, run_id: str) -> None:
+        with self._write() as conn:
+            conn.execute(runs.delete().where(runs.c.run_id == run_id))
+
+    # -- chat memory -------------------------------------------------------------------------
+
+    def chat_history(self, session_id: str, flow_id: str, limit: int) -> list[ChatMessage]:
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(chat_messages.c.role, chat_messages.c.content)
+                .where(chat_messages.c.session_id == session_id, chat_messages.c.flow_id == flow_id)
+                .order_by(chat_messages.c.id.desc()).limit(limit)
+            ).all()
+        return [ChatMessage(r.role, r.content) for r in reversed(rows)]
+
+    def append_chat(self, session_id: str, flow_id: str, messages: list[ChatMessage]) -> None:
+        if not messages:
+            return
+        stamp = now()
+        with self._write() as conn:
+            conn.execute(chat_messages.insert(), [
+                {"session_id": session_id, "flow_id": flow_id, "role": m.role,
+                 "content": m.content, "created_at": stamp} for m in messages])
+
+
+def _taken_message(existing_id: str, flow_id: str, name: str) -> str:
+    if existing_id == flow_id:
+        return f"a flow with id '{flow_id}' already exists; PUT /flows/{flow_id} adds a version"
+    return f"flow '{existing_id}' is already named '{name}'; flow names are unique"
+
+
+def _flow(row: sa.Row) -> FlowRecord:
+    return FlowRecord(
+        id=row.id, name=row.name, description=row.description or "",
+        latest_version=row.latest_version, live_version=row.live_version,
+        live_history=tuple(row.live_history or ()), routing=row.routing,
+        created_at=_aware(row.created_at), updated_at=_aware(row.updated_at),
+    )
+
+
+def _run(row: sa.Row) -> RunRecord:
+    return RunRecord(
+        run_id=row.run_id, flow_id=row.flow_id, version=row.version, status=row.status,
+        created_at=_aware(row.created_at), session_id=row.session_id, trace_id=row.trace_id,
+        idempotency_key=row.idempotency_key, request_hash=row.request_hash,
+        finished_at=_aware(row.finished_at), duration_ms=row.duration_ms, result=row.result,
+        error=row.error,
+    )
