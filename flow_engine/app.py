@@ -52,11 +52,16 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service,
                                         tuple(k.encode() for k in keys))
 
+    _install_request_hooks(app, metrics)  # first: errors below carry the trace id
+
+    @app.before_request
+    def _auth():  # every /api/v1 path, known or not: unauthenticated callers learn nothing
+        if request.path.startswith(API_PREFIX + "/"):
+            check_api_key()
+
     app.register_blueprint(health.bp)
     for blueprint in (components.bp, flows.bp, runs.bp, openapi.bp):
-        blueprint.before_request(check_api_key)
-        app.register_blueprint(blueprint, url_prefix=API_PREFIX, name=f"api_{blueprint.name}")
-    _install_request_hooks(app, metrics)
+        app.register_blueprint(blueprint, url_prefix=API_PREFIX)
     _install_error_handlers(app)
     return app
 

@@ -8,6 +8,7 @@ secrets that must never appear in a flow definition).
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class Component:
     reads_run_input: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        schema = dict(self.params_schema)
+        schema = copy.deepcopy(dict(self.params_schema))
         schema.setdefault("additionalProperties", False)
         self._validator = Draft202012Validator(schema)
         self._defaults = {
@@ -127,7 +128,7 @@ class Component:
             "display_name": self.display_name,
             "description": self.description,
             "kind": self.kind,
-            "params_schema": {**self.params_schema, "additionalProperties": False},
+            "params_schema": copy.deepcopy({**self.params_schema, "additionalProperties": False}),
             "inputs": [
                 {"name": p.name, "required": p.required, "description": p.description}
                 for p in self.input_ports

@@ -1,8 +1,9 @@
 """ConditionalRouter: sends its input down the ``true`` or the ``false`` output.
 
 Nodes reachable only through the branch not taken are skipped for that run. Patterns are
-matched against at most ``max_chars`` characters of input; nested quantifiers such as
-``(a+)+`` are rejected because Python's ``re`` cannot bound catastrophic backtracking.
+matched against at most ``max_chars`` characters of input; a repeat inside a repeat (``(a+)+``,
+``((a*))*``, ``(a{2,}b?)+``) is rejected because Python's ``re`` cannot bound the catastrophic
+backtracking such patterns allow.
 """
 
 from __future__ import annotations
@@ -14,7 +15,38 @@ from langchain_core.runnables import Runnable, RunnableLambda
 
 from flow_engine.components.base import BuildContext, Component, Port, Routed
 
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)\s*[+*{]")
+
+
+def has_nested_repeat(pattern: str) -> bool:
+    """True when a variable-length repeat contains another one, found on the parsed regex
+    (not by text matching, which extra groups or escapes would fool)."""
+    from re import _constants as c
+    from re import _parser
+
+    repeats = {c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT}
+
+    def walk(items, inside: bool) -> bool:
+        for op, arg in items:
+            if op in repeats:
+                low, high, sub = arg
+                variable = high != low
+                if variable and inside:
+                    return True
+                if walk(sub, inside or variable):
+                    return True
+            elif op in (c.SUBPATTERN, c.ATOMIC_GROUP) or op is c.ASSERT or op is c.ASSERT_NOT:
+                sub = arg[-1]
+                if walk(sub, inside):
+                    return True
+            elif op is c.BRANCH:
+                if any(walk(branch, inside) for branch in arg[1]):
+                    return True
+            elif op is c.GROUPREF_EXISTS:
+                if any(b is not None and walk(b, inside) for b in arg[1:]):
+                    return True
+        return False
+
+    return walk(_parser.parse(pattern).data, False)
 
 
 class ConditionalRouter(Component):
@@ -45,7 +77,7 @@ class ConditionalRouter(Component):
         except re.error as exc:
             yield ".pattern", f"invalid regular expression: {exc}"
             return
-        if _NESTED_QUANTIFIER.search(pattern):
+        if has_nested_repeat(pattern):
             yield ".pattern", (
                 "nested quantifiers like (a+)+ can take exponential time; rewrite the pattern"
             )

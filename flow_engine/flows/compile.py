@@ -35,6 +35,7 @@ from flow_engine.flows.model import FlowVersion
 from flow_engine.flows.values import COERCE
 
 NODE_TAG = "flowgate:node"
+_SKIPPED = object()
 #: ``config["configurable"][STREAM_TOKENS] = True`` makes chat models stream their tokens.
 STREAM_TOKENS = "flowgate_stream_tokens"
 
@@ -47,8 +48,8 @@ class _Step:
     is_input: bool
     is_model: bool
     as_mapping: bool
-    # (input name, source node, source output port, coercion function)
-    feeds: tuple[tuple[str, str, str, Callable[[Any], Any]], ...]
+    # (input name, source node, source output port, coercion function, required)
+    feeds: tuple[tuple[str, str, str, Callable[[Any], Any], bool], ...]
 
 
 class FlowGraph(Runnable[dict, dict]):
@@ -99,15 +100,17 @@ class FlowGraph(Runnable[dict, dict]):
 
     @staticmethod
     def _gather(step: _Step, values: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The node's inputs, or None when a required one comes from a skipped branch
+        (an optional input from a skipped branch is simply left out)."""
         args: dict[str, Any] = {}
-        for name, source, port, coerce in step.feeds:
-            if source not in values:
-                return None
-            value = values[source]
+        for name, source, port, coerce, required in step.feeds:
+            value = values.get(source, _SKIPPED)
             if isinstance(value, Routed):
-                if value.port != port:
+                value = value.value if value.port == port else _SKIPPED
+            if value is _SKIPPED:
+                if required:
                     return None
-                value = value.value
+                continue
             args[name] = coerce(value)
         return args
 
@@ -141,7 +144,8 @@ def compile_flow(
         params = component.with_defaults(node.params)
         ports = {p.name: p for p in component.inputs(params)}
         feeds = tuple(
-            (e.target_input, e.source, e.source_output, COERCE[ports[e.target_input].coerce])
+            (e.target_input, e.source, e.source_output, COERCE[ports[e.target_input].coerce],
+             ports[e.target_input].required)
             for e in incoming[node.id]
         )
         runnable = component.build(node.id, params, ctx)

@@ -50,13 +50,15 @@ def validate_flow(
             add(f"$.{key}", f"unknown key '{key}' (allowed: {', '.join(sorted(_TOP_KEYS))})")
 
     fid = data.get("id", flow_id)
+    id_ok = isinstance(fid, str) and bool(ID_RE.match(fid))
     if fid is None:
         add("$.id", "missing flow id")
-    elif not isinstance(fid, str) or not ID_RE.match(fid):
+    elif not id_ok:
         add("$.id", "flow id must be 1-64 characters of letters, digits, '_', '.', '-'")
-    name = data.get("name", fid)
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        add("$.name", "name must be a non-empty string of at most 200 characters")
+    name = data.get("name", fid if id_ok else None)
+    if "name" in data or id_ok:  # a missing name defaults to the id; report the id once
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            add("$.name", "name must be a non-empty string of at most 200 characters")
     description = data.get("description", "")
     if not isinstance(description, str):
         add("$.description", "description must be a string")
@@ -72,7 +74,7 @@ def validate_flow(
         id=fid,
         name=name,
         description=description,
-        nodes=tuple(Node(n.id, n.type, n.params) for n, _ in nodes.values()),
+        nodes=tuple(Node(n.id, n.type, copy.deepcopy(n.params)) for n, _ in nodes.values()),
         edges=tuple(edges),
         raw=copy.deepcopy(data),
     )
@@ -172,6 +174,8 @@ def _check_edges(raw, nodes, seen_ids, limits, add) -> list[Edge] | None:
     if len(raw) > limits.max_edges:
         add("$.edges", f"{len(raw)} edges; the limit is {limits.max_edges}")
         return None
+    if not seen_ids:  # the nodes list itself is unusable (reported); edges cannot be judged
+        return None
     edges: list[Edge] = []
     taken: dict[tuple[str, str], int] = {}
     ok = True
@@ -234,8 +238,11 @@ def _resolve_output(name, node: _NodeInfo, path, add) -> str | None:
 def _resolve_input(name, node: _NodeInfo, path, add) -> str | None:
     inputs = list(node.inputs)
     if name is None:
+        required = [p.name for p in node.inputs.values() if p.required]
         if len(inputs) == 1:
             return inputs[0]
+        if len(required) == 1:  # optional inputs must be named; the required one is implied
+            return required[0]
         if not inputs:
             add(path, f"node '{node.id}' ({node.type}) takes no inputs")
         else:

@@ -28,7 +28,9 @@ def to_text(value: Any) -> str:
     if isinstance(value, Routed):
         return to_text(value.value)
     if isinstance(value, list | tuple):
-        return "\n\n".join(to_text(v) for v in value)
+        if all(isinstance(v, str | Document | BaseMessage | PromptValue) for v in value):
+            return "\n\n".join(to_text(v) for v in value)  # chunks, documents, messages
+        return json.dumps(value, ensure_ascii=False, default=str)  # parsed JSON stays JSON
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False, default=str)
     return str(value)

@@ -12,6 +12,7 @@ several workers starting at once do not race.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,16 +20,33 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from flow_engine.errors import Conflict, FlowNotFound, NotFound, RunNotFound
 from flow_engine.store.base import ChatMessage, FlowRecord, RunRecord, StoreError, VersionRecord
 
 log = logging.getLogger(__name__)
+_VANISHED = object()  # insert_run: the idempotency key's holder disappeared mid-insert
 T = TypeVar("T")
 
 metadata = sa.MetaData()
-TS = sa.DateTime(timezone=True)
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """Timestamps go in and come out as aware UTC, whatever the backend or session zone
+    (SQLite keeps no zone; PostgreSQL answers in the session's TimeZone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return _utc(value)
+
+    def process_result_value(self, value, dialect):
+        return _utc(value)
+
+
+TS = UTCDateTime()
 
 flows = sa.Table(
     "flows", metadata,
@@ -100,10 +118,15 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)  # SQLite drops the zone; everything is stored in UTC
-    return value
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)  # stored by us, always in UTC
+    return value.astimezone(UTC)
+
+
+_aware = _utc
 
 
 class SqlFlowStore:
@@ -178,24 +201,29 @@ class SqlFlowStore:
 
     def migrate(self) -> int:
         """Create or upgrade the schema; returns the schema version now in force."""
+        # The advisory lock (PostgreSQL) and BEGIN IMMEDIATE (SQLite) serialise concurrent
+        # starters; a duplicate-object race on first creation is retried, nothing else.
         for attempt in range(5):
             try:
-                with self._write() as conn:
-                    if not self.is_sqlite:
-                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(727272)"))
-                    schema_version.create(conn, checkfirst=True)
-                    current = conn.execute(
-                        sa.select(sa.func.coalesce(sa.func.max(schema_version.c.version), 0))
-                    ).scalar_one()
-                    for target in range(current, len(MIGRATIONS)):
-                        MIGRATIONS[target](conn)
-                        conn.execute(schema_version.insert().values(version=target + 1,
-                                                                    applied_at=now()))
-                    return len(MIGRATIONS)
-            except (IntegrityError, OperationalError):
-                if attempt == 4:  # another process migrated concurrently; look again
+                return self._migrate_once()
+            except IntegrityError:
+                if attempt == 4:
                     raise
+                time.sleep(0.2 * (attempt + 1))
         return len(MIGRATIONS)
+
+    def _migrate_once(self) -> int:
+        with self._write() as conn:
+            if not self.is_sqlite:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727272)"))
+            schema_version.create(conn, checkfirst=True)
+            current = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.max(schema_version.c.version), 0))
+            ).scalar_one()
+            for target in range(current, len(MIGRATIONS)):
+                MIGRATIONS[target](conn)
+                conn.execute(schema_version.insert().values(version=target + 1, applied_at=now()))
+            return len(MIGRATIONS)
 
     def ping(self) -> None:
         with self._read() as conn:
@@ -320,6 +348,14 @@ class SqlFlowStore:
     # -- runs ------------------------------------------------------------------------------------
 
     def insert_run(self, record: RunRecord) -> RunRecord | None:
+        existing = self._insert_run_once(record)
+        if existing is _VANISHED:  # the key's holder expired and was deleted: once more
+            existing = self._insert_run_once(record)
+        if existing is _VANISHED:
+            raise Conflict(f"run id '{record.run_id}' already exists")
+        return existing
+
+    def _insert_run_once(self, record: RunRecord):
         values = {
             "run_id": record.run_id, "flow_id": record.flow_id, "version": record.version,
             "status": record.status, "session_id": record.session_id,
@@ -330,13 +366,18 @@ class SqlFlowStore:
             with self._write() as conn:
                 conn.execute(runs.insert().values(**values))
         except IntegrityError:
-            if record.idempotency_key is None:
-                raise Conflict(f"run id '{record.run_id}' already exists") from None
-            existing = self.find_run_by_key(record.idempotency_key)
-            if existing is None:  # deleted between our insert and this read: try once more
-                return self.insert_run(record)
-            return existing
+            existing = (self.find_run_by_key(record.idempotency_key)
+                        if record.idempotency_key is not None else None)
+            if existing is not None:
+                return existing
+            if record.idempotency_key is not None and self._run_exists(record.run_id) is False:
+                return _VANISHED
+            raise Conflict(f"run id '{record.run_id}' already exists") from None
         return None
+
+    def _run_exists(self, run_id: str) -> bool:
+        with self._read() as conn:
+            return conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id == run_id)).first() is not None
 
     def finish_run(self, run_id: str, *, status: str, duration_ms: float,
                    result: dict[str, Any] | None, error: dict[str, Any] | None) -> None:

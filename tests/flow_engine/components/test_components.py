@@ -150,9 +150,6 @@ def test_schema_defaults_validate_against_the_schema(component) -> None:
     assert component.with_defaults({}) == defaults
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: describe() returns the class's nested params_schema dicts, which the component's "
-    "validator also uses; mutating a describe() result changes validation for every flow"))
 def test_describe_returns_a_copy() -> None:
     bm25_component = REGISTRY.get("BM25Retriever")
     k_schema = bm25_component.describe()["params_schema"]["properties"]["k"]
@@ -387,9 +384,7 @@ def test_json_output_parser_parses_its_input(text: str, value: Any) -> None:
 @pytest.mark.parametrize(("text", "value"), [
     pytest.param('{"answer": 42, "tags": ["a", "b"]}', {"answer": 42, "tags": ["a", "b"]},
                  id="object"),
-    pytest.param("[1, 2, 3]", [1, 2, 3], id="array", marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: values.to_text joins any list with blank lines, so a parsed JSON array reaches "
-        "TextOutput as '1\\n\\n2\\n\\n3' instead of JSON text (objects are json.dumps'd)"))),
+    pytest.param("[1, 2, 3]", [1, 2, 3], id="array"),
 ])
 def test_parsed_json_reaches_a_text_output_as_json(text: str, value: Any) -> None:
     nodes, edges = pipe(node("j", "JsonOutputParser"), first="TextInput", last="TextOutput")
@@ -691,10 +686,6 @@ def test_nodes_behind_the_branch_not_taken_do_not_run() -> None:
     assert to_bot.usage["llm_calls"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a node is skipped when ANY feeding node did not run, so a BM25Retriever whose "
-    "required query arrived is skipped because its optional documents input sits on the "
-    "branch not taken (Routed says only nodes fed *only* through other ports are skipped)"))
 def test_node_runs_when_only_an_optional_input_is_on_the_branch_not_taken() -> None:
     nodes = [node("in", "ChatInput"), node("r", "ConditionalRouter", pattern="upload"),
              node("split", "TextSplitter", chunk_size=50, chunk_overlap=0),

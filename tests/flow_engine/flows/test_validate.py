@@ -150,9 +150,6 @@ def test_raw_is_a_deep_copy_of_the_input() -> None:
     assert definition.raw == snapshot
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: validate_flow keeps the caller's params dicts in FlowDefinition.nodes (only raw is "
-    "deep-copied), so mutating the input afterwards changes the 'immutable' definition"))
 def test_node_params_do_not_alias_the_input() -> None:
     data = design_example_with_query_port()
     definition = validate_flow(data, REGISTRY)
@@ -162,9 +159,6 @@ def test_node_params_do_not_alias_the_input() -> None:
     assert definition.node("ctx").params["k"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the DESIGN.md example's edge {'source': 'in', 'target': 'ctx'} is rejected because "
-    "BM25Retriever has inputs query, documents (documents optional); DESIGN.md calls it valid"))
 def test_design_md_example_validates_verbatim() -> None:
     definition = validate_flow(design_example(), REGISTRY)
 
@@ -429,9 +423,6 @@ def test_definition_exactly_at_the_size_limit_is_valid() -> None:
     validate_flow(data, REGISTRY, Limits(max_definition_bytes=_compact_size(data)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: when nodes exceed max_nodes no node is registered, so every edge is also reported "
-    "as 'edge source/target ... is not a node of this flow' although those nodes exist"))
 def test_too_many_nodes_reports_only_the_limit() -> None:
     data = flow([IN, OUT, node("t", "TextOutput")], [edge("in", "out"), edge("in", "t")])
 
@@ -537,9 +528,6 @@ def test_harmless_router_pattern_is_accepted(operator: str, pattern: str) -> Non
     assert validate_flow(data, REGISTRY).node("r").params["pattern"] == pattern
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the nested-quantifier check misses a quantified group wrapped in another group; "
-    "'((a+))+$' passes validation and takes exponential time in re (each extra 'a' ~2x)"))
 def test_nested_quantifier_inside_an_extra_group_is_rejected() -> None:
     data = around(node("r", "ConditionalRouter", operator="regex", pattern="((a+))+$"),
                   source_output="true")
@@ -604,9 +592,6 @@ def test_flow_invalid_carries_status_code_and_summary() -> None:
     assert error.to_dict()["problems"] == [p.as_dict() for p in error.problems]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (minor): a definition without a name whose id is missing or not a string also gets "
-    "'$.name: name must be a non-empty string' because the name defaults to that id"))
 @pytest.mark.parametrize("flow_id", [
     pytest.param(None, id="missing"),
     pytest.param(42, id="number"),

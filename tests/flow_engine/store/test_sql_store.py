@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
+from itertools import pairwise
 from typing import Any
 
 import pytest
@@ -174,7 +175,7 @@ def test_list_versions_of_unknown_flow_is_flow_not_found(store):
     pytest.param({"floats": [0.1, 0.30000000000000004, 1e-300, 5e-324, 1.7976931348623157e308,
                              -0.0, 123456789.12345679, 2.5, -1.5e-7]}, id="floats"),
     pytest.param({"ints": [0, -1, 2**53, 2**53 + 1, 2**63 - 1, -(2**63)]}, id="big-ints"),
-], )
+])
 def test_definitions_round_trip_exactly(store, definition):
     store.create_flow("rag", "RAG bot", "", definition)
     store.add_version("rag", definition, "RAG bot", "")
@@ -294,7 +295,7 @@ def test_concurrent_publishes_leave_a_consistent_live_pointer_and_history(store)
     # versions names every version published; a lost update would drop one.
     chain = [*flow.live_history, flow.live_version]
     assert set(chain) == existing
-    assert all(a != b for a, b in zip(chain, chain[1:], strict=False))
+    assert all(a != b for a, b in pairwise(chain))
 
 
 def test_concurrent_add_version_gives_each_thread_its_own_consecutive_number(store):
@@ -429,8 +430,6 @@ def test_insert_run_duplicate_run_id_without_key_is_a_conflict(store):
     assert store.get_run("run-1").status == "running"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: insert_run recurses without bound when the run_id is "
-                                       "taken but the idempotency key is not")
 def test_insert_run_duplicate_run_id_with_a_new_key_is_a_conflict(store, monkeypatch):
     store.insert_run(make_run("run-1", key="key-1"))
     original, calls = store.insert_run, []
@@ -495,10 +494,7 @@ def test_run_timestamps_come_back_timezone_aware_utc(store):
     assert_utc(run.finished_at)
 
 
-def test_a_run_created_at_in_another_zone_keeps_its_instant_and_comes_back_utc(store, request):
-    if store.is_sqlite:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "bug: SQLite stores the wall-clock time and drops the offset; _aware then labels it UTC")))
+def test_a_run_created_at_in_another_zone_keeps_its_instant_and_comes_back_utc(store):
     berlin_noon = datetime(2025, 6, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
     store.insert_run(make_run(created_at=berlin_noon))
     created_at = store.get_run("run-1").created_at
@@ -506,8 +502,6 @@ def test_a_run_created_at_in_another_zone_keeps_its_instant_and_comes_back_utc(s
     assert_utc(created_at)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: on PostgreSQL, timestamps come back in the session's "
-                                       "TimeZone, not UTC, unless the server's TimeZone is UTC")
 def test_postgres_timestamps_are_utc_whatever_the_server_time_zone(postgres_url):
     store = SqlFlowStore(postgres_url + "%20-cTimeZone%3DAsia/Tokyo")
     try:

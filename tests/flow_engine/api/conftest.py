@@ -1,0 +1,258 @@
+"""Engine HTTP API fixtures: an app per test on each store backend, its test client, auth
+headers, flow definitions and small helpers to read runs, SSE streams and metrics.
+
+``app`` is built by ``create_app`` exactly as production builds it (only the database URL,
+the API keys and a private metrics registry differ). SQLite lives in a file under
+``tmp_path``; PostgreSQL gets a fresh schema per test (the URL's ``search_path`` points at
+it) that is dropped with CASCADE afterwards. When PostgreSQL is unreachable the
+``postgres`` cases skip, except under CI (``CI`` set), where they fail: a green CI run must
+have exercised both backends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import sseclient
+from flask import Flask
+from flask.testing import FlaskClient
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+
+from flow_engine.app import create_app
+from flow_engine.metrics import EngineMetrics
+
+POSTGRES_URL = os.environ.get("FLOWGATE_TEST_POSTGRES_URL",
+                              "postgresql://postgres@127.0.0.1:5432/test")
+API_KEYS = "test-key,second-key"
+ECHO_PREFIX = "[echo: not an LLM] "
+
+
+# -- flow definitions -----------------------------------------------------------------------
+
+
+class FlowDefs:
+    """Flow definitions the API tests create; all offline (echo) unless said otherwise."""
+
+    @staticmethod
+    def echo(template: str = "Q: {question}", **top: Any) -> dict[str, Any]:
+        """ChatInput → PromptTemplate → ChatModel(echo) → ChatOutput; the output is the
+        echo prefix plus the filled template."""
+        return {
+            **top,
+            "nodes": [
+                {"id": "in", "type": "ChatInput"},
+                {"id": "p", "type": "PromptTemplate", "params": {"template": template}},
+                {"id": "llm", "type": "ChatModel", "params": {"provider": "echo"}},
+                {"id": "out", "type": "ChatOutput"},
+            ],
+            "edges": [
+                {"source": "in", "target": "p"},
+                {"source": "p", "target": "llm"},
+                {"source": "llm", "target": "out"},
+            ],
+        }
+
+    @staticmethod
+    def json_parser(**top: Any) -> dict[str, Any]:
+        """The echo model's answer fed to a JsonOutputParser: fails for non-JSON input."""
+        return {
+            **top,
+            "nodes": [
+                {"id": "in", "type": "ChatInput"},
+                {"id": "llm", "type": "ChatModel", "params": {"provider": "echo"}},
+                {"id": "parse", "type": "JsonOutputParser"},
+                {"id": "out", "type": "ChatOutput"},
+            ],
+            "edges": [
+                {"source": "in", "target": "llm"},
+                {"source": "llm", "target": "parse"},
+                {"source": "parse", "target": "out"},
+            ],
+        }
+
+    @staticmethod
+    def chat_memory(**top: Any) -> dict[str, Any]:
+        """ChatInput + ChatHistory → ChatPromptTemplate → ChatModel(echo) → ChatOutput."""
+        return {
+            **top,
+            "nodes": [
+                {"id": "in", "type": "ChatInput"},
+                {"id": "hist", "type": "ChatHistory"},
+                {"id": "p", "type": "ChatPromptTemplate",
+                 "params": {"system": "Earlier turns:\n{history}", "human": "{message}"}},
+                {"id": "llm", "type": "ChatModel", "params": {"provider": "echo"}},
+                {"id": "out", "type": "ChatOutput"},
+            ],
+            "edges": [
+                {"source": "in", "target": "p", "target_input": "message"},
+                {"source": "hist", "target": "p", "target_input": "history"},
+                {"source": "p", "target": "llm"},
+                {"source": "llm", "target": "out"},
+            ],
+        }
+
+    @staticmethod
+    def openai(**top: Any) -> dict[str, Any]:
+        """ChatInput → ChatModel(openai, the engine's OPENAI_BASE_URL) → ChatOutput."""
+        return {
+            **top,
+            "nodes": [
+                {"id": "in", "type": "ChatInput"},
+                {"id": "llm", "type": "ChatModel",
+                 "params": {"provider": "openai", "model": "flowgate-sim", "max_retries": 0}},
+                {"id": "out", "type": "ChatOutput"},
+            ],
+            "edges": [{"source": "in", "target": "llm"}, {"source": "llm", "target": "out"}],
+        }
+
+
+@pytest.fixture
+def defs() -> type[FlowDefs]:
+    return FlowDefs
+
+
+@pytest.fixture
+def echo_prefix() -> str:
+    return ECHO_PREFIX
+
+
+# -- databases ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[psycopg.Connection]:
+    """An autocommit connection for creating and dropping test schemas."""
+    try:
+        conn = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
+    except psycopg.Error as exc:
+        reason = (f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc.__class__.__name__}: "
+                  f"{str(exc).strip()}); start it or set FLOWGATE_TEST_POSTGRES_URL")
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (CI is set, so the postgres backend must run)", pytrace=False)
+        pytest.skip(reason)
+    with conn:
+        yield conn
+
+
+@pytest.fixture
+def postgres_url(postgres_admin: psycopg.Connection) -> Iterator[str]:
+    """The URL of a fresh, empty schema; dropped with everything in it after the test."""
+    schema = f"flowgate_api_{uuid.uuid4().hex[:16]}"
+    postgres_admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        postgres_admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture(params=[pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres")])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'engine.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+# -- the app --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_app(database_url: str) -> Iterator[Callable[..., Flask]]:
+    """Build engine apps on this test's database; extra config keys override the defaults.
+    Every app's connection pool is closed after the test (before its schema is dropped)."""
+    apps: list[Flask] = []
+
+    def make(**config: Any) -> Flask:
+        app = create_app({"database_url": database_url, "api_keys": API_KEYS, **config},
+                         metrics=EngineMetrics(CollectorRegistry()))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["flowgate"].store.close()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    return {"Authorization": "Bearer test-key"}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def create_flow(client: FlaskClient, auth: dict[str, str]) -> Callable[[dict[str, Any]], dict]:
+    """POST a definition and return the created flow (asserting 201)."""
+
+    def create(definition: dict[str, Any]) -> dict[str, Any]:
+        resp = client.post("/api/v1/flows", json=definition, headers=auth)
+        assert resp.status_code == 201, resp.get_data(as_text=True)
+        return resp.get_json()
+
+    return create
+
+
+@pytest.fixture
+def run_flow(client: FlaskClient, auth: dict[str, str]) -> Callable[..., Any]:
+    """POST /api/v1/run/{flow_ref} with ``body`` (a JSON value) and extra headers."""
+
+    def run(flow_ref: str, body: Any = None, *, headers: dict[str, str] | None = None,
+            query: str = "") -> Any:
+        kwargs: dict[str, Any] = {"headers": {**auth, **(headers or {})}}
+        if body is not None:
+            kwargs["json"] = body
+        return client.post(f"/api/v1/run/{flow_ref}{query}", **kwargs)
+
+    return run
+
+
+def _sse_events(response: Any) -> list[sseclient.Event]:
+    return list(sseclient.SSEClient(response.iter_encoded()).events())
+
+
+@pytest.fixture
+def sse_events() -> Callable[[Any], list[sseclient.Event]]:
+    """Parse a text/event-stream response with sseclient-py, chunk by chunk."""
+    return _sse_events
+
+
+@pytest.fixture
+def event_data() -> Callable[[sseclient.Event], Any]:
+    return lambda event: json.loads(event.data)
+
+
+@pytest.fixture
+def metric(client: FlaskClient) -> Callable[..., float]:
+    """``metric(name, **labels)``: the sum of the GET /metrics samples with that name whose
+    labels include ``labels`` (0.0 when there is none)."""
+
+    def value(name: str, **labels: str) -> float:
+        resp = client.get("/metrics")
+        assert resp.status_code == 200
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(resp.get_data(as_text=True))
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    return value

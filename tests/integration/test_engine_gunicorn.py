@@ -1,0 +1,165 @@
+"""The engine as users run it: `flowgate engine` (gunicorn master + 2 gevent workers) on a
+free port, with the real llm-sim behind the `openai` provider."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import sseclient
+from support.procs import ServerProcess, free_port
+
+from flowgate.llm_sim import count_prompt_tokens, reply_tokens
+
+pytestmark = pytest.mark.integration
+KEY = "integration-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+FLOW = {
+    "id": "sim-chat",
+    "name": "Chat through llm-sim",
+    "nodes": [
+        {"id": "in", "type": "ChatInput"},
+        {"id": "llm", "type": "ChatModel",
+         "params": {"provider": "openai", "model": "flowgate-sim", "max_retries": 0}},
+        {"id": "out", "type": "ChatOutput"},
+    ],
+    "edges": [{"source": "in", "target": "llm"}, {"source": "llm", "target": "out"}],
+}
+
+
+def start_engine(tmp_path, sim, **env):
+    port = free_port()
+    cmd = [sys.executable, "-m", "flowgate.cli", "engine", "--port", str(port)]
+    return ServerProcess(cmd, port=port, ready_path="/readyz", name="engine", ready_timeout=30,
+                         cwd=tmp_path, env={
+                             "FLOW_ENGINE_API_KEYS": KEY,
+                             "DATABASE_URL": f"sqlite:///{tmp_path / 'engine.db'}",
+                             "OPENAI_BASE_URL": sim.base_url,
+                             "FLOW_ENGINE_WORKERS": "2",
+                             "FLOW_ENGINE_GRACEFUL_TIMEOUT": "10",
+                             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+                             **env})
+
+
+@pytest.fixture
+def engine(tmp_path, fresh_llm_sim):
+    with start_engine(tmp_path, fresh_llm_sim) as proc:
+        created = requests.post(proc.url + "/api/v1/flows", json=FLOW, headers=AUTH, timeout=10)
+        assert created.status_code == 201, created.text
+        yield proc
+
+
+def test_run_through_gunicorn_and_llm_sim(engine, fresh_llm_sim):
+    resp = requests.post(engine.url + "/api/v1/run/sim-chat", json={"input_value": "hello there"},
+                         headers=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    messages = [("user", "hello there")]
+    assert body["output"] == "".join(reply_tokens(messages, 24))
+    assert body["usage"]["input_tokens"] == count_prompt_tokens(messages)
+    assert body["usage"]["output_tokens"] == 24
+    record = requests.get(f"{engine.url}/api/v1/runs/{body['run_id']}", headers=AUTH, timeout=10)
+    assert record.json()["status"] == "succeeded"
+
+
+def test_engine_refuses_to_start_without_a_key(tmp_path, fresh_llm_sim):
+    port = free_port()
+    proc = ServerProcess([sys.executable, "-m", "flowgate.cli", "engine", "--port", str(port)],
+                         port=port, ready_path="/readyz", ready_timeout=20, cwd=tmp_path,
+                         env={"FLOW_ENGINE_API_KEYS": "", "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"})
+    with pytest.raises(Exception, match="no API key configured"):
+        proc.start()
+
+
+def test_tokens_stream_over_sse_while_the_llm_generates(engine, fresh_llm_sim):
+    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=20)
+    started = time.monotonic()
+    resp = requests.post(engine.url + "/api/v1/run/sim-chat?stream=true",
+                         json={"input_value": "stream it"}, headers=AUTH, stream=True, timeout=30)
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    arrivals, names = [], []
+    for event in sseclient.SSEClient(resp).events():
+        names.append(event.event)
+        if event.event == "token":
+            arrivals.append(time.monotonic() - started)
+    assert names[0] == "run_started" and names[-1] == "run_finished"
+    assert len(arrivals) == 20
+    assert arrivals[-1] - arrivals[0] > 0.6  # ~0.95 s of generation: not buffered to the end
+
+
+def test_concurrent_requests_with_one_idempotency_key_make_one_llm_call(engine, fresh_llm_sim):
+    fresh_llm_sim.configure(ttft_s=0.8)
+    headers = {**AUTH, "Idempotency-Key": "order-42-summary"}
+    body = {"input_value": "summarise order 42"}
+
+    def call(_):
+        return requests.post(engine.url + "/api/v1/run/sim-chat", json=body, headers=headers,
+                             timeout=30)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(call, range(4)))
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert len({a.json()["run_id"] for a in answers}) == 1
+    assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 3
+    assert fresh_llm_sim.stats()["chat_completions_started"] == 1
+
+
+def test_metrics_add_up_across_workers(engine):
+    for i in range(6):
+        r = requests.post(engine.url + "/api/v1/run/sim-chat", json={"input_value": f"m{i}"},
+                          headers=AUTH, timeout=30)
+        assert r.status_code == 200
+    text = requests.get(engine.url + "/metrics", timeout=10).text
+    match = re.search(
+        r'^flowgate_engine_runs_total\{flow="sim-chat",status="succeeded",version="1"\} (\S+)$',
+        text, re.M)
+    assert match, text[:2000]
+    assert float(match.group(1)) == 6.0
+
+
+def test_sigterm_lets_in_flight_runs_finish(tmp_path, fresh_llm_sim):
+    fresh_llm_sim.configure(ttft_s=1.5)
+    proc = start_engine(tmp_path, fresh_llm_sim).start()
+    try:
+        assert requests.post(proc.url + "/api/v1/flows", json=FLOW, headers=AUTH,
+                             timeout=10).status_code == 201
+        result = {}
+
+        def slow_run():
+            r = requests.post(proc.url + "/api/v1/run/sim-chat", json={"input_value": "slow"},
+                              headers=AUTH, timeout=30)
+            result["status"], result["body"] = r.status_code, r.json()
+
+        thread = threading.Thread(target=slow_run)
+        thread.start()
+        deadline = time.monotonic() + 5  # wait until the run has reached the LLM
+        while time.monotonic() < deadline and fresh_llm_sim.stats()["chat_completions_started"] < 1:
+            time.sleep(0.05)
+        proc.proc.send_signal(signal.SIGTERM)
+        thread.join(20)
+        assert result.get("status") == 200, result
+        assert result["body"]["output"].startswith("[simulated reply]")
+        assert proc.proc.wait(15) == 0
+    finally:
+        proc.stop()
+
+
+def test_store_survives_restart(tmp_path, fresh_llm_sim):
+    with start_engine(tmp_path, fresh_llm_sim) as proc:
+        requests.post(proc.url + "/api/v1/flows", json=FLOW, headers=AUTH, timeout=10)
+        v2 = {**FLOW, "name": "Chat v2"}
+        assert requests.put(proc.url + "/api/v1/flows/sim-chat", json=v2, headers=AUTH,
+                            timeout=10).status_code == 201
+        assert requests.post(proc.url + "/api/v1/flows/sim-chat/publish", json={"version": 2},
+                             headers=AUTH, timeout=10).status_code == 200
+    with start_engine(tmp_path, fresh_llm_sim) as proc:
+        flow = requests.get(proc.url + "/api/v1/flows/sim-chat", headers=AUTH, timeout=10).json()
+        assert (flow["live_version"], flow["name"]) == (2, "Chat v2")
+        assert json.loads(json.dumps(flow["definition"]))["nodes"] == FLOW["nodes"]
