@@ -109,6 +109,8 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(FlowgateError)
     def _flowgate(exc: FlowgateError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if g.get("run_id"):
+            headers["X-Run-ID"] = g.run_id
         if exc.status == 503:
             headers["Retry-After"] = "1"
         return _error(exc.status, exc.to_dict(), headers)

@@ -45,6 +45,7 @@ class Settings:
     idempotency_ttl_s: int = 24 * 3600
     idempotency_wait_s: float = 300.0
     sse_keepalive_s: float = 15.0
+    flow_cache_ttl_s: float = 1.0
     log_level: str = "INFO"
 
     @classmethod

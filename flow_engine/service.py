@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,11 @@ class FlowService:
                                           {"chat_memory": store})
         hits, misses = metrics.compile_cache.labels("hit"), metrics.compile_cache.labels("miss")
         self.cache = CompileCache(settings.compile_cache_size, on_hit=hits.inc, on_miss=misses.inc)
+        # Flow rows (live pointer, routing) seen by runs, kept briefly: a run then costs no
+        # store read. Writes through this service forget them at once in this process;
+        # other processes see a change within flow_cache_ttl_s.
+        self._flow_cache: dict[str, tuple[float, FlowRecord]] = {}
+        self._flow_ttl = settings.flow_cache_ttl_s
 
     # -- definitions -------------------------------------------------------------------------
 
@@ -56,25 +62,68 @@ class FlowService:
         raw = {**definition.raw, "id": flow.id, "name": definition.name}
         return self.store.add_version(flow.id, raw, definition.name, definition.description)
 
-    def set_routing(self, flow_id: str, body: Any) -> FlowRecord:
-        flow = self.store.get_flow(flow_id)
+    def set_routing(self, flow_ref: str, body: Any) -> FlowRecord:
+        flow = self.store.get_flow(flow_ref)
         live, routing = parse_routing(body, flow.latest_version)
-        if live is not None and live != flow.live_version:
-            self.store.publish(flow.id, live)
-        return self.store.set_routing(flow.id, routing)
+        try:
+            if live is not None and live != flow.live_version:
+                self.store.publish(flow.id, live)
+            return self.store.set_routing(flow.id, routing)
+        finally:
+            self._forget(flow)
+
+    def publish(self, flow_ref: str, version: int) -> FlowRecord:
+        flow = self.store.get_flow(flow_ref)
+        try:
+            return self.store.publish(flow.id, version)
+        finally:
+            self._forget(flow)
+
+    def rollback(self, flow_ref: str) -> FlowRecord:
+        flow = self.store.get_flow(flow_ref)
+        try:
+            return self.store.rollback(flow.id)
+        finally:
+            self._forget(flow)
+
+    def delete(self, flow_ref: str) -> None:
+        flow = self.store.get_flow(flow_ref)
+        try:
+            self.store.delete_flow(flow.id)
+        finally:
+            self._forget(flow)
+
+    def _forget(self, flow: FlowRecord) -> None:
+        self._flow_cache.pop(flow.id, None)
+        self._flow_cache.pop(flow.name, None)
 
     # -- running -------------------------------------------------------------------------------
 
     def resolve(self, id_or_name: str, *, pinned: int | None, sticky_value: str | None
                 ) -> tuple[FlowRecord, int]:
-        flow = self.store.get_flow(id_or_name)
+        flow = self._cached_flow(id_or_name)
         return flow, choose_version(flow, pinned=pinned, sticky_value=sticky_value)
 
-    def compiled(self, flow_id: str, version: int,
+    def _cached_flow(self, id_or_name: str) -> FlowRecord:
+        now = time.monotonic()
+        hit = self._flow_cache.get(id_or_name)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        flow = self.store.get_flow(id_or_name)
+        if self._flow_ttl > 0:
+            if len(self._flow_cache) > 10_000:
+                self._flow_cache.clear()
+            self._flow_cache[id_or_name] = (now + self._flow_ttl, flow)
+        return flow
+
+    def compiled(self, flow: FlowRecord, version: int,
                  tweaks: Mapping[str, Any] | None = None) -> CompiledFlow:
-        """The compiled graph of a version (cached; tweaked variants cached separately)."""
-        key = (flow_id, version, tweaks_digest(tweaks))
-        return self.cache.get_or_compile(key, lambda: self._compile(flow_id, version, tweaks))
+        """The compiled graph of a version (cached; tweaked variants cached separately).
+
+        The key holds the flow's creation time too: a flow deleted and created again under
+        the same id starts a new line of versions, and no process may serve the old one."""
+        key = (flow.id, flow.created_at.timestamp(), version, tweaks_digest(tweaks))
+        return self.cache.get_or_compile(key, lambda: self._compile(flow.id, version, tweaks))
 
     def _compile(self, flow_id: str, version: int, tweaks: Mapping[str, Any] | None) -> CompiledFlow:
         record = self.store.get_version(flow_id, version)

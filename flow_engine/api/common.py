@@ -61,9 +61,9 @@ def check_api_key() -> None:
     keys = engine().api_keys
     if not keys:  # started with --insecure-no-auth
         return
-    presented = request.headers.get("x-api-key")
+    presented = (request.headers.get("x-api-key") or "").strip()
     auth = request.headers.get("Authorization", "")
-    if presented is None and auth[:7].lower() == "bearer ":
+    if not presented and auth[:7].lower() == "bearer ":
         presented = auth[7:].strip()
     if not presented:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")

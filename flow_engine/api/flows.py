@@ -65,8 +65,7 @@ def new_version(flow_ref: str):
 
 @bp.delete("/flows/<flow_ref>")
 def delete_flow(flow_ref: str):
-    store = engine().store
-    store.delete_flow(store.get_flow(flow_ref).id)
+    engine().flows.delete(flow_ref)
     return "", 204
 
 
@@ -94,16 +93,12 @@ def publish(flow_ref: str):
     number = body.get("version") if isinstance(body, dict) else None
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
         raise BadRequest('publish needs {"version": N} with N a version number')
-    store = engine().store
-    flow = store.publish(store.get_flow(flow_ref).id, number)
-    return jsonify(flow_json(flow))
+    return jsonify(flow_json(engine().flows.publish(flow_ref, number)))
 
 
 @bp.post("/flows/<flow_ref>/rollback")
 def rollback(flow_ref: str):
-    store = engine().store
-    flow = store.rollback(store.get_flow(flow_ref).id)
-    return jsonify(flow_json(flow))
+    return jsonify(flow_json(engine().flows.rollback(flow_ref)))
 
 
 @bp.put("/flows/<flow_ref>/routing")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from flask import Blueprint, Response, g, jsonify, request, stream_with_context
+from flask import Blueprint, Response, after_this_request, g, jsonify, request, stream_with_context
 
 from flow_engine.api.common import KEEPALIVE, engine, json_body, sse
 from flow_engine.errors import BadRequest
@@ -54,7 +54,16 @@ def run_flow(flow_ref: str):
                    "X-Run-ID": prepared.replay.run_id if prepared.replay else prepared.run_id}
         return Response(stream_with_context(events()), mimetype="text/event-stream",
                         headers=headers)
-    result, _replayed = runs.run(prepared)
+    deferred: list = []
+    prepared.defer = deferred.append  # record the run after the answer has gone out
+    try:
+        result, _replayed = runs.run(prepared)
+    finally:
+        @after_this_request
+        def _write_record_after_response(response):
+            for write in deferred:
+                response.call_on_close(write)
+            return response
     return jsonify(result), 200, {**replay_header, "X-Run-ID": result["run_id"]}
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from jsonschema import Draft202012Validator
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import ensure_config, get_callback_manager_for_config
 
 Coerce = Literal["text", "prompt", "any"]
 Kind = Literal["input", "output", "step"]
@@ -59,6 +60,28 @@ class Routed:
 
     port: str
     value: Any
+
+
+class NodeFunction(Runnable[Any, Any]):
+    """A plain function as a Runnable, like ``RunnableLambda`` but lean: one chain run with
+    start/end/error callbacks and nothing else (RunnableLambda inspects the function's
+    signature on every call, which costs more than the engine's own small nodes)."""
+
+    def __init__(self, func: Callable[[Any], Any], name: str) -> None:
+        self.func = func
+        self.name = name
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        config = ensure_config(config)
+        run_manager = get_callback_manager_for_config(config).on_chain_start(
+            None, input, name=config.get("run_name") or self.name, run_id=config.pop("run_id", None))
+        try:
+            output = self.func(input)
+        except BaseException as exc:
+            run_manager.on_chain_error(exc)
+            raise
+        run_manager.on_chain_end(output)
+        return output
 
 
 class Component:

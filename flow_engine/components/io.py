@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.runnables import Runnable
 
-from flow_engine.components.base import BuildContext, Component, Port
+from flow_engine.components.base import BuildContext, Component, NodeFunction, Port
 
 
 class _InputComponent(Component):
@@ -26,7 +26,7 @@ class _InputComponent(Component):
                     return value
             return default
 
-        return RunnableLambda(read_input, name=node_id)
+        return NodeFunction(read_input, name=node_id)
 
 
 class ChatInput(_InputComponent):
@@ -60,7 +60,7 @@ class _OutputComponent(Component):
     input_ports = (Port("message", coerce="text", description="what the flow answers"),)
 
     def build(self, node_id: str, params: dict[str, Any], ctx: BuildContext) -> Runnable:
-        return RunnableLambda(_identity, name=node_id)
+        return NodeFunction(_identity, name=node_id)
 
 
 def _identity(value: Any) -> Any:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.runnables import Runnable
 
-from flow_engine.components.base import BuildContext, Component
+from flow_engine.components.base import BuildContext, Component, NodeFunction
 
 _LABEL = {"human": "Human", "ai": "AI"}
 
@@ -49,4 +49,4 @@ class ChatHistory(Component):
                 return empty
             return "\n".join(f"{_LABEL.get(m.role, m.role)}: {m.content}" for m in messages)
 
-        return RunnableLambda(read_history, name=node_id)
+        return NodeFunction(read_history, name=node_id)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.runnables import Runnable
 
-from flow_engine.components.base import BuildContext, Component, Port, Routed
-
+from flow_engine.components.base import BuildContext, Component, NodeFunction, Port, Routed
 
 
 def has_nested_repeat(pattern: str) -> bool:
@@ -89,7 +88,7 @@ class ConditionalRouter(Component):
         def route(text: str) -> Routed:
             return Routed("true" if test(text[:limit]) else "false", text)
 
-        return RunnableLambda(route, name=node_id)
+        return NodeFunction(route, name=node_id)
 
 
 def _matcher(params: dict[str, Any]):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.runnables import Runnable
 
-from flow_engine.components.base import BuildContext, Component, Port
+from flow_engine.components.base import BuildContext, Component, NodeFunction, Port
 
 
 class TextSplitter(Component):
@@ -39,4 +39,4 @@ class TextSplitter(Component):
         if params.get("separators"):
             options["separators"] = params["separators"]
         splitter = RecursiveCharacterTextSplitter(**options)
-        return RunnableLambda(splitter.split_text, name=node_id)
+        return NodeFunction(splitter.split_text, name=node_id)

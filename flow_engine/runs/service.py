@@ -1,11 +1,14 @@
 """Run requests end to end: pick the version, compile (cached), record the run, run it,
 and honour ``Idempotency-Key``.
 
+Records: a run without a key is written once, complete, when it ends (while it runs, this
+process answers for it); a run with a key is inserted when it starts and updated at the end.
+
 Idempotency: the first request with a key inserts the run record holding the key and a hash
 of the request; the unique key makes concurrent duplicates lose that insert. A duplicate
 with the same hash gets the first run's result — waiting for it while it runs — instead of
 a second LLM call; a different hash is a 409. Keys older than the retention window are
-forgotten. Per run the store sees one insert and one update; reads hit the compile cache.
+forgotten. Flow rows and compiled graphs come from caches, so a plain run reads nothing.
 """
 
 from __future__ import annotations
@@ -90,6 +93,10 @@ class PreparedRun:
     request: RunRequest
     cancel: CancelToken
     replay: RunRecord | None = None  # set when an earlier run with this key answers
+    record: RunRecord | None = None
+    # When set, the end-of-run store write is handed to this (the API passes the response's
+    # call_on_close, so the client has its answer before the write happens).
+    defer: Callable[[Callable[[], None]], None] | None = None
 
 
 class RunService:
@@ -100,14 +107,14 @@ class RunService:
         self.settings = settings
         self.metrics = metrics
         self._now = clock or (lambda: datetime.now(UTC))
-        self._active: dict[str, CancelToken] = {}
+        self._active: dict[str, PreparedRun] = {}
         self._lock = threading.Lock()
 
     def prepare(self, id_or_name: str, request: RunRequest, *, idempotency_key: str | None,
                 trace_id: str | None) -> PreparedRun:
         flow, version = self.flows.resolve(id_or_name, pinned=request.version,
                                            sticky_value=request.session_id)
-        compiled = self.flows.compiled(flow.id, version, request.tweaks)
+        compiled = self.flows.compiled(flow, version, request.tweaks)
         prepared = PreparedRun(uuid.uuid4().hex, compiled, request, CancelToken())
         record = RunRecord(
             run_id=prepared.run_id, flow_id=flow.id, version=version, status="running",
@@ -115,6 +122,9 @@ class RunService:
             idempotency_key=idempotency_key,
             request_hash=_request_hash(flow.id, request) if idempotency_key else None,
         )
+        prepared.record = record
+        if idempotency_key is None:
+            return prepared  # recorded once, complete, when it ends: one write per run
         existing = self.store.insert_run(record)
         if existing is not None and self._expired(existing):
             self.store.delete_run(existing.run_id)
@@ -141,7 +151,7 @@ class RunService:
     def _execute(self, prepared: PreparedRun, emit, *, stream_tokens: bool) -> RunResult:
         compiled = prepared.compiled
         with self._lock:
-            self._active[prepared.run_id] = prepared.cancel
+            self._active[prepared.run_id] = prepared
         self.metrics.active_runs.inc()
         started = time.perf_counter()
         try:
@@ -149,6 +159,7 @@ class RunService:
                 compiled, prepared.request.run_input(), emit=emit, run_id=prepared.run_id,
                 cancel=prepared.cancel, stream_tokens=stream_tokens)
         except FlowgateError as exc:
+            exc.details.setdefault("run_id", prepared.run_id)  # so the caller can look it up
             status = "cancelled" if exc.code == "run_cancelled" else "failed"
             self._finish(prepared, status, time.perf_counter() - started, None,
                          {"status": exc.status, **exc.to_dict()})
@@ -175,9 +186,25 @@ class RunService:
             m.llm_tokens.labels(compiled.flow_id, "input").inc(result.usage["input_tokens"])
             m.llm_tokens.labels(compiled.flow_id, "output").inc(result.usage["output_tokens"])
             self._remember_chat(prepared, result)
+        duration_ms = round(seconds * 1000, 3)
+        body = result.as_dict() if result else None
+        if prepared.defer is not None:
+            prepared.defer(lambda: self._record_end(prepared, status, duration_ms, body, error))
+        else:
+            self._record_end(prepared, status, duration_ms, body, error)
+
+    def _record_end(self, prepared: PreparedRun, status: str, duration_ms: float,
+                    body: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
         try:
-            self.store.finish_run(prepared.run_id, status=status, duration_ms=round(seconds * 1000, 3),
-                                  result=result.as_dict() if result else None, error=error)
+            record = prepared.record
+            if record is not None and record.idempotency_key is None:
+                record.status, record.duration_ms, record.result, record.error = (
+                    status, duration_ms, body, error)
+                record.finished_at = self._now()
+                self.store.insert_run(record)
+            else:
+                self.store.finish_run(prepared.run_id, status=status, duration_ms=duration_ms,
+                                      result=body, error=error)
         except FlowgateError:
             # The client still gets its answer; the record stays "running" and says so.
             log.exception("could not record the end of run %s", prepared.run_id)
@@ -230,14 +257,18 @@ class RunService:
     # -- records and cancellation ---------------------------------------------------------------
 
     def get(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            active = self._active.get(run_id)
+        if active is not None and active.record is not None:
+            return run_record_json(active.record)  # still running here: status "running"
         record = self.store.get_run(run_id)
         return run_record_json(record)
 
     def cancel(self, run_id: str) -> dict[str, Any]:
         with self._lock:
-            token = self._active.get(run_id)
-        if token is not None:
-            token.cancel("cancelled by API request")
+            active = self._active.get(run_id)
+        if active is not None:
+            active.cancel.cancel("cancelled by API request")
             return {"run_id": run_id, "status": "cancelling"}
         record = self.store.get_run(run_id)
         if record.status != "running":

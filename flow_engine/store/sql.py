@@ -12,6 +12,7 @@ several workers starting at once do not race.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from flow_engine.errors import Conflict, FlowNotFound, NotFound, RunNotFound
 from flow_engine.store.base import ChatMessage, FlowRecord, RunRecord, StoreError, VersionRecord
@@ -133,8 +134,9 @@ class SqlFlowStore:
     """The one FlowStore implementation (see the module docstring)."""
 
     def __init__(self, url: str, *, echo: bool = False,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None, lock_timeout_s: float = 30.0) -> None:
         self.url = normalise_url(url)
+        self.lock_timeout_s = lock_timeout_s
         self.is_sqlite = self.url.startswith("sqlite")
         self._on_error = on_error
         self.engine = self._make_engine(echo)
@@ -145,15 +147,18 @@ class SqlFlowStore:
                                     max_overflow=20, pool_recycle=1800)
         engine = sa.create_engine(
             self.url, echo=echo,
-            connect_args={"check_same_thread": False, "timeout": 30, "isolation_level": None},
+            connect_args={"check_same_thread": False, "timeout": 0.002, "isolation_level": None},
         )
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
             cursor = dbapi_conn.cursor()
-            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
-                           "busy_timeout=30000"):
-                cursor.execute(f"PRAGMA {pragma}")
+            # A short busy timeout: SQLite's own busy wait blocks the whole gevent worker, so
+            # waiting for locks happens here and in _begin_write, cooperatively.
+            cursor.execute("PRAGMA busy_timeout=2")
+            _retry_locked(lambda: cursor.execute("PRAGMA journal_mode=WAL"), self.lock_timeout_s)
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -169,8 +174,24 @@ class SqlFlowStore:
     def _write(self) -> Iterator[Connection]:
         with self._guard("write"), self.engine.connect() as conn:
             conn = conn.execution_options(flowgate_write=True)
-            with conn.begin():
+            with self._begin_write(conn):
                 yield conn
+
+    def _begin_write(self, conn: Connection):
+        """Begin a write transaction; on SQLite, wait for the write lock with a cooperative
+        sleep (other greenlets keep running) instead of SQLite's blocking busy handler."""
+        if not self.is_sqlite:
+            return conn.begin()
+
+        def begin():
+            try:
+                return conn.begin()
+            except OperationalError:
+                if conn.in_transaction():
+                    conn.rollback()
+                raise
+
+        return _retry_locked(begin, self.lock_timeout_s)
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -293,6 +314,7 @@ class SqlFlowStore:
         with self._write() as conn:
             self._lock_flow(conn, flow_id)
             conn.execute(flow_versions.delete().where(flow_versions.c.flow_id == flow_id))
+            conn.execute(chat_messages.delete().where(chat_messages.c.flow_id == flow_id))
             conn.execute(flows.delete().where(flows.c.id == flow_id))
 
     def get_version(self, flow_id: str, version: int) -> VersionRecord:
@@ -361,6 +383,8 @@ class SqlFlowStore:
             "status": record.status, "session_id": record.session_id,
             "trace_id": record.trace_id, "idempotency_key": record.idempotency_key,
             "request_hash": record.request_hash, "created_at": record.created_at,
+            "finished_at": record.finished_at, "duration_ms": record.duration_ms,
+            "result": record.result, "error": record.error,
         }
         try:
             with self._write() as conn:
@@ -422,6 +446,22 @@ class SqlFlowStore:
             conn.execute(chat_messages.insert(), [
                 {"session_id": session_id, "flow_id": flow_id, "role": m.role,
                  "content": m.content, "created_at": stamp} for m in messages])
+
+
+def _retry_locked(action: Callable[[], T], timeout_s: float) -> T:
+    """Run ``action`` until SQLite stops answering "database is locked" (bounded), sleeping
+    in between with time.sleep, which gevent makes cooperative."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.0005
+    while True:
+        try:
+            return action()
+        except (OperationalError, sqlite3.OperationalError) as exc:
+            message = str(getattr(exc, "orig", exc))
+            if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
 
 
 def _taken_message(existing_id: str, flow_id: str, name: str) -> str:

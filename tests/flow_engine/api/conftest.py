@@ -164,15 +164,28 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # -- the app --------------------------------------------------------------------------------
 
 
+class ClosingClient(FlaskClient):
+    """A test client that reads and closes every response before handing it over, as a WSGI
+    server does once the body has gone out. The engine finishes work in the response's
+    ``close()`` (it records a run after the client has its answer), so a test that looked
+    at a response and then asked about its run would otherwise see the run unrecorded."""
+
+    def open(self, *args: Any, buffered: bool = True, **kwargs: Any) -> Any:
+        return super().open(*args, buffered=buffered, **kwargs)
+
+
+
 @pytest.fixture
 def make_app(database_url: str) -> Iterator[Callable[..., Flask]]:
     """Build engine apps on this test's database; extra config keys override the defaults.
-    Every app's connection pool is closed after the test (before its schema is dropped)."""
+    Their test clients are :class:`ClosingClient` s. Every app's connection pool is closed
+    after the test (before its schema is dropped)."""
     apps: list[Flask] = []
 
     def make(**config: Any) -> Flask:
         app = create_app({"database_url": database_url, "api_keys": API_KEYS, **config},
                          metrics=EngineMetrics(CollectorRegistry()))
+        app.test_client_class = ClosingClient
         apps.append(app)
         return app
 

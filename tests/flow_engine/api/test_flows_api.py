@@ -19,6 +19,9 @@ from flow_engine.components import default_registry
                  id="explicit-id"),
     pytest.param({"name": "FAQ Bot!"}, r"faq-bot-[0-9a-f]{8}", "FAQ Bot!", id="id-from-name"),
     pytest.param({}, r"flow-[0-9a-f]{8}", None, id="neither-id-nor-name"),
+    pytest.param({"name": "¿¡!!"}, r"flow-[0-9a-f]{8}", "¿¡!!", id="name-without-letters"),
+    pytest.param({"name": "Long " * 30}, r"(long-){9}lon-[0-9a-f]{8}", "Long " * 30,
+                 id="long-name-slug-cut-at-48"),
 ])
 def test_create_flow_is_version_1_live_at_its_location(client, auth, defs, top, id_pattern, name):
     definition = defs.echo("Hello {question}", **top)
@@ -140,6 +143,26 @@ def test_put_an_invalid_definition_is_422_and_adds_nothing(client, auth, defs, c
     assert resp.status_code == 422
     assert [p["path"] for p in resp.get_json()["error"]["problems"]] == ["$.nodes[2].type"]
     assert client.get("/api/v1/flows/f", headers=auth).get_json()["latest_version"] == 1
+
+
+def test_put_with_another_flows_name_is_409(client, auth, defs, create_flow):
+    create_flow(defs.echo(id="f", name="first"))
+    create_flow(defs.echo(id="g", name="second"))
+
+    resp = client.put("/api/v1/flows/f", json=defs.echo(name="second"), headers=auth)
+
+    assert resp.status_code == 409
+    assert client.get("/api/v1/flows/first", headers=auth).get_json()["latest_version"] == 1
+
+
+def test_put_by_name_keeps_the_id(client, auth, defs, create_flow):
+    create_flow(defs.echo(id="f", name="first"))
+
+    resp = client.put("/api/v1/flows/first", json=defs.echo("V2 {question}"), headers=auth)
+
+    assert resp.status_code == 201
+    assert (resp.get_json()["flow_id"], resp.get_json()["version"]) == ("f", 2)
+    assert resp.get_json()["definition"]["name"] == "first"
 
 
 def test_put_on_an_unknown_flow_is_404(client, auth, defs):
@@ -316,6 +339,24 @@ def test_routing_live_moves_the_live_version(client, auth, two_versions, run_flo
     assert resp.status_code == 200
     assert (resp.get_json()["live_version"], resp.get_json()["routing"]) == (2, None)
     assert run_flow("f", {"input_value": "x"}).get_json()["version"] == 2
+
+
+@pytest.mark.parametrize(("routing", "body", "served"), [
+    pytest.param({"canary": {"version": 2, "percent": 100}}, {}, {2}, id="canary-100"),
+    pytest.param({"canary": {"version": 2, "percent": 0}}, {}, {1}, id="canary-0"),
+    pytest.param({"canary": {"version": 2, "percent": 100}}, {"version": 1}, {1},
+                 id="pin-beats-canary"),
+    pytest.param({"live": 2, "canary": {"version": 1, "percent": 100}}, {}, {1},
+                 id="live-and-canary-together"),
+    pytest.param({"canary": {"version": 2, "percent": 100}, "sticky_key": "session_id"},
+                 {"session_id": "s"}, {2}, id="sticky-100"),
+])
+def test_routing_decides_the_version(client, auth, two_versions, run_flow, routing, body, served):
+    assert client.put("/api/v1/flows/f/routing", json=routing, headers=auth).status_code == 200
+
+    versions = {run_flow("f", {"input_value": "x", **body}).get_json()["version"] for _ in range(8)}
+
+    assert versions == served
 
 
 def _versions_served(run_flow, sessions):

@@ -1,0 +1,119 @@
+"""Engine over HTTP: POST /api/v1/run for the 5-node echo flow through gunicorn, measured
+side by side with (a) the same compiled run in-process and (b) a bare Flask endpoint under
+the same gunicorn settings (the HTTP floor).
+
+    .venv/bin/python bench/engine_http.py [--rounds 5] [--per-round 300] [--seconds 5]
+
+Reports p50/p99 at concurrency 1 (interleaved rounds), requests/s at concurrency 8 (wrk),
+idle and post-load RSS per worker, and the time from start to ready. Last line: one JSON
+object with run_over_floor_p50_ms, runs_per_s_c8, rss_mb_per_worker, ready_s.
+Targets: ≤ 2 ms over the floor at p50; ≥ 300 runs/s at c8; ≤ 150 MB per worker; ready ≤ 3 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _support import Client, children, free_port, pct, rss_mb, server, timed_ms, wrk
+from engine_core import FLOW, QUESTION
+
+from flow_engine.components import default_registry
+from flow_engine.flows.compile import CompileCache, compile_flow
+from flow_engine.flows.model import FlowVersion
+from flow_engine.flows.validate import validate_flow
+from flow_engine.runs.runner import RunInput, run
+
+KEY = "bench-key"
+BODY = {"input_value": QUESTION}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=300)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    python = sys.executable
+    engine_port, floor_port = free_port(), free_port()
+    db = Path(tempfile.mkdtemp()) / "bench.db"
+    engine_cmd = [python, "-m", "flowgate.cli", "engine", "--port", str(engine_port)]
+    floor_cmd = [python, str(Path(__file__).resolve().parent / "floor_app.py"),
+                 "--port", str(floor_port)]
+    env = {"FLOW_ENGINE_API_KEYS": KEY, "DATABASE_URL": f"sqlite:///{db}"}
+
+    with server(engine_cmd, engine_port, "/readyz", env) as (engine_proc, ready_s), \
+            server(floor_cmd, floor_port, "/readyz") as (_floor_proc, _):
+        engine = Client(engine_port, {"Authorization": f"Bearer {KEY}"})
+        floor = Client(floor_port)
+        status, text = engine.post("/api/v1/flows", FLOW)
+        assert status == 201, text
+        workers = children(engine_proc.pid)
+        idle_rss = [rss_mb(p) for p in workers]
+
+        registry = default_registry()
+        version = FlowVersion("bench-rag", 1, validate_flow(FLOW, registry))
+        cache = CompileCache()
+
+        def in_process():
+            compiled = cache.get_or_compile(version.key, lambda: compile_flow(version, registry))
+            return run(compiled, RunInput(QUESTION))
+
+        def engine_call():
+            status, data = engine.post("/api/v1/run/bench-rag", BODY)
+            assert status == 200, data
+
+        def floor_call():
+            status, data = floor.post("/api/v1/run/bench-rag", BODY)
+            assert status == 200, data
+
+        for _ in range(200):  # warm every worker's compile cache and connections
+            engine_call(), floor_call(), in_process()
+        lat = {"floor": [], "engine": [], "in_process": []}
+        for _ in range(args.rounds):
+            lat["floor"] += timed_ms(floor_call, args.per_round)
+            lat["engine"] += timed_ms(engine_call, args.per_round)
+            lat["in_process"] += timed_ms(in_process, args.per_round)
+
+        headers = {"Authorization": f"Bearer {KEY}"}
+        floor_c8 = wrk(f"http://127.0.0.1:{floor_port}/api/v1/run/bench-rag", BODY, {},
+                       connections=8, seconds=args.seconds)
+        engine_c8 = wrk(f"http://127.0.0.1:{engine_port}/api/v1/run/bench-rag", BODY, headers,
+                        connections=8, seconds=args.seconds)
+        loaded_rss = [rss_mb(p) for p in children(engine_proc.pid)]
+
+    p50 = {k: statistics.median(v) for k, v in lat.items()}
+    p99 = {k: pct(v, 99) for k, v in lat.items()}
+    print(f"{'concurrency 1':<28}{'p50 ms':>10}{'p99 ms':>10}")
+    for name in ("floor", "in_process", "engine"):
+        print(f"  {name:<26}{p50[name]:>10.3f}{p99[name]:>10.3f}")
+    print(f"  engine over floor (p50)   {p50['engine'] - p50['floor']:>10.3f}   (target ≤ 2 ms)")
+    print("concurrency 8 (wrk)")
+    for name, r in (("floor", floor_c8), ("engine", engine_c8)):
+        print(f"  {name:<10}{r['rps']:>9.0f} req/s   p50 {r['p50_ms']:.2f} ms   p99 "
+              f"{r['p99_ms']:.2f} ms   errors {r['non_2xx'] + r['socket_errors'] + r['timeouts']}")
+    print(f"  engine/floor throughput   {engine_c8['rps'] / floor_c8['rps']:.2f}   "
+          "(target ≥ 300 runs/s)")
+    print(f"workers {len(workers)}; RSS per worker idle {max(idle_rss):.0f} MB, after load "
+          f"{max(loaded_rss):.0f} MB (target ≤ 150)")
+    print(f"ready after {ready_s:.2f} s (target ≤ 3 s)")
+    print(json.dumps({
+        "run_over_floor_p50_ms": round(p50["engine"] - p50["floor"], 3),
+        "engine_p50_ms": round(p50["engine"], 3), "engine_p99_ms": round(p99["engine"], 3),
+        "floor_p50_ms": round(p50["floor"], 3), "floor_p99_ms": round(p99["floor"], 3),
+        "in_process_p50_ms": round(p50["in_process"], 3),
+        "runs_per_s_c8": round(engine_c8["rps"], 1), "floor_rps_c8": round(floor_c8["rps"], 1),
+        "engine_errors_c8": engine_c8["non_2xx"] + engine_c8["socket_errors"] + engine_c8["timeouts"],
+        "rss_mb_per_worker": round(max(loaded_rss), 1), "rss_mb_per_worker_idle": round(max(idle_rss), 1),
+        "workers": len(workers), "ready_s": round(ready_s, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()

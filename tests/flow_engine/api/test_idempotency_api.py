@@ -1,0 +1,164 @@
+"""``Idempotency-Key`` on ``POST /api/v1/run/{flow}``: the same key and body answer with the
+first run (``Idempotent-Replayed: true``) instead of running the flow again; another body
+with the same key is a 409; failed runs replay their error."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from flow_engine.runs.service import RunRequest
+
+BODY = {"input_value": "hello", "session_id": "s-1"}
+RUNS = "flowgate_engine_runs_total"
+
+
+def test_same_key_and_body_replay_the_first_run(defs, create_flow, run_flow, metric):
+    create_flow(defs.echo(id="f"))
+    key = {"Idempotency-Key": "order-42"}
+
+    first = run_flow("f", BODY, headers=key)
+    second = run_flow("f", BODY, headers=key)
+
+    assert first.status_code == second.status_code == 200
+    assert "Idempotent-Replayed" not in first.headers
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert second.get_json() == first.get_json()
+    assert second.headers["X-Run-ID"] == first.get_json()["run_id"]
+    assert metric(RUNS, flow="f") == 1
+    assert metric("flowgate_engine_idempotent_replays_total") == 1
+
+
+def test_same_key_calls_the_llm_once_also_when_streamed(fresh_llm_sim, make_app, auth, defs,
+                                                        sse_events, event_data):
+    client = make_app(openai_base_url=fresh_llm_sim.base_url).test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=auth).status_code == 201
+    headers = {**auth, "Idempotency-Key": "retry-me"}
+
+    first = client.post("/api/v1/run/llm", json=BODY, headers=headers)
+    again = client.post("/api/v1/run/llm", json=BODY, headers=headers)
+    streamed = client.post("/api/v1/run/llm?stream=true", json=BODY, headers=headers)
+
+    assert first.status_code == 200
+    assert "simulated reply" in first.get_json()["output"]
+    assert again.get_json() == first.get_json()
+    assert streamed.headers["Idempotent-Replayed"] == "true"
+    events = sse_events(streamed)
+    assert [(e.id, e.event) for e in events] == [("1", "run_finished")]
+    assert event_data(events[0]) == first.get_json()
+    assert fresh_llm_sim.stats()["chat_completions_started"] == 1
+
+
+@pytest.mark.parametrize(("flow", "body"), [
+    pytest.param("f", {**BODY, "input_value": "hello!"}, id="other-input"),
+    pytest.param("f", {**BODY, "session_id": "s-2"}, id="other-session"),
+    pytest.param("f", {**BODY, "version": 1}, id="version-pinned"),
+    pytest.param("f", {**BODY, "tweaks": {"p": {"template": "T {question}"}}}, id="with-tweaks"),
+    pytest.param("g", BODY, id="other-flow"),
+])
+def test_same_key_with_another_request_is_409(defs, create_flow, run_flow, metric, flow, body):
+    create_flow(defs.echo(id="f"))
+    create_flow(defs.echo(id="g"))
+    key = {"Idempotency-Key": "order-42"}
+    assert run_flow("f", BODY, headers=key).status_code == 200
+
+    resp = run_flow(flow, body, headers=key)
+
+    assert resp.status_code == 409
+    assert resp.get_json()["error"]["code"] == "conflict"
+    assert metric(RUNS) == 1
+
+
+@pytest.mark.parametrize("key", [
+    pytest.param("has spaces", id="space"),
+    pytest.param("tab\there", id="tab"),
+    pytest.param("caf\u00e9", id="not-ascii"),
+    pytest.param("", id="empty"),
+    pytest.param("k" * 201, id="201-chars"),
+    pytest.param("k" * 300, id="300-chars"),
+])
+def test_an_invalid_key_is_400_and_runs_nothing(defs, create_flow, run_flow, metric, key):
+    create_flow(defs.echo(id="f"))
+
+    resp = run_flow("f", BODY, headers={"Idempotency-Key": key})
+
+    assert resp.status_code == 400
+    error = resp.get_json()["error"]
+    assert error["code"] == "bad_request"
+    assert "Idempotency-Key" in error["message"]
+    assert metric(RUNS) == 0
+
+
+def test_the_longest_valid_key_works(defs, create_flow, run_flow):
+    create_flow(defs.echo(id="f"))
+    key = {"Idempotency-Key": "~" * 200}
+
+    first = run_flow("f", BODY, headers=key)
+    second = run_flow("f", BODY, headers=key)
+
+    assert first.status_code == 200
+    assert second.get_json()["run_id"] == first.get_json()["run_id"]
+
+
+def test_a_key_past_its_retention_runs_again(make_app, auth, defs, metric):
+    client = make_app(idempotency_ttl_s=0).test_client()  # every key is already old
+    assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=auth).status_code == 201
+    headers = {**auth, "Idempotency-Key": "old-key"}
+
+    first = client.post("/api/v1/run/f", json=BODY, headers=headers)
+    second = client.post("/api/v1/run/f", json=BODY, headers=headers)
+
+    assert first.status_code == second.status_code == 200
+    assert "Idempotent-Replayed" not in second.headers
+    assert second.get_json()["run_id"] != first.get_json()["run_id"]
+    runs = client.get("/metrics").get_data(as_text=True)
+    assert 'flowgate_engine_runs_total{flow="f",status="succeeded",version="1"} 2.0' in runs
+
+
+def test_a_failed_run_replays_the_same_error(defs, create_flow, run_flow, metric):
+    create_flow(defs.json_parser(id="j"))
+    key = {"Idempotency-Key": "will-fail"}
+    body = {"input_value": "not json"}
+
+    first = run_flow("j", body, headers=key)
+    second = run_flow("j", body, headers=key)
+
+    assert first.status_code == second.status_code == 502
+    assert first.get_json()["error"]["code"] == second.get_json()["error"]["code"] == "run_failed"
+    assert second.get_json()["error"]["message"] == first.get_json()["error"]["message"]
+    assert metric(RUNS, flow="j", status="failed") == 1
+
+
+def test_concurrent_identical_requests_run_once(fresh_llm_sim, make_app, auth, defs):
+    """Eight callers race with one key while the first run is still waiting for the LLM:
+    one runs it, the others wait for its result."""
+    fresh_llm_sim.configure(ttft_s=0.3)
+    app = make_app(openai_base_url=fresh_llm_sim.base_url)
+    client = app.test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=auth).status_code == 201
+    runs = app.extensions["flowgate"].runs
+    barrier = threading.Barrier(8)
+    answers: list[tuple[dict, bool]] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            barrier.wait()
+            prepared = runs.prepare("llm", RunRequest.from_body(BODY), idempotency_key="race",
+                                    trace_id=None)
+            answers.append(runs.run(prepared))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+
+    assert errors == []
+    assert len(answers) == 8
+    assert len({result["run_id"] for result, _ in answers}) == 1
+    assert sorted(replayed for _, replayed in answers) == [False] + [True] * 7
+    assert fresh_llm_sim.stats()["chat_completions_started"] == 1
