@@ -71,7 +71,30 @@ class GunicornApp(BaseApplication):
 
     def load(self) -> WSGIApp:
         # Runs in the worker process after the worker class has monkey-patched.
-        return self._app_factory()
+        app = self._app_factory()
+        if "gevent" in str(self.cfg.worker_class_str):
+            return YieldFirst(app)
+        return app
+
+
+class YieldFirst:
+    """WSGI middleware for gevent workers: yield to the hub before each request.
+
+    A keep-alive connection whose next request is already buffered is read without
+    blocking, so its greenlet would serve request after request while other connections
+    starve (seen: p75 of 200 ms at 8 connections against a median of 4 ms). One cooperative
+    yield per request restores round-robin fairness for a few microseconds.
+    """
+
+    def __init__(self, app: WSGIApp) -> None:
+        import gevent
+
+        self.app = app
+        self._sleep = gevent.sleep
+
+    def __call__(self, environ, start_response):
+        self._sleep(0)
+        return self.app(environ, start_response)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
