@@ -16,8 +16,10 @@ from flow_engine.components import default_registry
 from flow_engine.config import Settings
 from flow_engine.errors import FlowgateError
 from flow_engine.metrics import EngineMetrics
+from flow_engine.runs.events import MemoryEventLog, RedisEventLog, RunEventLog
 from flow_engine.runs.service import RunService
 from flow_engine.service import FlowService
+from flow_engine.signals import Signals
 from flow_engine.store import SqlFlowStore
 from flowgate import jsonlog, tracing
 
@@ -43,8 +45,12 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
                          on_error=lambda op: metrics.store_errors.labels(op).inc())
     if migrate:
         store.migrate()
-    flow_service = FlowService(store, default_registry(), settings, metrics)
-    run_service = RunService(flow_service, store, settings, metrics)
+    events, signals = _shared_state(settings, metrics)
+    flow_service = FlowService(store, default_registry(), settings, metrics, signals=signals)
+    run_service = RunService(flow_service, store, settings, metrics, events=events,
+                             signals=signals)
+    if signals is not None:
+        signals.start()
 
     app = Flask("flow_engine")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -64,6 +70,21 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
         app.register_blueprint(blueprint, url_prefix=API_PREFIX)
     _install_error_handlers(app)
     return app
+
+
+def _shared_state(settings: Settings, metrics: EngineMetrics):
+    """The run event log, plus Redis-backed sharing between processes when REDIS_URL is set."""
+    memory = MemoryEventLog(ttl_s=settings.event_ttl_s)
+    if not settings.redis_url:
+        return RunEventLog(memory), None
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                  socket_connect_timeout=2, socket_timeout=30,
+                                  health_check_interval=30)
+    on_error = lambda op: metrics.event_log_errors.labels(op).inc()  # noqa: E731
+    shared = RedisEventLog(client, ttl_s=int(settings.event_ttl_s), on_error=on_error)
+    return RunEventLog(memory, shared), Signals(client, on_error=on_error)
 
 
 def _install_request_hooks(app: Flask, metrics: EngineMetrics) -> None:

@@ -46,6 +46,7 @@ class Settings:
     idempotency_wait_s: float = 300.0
     sse_keepalive_s: float = 15.0
     flow_cache_ttl_s: float = 1.0
+    event_ttl_s: float = 3600.0
     log_level: str = "INFO"
 
     @classmethod

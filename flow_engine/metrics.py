@@ -60,6 +60,32 @@ class EngineMetrics:
         self.idempotent_replays = Counter(
             "flowgate_engine_idempotent_replays_total",
             "Run requests answered from an earlier run with the same Idempotency-Key.", **kw)
+        self.ttft = Histogram(
+            "flowgate_engine_time_to_first_token_seconds",
+            "Time from a run's start to its first LLM token, by flow.",
+            ["flow"], buckets=RUN_BUCKETS, **kw)
+        self.active_streams = Gauge(
+            "flowgate_engine_active_streams", "Open event streams by transport (sse|ws).",
+            ["transport"], multiprocess_mode="livesum", **kw)
+        self.events_sent = Counter(
+            "flowgate_engine_stream_events_total", "Run events sent to stream clients.",
+            ["transport"], **kw)
+        self.stream_disconnects = Counter(
+            "flowgate_engine_stream_disconnects_total",
+            "Streams whose client went away before the run's last event.", ["transport"], **kw)
+        self.event_log_errors = Counter(
+            "flowgate_engine_event_log_errors_total",
+            "Shared (Redis) event log and signal failures by operation; local fallbacks serve.",
+            ["op"], **kw)
+        self.ws_rejected = Counter(
+            "flowgate_engine_ws_rejected_total", "WebSocket connections refused, by reason.",
+            ["reason"], **kw)
+        for transport in ("sse", "ws"):
+            self.active_streams.labels(transport)
+            self.events_sent.labels(transport)
+            self.stream_disconnects.labels(transport)
+        for op in ("append", "read", "publish", "subscribe"):
+            self.event_log_errors.labels(op)
         for result in ("hit", "miss"):
             self.compile_cache.labels(result)
         for op in ("read", "write"):

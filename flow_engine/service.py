@@ -18,12 +18,13 @@ from flow_engine.flows.model import FlowDefinition, FlowVersion
 from flow_engine.flows.validate import apply_tweaks, validate_flow
 from flow_engine.metrics import EngineMetrics
 from flow_engine.routing import choose_version, parse_routing
+from flow_engine.signals import Signals
 from flow_engine.store.base import FlowRecord, FlowStore, VersionRecord
 
 
 class FlowService:
     def __init__(self, store: FlowStore, registry: ComponentRegistry, settings: Settings,
-                 metrics: EngineMetrics) -> None:
+                 metrics: EngineMetrics, signals: Signals | None = None) -> None:
         self.store = store
         self.registry = registry
         self.settings = settings
@@ -38,6 +39,9 @@ class FlowService:
         # other processes see a change within flow_cache_ttl_s.
         self._flow_cache: dict[str, tuple[float, FlowRecord]] = {}
         self._flow_ttl = settings.flow_cache_ttl_s
+        self.signals = signals
+        if signals is not None:
+            signals.on("flow_changed", lambda m: self._forget_local(m.get("flow_id"), m.get("name")))
 
     # -- definitions -------------------------------------------------------------------------
 
@@ -94,8 +98,15 @@ class FlowService:
             self._forget(flow)
 
     def _forget(self, flow: FlowRecord) -> None:
-        self._flow_cache.pop(flow.id, None)
-        self._flow_cache.pop(flow.name, None)
+        """Drop the cached flow row here, and (with Redis) in every other process."""
+        self._forget_local(flow.id, flow.name)
+        if self.signals is not None:
+            self.signals.publish("flow_changed", flow_id=flow.id, name=flow.name)
+
+    def _forget_local(self, flow_id: str | None, name: str | None) -> None:
+        for key in (flow_id, name):
+            if key is not None:
+                self._flow_cache.pop(key, None)
 
     # -- running -------------------------------------------------------------------------------
 

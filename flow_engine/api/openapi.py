@@ -106,6 +106,14 @@ def build_spec() -> dict[str, Any]:
         }},
         "/api/v1/runs/{run_id}": {"get": _op("a run record", _json(_ref("RunRecord"), "the run"),
                                              params=[RUN_ID], errors=(401, 404))},
+        "/api/v1/runs/{run_id}/events": {"get": _op(
+            "replay the run's events after Last-Event-ID, then follow it live (SSE)",
+            {"description": "run events: id/event/data lines",
+             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            params=[RUN_ID,
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer"}},
+                    {"name": "last_event_id", "in": "query", "schema": {"type": "integer"}}],
+            errors=(400, 401, 404, 409))},
         "/api/v1/runs/{run_id}/cancel": {"post": _op(
             "cancel a running run", _json({"type": "object"}, "cancelling"), status="202",
             params=[RUN_ID], errors=(401, 404, 409))},

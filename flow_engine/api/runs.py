@@ -1,24 +1,36 @@
-"""Runs: ``POST /run/{flow}`` (JSON or SSE), run records, cancellation.
+"""Runs: ``POST /run/{flow}`` (JSON or SSE), run records, event streams, cancellation.
 
-SSE protocol (``?stream=true`` or ``Accept: text/event-stream``): each run event is
-``id: <seq>`` / ``event: <type>`` / ``data: <json>``; the stream ends after ``run_finished``
-or ``error``. A ``: keep-alive`` comment goes out whenever the run is quiet for
-``sse_keepalive_s`` (15 s). Headers turn off proxy buffering so every token is flushed.
+SSE protocol (``POST /run/{flow}?stream=true`` or ``Accept: text/event-stream``, and
+``GET /runs/{id}/events``): each run event is ``id: <seq>`` / ``event: <type>`` /
+``data: <json>`` and a blank line; the stream ends after ``run_finished`` or ``error``.
+``GET /runs/{id}/events`` replays the events after ``Last-Event-ID`` (header, or the
+``last_event_id`` query parameter) and then follows the run live, so a client that
+reconnects with its last id misses nothing and sees nothing twice. A ``: keep-alive``
+comment goes out whenever the run is quiet for ``sse_keepalive_s`` (15 s). The headers
+turn off proxy buffering, so every token is flushed as it is generated.
+
+A streamed run whose client goes away is cancelled, unless the request said
+``on_disconnect=continue`` (query parameter or body field): then it runs to the end and
+can be watched or resumed with ``GET /runs/{id}/events``.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterator
 
 from flask import Blueprint, Response, after_this_request, g, jsonify, request, stream_with_context
 
 from flow_engine.api.common import KEEPALIVE, engine, json_body, sse
 from flow_engine.errors import BadRequest
+from flow_engine.runs.events import TERMINAL
+from flow_engine.runs.runner import RunEvent
 from flow_engine.runs.service import RunRequest
 
 bp = Blueprint("runs", __name__)
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def wants_stream() -> bool:
@@ -30,10 +42,45 @@ def wants_stream() -> bool:
     return request.accept_mimetypes.best == "text/event-stream"
 
 
+def _on_disconnect(body) -> str:
+    value = request.args.get("on_disconnect") or (
+        body.get("on_disconnect") if isinstance(body, dict) else None) or "cancel"
+    if value not in ("cancel", "continue"):
+        raise BadRequest("on_disconnect must be 'cancel' or 'continue'")
+    return value
+
+
+def sse_response(events: Iterator[RunEvent | None], headers: dict[str, str]) -> Response:
+    """Frame ``events`` as SSE. The first event is pulled before the response starts, so a
+    failure to start (unknown run, …) is still an ordinary JSON error response."""
+    metrics = engine().metrics
+    first = next(events, None)
+
+    def frames():
+        metrics.active_streams.labels("sse").inc()
+        sent, finished = metrics.events_sent.labels("sse"), False
+        try:
+            for event in itertools.chain([first], events):
+                if event is None:
+                    yield KEEPALIVE
+                    continue
+                sent.inc()
+                yield sse(event.seq or None, event.type, event.data)
+                finished = event.type in TERMINAL
+        finally:
+            metrics.active_streams.labels("sse").dec()
+            if not finished:
+                metrics.stream_disconnects.labels("sse").inc()
+
+    return Response(stream_with_context(frames()), mimetype="text/event-stream",
+                    headers={**SSE_HEADERS, **headers})
+
+
 @bp.post("/run/<flow_ref>")
 def run_flow(flow_ref: str):
     body = json_body(required=False)
     run_request = RunRequest.from_body(body)
+    on_disconnect = _on_disconnect(body)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _KEY.match(key):
         raise BadRequest("Idempotency-Key must be 1-200 printable ASCII characters")
@@ -41,19 +88,15 @@ def run_flow(flow_ref: str):
     runs = engine().runs
     prepared = runs.prepare(flow_ref, run_request, idempotency_key=key,
                             trace_id=trace.trace_id if trace else None)
-    g.flow_id, g.run_id = prepared.compiled.flow_id, prepared.run_id
-    replay_header = {"Idempotent-Replayed": "true"} if prepared.replay else {}
+    run_id = prepared.replay.run_id if prepared.replay else prepared.run_id
+    g.flow_id, g.run_id = prepared.compiled.flow_id, run_id
+    headers = {"X-Run-ID": run_id}
+    if prepared.replay:
+        headers["Idempotent-Replayed"] = "true"
     if wants_stream():
-        keepalive = engine().settings.sse_keepalive_s
-
-        def events():
-            for event in runs.stream(prepared, keepalive):
-                yield KEEPALIVE if event is None else sse(event.seq, event.type, event.data)
-
-        headers = {**SSE_HEADERS, **replay_header,
-                   "X-Run-ID": prepared.replay.run_id if prepared.replay else prepared.run_id}
-        return Response(stream_with_context(events()), mimetype="text/event-stream",
-                        headers=headers)
+        events = runs.stream(prepared, engine().settings.sse_keepalive_s,
+                             cancel_on_disconnect=on_disconnect == "cancel")
+        return sse_response(events, headers)
     deferred: list = []
     prepared.defer = deferred.append  # record the run after the answer has gone out
     try:
@@ -64,12 +107,26 @@ def run_flow(flow_ref: str):
             for write in deferred:
                 response.call_on_close(write)
             return response
-    return jsonify(result), 200, {**replay_header, "X-Run-ID": result["run_id"]}
+    return jsonify(result), 200, headers
 
 
 @bp.get("/runs/<run_id>")
 def get_run(run_id: str):
     return jsonify(engine().runs.get(run_id))
+
+
+@bp.get("/runs/<run_id>/events")
+def run_events(run_id: str):
+    raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
+    try:
+        after = int(raw)
+    except ValueError:
+        raise BadRequest("Last-Event-ID must be the integer id of the last event received") from None
+    if after < 0:
+        raise BadRequest("Last-Event-ID must not be negative")
+    g.run_id = run_id
+    events = engine().runs.watch(run_id, after, engine().settings.sse_keepalive_s)
+    return sse_response(events, {"X-Run-ID": run_id})
 
 
 @bp.post("/runs/<run_id>/cancel")

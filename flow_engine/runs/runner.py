@@ -292,24 +292,33 @@ def stream(
 
 
 def stream_with(
-    work: Callable[[Emit], Any], *, cancel: CancelToken, keepalive_s: float | None = None
+    work: Callable[[Emit], Any],
+    *,
+    cancel: CancelToken,
+    keepalive_s: float | None = None,
+    on_event: Callable[[RunEvent], None] | None = None,
+    cancel_on_close: bool = True,
 ) -> Iterator[RunEvent | None]:
     """Run ``work(emit)`` in a thread (a greenlet under gevent) and yield what it emits as
-    numbered events; ``None`` when ``keepalive_s`` passes without one. Closing the iterator
-    early cancels the run through ``cancel``."""
+    numbered events (``on_event`` sees each one first, in the run's thread); ``None`` when
+    ``keepalive_s`` passes without one. Closing the iterator early cancels the run unless
+    ``cancel_on_close`` is false (the run then goes on and its events go to ``on_event``)."""
     events: queue.Queue = queue.Queue()
     done = object()
     counter = iter(range(1, 1 << 62))
 
     def emit(kind: str, data: dict[str, Any]) -> None:
-        events.put(RunEvent(next(counter), kind, data))
+        event = RunEvent(next(counter), kind, data)
+        if on_event is not None:
+            on_event(event)
+        events.put(event)
 
     def worker() -> None:
         try:
             work(emit)
         except FlowgateError:
             pass  # already reported as an error event
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - never lose the end of a stream
             emit("error", {"code": "internal", "message": _short(exc), "node": None})
         finally:
             events.put(done)
@@ -329,7 +338,7 @@ def stream_with(
                 return
             yield item
     finally:
-        if not finished:
+        if not finished and cancel_on_close:
             cancel.cancel("the stream's consumer went away")
 
 

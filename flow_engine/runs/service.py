@@ -14,6 +14,7 @@ forgotten. Flow rows and compiled graphs come from caches, so a plain run reads 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import threading
@@ -29,8 +30,10 @@ from flow_engine.errors import BadRequest, Conflict, FlowgateError, RunFailed
 from flow_engine.flows.compile import CompiledFlow
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs import runner
+from flow_engine.runs.events import TERMINAL, MemoryEventLog, RunEventLog
 from flow_engine.runs.runner import CancelToken, RunEvent, RunInput, RunResult
 from flow_engine.service import FlowService
+from flow_engine.signals import Signals
 from flow_engine.store.base import ChatMessage, FlowStore, RunRecord
 
 log = logging.getLogger(__name__)
@@ -97,18 +100,26 @@ class PreparedRun:
     # When set, the end-of-run store write is handed to this (the API passes the response's
     # call_on_close, so the client has its answer before the write happens).
     defer: Callable[[Callable[[], None]], None] | None = None
+    started_at: float = 0.0
+    first_token_at: float | None = None
 
 
 class RunService:
     def __init__(self, flows: FlowService, store: FlowStore, settings: Settings,
-                 metrics: EngineMetrics, clock: Callable[[], datetime] | None = None) -> None:
+                 metrics: EngineMetrics, events: RunEventLog | None = None,
+                 signals: Signals | None = None,
+                 clock: Callable[[], datetime] | None = None) -> None:
         self.flows = flows
         self.store = store
         self.settings = settings
         self.metrics = metrics
+        self.events = events or RunEventLog(MemoryEventLog())
+        self.signals = signals
         self._now = clock or (lambda: datetime.now(UTC))
         self._active: dict[str, PreparedRun] = {}
         self._lock = threading.Lock()
+        if signals is not None:
+            signals.on("cancel", lambda message: self._cancel_local(message.get("run_id", "")))
 
     def prepare(self, id_or_name: str, request: RunRequest, *, idempotency_key: str | None,
                 trace_id: str | None) -> PreparedRun:
@@ -145,15 +156,29 @@ class RunService:
         """The run's response body and whether it was replayed from an earlier run."""
         if prepared.replay is not None:
             return self._replayed_result(prepared.replay), True
-        result = self._execute(prepared, runner._discard, stream_tokens=False)
+        counter = itertools.count(1)
+
+        def emit(kind: str, data: dict[str, Any]) -> None:
+            self._log_event(prepared, RunEvent(next(counter), kind, data))
+
+        result = self._execute(prepared, emit, stream_tokens=False)
         return result.as_dict(), False
+
+    def _log_event(self, prepared: PreparedRun, event: RunEvent) -> None:
+        """Every event goes to the event log (watchable, resumable); the first token of a
+        run is its time to first token."""
+        if event.type == "token" and prepared.first_token_at is None:
+            prepared.first_token_at = time.perf_counter()
+            self.metrics.ttft.labels(prepared.compiled.flow_id).observe(
+                prepared.first_token_at - prepared.started_at)
+        self.events.append(prepared.run_id, event)
 
     def _execute(self, prepared: PreparedRun, emit, *, stream_tokens: bool) -> RunResult:
         compiled = prepared.compiled
         with self._lock:
             self._active[prepared.run_id] = prepared
         self.metrics.active_runs.inc()
-        started = time.perf_counter()
+        started = prepared.started_at = time.perf_counter()
         try:
             result = runner.execute(
                 compiled, prepared.request.run_input(), emit=emit, run_id=prepared.run_id,
@@ -243,16 +268,47 @@ class RunService:
 
     # -- streamed runs ----------------------------------------------------------------------------
 
-    def stream(self, prepared: PreparedRun, keepalive_s: float) -> Iterator[RunEvent | None]:
-        """Events of the run as they happen; ``None`` marks a quiet ``keepalive_s`` interval.
-        A replayed key yields the earlier run's final event."""
+    def stream(self, prepared: PreparedRun, keepalive_s: float, *,
+               cancel_on_disconnect: bool = True) -> Iterator[RunEvent | None]:
+        """Events of the run as they happen (read in-process, not from the log, so nothing
+        is added to the time to first token); ``None`` marks a quiet ``keepalive_s``.
+        A replayed key streams the earlier run's events from the log."""
         if prepared.replay is not None:
-            record = self._wait_until_finished(prepared.replay)
-            yield _final_event(record)
+            yield from self.watch(prepared.replay.run_id, 0, keepalive_s)
             return
         yield from runner.stream_with(
             lambda emit: self._execute(prepared, emit, stream_tokens=True),
-            cancel=prepared.cancel, keepalive_s=keepalive_s)
+            cancel=prepared.cancel, keepalive_s=keepalive_s,
+            on_event=lambda event: self._log_event(prepared, event),
+            cancel_on_close=cancel_on_disconnect)
+
+    def watch(self, run_id: str, after: int, keepalive_s: float) -> Iterator[RunEvent | None]:
+        """Replay the run's events after ``after`` and tail them until its last event.
+        Raises RunNotFound / Conflict when no log has them (see ``_missing_events``)."""
+        first = self.events.read(run_id, after, 0)
+        if first is None:
+            yield from self._missing_events(run_id)
+            return
+        pending = first
+        while True:
+            for event in pending:
+                yield event
+                after = event.seq
+                if event.type in TERMINAL:
+                    return
+            pending = self.events.read(run_id, after, keepalive_s)
+            if pending is None:  # expired while we watched
+                return
+            if not pending:
+                yield None
+
+    def _missing_events(self, run_id: str) -> Iterator[RunEvent]:
+        record = self.store.get_run(run_id)  # RunNotFound for a run that never existed
+        if record.status == "running":
+            raise Conflict(f"run {run_id} is running in another engine process and its events "
+                           "are not shared; set REDIS_URL to watch runs from any process",
+                           run_id=run_id)
+        yield _final_event(record)  # the events expired; the outcome is still on record
 
     # -- records and cancellation ---------------------------------------------------------------
 
@@ -265,16 +321,23 @@ class RunService:
         return run_record_json(record)
 
     def cancel(self, run_id: str) -> dict[str, Any]:
-        with self._lock:
-            active = self._active.get(run_id)
-        if active is not None:
-            active.cancel.cancel("cancelled by API request")
+        if self._cancel_local(run_id):
             return {"run_id": run_id, "status": "cancelling"}
         record = self.store.get_run(run_id)
         if record.status != "running":
             raise Conflict(f"run {run_id} already ended ({record.status})", run_id=run_id)
+        if self.signals is not None and self.signals.publish("cancel", run_id=run_id):
+            return {"run_id": run_id, "status": "cancelling"}
         raise Conflict(f"run {run_id} is running in another engine process; cancelling it "
                        "there needs REDIS_URL", run_id=run_id)
+
+    def _cancel_local(self, run_id: str) -> bool:
+        with self._lock:
+            active = self._active.get(run_id)
+        if active is None:
+            return False
+        active.cancel.cancel("cancelled by API request")
+        return True
 
 
 class _StoredError(FlowgateError):
@@ -286,11 +349,14 @@ class _StoredError(FlowgateError):
 
 
 def _final_event(record: RunRecord) -> RunEvent:
+    """The outcome of a run whose events are gone, as its last event. Its seq is 0: the
+    real number is unknown, so SSE sends it without an ``id:``."""
     if record.status == "succeeded" and record.result is not None:
-        return RunEvent(1, "run_finished", record.result)
+        return RunEvent(0, "run_finished", record.result)
     error = dict(record.error or {"code": "run_failed", "message": f"run ended {record.status}"})
     error.pop("status", None)
-    return RunEvent(1, "error", {**error, "node": None})
+    error.setdefault("node", None)
+    return RunEvent(0, "error", error)
 
 
 def run_record_json(record: RunRecord) -> dict[str, Any]:

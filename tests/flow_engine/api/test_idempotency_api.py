@@ -44,9 +44,11 @@ def test_same_key_calls_the_llm_once_also_when_streamed(fresh_llm_sim, make_app,
     assert "simulated reply" in first.get_json()["output"]
     assert again.get_json() == first.get_json()
     assert streamed.headers["Idempotent-Replayed"] == "true"
-    events = sse_events(streamed)
-    assert [(e.id, e.event) for e in events] == [("1", "run_finished")]
-    assert event_data(events[0]) == first.get_json()
+    events = sse_events(streamed)  # the first run's own events, replayed from the log
+    assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
+    assert (events[0].event, events[-1].event) == ("run_started", "run_finished")
+    assert event_data(events[0])["run_id"] == first.get_json()["run_id"]
+    assert event_data(events[-1]) == first.get_json()
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
 
 
