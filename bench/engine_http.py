@@ -46,7 +46,10 @@ def main() -> None:
     engine_cmd = [python, "-m", "flowgate.cli", "engine", "--port", str(engine_port)]
     floor_cmd = [python, str(Path(__file__).resolve().parent / "floor_app.py"),
                  "--port", str(floor_port)]
-    env = {"FLOW_ENGINE_API_KEYS": KEY, "DATABASE_URL": f"sqlite:///{db}"}
+    # Two workers, one per core, as a deployment with REDIS_URL runs (without it the default
+    # is one worker so that run events stay watchable; see flow_engine/gunicorn_conf.py).
+    env = {"FLOW_ENGINE_API_KEYS": KEY, "DATABASE_URL": f"sqlite:///{db}",
+           "FLOW_ENGINE_WORKERS": "2"}
 
     with server(engine_cmd, engine_port, "/readyz", env) as (engine_proc, ready_s), \
             server(floor_cmd, floor_port, "/readyz") as (_floor_proc, _):

@@ -7,7 +7,10 @@ process (a run waiting on an LLM costs a greenlet, not a thread).
 
 import os
 
-workers = int(os.environ.get("FLOW_ENGINE_WORKERS", "2"))
+# One worker per core. Without REDIS_URL the run event log and cancellation live in the
+# worker's memory, so a reconnecting stream could land on a worker that never saw its run:
+# the embedded default is then one worker (still hundreds of runs/s).
+workers = int(os.environ.get("FLOW_ENGINE_WORKERS") or (2 if os.environ.get("REDIS_URL") else 1))
 worker_class = "gevent"
 worker_connections = int(os.environ.get("FLOW_ENGINE_WORKER_CONNECTIONS", "1000"))
 # Heartbeat timeout: a worker that stops answering its arbiter this long is restarted.

@@ -28,14 +28,17 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from flow_engine.errors import FlowgateError
 from flow_engine.runs.runner import RunEvent
 
 log = logging.getLogger(__name__)
 TERMINAL = frozenset({"run_finished", "error"})
 
 
-class EventLogUnavailable(Exception):
-    """The shared (Redis) log could not be read."""
+class EventLogUnavailable(FlowgateError):
+    """The shared (Redis) log could not be read and this process does not know the run."""
+
+    status, code = 503, "event_log_unavailable"
 
 
 class _RunEvents:

@@ -26,11 +26,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flow_engine.config import Settings
-from flow_engine.errors import BadRequest, Conflict, FlowgateError, RunFailed
+from flow_engine.errors import BadRequest, Conflict, FlowgateError, RunFailed, RunNotFound
 from flow_engine.flows.compile import CompiledFlow
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs import runner
-from flow_engine.runs.events import TERMINAL, MemoryEventLog, RunEventLog
+from flow_engine.runs.events import TERMINAL, EventLogUnavailable, MemoryEventLog, RunEventLog
 from flow_engine.runs.runner import CancelToken, RunEvent, RunInput, RunResult
 from flow_engine.service import FlowService
 from flow_engine.signals import Signals
@@ -317,8 +317,26 @@ class RunService:
             active = self._active.get(run_id)
         if active is not None and active.record is not None:
             return run_record_json(active.record)  # still running here: status "running"
-        record = self.store.get_run(run_id)
-        return run_record_json(record)
+        try:
+            return run_record_json(self.store.get_run(run_id))
+        except RunNotFound:
+            started = self._started_elsewhere(run_id)
+            if started is None:
+                raise
+            return started
+
+    def _started_elsewhere(self, run_id: str) -> dict[str, Any] | None:
+        """A run of another process that is not on record yet (plain runs are written when
+        they end) but whose events are in the shared log."""
+        try:
+            events = self.events.read(run_id, 0, 0)
+        except EventLogUnavailable:
+            return None
+        if not events or events[0].type != "run_started":
+            return None
+        head = events[0].data
+        return {"run_id": run_id, "flow_id": head.get("flow_id"), "version": head.get("version"),
+                "status": "running", "session_id": head.get("session_id")}
 
     def cancel(self, run_id: str) -> dict[str, Any]:
         if self._cancel_local(run_id):
