@@ -38,7 +38,7 @@ class Signals:
         try:
             self.client.publish(CHANNEL, json.dumps({"kind": kind, **fields}))
             return True
-        except Exception as exc:  # noqa: BLE001 - Redis down: callers fall back
+        except Exception as exc:
             self._on_error("publish")
             log.warning("signals: could not publish %s: %s", kind, type(exc).__name__)
             return False
@@ -63,7 +63,7 @@ class Signals:
                     message = pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
                         self._dispatch(message["data"])
-            except Exception as exc:  # noqa: BLE001 - reconnect with backoff
+            except Exception as exc:
                 self._on_error("subscribe")
                 log.warning("signals: subscription lost (%s); retrying", type(exc).__name__)
                 time.sleep(delay)
@@ -77,5 +77,5 @@ class Signals:
         for handler in self._handlers.get(message.get("kind"), ()):
             try:
                 handler(message)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("signals: handler for %s failed", message.get("kind"))

@@ -165,7 +165,7 @@ class RedisEventLog:
             for key, finished in touched.items():
                 pipe.expire(key, self.ttl_s if finished else self.running_ttl_s)
             pipe.execute(raise_on_error=False)
-        except Exception as exc:  # noqa: BLE001 - Redis down must not break runs
+        except Exception as exc:
             self._on_error("append")
             log.warning("event log: could not write %d events to Redis: %s", len(batch),
                         type(exc).__name__)

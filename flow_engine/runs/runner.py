@@ -318,7 +318,7 @@ def stream_with(
             work(emit)
         except FlowgateError:
             pass  # already reported as an error event
-        except BaseException as exc:  # noqa: BLE001 - never lose the end of a stream
+        except BaseException as exc:
             emit("error", {"code": "internal", "message": _short(exc), "node": None})
         finally:
             events.put(done)
