@@ -67,6 +67,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="accept requests without an API key (local development only)")
     eng.set_defaults(handler=_engine)
 
+    amb = sub.add_parser("ambassador", help="serve the ambassador sidecar under gunicorn")
+    amb.add_argument("--host", default="127.0.0.1")
+    amb.add_argument("--port", type=int, default=8080)
+    amb.add_argument("--config", help="YAML config (default: AMBASSADOR_CONFIG)")
+    amb.add_argument("--workers", type=int, default=None,
+                     help="worker processes (default: AMBASSADOR_WORKERS or 1)")
+    amb.add_argument("--force", action="store_true",
+                     help="allow a non-loopback address with inbound auth disabled")
+    amb.set_defaults(handler=_ambassador)
+
     flows = sub.add_parser("flows", help="work with flow definitions")
     flows_sub = flows.add_subparsers(title="flows commands", metavar="COMMAND")
     validate = flows_sub.add_parser("validate", help="validate flow files offline")
@@ -77,15 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _engine(args: argparse.Namespace) -> int:
     """Check settings and migrate the store once in the master, then fork the workers."""
-    import shutil
-    import tempfile
-
+    _metrics_dir("flowgate-engine-metrics-")  # before prometheus_client is imported
     _patch_and_preload("flow_engine.app")
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # before anything imports the client
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="flowgate-engine-metrics-")
-    else:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     if args.insecure_no_auth:
         os.environ["FLOW_ENGINE_INSECURE_NO_AUTH"] = "1"
 
@@ -117,6 +120,54 @@ def _patch_and_preload(module: str) -> None:
 
     monkey.patch_all()
     __import__(module)
+
+
+def _metrics_dir(prefix: str) -> None:
+    """Prometheus multiprocess mode: a fresh directory, set before the client is imported."""
+    import shutil
+    import tempfile
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=prefix)
+    else:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+
+def _ambassador(args: argparse.Namespace) -> int:
+    _metrics_dir("flowgate-ambassador-metrics-")  # before prometheus_client is imported
+    _patch_and_preload("ambassador.app")
+    import ipaddress
+
+    from ambassador import config as amb_config
+    from flowgate.serving import serve
+
+    if args.config:
+        os.environ["AMBASSADOR_CONFIG"] = args.config
+    try:
+        settings = amb_config.load()
+    except amb_config.ConfigError as exc:
+        print(f"flowgate ambassador: {exc}", file=sys.stderr)
+        return 2
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and settings.inbound_auth.mode == "none" and not args.force:
+        print(f"flowgate ambassador: refusing to listen on {args.host} with inbound_auth.mode "
+              "none: anyone who can reach it could run flows with the engine's key. Configure "
+              "api_keys or jwt, bind 127.0.0.1, or pass --force.", file=sys.stderr)
+        return 2
+    config_file = str(Path(__file__).resolve().parent.parent / "ambassador" / "gunicorn_conf.py")
+    serve(_ambassador_app, host=args.host, port=args.port, workers=args.workers,
+          config_file=config_file)
+    return 0
+
+
+def _ambassador_app():
+    from ambassador.app import create_app
+
+    return create_app()
 
 
 def _engine_app():

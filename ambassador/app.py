@@ -1,0 +1,287 @@
+"""``create_app(config)``: load settings, build the filter chain, mount the routes.
+
+Routes (DESIGN.md "Ambassador HTTP API"): ``POST /run-flow``, ``GET /runs/<id>/events``,
+``GET /healthz``, ``GET /readyz`` (``?verbose=1`` adds upstream health), ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response as FlaskResponse, g, jsonify, request, stream_with_context
+from werkzeug.exceptions import HTTPException
+
+from ambassador import config as config_module
+from ambassador.chain import Handler, Request, Response, build_chain, error_response
+from ambassador.filters.auth import Auth
+from ambassador.filters.breaker import Breaker, CircuitBreaker
+from ambassador.filters.cache import Cache, MemoryCacheStore, RedisCacheStore
+from ambassador.filters.ratelimit import LocalBuckets, RateLimit, RedisBuckets
+from ambassador.filters.retry import Retry, RetryBudget
+from ambassador.filters.timeout import Timeout
+from ambassador.filters.trace import Trace
+from ambassador.metrics import BREAKER_STATES, AmbassadorMetrics
+from ambassador.upstream import Upstream
+from flowgate import jsonlog, tracing
+
+log = logging.getLogger("ambassador")
+access_log = logging.getLogger("ambassador.access")
+FLOW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+RUN_FLOW_FIELDS = {"flow_id", "input", "session_id", "tweaks", "version", "stream",
+                   "input_type", "output_type", "on_disconnect"}
+_FORWARD = ("idempotency-key", "cache-control", "traceparent", "x-request-id", "authorization",
+            "x-api-key", "accept", "last-event-id")
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+               413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+class Ambassador:
+    """The per-process state: settings in force, the chain built from them, the metrics."""
+
+    def __init__(self, settings: config_module.Settings, metrics: AmbassadorMetrics,
+                 path: str | None) -> None:
+        self.metrics = metrics
+        self.holder = config_module.ConfigHolder(
+            settings, path, on_change=self.rebuild,
+            on_reload_error=lambda _msg: metrics.config_reload_errors.inc())
+        self.rebuild(settings)
+
+    def rebuild(self, settings: config_module.Settings) -> None:
+        m = self.metrics
+        redis_client = _redis(settings.redis_url)
+
+        def transition(old: str, new: str) -> None:
+            for state in BREAKER_STATES:
+                m.breaker_state.labels(state).set(1 if state == new else 0)
+            m.breaker_transitions.labels(new).inc()
+            log.warning("circuit breaker %s → %s", old, new)
+
+        def observe(outcome: str, seconds: float) -> None:
+            m.upstream_attempts.labels(outcome).inc()
+            m.upstream_up.set(0 if outcome in ("connect_error", "timeout", "reset") else 1)
+
+        old = getattr(self, "upstream", None)
+        self.upstream = Upstream(settings.upstream, settings.upstream_key(), observe=observe)
+        if old is not None:
+            old.close()
+        self.breaker = CircuitBreaker(settings.breaker, on_transition=transition)
+        available = {
+            "trace": Trace(),
+            "auth": Auth(settings.inbound_auth,
+                         on_failure=lambda reason: m.auth_failures.labels(reason).inc()),
+            "ratelimit": RateLimit(settings, LocalBuckets(),
+                                   RedisBuckets(redis_client) if redis_client else None,
+                                   on_limited=lambda scope: m.ratelimited.labels(scope).inc(),
+                                   on_error=m.ratelimit_errors.inc),
+            "cache": Cache(settings, RedisCacheStore(redis_client) if redis_client
+                           else MemoryCacheStore(settings.cache.max_entries),
+                           on_result=lambda r: m.cache.labels(r).inc(),
+                           on_error=lambda op: m.cache_errors.labels(op).inc()),
+            "breaker": Breaker(self.breaker),
+            "retry": Retry(settings.retry, RetryBudget(settings.retry.budget_ratio,
+                                                       settings.retry.budget_min_per_s,
+                                                       settings.retry.budget_window_s),
+                           on_retry=lambda reason: m.retries.labels(reason).inc(),
+                           on_budget_exhausted=m.retry_budget_exhausted.inc),
+            "timeout": Timeout(settings.upstream.timeouts),
+        }
+        self.chain: Handler = build_chain([available[name] for name in settings.filters],
+                                          self.upstream)
+        self.settings = settings
+
+    def handle(self, req: Request) -> Response:
+        self.holder.maybe_reload()
+        return self.chain(req)
+
+
+def _redis(url: str | None):
+    if not url:
+        return None
+    import redis
+
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=0.5,
+                                socket_timeout=0.5, health_check_interval=30)
+
+
+def create_app(config: Mapping[str, Any] | None = None, *, path: str | None = None,
+               metrics: AmbassadorMetrics | None = None) -> Flask:
+    """``config`` maps dotted keys to values (``{"upstream.url": ...}``) over the YAML file."""
+    import os
+
+    path = path if path is not None else os.environ.get("AMBASSADOR_CONFIG")
+    settings = config_module.load(path, overrides=config)
+    jsonlog.configure(settings.log_level)
+    amb = Ambassador(settings, metrics or AmbassadorMetrics(), path)
+    app = Flask("ambassador")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["ambassador"] = amb
+    _routes(app, amb)
+    return app
+
+
+def _routes(app: Flask, amb: Ambassador) -> None:
+    m = amb.metrics
+
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        g.trace = tracing.from_headers(request.headers.get("traceparent"),
+                                       request.headers.get("X-Request-ID"))
+        g.token = tracing.current.set(g.trace)
+        m.in_flight.inc()
+
+    @app.teardown_request
+    def _end(_exc):
+        m.in_flight.dec()
+        token = g.pop("token", None)
+        if token is not None:
+            tracing.current.reset(token)
+
+    @app.after_request
+    def _headers(response):
+        trace = g.get("trace")
+        if trace is not None:  # on every answer, errors included
+            response.headers.setdefault("X-Trace-ID", trace.trace_id)
+            response.headers.setdefault("traceparent", trace.traceparent)
+            response.headers.setdefault("X-Request-ID", trace.request_id)
+        return response
+
+    def bad_request(message: str, status: int = 400, code: str = "bad_request"):
+        trace = g.get("trace")
+        return jsonify({"error": {"code": code, "message": message,
+                                  "trace_id": trace.trace_id if trace else None}}), status
+
+    @app.post("/run-flow")
+    def run_flow():
+        if not request.is_json:
+            return bad_request("expected Content-Type: application/json", 415,
+                               "unsupported_media_type")
+        try:
+            body = json.loads(request.get_data())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return bad_request(f"malformed JSON body: {exc}")
+        problem = _check_run_body(body)
+        if problem:
+            return bad_request(problem)
+        stream = bool(body.get("stream")) or \
+            request.accept_mimetypes.best == "text/event-stream"
+        upstream_body = {"input_value": body.get("input")}
+        for name in ("session_id", "tweaks", "version", "input_type", "output_type",
+                     "on_disconnect"):
+            if body.get(name) is not None:
+                upstream_body[name] = body[name]
+        path = f"/api/v1/run/{body['flow_id']}" + ("?stream=true" if stream else "")
+        return _proxy(Request("POST", path, _forwarded(), "/run-flow", upstream_body,
+                              flow_id=body["flow_id"], stream=stream))
+
+    @app.get("/runs/<run_id>/events")
+    def run_events(run_id: str):
+        if not FLOW_ID.match(run_id):
+            return bad_request("invalid run id")
+        return _proxy(Request("GET", f"/api/v1/runs/{run_id}/events", _forwarded(),
+                              "/runs/<id>/events", None, stream=True))
+
+    def _proxy(req: Request):
+        req.ctx["trace"] = g.trace
+        started = g.started
+        response = amb.handle(req)
+        upstream_s = response.meta.get("upstream_s", 0.0)
+        overhead_s = max(0.0, time.perf_counter() - started - upstream_s)
+        response.headers["X-Ambassador-Overhead-Ms"] = f"{overhead_s * 1000:.3f}"
+        m.overhead.labels(req.route).observe(overhead_s)
+        if upstream_s:
+            m.upstream_duration.labels(req.route).observe(upstream_s)
+        cache = response.meta.get("cache", "none")
+        flow = req.flow_id or ""
+        m.requests.labels(req.route, flow, str(response.status), cache).inc()
+        fields = {"route": req.route, "flow_id": req.flow_id, "status": response.status,
+                  "attempts": response.meta.get("attempts", 1), "cache": cache,
+                  "overhead_ms": round(overhead_s * 1000, 3)}
+        if response.chunks is None:
+            elapsed = time.perf_counter() - started
+            m.request_duration.labels(req.route).observe(elapsed)
+            access_log.info("request", extra={**fields, "duration_ms": round(elapsed * 1000, 3)})
+            return FlaskResponse(response.body, status=response.status, headers=response.headers)
+
+        def relay():
+            try:
+                yield from response.chunks
+            finally:
+                elapsed = time.perf_counter() - started
+                m.request_duration.labels(req.route).observe(elapsed)
+                access_log.info("request", extra={**fields, "stream": True,
+                                                  "duration_ms": round(elapsed * 1000, 3)})
+
+        headers = {**response.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return FlaskResponse(stream_with_context(relay()), status=response.status,
+                             headers=headers, direct_passthrough=True)
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz():
+        """Ready once the config is loaded: never tied to the engine's health, so an engine
+        outage does not pull every app pod out of its Service."""
+        body: dict[str, Any] = {"status": "ready"}
+        if request.args.get("verbose"):
+            up = amb.upstream
+            body["upstream"] = {
+                "url": amb.settings.upstream.url, "breaker": amb.breaker.state,
+                "last_ok": up.last_ok,
+                "last_error": {"at": up.last_error[0], "kind": up.last_error[1]}
+                if up.last_error else None}
+            body["config"] = {"path": amb.holder.path, "last_reload_error": amb.holder.last_error}
+        return jsonify(body)
+
+    @app.get("/metrics")
+    def metrics():
+        data, content_type = m.render()
+        return FlaskResponse(data, content_type=content_type)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        status = exc.code or 500
+        return bad_request(exc.description or exc.name, status, _HTTP_CODES.get(status, "http_error"))
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return bad_request("internal error; the trace id identifies it in the logs", 500, "internal")
+
+
+def _forwarded() -> dict[str, str]:
+    return {name: value for name in _FORWARD if (value := request.headers.get(name)) is not None}
+
+
+def _check_run_body(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return 'the body must be a JSON object like {"flow_id": "faq", "input": "hello"}'
+    unknown = sorted(set(body) - RUN_FLOW_FIELDS)
+    if unknown:
+        return f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(RUN_FLOW_FIELDS))}"
+    flow_id = body.get("flow_id")
+    if not isinstance(flow_id, str) or not FLOW_ID.match(flow_id):
+        return "flow_id is required: the id or name of a flow (letters, digits, '_', '.', '-')"
+    if body.get("input") is not None and not isinstance(body["input"], str):
+        return "input must be a string"
+    if body.get("session_id") is not None and (
+            not isinstance(body["session_id"], str) or not 0 < len(body["session_id"]) <= 200):
+        return "session_id must be a string of 1-200 characters"
+    if body.get("tweaks") is not None and not isinstance(body["tweaks"], dict):
+        return "tweaks must be an object {node_id: {param: value}}"
+    version = body.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        return "version must be a positive integer"
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        return "stream must be true or false"
+    return None
+
+
+__all__ = ["Ambassador", "create_app", "error_response"]

@@ -1,0 +1,296 @@
+"""Ambassador settings: one YAML file (``AMBASSADOR_CONFIG``), then environment overrides.
+
+Validated at start with messages that name the bad key (``retry.max_attempts: ...``).
+``ConfigHolder`` re-reads the file when it changes and keeps the last good config when the
+new one is invalid (the error is logged and counted), so a bad edit never takes a sidecar
+down. Example (every key optional)::
+
+    upstream:
+      url: http://flow-engine:8000
+      key: ${from AMBASSADOR_UPSTREAM_KEY}
+      timeouts: {connect_s: 1, per_try_s: 60, total_s: 120, stream_first_byte_s: 30,
+                 stream_idle_s: 60}
+    inbound_auth:
+      mode: api_keys            # none | api_keys | jwt
+      api_keys:
+        - {key: "app-secret", identity: orders-app, tenant: shop, flows: [faq-rag]}
+    filters: [trace, auth, cache, breaker, retry, timeout]
+    retry: {max_attempts: 3, budget_ratio: 0.2}
+    breaker: {consecutive_failures: 5, open_s: 10}
+    flows:
+      faq-rag: {cache: {ttl_s: 300, stale_if_error_s: 3600}}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+FILTERS = ("trace", "auth", "ratelimit", "cache", "breaker", "retry", "timeout")
+DEFAULT_FILTERS = ["trace", "auth", "ratelimit", "cache", "breaker", "retry", "timeout"]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each bad key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Model):
+    connect_s: float = Field(1.0, gt=0, le=60)
+    per_try_s: float = Field(60.0, gt=0, le=3600)
+    total_s: float = Field(120.0, gt=0, le=3600)
+    stream_first_byte_s: float = Field(30.0, gt=0, le=3600)
+    stream_idle_s: float = Field(60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.per_try_s > self.total_s:
+            raise ValueError("per_try_s must not exceed total_s")
+        return self
+
+
+class Upstream(_Model):
+    url: str = "http://127.0.0.1:8000"
+    key: str | None = None
+    key_file: str | None = None
+    pool_size: int = Field(64, ge=1, le=10_000)
+    timeouts: Timeouts = Timeouts()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return url.rstrip("/")
+
+
+class ApiKey(_Model):
+    key: str = Field(min_length=8)
+    identity: str = Field(min_length=1)
+    tenant: str | None = None
+    flows: list[str] | None = None  # None: every flow
+
+
+class Jwt(_Model):
+    algorithm: Literal["HS256", "RS256"] = "HS256"
+    secret: str | None = None
+    secret_file: str | None = None
+    public_key_file: str | None = None
+    jwks_file: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_s: float = Field(30.0, ge=0, le=300)
+    identity_claim: str = "sub"
+    tenant_claim: str = "tenant"
+    flows_claim: str = "flows"
+
+    @model_validator(mode="after")
+    def _key(self):
+        if self.algorithm == "HS256" and not (self.secret or self.secret_file):
+            raise ValueError("HS256 needs secret or secret_file")
+        if self.algorithm == "RS256" and not (self.public_key_file or self.jwks_file):
+            raise ValueError("RS256 needs public_key_file or jwks_file")
+        return self
+
+
+class InboundAuth(_Model):
+    mode: Literal["none", "api_keys", "jwt"] = "none"
+    api_keys: list[ApiKey] = []
+    jwt: Jwt | None = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.mode == "api_keys" and not self.api_keys:
+            raise ValueError("mode api_keys needs at least one entry in api_keys")
+        if self.mode == "jwt" and self.jwt is None:
+            raise ValueError("mode jwt needs a jwt section")
+        return self
+
+
+class Retry(_Model):
+    max_attempts: int = Field(3, ge=1, le=10)
+    backoff_base_s: float = Field(0.05, gt=0, le=10)
+    backoff_max_s: float = Field(2.0, gt=0, le=60)
+    budget_ratio: float = Field(0.2, ge=0, le=1)
+    budget_min_per_s: float = Field(1.0, ge=0, le=1000)
+    budget_window_s: float = Field(10.0, gt=0, le=3600)
+    add_idempotency_key: bool = True
+
+
+class Breaker(_Model):
+    consecutive_failures: int = Field(5, ge=1, le=1000)
+    failure_ratio: float = Field(0.5, gt=0, le=1)
+    window_s: float = Field(30.0, gt=0, le=3600)
+    min_requests: int = Field(20, ge=1, le=100_000)
+    open_s: float = Field(10.0, gt=0, le=3600)
+    half_open_max: int = Field(2, ge=1, le=1000)
+
+
+class RateLimit(_Model):
+    requests_per_s: float = Field(gt=0, le=1_000_000)
+    burst: int = Field(ge=1, le=1_000_000)
+
+
+class FlowCache(_Model):
+    ttl_s: float = Field(gt=0, le=30 * 86400)
+    session_in_key: bool = False
+    stale_if_error_s: float = Field(0, ge=0, le=30 * 86400)
+
+
+class FlowPolicy(_Model):
+    cache: FlowCache | None = None
+    ratelimit: RateLimit | None = None
+    fallback: dict[str, Any] | None = None  # answered (200, X-Fallback: true) when upstream fails
+
+
+class Cache(_Model):
+    max_entries: int = Field(10_000, ge=1, le=10_000_000)
+    max_body_bytes: int = Field(1_000_000, ge=1)
+
+
+class Settings(_Model):
+    upstream: Upstream = Upstream()
+    inbound_auth: InboundAuth = InboundAuth()
+    filters: list[str] = DEFAULT_FILTERS
+    retry: Retry = Retry()
+    breaker: Breaker = Breaker()
+    cache: Cache = Cache()
+    ratelimit: RateLimit | None = None  # per identity, for every flow
+    flows: dict[str, FlowPolicy] = {}
+    redis_url: str | None = None
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=100 * 1_048_576)
+    log_level: str = "INFO"
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, filters: list[str]) -> list[str]:
+        unknown = [f for f in filters if f not in FILTERS]
+        if unknown:
+            raise ValueError(f"unknown filter(s) {unknown}; known: {list(FILTERS)}")
+        if len(set(filters)) != len(filters):
+            raise ValueError("a filter is listed twice")
+        return filters
+
+    def upstream_key(self) -> str | None:
+        if self.upstream.key:
+            return self.upstream.key
+        if self.upstream.key_file:
+            return Path(self.upstream.key_file).read_text(encoding="utf-8").strip() or None
+        return None
+
+
+_ENV = {
+    "AMBASSADOR_UPSTREAM_URL": ("upstream", "url"),
+    "AMBASSADOR_UPSTREAM_KEY": ("upstream", "key"),
+    "REDIS_URL": ("redis_url",),
+    "AMBASSADOR_LOG_LEVEL": ("log_level",),
+}
+
+
+def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read the YAML file (if any), apply env overrides, then ``overrides``; validate."""
+    env = os.environ if environ is None else environ
+    path = path if path is not None else env.get("AMBASSADOR_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for name, where in _ENV.items():
+        value = env.get(name)
+        if value:
+            _set(data, where, value)
+    for dotted, value in (overrides or {}).items():
+        _set(data, tuple(dotted.split(".")), value)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _set(data: dict[str, Any], where: tuple[str, ...], value: Any) -> None:
+    node = data
+    for part in where[:-1]:
+        node = node.setdefault(part, {})
+    node[where[-1]] = value
+
+
+def _describe(exc: ValidationError, path: Any) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    where = f" in {path}" if path else ""
+    return f"invalid ambassador config{where}:\n" + "\n".join(lines)
+
+
+class ConfigHolder:
+    """The config in force, re-read when its file changes (checked at most every
+    ``check_every_s``). An invalid new file is logged and ignored: the last good config
+    stays. ``on_change`` rebuilds whatever depends on the config (the filter chain)."""
+
+    def __init__(self, settings: Settings, path: str | None, *, check_every_s: float = 2.0,
+                 on_change: Callable[[Settings], None] | None = None,
+                 on_reload_error: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.path = path
+        self._every = check_every_s
+        self._clock = clock
+        self._next_check = clock() + check_every_s
+        self._mtime = self._stat()
+        self._on_change = on_change
+        self._on_error = on_reload_error
+        self._lock = threading.Lock()
+        self.last_error: str | None = None
+
+    def _stat(self) -> float | None:
+        try:
+            return os.stat(self.path).st_mtime if self.path else None
+        except OSError:
+            return None
+
+    def maybe_reload(self) -> bool:
+        """Cheap when nothing changed: one clock read per request, one stat per interval."""
+        if self.path is None or self._clock() < self._next_check:
+            return False
+        with self._lock:
+            self._next_check = self._clock() + self._every
+            mtime = self._stat()
+            if mtime is None or mtime == self._mtime:
+                return False
+            self._mtime = mtime
+            try:
+                fresh = load(self.path)
+            except ConfigError as exc:
+                self.last_error = str(exc)
+                log.error("config reload failed; keeping the last good config", extra={"error": str(exc)})
+                if self._on_error:
+                    self._on_error(str(exc))
+                return False
+            self.settings, self.last_error = fresh, None
+            if self._on_change:
+                self._on_change(fresh)
+            log.info("config reloaded", extra={"path": self.path})
+            return True

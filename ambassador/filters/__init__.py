@@ -1,0 +1,1 @@
+"""One module per concern; each holds one filter class with ``__call__(request, next)``."""

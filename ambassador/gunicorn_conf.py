@@ -1,0 +1,26 @@
+"""gunicorn settings of the ambassador sidecar — workers, connections, timeouts.
+
+One gevent worker is the default: a sidecar serves one app pod, and one process keeps the
+circuit breaker, retry budget and in-memory cache coherent. Each value can be overridden by
+the environment variable named next to it.
+"""
+
+import os
+
+workers = int(os.environ.get("AMBASSADOR_WORKERS", "1"))
+worker_class = "gevent"
+worker_connections = int(os.environ.get("AMBASSADOR_WORKER_CONNECTIONS", "2000"))
+timeout = int(os.environ.get("AMBASSADOR_WORKER_TIMEOUT", "60"))
+graceful_timeout = int(os.environ.get("AMBASSADOR_GRACEFUL_TIMEOUT", "30"))
+keepalive = int(os.environ.get("AMBASSADOR_KEEPALIVE", "75"))
+proc_name = "flowgate-ambassador"
+accesslog = None  # the app writes JSON access lines itself
+errorlog = "-"
+loglevel = os.environ.get("AMBASSADOR_GUNICORN_LOGLEVEL", "warning")
+
+
+def child_exit(server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,95 @@
+"""Every ambassador metric, defined once. Registry injectable for tests; multiprocess mode
+under gunicorn when ``PROMETHEUS_MULTIPROC_DIR`` is set (as for the engine)."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
+class AmbassadorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.multiprocess = registry is None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        kw = {"registry": None if self.multiprocess else self.registry}
+        self.requests = Counter(
+            "flowgate_ambassador_requests_total", "Requests by route, flow, status and cache result.",
+            ["route", "flow", "status", "cache"], **kw)
+        self.request_duration = Histogram(
+            "flowgate_ambassador_request_duration_seconds", "Time to answer, by route.",
+            ["route"], buckets=LATENCY, **kw)
+        self.upstream_duration = Histogram(
+            "flowgate_ambassador_upstream_duration_seconds", "Time per upstream attempt, by route.",
+            ["route"], buckets=LATENCY, **kw)
+        self.overhead = Histogram(
+            "flowgate_ambassador_overhead_seconds", "Time spent outside upstream calls, by route.",
+            ["route"], buckets=OVERHEAD, **kw)
+        self.in_flight = Gauge(
+            "flowgate_ambassador_in_flight_requests", "Requests being answered.",
+            multiprocess_mode="livesum", **kw)
+        self.upstream_attempts = Counter(
+            "flowgate_ambassador_upstream_attempts_total", "Upstream attempts by outcome.",
+            ["outcome"], **kw)
+        self.retries = Counter(
+            "flowgate_ambassador_retries_total", "Retries by reason.", ["reason"], **kw)
+        self.retry_budget_exhausted = Counter(
+            "flowgate_ambassador_retry_budget_exhausted_total",
+            "Retries not made because the retry budget was spent.", **kw)
+        self.breaker_state = Gauge(
+            "flowgate_ambassador_breaker_state", "1 for the breaker's current state.",
+            ["state"], multiprocess_mode="livemax", **kw)
+        self.breaker_transitions = Counter(
+            "flowgate_ambassador_breaker_transitions_total", "Breaker state changes by new state.",
+            ["to"], **kw)
+        self.cache = Counter(
+            "flowgate_ambassador_cache_total", "Cache lookups by result (hit|miss|bypass|stale).",
+            ["result"], **kw)
+        self.cache_errors = Counter(
+            "flowgate_ambassador_cache_errors_total",
+            "Cache store failures (requests still served) by operation.", ["op"], **kw)
+        self.ratelimited = Counter(
+            "flowgate_ambassador_ratelimited_total", "Requests refused with 429, by scope.",
+            ["scope"], **kw)
+        self.ratelimit_errors = Counter(
+            "flowgate_ambassador_ratelimit_errors_total",
+            "Shared rate-limit store failures (local limits applied instead).", **kw)
+        self.auth_failures = Counter(
+            "flowgate_ambassador_auth_failures_total", "Refused callers by reason.", ["reason"], **kw)
+        self.upstream_up = Gauge(
+            "flowgate_ambassador_upstream_up",
+            "1 when the last upstream attempt reached the engine, else 0.",
+            multiprocess_mode="livemax", **kw)
+        self.config_reload_errors = Counter(
+            "flowgate_ambassador_config_reload_errors_total",
+            "Config reloads rejected (the last good config stays).", **kw)
+        for state in BREAKER_STATES:
+            self.breaker_state.labels(state).set(1 if state == "closed" else 0)
+            self.breaker_transitions.labels(state)
+        for result in ("hit", "miss", "bypass", "stale"):
+            self.cache.labels(result)
+        for outcome in ("ok", "error", "connect_error", "timeout"):
+            self.upstream_attempts.labels(outcome)
+        for reason in ("connect_error", "unavailable", "timeout", "upstream_error"):
+            self.retries.labels(reason)
+        self.upstream_up.set(1)
+
+    def render(self) -> tuple[bytes, str]:
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

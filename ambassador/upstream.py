@@ -1,0 +1,162 @@
+"""The terminal handler: a pooled HTTP/1.1 client to the flow engine.
+
+It adds the engine's service key (apps never hold it), forwards the trace headers and the
+caller's identity, and turns every transport failure into an error response whose
+``meta["upstream_error"]`` tells the retry and breaker filters what happened:
+
+    connect_error   no connection was made: the request certainly was not processed
+    timeout         no answer within the per-try (or first-byte) deadline
+    reset           the connection broke after the request was sent
+    protocol        the engine answered something that is not HTTP
+
+Streams are passed through chunk by chunk as they arrive (``read_chunked``), with a
+first-byte deadline for the response head and an idle deadline between chunks instead of a
+total deadline, so long generations are never cut while tokens keep flowing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+)
+
+from ambassador.chain import Request, Response, error_response
+from ambassador.config import Upstream as UpstreamSettings
+
+PASS_HEADERS = ("content-type", "x-run-id", "idempotent-replayed", "retry-after", "cache-control",
+                "x-accel-buffering", "location")
+
+
+class Upstream:
+    def __init__(self, settings: UpstreamSettings, key: str | None, *,
+                 observe: Callable[[str, float], None] | None = None) -> None:
+        self.settings = settings
+        self.base = settings.url
+        self._key_header = f"Bearer {key}" if key else None
+        self._observe = observe or (lambda outcome, seconds: None)
+        self.pool = urllib3.connection_from_url(
+            settings.url, maxsize=settings.pool_size, block=False, retries=False)
+        self.last_ok: float | None = None
+        self.last_error: tuple[float, str] | None = None
+
+    def __call__(self, request: Request) -> Response:
+        t = self.settings.timeouts
+        per_try = request.ctx.get("per_try_s", t.per_try_s)
+        read = min(t.stream_first_byte_s, per_try) if request.stream else per_try
+        headers = self._headers(request)
+        body = json.dumps(request.body).encode() if request.body is not None else None
+        started = time.perf_counter()
+        try:
+            resp = self.pool.urlopen(
+                request.method, request.path, body=body, headers=headers, retries=False,
+                redirect=False, preload_content=False,
+                timeout=urllib3.Timeout(connect=t.connect_s, read=read))
+        except (NewConnectionError, ConnectTimeoutError) as exc:
+            return self._failed(request, started, "connect_error", 503, "upstream_unavailable",
+                                f"the flow engine is unreachable ({type(exc).__name__})")
+        except ReadTimeoutError:
+            return self._failed(request, started, "timeout", 504, "upstream_timeout",
+                                f"the flow engine did not answer within {read:g} s")
+        except ProtocolError as exc:
+            return self._failed(request, started, "reset", 502, "bad_upstream",
+                                f"the connection to the flow engine broke ({_cause(exc)})")
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() in PASS_HEADERS}
+        if request.stream and resp.status == 200:
+            self._ok(started, "ok")
+            return Response(resp.status, out_headers, chunks=self._chunks(resp),
+                            meta={"upstream_s": self._spent(request, started)})
+        try:
+            data = resp.read()
+        except ReadTimeoutError:
+            return self._failed(request, started, "timeout", 504, "upstream_timeout",
+                                f"the flow engine did not answer within {read:g} s")
+        except ProtocolError as exc:
+            return self._failed(request, started, "reset", 502, "bad_upstream",
+                                f"the connection to the flow engine broke ({_cause(exc)})")
+        finally:
+            resp.release_conn()
+        self._ok(started, "ok" if resp.status < 500 else "error")
+        return Response(resp.status, out_headers, data,
+                        meta={"upstream_s": self._spent(request, started)})
+
+    def _headers(self, request: Request) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": request.header("accept") or
+                   ("text/event-stream" if request.stream else "application/json")}
+        for name in ("idempotency-key", "last-event-id", "cache-control", "x-request-id"):
+            value = request.header(name)
+            if value:
+                headers[name] = value
+        trace = request.ctx.get("trace")
+        if trace is not None:
+            upstream_span = trace.child()
+            headers["traceparent"] = upstream_span.traceparent
+            headers["x-request-id"] = trace.request_id
+        identity = request.ctx.get("identity")
+        if identity is not None:
+            headers["x-flowgate-identity"] = identity.name
+            if identity.tenant:
+                headers["x-flowgate-tenant"] = identity.tenant
+        if self._key_header:
+            headers["Authorization"] = self._key_header
+        return headers
+
+    def _chunks(self, resp) -> Iterator[bytes]:
+        """Chunks as they arrive; after the head, the socket waits at most stream_idle_s."""
+        idle = self.settings.timeouts.stream_idle_s
+        sock = getattr(resp.connection, "sock", None)
+        if sock is not None:
+            sock.settimeout(idle)
+        try:
+            if resp.chunked:
+                yield from resp.read_chunked(decode_content=False)
+            else:
+                while chunk := resp.read1(65536):
+                    yield chunk
+        except ReadTimeoutError:
+            yield _sse_error("upstream_timeout", f"no event from the flow engine for {idle:g} s")
+        except ProtocolError as exc:
+            yield _sse_error("bad_upstream", f"the stream from the flow engine broke ({_cause(exc)})")
+        finally:
+            resp.release_conn()
+
+    def _ok(self, started: float, outcome: str) -> None:
+        self.last_ok = time.time()
+        self._observe(outcome, time.perf_counter() - started)
+
+    @staticmethod
+    def _spent(request: Request, started: float) -> float:
+        """Seconds of this attempt; the request keeps the sum over its attempts."""
+        seconds = time.perf_counter() - started
+        request.ctx["upstream_s"] = request.ctx.get("upstream_s", 0.0) + seconds
+        return request.ctx["upstream_s"]
+
+    def _failed(self, request: Request, started: float, kind: str, status: int, code: str,
+                message: str) -> Response:
+        self.last_error = (time.time(), kind)
+        self._observe(kind, time.perf_counter() - started)
+        response = error_response(status, code, message, request,
+                                  headers={"Retry-After": "1"} if status == 503 else None)
+        response.meta.update(upstream_error=kind, sent=kind != "connect_error",
+                             upstream_s=self._spent(request, started))
+        return response
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.args[1] if len(exc.args) > 1 else exc
+    return type(inner).__name__
+
+
+def _sse_error(code: str, message: str) -> bytes:
+    data = json.dumps({"code": code, "message": message, "node": None})
+    return f"event: error\ndata: {data}\n\n".encode()
