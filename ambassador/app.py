@@ -13,7 +13,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response as FlaskResponse, g, jsonify, request, stream_with_context
+from flask import Flask, g, jsonify, request, stream_with_context
+from flask import Response as FlaskResponse
 from werkzeug.exceptions import HTTPException
 
 from ambassador import config as config_module

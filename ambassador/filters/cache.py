@@ -133,14 +133,14 @@ class Cache:
     def _get(self, key: str) -> dict[str, Any] | None:
         try:
             return self.store.get(key)
-        except Exception:  # noqa: BLE001 - a broken cache must never fail a request
+        except Exception:
             self._on_error("get")
             return None
 
     def _set(self, key: str, entry: dict[str, Any], keep_s: float) -> None:
         try:
             self.store.set(key, entry, keep_s)
-        except Exception:  # noqa: BLE001
+        except Exception:
             self._on_error("set")
 
 

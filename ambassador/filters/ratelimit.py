@@ -100,6 +100,6 @@ class RateLimit:
         if self.shared is not None:
             try:
                 return self.shared.take(key, limit)
-            except Exception:  # noqa: BLE001 - Redis down: limit locally
+            except Exception:
                 self._on_error()
         return self.local.take(key, limit)
