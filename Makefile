@@ -13,7 +13,7 @@ $(BIN)/flowgate: pyproject.toml
 	@touch $@
 
 run: $(BIN)/flowgate
-	$(BIN)/flowgate demo
+	$(BIN)/flowgate up
 
 test: $(BIN)/flowgate
 	$(BIN)/ruff check .

@@ -1,17 +1,19 @@
 """The ``flowgate`` command.
 
-    flowgate demo [--flow FILE] [--input TEXT]    run an example flow, streaming its events
-    flowgate flows validate FILE...               validate flow files offline
+    flowgate up                                   llm-sim + engine + ambassador + demo flows
+    flowgate engine [--port 8000]                 the flow engine under gunicorn
+    flowgate ambassador [--port 8080]             the ambassador sidecar under gunicorn
     flowgate llm-sim [--port 9100 ...]            the OpenAI-compatible LLM simulator
+    flowgate flows push|list|versions|publish|rollback|run|validate   (see flows_cli.py)
+    flowgate demo [--flow FILE] [--input TEXT]    run a flow in-process, streaming its events
 
 Exit codes: 0 success, 1 the flow is invalid or the run failed, 2 bad usage or unreadable
-input, 130 interrupted.
+input, 3 the engine is unreachable, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -21,7 +23,8 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+
+from flowgate import flows_cli, stack
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEMO_FLOW = EXAMPLES / "faq-rag.json"
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.handler.__module__ == flows_cli.__name__:
+            return flows_cli.dispatch(args)
         return args.handler(args)
     except KeyboardInterrupt:
         return 130
@@ -77,11 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="allow a non-loopback address with inbound auth disabled")
     amb.set_defaults(handler=_ambassador)
 
-    flows = sub.add_parser("flows", help="work with flow definitions")
-    flows_sub = flows.add_subparsers(title="flows commands", metavar="COMMAND")
-    validate = flows_sub.add_parser("validate", help="validate flow files offline")
-    validate.add_argument("files", nargs="+", type=Path)
-    validate.set_defaults(handler=_validate)
+    flows = sub.add_parser("flows", help="work with flows on the engine (push, run, ...)")
+    flows_cli.add_commands(flows)
+
+    up = sub.add_parser("up", help="run llm-sim, the engine and the ambassador with the demo flows")
+    stack.add_arguments(up)
+    up.set_defaults(handler=stack.up)
     return parser
 
 
@@ -176,36 +182,7 @@ def _engine_app():
     return create_app(migrate=False)
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SystemExit(f"flowgate: cannot read {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        print(f"flowgate: {path} is not valid JSON: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _validate(args: argparse.Namespace) -> int:
-    from flow_engine.components import default_registry
-    from flow_engine.config import Settings
-    from flow_engine.errors import FlowInvalid
-    from flow_engine.flows.validate import validate_flow
-
-    limits = Settings.load().limits
-    status = 0
-    for path in args.files:
-        data = _load_json(path)
-        try:
-            flow = validate_flow(data, default_registry(), limits, flow_id=path.stem)
-        except FlowInvalid as exc:
-            status = 1
-            print(f"{path}: invalid ({len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''})")
-            for problem in exc.problems:
-                print(f"  {problem.path}: {problem.message}")
-            continue
-        print(f"{path}: valid — flow '{flow.id}', {len(flow.nodes)} nodes, {len(flow.edges)} edges")
-    return status
+_load_json = flows_cli.load_json
 
 
 def _demo(args: argparse.Namespace) -> int:

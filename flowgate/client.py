@@ -1,0 +1,102 @@
+"""A small client of the engine's HTTP API, for the ``flowgate flows`` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import requests
+
+DEFAULT_ENGINE_URL = "http://127.0.0.1:8000"
+KEY_FILE = Path(".flowgate") / "engine.key"  # written by `flowgate up`
+
+
+class ApiError(Exception):
+    """The engine answered with an error (``status``, ``code``, ``problems``)."""
+
+    def __init__(self, status: int, code: str, message: str, problems: list | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.problems = status, code, message, problems or []
+
+
+class Unreachable(Exception):
+    pass
+
+
+def resolve_key(explicit: str | None) -> str | None:
+    """--api-key, else FLOWGATE_API_KEY, else the first FLOW_ENGINE_API_KEYS entry, else the
+    key `flowgate up` left in ./.flowgate/engine.key."""
+    if explicit:
+        return explicit
+    for name in ("FLOWGATE_API_KEY", "FLOW_ENGINE_API_KEYS"):
+        value = os.environ.get(name, "").split(",")[0].strip()
+        if value:
+            return value
+    if KEY_FILE.is_file():
+        return KEY_FILE.read_text(encoding="utf-8").strip() or None
+    return None
+
+
+class EngineClient:
+    def __init__(self, url: str | None = None, key: str | None = None, timeout: float = 120.0):
+        self.url = (url or os.environ.get("FLOWGATE_ENGINE_URL") or DEFAULT_ENGINE_URL).rstrip("/")
+        self.session = requests.Session()
+        self.timeout = timeout
+        if key:
+            self.session.headers["Authorization"] = f"Bearer {key}"
+
+    def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+        try:
+            resp = self.session.request(method, f"{self.url}/api/v1{path}", json=body,
+                                        timeout=self.timeout, **kwargs)
+        except requests.ConnectionError as exc:
+            raise Unreachable(f"cannot reach the engine at {self.url} ({type(exc).__name__}); "
+                              "is it running? (flowgate up, or --engine-url)") from None
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(resp.status_code, "http_error", resp.text[:300]) from None
+            raise ApiError(resp.status_code, err.get("code", "error"), err.get("message", ""),
+                           err.get("problems"))
+        return resp.json() if resp.content else None
+
+    def push(self, definition: dict[str, Any], publish: bool) -> tuple[str, int, bool]:
+        """Create the flow, or add a version when it exists. Returns (id, version, created)."""
+        flow_id = definition.get("id")
+        if flow_id:
+            try:
+                self.call("GET", f"/flows/{flow_id}")
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+            else:
+                version = self.call("PUT", f"/flows/{flow_id}", definition)["version"]
+                if publish:
+                    self.call("POST", f"/flows/{flow_id}/publish", {"version": version})
+                return flow_id, version, False
+        flow = self.call("POST", "/flows", definition)
+        return flow["id"], 1, True
+
+    def stream_run(self, flow_id: str, body: dict[str, Any]) -> Iterator[tuple[str, dict]]:
+        try:
+            resp = self.session.post(f"{self.url}/api/v1/run/{flow_id}?stream=true", json=body,
+                                     stream=True, timeout=self.timeout)
+        except requests.ConnectionError as exc:
+            raise Unreachable(f"cannot reach the engine at {self.url} ({type(exc).__name__})") from None
+        if resp.status_code >= 400:
+            err = resp.json().get("error", {})
+            raise ApiError(resp.status_code, err.get("code", "error"), err.get("message", ""),
+                           err.get("problems"))
+        event, data = None, []
+        for line in resp.iter_lines(decode_unicode=True):
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif line == "" and event:
+                yield event, json.loads("\n".join(data))
+                event, data = None, []

@@ -1,0 +1,168 @@
+"""``flowgate flows``: the engine API from a shell.
+
+    flowgate flows push FILE... [--publish]   create, or add a version (published with --publish)
+    flowgate flows list
+    flowgate flows versions ID
+    flowgate flows publish ID VERSION
+    flowgate flows rollback ID
+    flowgate flows run ID --input TEXT [--session S] [--stream]
+    flowgate flows validate FILE...          offline, the same messages as the API
+
+Engine URL: --engine-url or FLOWGATE_ENGINE_URL (default http://127.0.0.1:8000). Key:
+--api-key, FLOWGATE_API_KEY, FLOW_ENGINE_API_KEYS, or the one `flowgate up` wrote.
+Exit codes: 0 ok; 1 the engine refused (invalid flow, unknown id, run failed); 2 usage or
+unreadable file; 3 the engine is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_commands(flows: argparse.ArgumentParser) -> None:
+    flows.add_argument("--engine-url", default=None, help="default: FLOWGATE_ENGINE_URL or :8000")
+    flows.add_argument("--api-key", default=None, help="default: FLOWGATE_API_KEY, ...")
+    sub = flows.add_subparsers(title="flows commands", metavar="COMMAND")
+    push = sub.add_parser("push", help="create a flow, or add a version to it")
+    push.add_argument("files", nargs="+", type=Path)
+    push.add_argument("--publish", action="store_true", help="make the new version live")
+    push.set_defaults(handler=_push)
+    sub.add_parser("list", help="list flows").set_defaults(handler=_list)
+    versions = sub.add_parser("versions", help="list a flow's versions")
+    versions.add_argument("flow")
+    versions.set_defaults(handler=_versions)
+    publish = sub.add_parser("publish", help="make a version live")
+    publish.add_argument("flow")
+    publish.add_argument("version", type=int)
+    publish.set_defaults(handler=_publish)
+    rollback = sub.add_parser("rollback", help="go back to the previously live version")
+    rollback.add_argument("flow")
+    rollback.set_defaults(handler=_rollback)
+    run = sub.add_parser("run", help="run a flow")
+    run.add_argument("flow")
+    run.add_argument("--input", required=True)
+    run.add_argument("--session", default=None)
+    run.add_argument("--version", type=int, default=None)
+    run.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    run.set_defaults(handler=_run)
+    validate = sub.add_parser("validate", help="validate flow files offline")
+    validate.add_argument("files", nargs="+", type=Path)
+    validate.set_defaults(handler=_validate, offline=True)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from flowgate.client import ApiError, Unreachable  # lazily: `flowgate engine` must not load requests
+
+    try:
+        return args.handler(args)
+    except Unreachable as exc:
+        print(f"flowgate: {exc}", file=sys.stderr)
+        return 3
+    except ApiError as exc:
+        print(f"flowgate: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem.get('path')}: {problem.get('message')}", file=sys.stderr)
+        return 1
+
+
+def _client(args: argparse.Namespace):
+    from flowgate.client import EngineClient, resolve_key
+
+    return EngineClient(args.engine_url, resolve_key(args.api_key))
+
+
+def load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        print(f"flowgate: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        print(f"flowgate: {path} is not valid JSON: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _push(args) -> int:
+    client = _client(args)
+    for path in args.files:
+        flow_id, version, created = client.push(load_json(path), args.publish)
+        what = "created" if created else ("published" if args.publish else "added (not live)")
+        print(f"{path}: flow '{flow_id}' version {version} {what}")
+    return 0
+
+
+def _list(args) -> int:
+    flows = _client(args).call("GET", "/flows")["flows"]
+    if not flows:
+        print("no flows")
+    for f in flows:
+        print(f"{f['id']:<28} live v{f['live_version']}  latest v{f['latest_version']}  {f['name']}")
+    return 0
+
+
+def _versions(args) -> int:
+    body = _client(args).call("GET", f"/flows/{args.flow}/versions")
+    for v in body["versions"]:
+        print(f"v{v['version']:<4} {'live' if v['live'] else '    '}  {v['created_at']}")
+    return 0
+
+
+def _publish(args) -> int:
+    flow = _client(args).call("POST", f"/flows/{args.flow}/publish", {"version": args.version})
+    print(f"flow '{flow['id']}' now serves version {flow['live_version']}")
+    return 0
+
+
+def _rollback(args) -> int:
+    flow = _client(args).call("POST", f"/flows/{args.flow}/rollback")
+    print(f"flow '{flow['id']}' rolled back to version {flow['live_version']}")
+    return 0
+
+
+def _run(args) -> int:
+    body = {"input_value": args.input, "session_id": args.session, "version": args.version}
+    body = {k: v for k, v in body.items() if v is not None}
+    client = _client(args)
+    if not args.stream:
+        result = client.call("POST", f"/run/{args.flow}", body)
+        print(result["output"])
+        return 0
+    status, printed = 1, False
+    for kind, data in client.stream_run(args.flow, body):
+        if kind == "token":
+            print(data["text"], end="", flush=True)
+            printed = True
+        elif kind == "run_finished":
+            print() if printed else print(data["output"])
+            status = 0
+        elif kind == "error":
+            print(f"\nflowgate: run failed: {data.get('code')}: {data.get('message')}",
+                  file=sys.stderr)
+    return status
+
+
+def _validate(args) -> int:
+    from flow_engine.components import default_registry
+    from flow_engine.config import Settings
+    from flow_engine.errors import FlowInvalid
+    from flow_engine.flows.validate import validate_flow
+
+    limits = Settings.load().limits
+    status = 0
+    for path in args.files:
+        data = load_json(path)
+        try:
+            flow = validate_flow(data, default_registry(), limits, flow_id=path.stem)
+        except FlowInvalid as exc:
+            status = 1
+            n = len(exc.problems)
+            print(f"{path}: invalid ({n} problem{'s' if n != 1 else ''})")
+            for problem in exc.problems:
+                print(f"  {problem.path}: {problem.message}")
+            continue
+        print(f"{path}: valid — flow '{flow.id}', {len(flow.nodes)} nodes, {len(flow.edges)} edges")
+    return status
