@@ -22,6 +22,7 @@ from ambassador.chain import Handler, Request, Response, build_chain, error_resp
 from ambassador.filters.auth import Auth
 from ambassador.filters.breaker import Breaker, CircuitBreaker
 from ambassador.filters.cache import Cache, MemoryCacheStore, RedisCacheStore
+from ambassador.filters.fallback import Fallback
 from ambassador.filters.ratelimit import LocalBuckets, RateLimit, RedisBuckets
 from ambassador.filters.retry import Retry, RetryBudget
 from ambassador.filters.timeout import Timeout
@@ -79,6 +80,7 @@ class Ambassador:
                                    RedisBuckets(redis_client) if redis_client else None,
                                    on_limited=lambda scope: m.ratelimited.labels(scope).inc(),
                                    on_error=m.ratelimit_errors.inc),
+            "fallback": Fallback(settings, on_fallback=lambda flow: m.fallbacks.labels(flow).inc()),
             "cache": Cache(settings, RedisCacheStore(redis_client) if redis_client
                            else MemoryCacheStore(settings.cache.max_entries),
                            on_result=lambda r: m.cache.labels(r).inc(),

@@ -6,7 +6,7 @@ may answer by itself (cache hit, 401, open breaker) instead of calling ``next``.
 never import each other; what they share travels on the request (``request.ctx``) and the
 response (``response.meta``).
 
-    trace → auth → ratelimit → cache → breaker → retry → timeout → upstream (terminal)
+    trace → auth → ratelimit → fallback → cache → breaker → retry → timeout → upstream
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger(__name__)
-FILTERS = ("trace", "auth", "ratelimit", "cache", "breaker", "retry", "timeout")
-DEFAULT_FILTERS = ["trace", "auth", "ratelimit", "cache", "breaker", "retry", "timeout"]
+FILTERS = ("trace", "auth", "ratelimit", "fallback", "cache", "breaker", "retry", "timeout")
+DEFAULT_FILTERS = list(FILTERS)
 
 
 class ConfigError(ValueError):

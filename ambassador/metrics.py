@@ -71,6 +71,9 @@ class AmbassadorMetrics:
             "flowgate_ambassador_upstream_up",
             "1 when the last upstream attempt reached the engine, else 0.",
             multiprocess_mode="livemax", **kw)
+        self.fallbacks = Counter(
+            "flowgate_ambassador_fallbacks_total",
+            "Run requests answered with the flow's configured fallback, by flow.", ["flow"], **kw)
         self.config_reload_errors = Counter(
             "flowgate_ambassador_config_reload_errors_total",
             "Config reloads rejected (the last good config stays).", **kw)
