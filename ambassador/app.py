@@ -15,9 +15,11 @@ from typing import Any
 
 from flask import Flask, g, jsonify, request, stream_with_context
 from flask import Response as FlaskResponse
+from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
 from ambassador import config as config_module
+from ambassador import ws as ws_bridge
 from ambassador.chain import Handler, Request, Response, build_chain, error_response
 from ambassador.filters.auth import Auth
 from ambassador.filters.breaker import Breaker, CircuitBreaker
@@ -95,6 +97,9 @@ class Ambassador:
         }
         self.chain: Handler = build_chain([available[name] for name in settings.filters],
                                           self.upstream)
+        # the WebSocket handshake passes the caller-facing filters only
+        self.handshake_filters = [available[name] for name in settings.filters
+                                  if name in ("trace", "auth", "ratelimit")]
         self.settings = settings
 
     def handle(self, req: Request) -> Response:
@@ -223,6 +228,37 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         headers = {**response.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return FlaskResponse(stream_with_context(relay()), status=response.status,
                              headers=headers, direct_passthrough=True)
+
+    sock = Sock(app)
+
+    @app.before_request
+    def _admit_websocket():
+        """Check the caller before the upgrade: a refusal is an ordinary HTTP error."""
+        if request.path != "/ws/run-flow":
+            return None
+        req = Request("GET", "/api/v1/ws/runs", _forwarded(), "/ws/run-flow")
+        req.ctx["trace"] = g.trace
+        answer = ws_bridge.admit(amb.handshake_filters, req)
+        if answer.status != 200:
+            return FlaskResponse(answer.body, status=answer.status, headers=answer.headers)
+        g.identity = req.ctx.get("identity")
+        return None
+
+    @sock.route("/ws/run-flow")
+    def ws_run_flow(ws):
+        identity = g.get("identity")
+        upstream = amb.settings.upstream
+        url = "ws" + upstream.url[len("http"):] + "/api/v1/ws/runs"
+        headers = {"traceparent": g.trace.child().traceparent, "x-request-id": g.trace.request_id}
+        key = amb.settings.upstream_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        if identity is not None:
+            headers["x-flowgate-identity"] = identity.name
+        m.requests.labels("/ws/run-flow", "", "101", "none").inc()
+        ws_bridge.bridge(ws, url, headers,
+                         may_run=lambda flow: identity is None or identity.may_run(flow),
+                         trace_id=g.trace.trace_id)
 
     @app.get("/healthz")
     def healthz():
