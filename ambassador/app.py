@@ -48,10 +48,10 @@ class Ambassador:
     """The per-process state: settings in force, the chain built from them, the metrics."""
 
     def __init__(self, settings: config_module.Settings, metrics: AmbassadorMetrics,
-                 path: str | None) -> None:
+                 path: str | None, overrides: Mapping[str, Any] | None = None) -> None:
         self.metrics = metrics
         self.holder = config_module.ConfigHolder(
-            settings, path, on_change=self.rebuild,
+            settings, path, overrides=overrides, on_change=self.rebuild,
             on_reload_error=lambda _msg: metrics.config_reload_errors.inc())
         self.rebuild(settings)
 
@@ -124,7 +124,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, path: str | None = No
     path = path if path is not None else os.environ.get("AMBASSADOR_CONFIG")
     settings = config_module.load(path, overrides=config)
     jsonlog.configure(settings.log_level)
-    amb = Ambassador(settings, metrics or AmbassadorMetrics(), path)
+    amb = Ambassador(settings, metrics or AmbassadorMetrics(), path, config)
     app = Flask("ambassador")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["ambassador"] = amb

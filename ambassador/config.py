@@ -228,8 +228,15 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
 
 def _set(data: dict[str, Any], where: tuple[str, ...], value: Any) -> None:
     node = data
-    for part in where[:-1]:
-        node = node.setdefault(part, {})
+    for depth, part in enumerate(where[:-1]):
+        child = node.get(part)
+        if child is None:  # missing, or an empty YAML section
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            key = ".".join(where[: depth + 1])
+            raise ConfigError(f"invalid ambassador config:\n  {key}: must be a mapping, "
+                              f"got {type(child).__name__} (cannot set {'.'.join(where)})")
+        node = child
     node[where[-1]] = value
 
 
@@ -251,11 +258,13 @@ class ConfigHolder:
     stays. ``on_change`` rebuilds whatever depends on the config (the filter chain)."""
 
     def __init__(self, settings: Settings, path: str | None, *, check_every_s: float = 2.0,
+                 overrides: Mapping[str, Any] | None = None,
                  on_change: Callable[[Settings], None] | None = None,
                  on_reload_error: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.path = path
+        self.overrides = dict(overrides or {})
         self._every = check_every_s
         self._clock = clock
         self._next_check = clock() + check_every_s
@@ -282,7 +291,7 @@ class ConfigHolder:
                 return False
             self._mtime = mtime
             try:
-                fresh = load(self.path)
+                fresh = load(self.path, overrides=self.overrides)
             except ConfigError as exc:
                 self.last_error = str(exc)
                 log.error("config reload failed; keeping the last good config", extra={"error": str(exc)})

@@ -68,6 +68,9 @@ class Upstream:
         except ProtocolError as exc:
             return self._failed(request, started, "reset", 502, "bad_upstream",
                                 f"the connection to the flow engine broke ({_cause(exc)})")
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # TLS, proxy, ... errors
+            return self._failed(request, started, "protocol", 502, "bad_upstream",
+                                f"talking to the flow engine failed ({type(exc).__name__})")
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() in PASS_HEADERS}
         if request.stream and resp.status == 200:
             self._ok(started, "ok")

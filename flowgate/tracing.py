@@ -40,7 +40,7 @@ def parse_traceparent(header: str | None) -> tuple[str, str, str] | None:
     """``(trace_id, parent_id, flags)`` of a valid header, else None."""
     if not header:
         return None
-    match = _TRACEPARENT.match(header.strip().lower())
+    match = _TRACEPARENT.match(header.strip())  # upper-case hex is invalid (W3C): not lowered
     if match is None:
         return None
     version, trace_id, parent_id, flags, rest = match.groups()
@@ -56,7 +56,7 @@ def from_headers(traceparent: str | None, request_id: str | None) -> TraceContex
     parsed = parse_traceparent(traceparent)
     if parsed:
         trace_id, parent_id, _flags = parsed
-        header = traceparent.strip().lower()
+        header = traceparent.strip()
         span = parent_id
     else:
         trace_id, span = secrets.token_hex(16), secrets.token_hex(8)

@@ -26,6 +26,10 @@ from ambassador.chain import Handler, Request, Response, error_response
 from ambassador.config import InboundAuth
 
 
+def _is_time(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Identity:
     name: str
@@ -116,19 +120,30 @@ class Auth:
                 if not matches:
                     return self._refuse(request, "invalid_token", "unknown key id in the token")
                 key = matches[0].key
+            # exp and nbf are checked below against the injected clock
             claims = jwt.decode(
                 token, key, algorithms=[cfg.algorithm], audience=cfg.audience, issuer=cfg.issuer,
-                leeway=cfg.leeway_s, options={"require": ["exp"], "verify_aud": cfg.audience is not None})
-        except jwt.ExpiredSignatureError:
-            return self._refuse(request, "expired", "the token has expired")
-        except jwt.ImmatureSignatureError:
-            return self._refuse(request, "not_yet_valid", "the token is not valid yet (nbf)")
+                options={"require": ["exp"], "verify_aud": cfg.audience is not None,
+                         "verify_exp": False, "verify_nbf": False})
         except jwt.InvalidTokenError as exc:
             return self._refuse(request, "invalid_token", f"invalid token: {exc}")
+        now = self._clock()
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if not _is_time(exp) or (nbf is not None and not _is_time(nbf)):
+            return self._refuse(request, "invalid_token", "exp and nbf must be numeric dates")
+        if now > exp + cfg.leeway_s:
+            return self._refuse(request, "expired", "the token has expired")
+        if nbf is not None and now < nbf - cfg.leeway_s:
+            return self._refuse(request, "not_yet_valid", "the token is not valid yet (nbf)")
         name = claims.get(cfg.identity_claim)
         if not isinstance(name, str) or not name:
             return self._refuse(request, "invalid_token", f"the token has no '{cfg.identity_claim}' claim")
         flows = claims.get(cfg.flows_claim)
+        if flows is not None and not (isinstance(flows, list)
+                                      and all(isinstance(f, str) for f in flows)):
+            # fail closed: a malformed allowlist must never mean "every flow"
+            return self._refuse(request, "invalid_token",
+                                f"the '{cfg.flows_claim}' claim must be a list of flow ids")
         tenant = claims.get(cfg.tenant_claim)
         return Identity(name, tenant if isinstance(tenant, str) else None,
-                        frozenset(flows) if isinstance(flows, list) else None)
+                        frozenset(flows) if flows is not None else None)

@@ -112,6 +112,10 @@ class Breaker:
                 request, headers={"Retry-After": str(self.breaker.retry_after())})
             response.meta["breaker_open"] = True
             return response
-        response = next(request)
+        try:
+            response = next(request)
+        except BaseException:
+            self.breaker.record(True)  # releases a half-open trial slot too
+            raise
         self.breaker.record(is_failure(response))
         return response

@@ -4,7 +4,7 @@ Key: SHA-256 of (flow id, pinned version, input, tweaks, the caller's tenant, an
 session id when ``session_in_key``). Stored: successful, non-streamed run answers only —
 never errors, never streams. ``Cache-Control: no-cache`` skips the lookup (the fresh answer
 is still stored); ``no-store`` skips storing. When the engine fails (unreachable, open
-breaker, 5xx) an entry up to ``stale_if_error_s`` past its TTL is served instead
+breaker, 500/502/503/504 — a 502 is a failed LLM, exactly when an older answer helps) an entry up to ``stale_if_error_s`` past its TTL is served instead
 (``X-Cache: STALE``). ``X-Cache`` is HIT, MISS, BYPASS or STALE on every run answer.
 
 Storage is Redis when ``REDIS_URL`` is set, else an in-process LRU. A cache failure never
@@ -146,7 +146,7 @@ class Cache:
 
 def _upstream_failed(response: Response) -> bool:
     return ("upstream_error" in response.meta or response.meta.get("breaker_open")
-            or response.status in (500, 503, 504))
+            or response.status in (500, 502, 503, 504))
 
 
 def _from_entry(entry: dict[str, Any]) -> Response:

@@ -1,0 +1,314 @@
+"""Cache filter: opted-in /run-flow answers only; MISS → HIT; what the key holds; no-cache /
+no-store; errors and streams never stored; stale-if-error; Redis and memory stores; a failing
+store never fails a request."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from ambassador.chain import Response, error_response
+from ambassador.filters.auth import Identity
+from ambassador.filters.cache import Cache, MemoryCacheStore, RedisCacheStore, cache_key
+
+FLOWS = {
+    "flows.faq.cache": {"ttl_s": 60, "stale_if_error_s": 300},
+    "flows.sess.cache": {"ttl_s": 60, "session_in_key": True},
+    "flows.nostale.cache": {"ttl_s": 60},
+}
+
+
+def answer(output: str = "first") -> Response:
+    return Response(200, {"Content-Type": "application/json", "X-Run-ID": "r1"},
+                    json.dumps({"output": output}).encode())
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.results: list[str] = []
+        self.errors: list[str] = []
+
+
+@pytest.fixture
+def make_cache(settings_with, clock):
+    def build(store=None, **dotted: Any) -> tuple[Cache, Hooks, Any]:
+        settings = settings_with({**FLOWS, **dotted})
+        store = store if store is not None else MemoryCacheStore(settings.cache.max_entries, clock=clock)
+        hooks = Hooks()
+        return Cache(settings, store, on_result=hooks.results.append, on_error=hooks.errors.append,
+                     clock=clock), hooks, store
+
+    return build
+
+
+def body(**over: Any) -> dict[str, Any]:
+    return {"input_value": "what is flowgate?", "tweaks": {"llm": {"temperature": 0}},
+            "session_id": "s1", **over}
+
+
+def ask(cache, request_for, down, flow="faq", headers=None, tenant="shop", **kw):
+    ctx = {"identity": Identity("orders-app", tenant)} if tenant is not False else {}
+    return cache(request_for(flow, body=kw.pop("req_body", body()), headers=headers, ctx=ctx, **kw),
+                 down)
+
+
+def test_miss_then_hit(make_cache, request_for, downstream) -> None:
+    cache, hooks, _ = make_cache()
+    down = downstream(answer("first"), answer("second"))
+    first = ask(cache, request_for, down)
+    second = ask(cache, request_for, down)
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert down.count == 1
+    assert second.status == 200 and second.json() == {"output": "first"}
+    assert second.headers["Content-Type"] == "application/json"
+    assert (first.meta["cache"], second.meta["cache"]) == ("miss", "hit")
+    assert hooks.results == ["miss", "hit"]
+
+
+def test_expires_after_ttl(make_cache, request_for, downstream, clock) -> None:
+    cache, _, _ = make_cache()
+    down = downstream(answer("first"), answer("second"))
+    ask(cache, request_for, down)
+    clock.advance(60)
+    assert ask(cache, request_for, down).headers["X-Cache"] == "HIT"
+    clock.advance(0.5)
+    response = ask(cache, request_for, down)
+    assert response.headers["X-Cache"] == "MISS" and response.json() == {"output": "second"}
+
+
+@pytest.mark.parametrize(("flow", "route", "stream", "x_cache"), [
+    pytest.param("other", "/run-flow", False, "BYPASS", id="flow-not-opted-in"),
+    pytest.param("faq", "/run-flow", True, "BYPASS", id="stream-request"),
+    pytest.param("faq", "/runs/<id>/events", False, None, id="not-run-flow-route"),
+])
+def test_only_opted_in_run_flow_answers_are_cached(make_cache, request_for, downstream, flow, route,
+                                                   stream, x_cache) -> None:
+    cache, _, store = make_cache()
+    down = downstream(answer())
+    for _ in range(2):
+        response = cache(request_for(flow, route=route, stream=stream, body=body()), down)
+        assert response.headers.get("X-Cache") == x_cache
+    assert down.count == 2
+    assert len(store._data) == 0
+
+
+@pytest.mark.parametrize(("variant", "flow", "tenant", "x_cache"), [
+    pytest.param(body(), "faq", "shop", "HIT", id="same-request"),
+    pytest.param(body(input_value="something else"), "faq", "shop", "MISS", id="input-differs"),
+    pytest.param(body(version=2), "faq", "shop", "MISS", id="version-differs"),
+    pytest.param(body(tweaks={"llm": {"temperature": 1}}), "faq", "shop", "MISS", id="tweaks-differ"),
+    pytest.param(body(tweaks=None), "faq", "shop", "MISS", id="tweaks-missing"),
+    pytest.param(body(), "faq", "other-shop", "MISS", id="tenant-differs"),
+    pytest.param(body(), "faq", None, "MISS", id="no-tenant"),
+    pytest.param(body(), "nostale", "shop", "MISS", id="flow-differs"),
+    pytest.param(body(session_id="s2"), "faq", "shop", "HIT", id="session-not-in-key-by-default"),
+])
+def test_what_the_key_holds(make_cache, request_for, downstream, variant, flow, tenant, x_cache) -> None:
+    cache, _, _ = make_cache()
+    down = downstream(answer())
+    assert ask(cache, request_for, down).headers["X-Cache"] == "MISS"
+    response = ask(cache, request_for, down, flow=flow, tenant=tenant, req_body=variant)
+    assert response.headers["X-Cache"] == x_cache
+
+
+@pytest.mark.parametrize(("second", "x_cache"), [
+    pytest.param(body(session_id="s1"), "HIT", id="same-session"),
+    pytest.param(body(session_id="s2"), "MISS", id="other-session"),
+])
+def test_session_in_key(make_cache, request_for, downstream, second, x_cache) -> None:
+    cache, _, _ = make_cache()
+    down = downstream(answer())
+    assert ask(cache, request_for, down, flow="sess").headers["X-Cache"] == "MISS"
+    assert ask(cache, request_for, down, flow="sess", req_body=second).headers["X-Cache"] == x_cache
+
+
+def test_key_ignores_tweak_order_and_identity_name(request_for) -> None:
+    a = request_for(body=body(tweaks={"a": 1, "b": 2}), ctx={"identity": Identity("x", "t")})
+    b = request_for(body=body(tweaks={"b": 2, "a": 1}), ctx={"identity": Identity("y", "t")})
+    assert cache_key(a, False) == cache_key(b, False)
+    assert len(cache_key(a, False)) == 64  # SHA-256 hex
+
+
+def test_no_cache_bypasses_the_lookup_but_stores_the_fresh_answer(make_cache, request_for,
+                                                                  downstream) -> None:
+    cache, hooks, _ = make_cache()
+    down = downstream(answer("first"), answer("fresh"), answer("third"))
+    ask(cache, request_for, down)
+    bypass = ask(cache, request_for, down, headers={"Cache-Control": "no-cache"})
+    assert bypass.headers["X-Cache"] == "BYPASS" and bypass.json() == {"output": "fresh"}
+    hit = ask(cache, request_for, down)
+    assert hit.headers["X-Cache"] == "HIT" and hit.json() == {"output": "fresh"}
+    assert down.count == 2
+    assert hooks.results == ["miss", "bypass", "hit"]
+
+
+@pytest.mark.parametrize("cache_control", ["no-store", "private, no-store", "NO-STORE"])
+def test_no_store_is_not_stored(make_cache, request_for, downstream, cache_control) -> None:
+    cache, _, _ = make_cache()
+    down = downstream(answer())
+    assert ask(cache, request_for, down, headers={"Cache-Control": cache_control}) \
+        .headers["X-Cache"] == "MISS"
+    assert ask(cache, request_for, down).headers["X-Cache"] == "MISS"
+    assert down.count == 2
+
+
+@pytest.mark.parametrize("failure", [
+    pytest.param(error_response(400, "bad_request", "x"), id="400"),
+    pytest.param(error_response(404, "not_found", "x"), id="404"),
+    pytest.param(error_response(422, "invalid", "x"), id="422"),
+    pytest.param(error_response(429, "rate_limited", "x"), id="429"),
+    pytest.param(error_response(500, "internal", "x"), id="500"),
+    pytest.param(error_response(502, "bad_upstream", "x"), id="502"),
+    pytest.param(error_response(503, "unavailable", "x"), id="503"),
+    pytest.param(Response(201, {}, b"{}"), id="201"),
+    pytest.param(Response(200, {}, chunks=iter([b"data: 1\n\n"])), id="streamed-200"),
+])
+def test_errors_and_streams_are_never_stored(make_cache, request_for, downstream, failure) -> None:
+    cache, _, _store = make_cache()
+    down = downstream(failure, answer())
+    first = ask(cache, request_for, down)
+    assert first.status == failure.status and first.headers["X-Cache"] == "MISS"
+    second = ask(cache, request_for, down)
+    assert second.headers["X-Cache"] == "MISS" and second.status == 200
+    assert down.count == 2
+
+
+def test_bodies_over_max_body_bytes_are_not_stored(make_cache, request_for, downstream) -> None:
+    cache, _, _ = make_cache(**{"cache.max_body_bytes": 10})
+    down = downstream(answer("a long output"))
+    ask(cache, request_for, down)
+    assert ask(cache, request_for, down).headers["X-Cache"] == "MISS"
+
+
+def upstream_failure(status: int, **meta: Any) -> Response:
+    response = error_response(status, "x", "engine failed", headers={"Retry-After": "1"})
+    response.meta.update(meta)
+    return response
+
+
+@pytest.mark.parametrize("failure", [
+    pytest.param(upstream_failure(503, upstream_error="connect_error"), id="unreachable"),
+    pytest.param(upstream_failure(504, upstream_error="timeout"), id="timeout"),
+    pytest.param(upstream_failure(502, upstream_error="reset"), id="connection-reset"),
+    pytest.param(upstream_failure(503, breaker_open=True), id="breaker-open"),
+    pytest.param(upstream_failure(503), id="engine-503"),
+    pytest.param(upstream_failure(500), id="engine-500"),
+])
+def test_stale_served_on_upstream_failure_within_the_window(make_cache, request_for, downstream,
+                                                            clock, failure) -> None:
+    cache, hooks, _ = make_cache()
+    down = downstream(answer("cached"), failure)
+    ask(cache, request_for, down)
+    clock.advance(60 + 299.5)  # past the TTL, inside the stale window
+    response = ask(cache, request_for, down)
+    assert response.status == 200 and response.json() == {"output": "cached"}
+    assert response.headers["X-Cache"] == "STALE"
+    assert response.headers["Warning"].startswith("110")
+    assert hooks.results == ["miss", "stale"]
+    assert down.count == 2  # the engine was tried first
+
+
+def test_stale_served_on_an_engine_502(make_cache, request_for, downstream, clock) -> None:
+    cache, _, _ = make_cache()
+    down = downstream(answer("cached"), upstream_failure(502))
+    ask(cache, request_for, down)
+    clock.advance(61)
+    response = ask(cache, request_for, down)
+    assert response.headers["X-Cache"] == "STALE" and response.status == 200
+
+
+def test_stale_served_on_failure_even_with_no_cache(make_cache, request_for, downstream, clock) -> None:
+    cache, _, _ = make_cache()
+    down = downstream(answer("cached"), upstream_failure(503, upstream_error="connect_error"))
+    ask(cache, request_for, down)
+    response = ask(cache, request_for, down, headers={"Cache-Control": "no-cache"})
+    assert response.headers["X-Cache"] == "STALE" and response.status == 200
+
+
+@pytest.mark.parametrize(("flow", "advance", "failure"), [
+    pytest.param("faq", 60 + 300 + 1, upstream_failure(503, upstream_error="connect_error"),
+                 id="past-the-stale-window"),
+    pytest.param("nostale", 61, upstream_failure(503, upstream_error="connect_error"),
+                 id="no-stale-window-configured"),
+    pytest.param("faq", 61, upstream_failure(404), id="4xx-is-not-an-upstream-failure"),
+    pytest.param("faq", 61, upstream_failure(422), id="422-is-not-an-upstream-failure"),
+])
+def test_stale_not_served(make_cache, request_for, downstream, clock, flow, advance, failure) -> None:
+    cache, _, _ = make_cache()
+    down = downstream(answer("cached"), failure)
+    ask(cache, request_for, down, flow=flow)
+    clock.advance(advance)
+    response = ask(cache, request_for, down, flow=flow)
+    assert response.status == failure.status
+    assert response.headers["X-Cache"] == "MISS"
+    assert "Warning" not in response.headers
+
+
+# -- stores -------------------------------------------------------------------------------------
+
+class BrokenStore:
+    def get(self, key):
+        raise ConnectionError("cache store down")
+
+    def set(self, key, entry, keep_s):
+        raise ConnectionError("cache store down")
+
+
+def test_a_failing_store_never_fails_the_request(make_cache, request_for, downstream) -> None:
+    cache, hooks, _ = make_cache(store=BrokenStore())
+    down = downstream(answer("a"), answer("b"))
+    first = ask(cache, request_for, down)
+    second = ask(cache, request_for, down)
+    assert (first.status, second.status) == (200, 200)
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "MISS")
+    assert hooks.errors == ["get", "set", "get", "set"]
+
+
+def test_a_failing_store_during_an_outage_returns_the_error(make_cache, request_for, downstream) -> None:
+    cache, hooks, _ = make_cache(store=BrokenStore())
+    down = downstream(upstream_failure(503, upstream_error="connect_error"))
+    response = ask(cache, request_for, down)
+    assert response.status == 503
+    assert "get" in hooks.errors
+
+
+def test_redis_store_round_trip(redis_client, redis_prefix) -> None:
+    store = RedisCacheStore(redis_client, prefix=redis_prefix)
+    entry = {"stored_at": 1.5, "body": '{"output": "é"}', "content_type": "application/json"}
+    assert store.get("k") is None
+    store.set("k", entry, keep_s=30)
+    assert store.get("k") == entry
+    assert 0 < redis_client.pttl(redis_prefix + "k") <= 30_000
+
+
+def test_redis_store_shared_between_ambassadors(make_cache, request_for, downstream, redis_client,
+                                                redis_prefix) -> None:
+    a, _, _ = make_cache(store=RedisCacheStore(redis_client, prefix=redis_prefix))
+    b, _, _ = make_cache(store=RedisCacheStore(redis_client, prefix=redis_prefix))
+    down = downstream(answer("from-a"), answer("from-b"))
+    assert ask(a, request_for, down).headers["X-Cache"] == "MISS"
+    hit = ask(b, request_for, down)
+    assert hit.headers["X-Cache"] == "HIT" and hit.json() == {"output": "from-a"}
+    key = next(iter(redis_client.scan_iter(match=redis_prefix + "*")))
+    assert redis_client.pttl(key) > 300_000  # kept for TTL + stale window (360 s)
+
+
+def test_memory_store_evicts_the_least_recently_used(clock) -> None:
+    store = MemoryCacheStore(2, clock=clock)
+    store.set("a", {"v": "a"}, 100)
+    store.set("b", {"v": "b"}, 100)
+    assert store.get("a") == {"v": "a"}  # a is now the most recently used
+    store.set("c", {"v": "c"}, 100)
+    assert store.get("b") is None
+    assert store.get("a") == {"v": "a"} and store.get("c") == {"v": "c"}
+
+
+def test_memory_store_expires_entries(clock) -> None:
+    store = MemoryCacheStore(10, clock=clock)
+    store.set("a", {"v": 1}, 10)
+    clock.advance(9.9)
+    assert store.get("a") == {"v": 1}
+    clock.advance(0.1)
+    assert store.get("a") is None

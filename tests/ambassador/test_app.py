@@ -1,0 +1,485 @@
+"""The ambassador app (create_app) against a tiny in-test engine on 127.0.0.1 (http.server in
+a thread) or a dead port: /run-flow validation in the error contract, what goes upstream and
+what never does, response headers, probes, metrics, 404s and the access log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from ambassador.app import create_app
+from ambassador.metrics import AmbassadorMetrics
+from flowgate.jsonlog import JsonFormatter
+
+SERVICE_KEY = "svc-key-for-the-engine-123"
+APP_KEY = "orders-app-secret-456"
+OTHER_KEY = "x-api-key-secret-789"
+W3C = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+INCOMING = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+INCOMING_TRACE, INCOMING_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+API_KEYS = [{"key": APP_KEY, "identity": "orders-app", "tenant": "shop"},
+            {"key": OTHER_KEY, "identity": "other-app"}]
+ENGINE_ANSWER = {"run_id": "run-1", "flow_id": "faq", "version": 1, "output": "hello back"}
+
+
+class FakeEngine:
+    """Records each request and answers from a script (then with ENGINE_ANSWER)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.script: list[tuple[int, dict[str, str], bytes]] = []
+        self._lock = threading.Lock()
+        engine = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                with engine._lock:
+                    engine.requests.append({
+                        "method": self.command, "path": self.path,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "body": json.loads(raw) if raw else None})
+                    status, headers, body = (engine.script.pop(0) if engine.script else
+                                             (200, {"X-Run-ID": "run-1"},
+                                              json.dumps(ENGINE_ANSWER).encode()))
+                self.send_response(status)
+                self.send_header("Content-Type", headers.get("Content-Type", "application/json"))
+                for name, value in headers.items():
+                    if name == "Content-Type":
+                        continue
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    def answer(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self.script.append((status, headers or {}, json.dumps(body).encode()))
+
+
+@pytest.fixture
+def engine() -> Iterator[FakeEngine]:
+    e = FakeEngine()
+    e.thread.start()
+    yield e
+    e.server.shutdown()
+    e.server.server_close()
+    e.thread.join(timeout=5)
+
+
+@pytest.fixture
+def make_app(engine: FakeEngine, monkeypatch):
+    """``make_app(**dotted)`` → (test client, Ambassador); upstream is the fake engine."""
+    for name in ("AMBASSADOR_CONFIG", "AMBASSADOR_UPSTREAM_URL", "REDIS_URL", "AMBASSADOR_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AMBASSADOR_UPSTREAM_KEY", SERVICE_KEY)
+    built = []
+
+    def build(config: dict[str, Any] | None = None, *, path: str | None = None, **dotted: Any):
+        overrides = {"upstream.url": engine.url, "retry.backoff_base_s": 0.001,
+                     "retry.backoff_max_s": 0.001, **(config or {}), **dotted}
+        app = create_app(overrides, path=path, metrics=AmbassadorMetrics(CollectorRegistry()))
+        amb = app.extensions["ambassador"]
+        built.append(amb)
+        return app.test_client(), amb
+
+    yield build
+    for amb in built:
+        amb.upstream.close()
+
+
+def run_flow(client, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None):
+    return client.post("/run-flow", json=body or {"flow_id": "faq", "input": "hello"},
+                       headers=headers or {})
+
+
+def assert_error_contract(response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    error = response.get_json()["error"]
+    assert error["code"] == code and error["message"]
+    assert "Traceback" not in response.get_data(as_text=True)
+    match = W3C.match(response.headers["traceparent"])
+    assert match, response.headers
+    assert error["trace_id"] == response.headers["X-Trace-ID"] == match[1]
+    assert response.headers["X-Request-ID"]
+    return error
+
+
+# -- /run-flow validation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kwargs", "status", "code", "words"), [
+    pytest.param({"data": '{"flow_id": "faq"}', "content_type": "text/plain"}, 415,
+                 "unsupported_media_type", "application/json", id="text-plain"),
+    pytest.param({"data": '{"flow_id": "faq"}'}, 415, "unsupported_media_type", "Content-Type",
+                 id="no-content-type"),
+    pytest.param({"data": '{"flow_id": ', "content_type": "application/json"}, 400, "bad_request",
+                 "JSON", id="malformed-json"),
+    pytest.param({"data": b'\xff\xfe', "content_type": "application/json"}, 400, "bad_request",
+                 "JSON", id="not-utf8"),
+    pytest.param({"json": ["faq"]}, 400, "bad_request", "object", id="not-an-object"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "temperature": 1}}, 400, "bad_request",
+                 "temperature", id="unknown-field"),
+    pytest.param({"json": {"input": "x"}}, 400, "bad_request", "flow_id", id="missing-flow-id"),
+    pytest.param({"json": {"flow_id": 7, "input": "x"}}, 400, "bad_request", "flow_id",
+                 id="flow-id-not-a-string"),
+    pytest.param({"json": {"flow_id": "../admin", "input": "x"}}, 400, "bad_request", "flow_id",
+                 id="flow-id-with-a-path"),
+    pytest.param({"json": {"flow_id": "faq", "input": 42}}, 400, "bad_request", "input",
+                 id="input-not-a-string"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "tweaks": ["a"]}}, 400, "bad_request",
+                 "tweaks", id="tweaks-not-an-object"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "version": "2"}}, 400, "bad_request",
+                 "version", id="version-a-string"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "version": 0}}, 400, "bad_request",
+                 "version", id="version-zero"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "version": True}}, 400, "bad_request",
+                 "version", id="version-a-bool"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "stream": "yes"}}, 400, "bad_request",
+                 "stream", id="stream-a-string"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "session_id": ""}}, 400, "bad_request",
+                 "session_id", id="empty-session-id"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "session_id": "s" * 201}}, 400,
+                 "bad_request", "session_id", id="session-id-too-long"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x" * 2000}}, 413, "payload_too_large", "",
+                 id="body-over-max-body-bytes"),
+])
+def test_run_flow_validation_errors(make_app, engine, kwargs, status, code, words) -> None:
+    client, _ = make_app(max_body_bytes=1024)
+    response = client.post("/run-flow", **kwargs)
+    error = assert_error_contract(response, status, code)
+    assert words in error["message"]
+    assert engine.requests == []
+
+
+def test_validation_error_keeps_the_callers_trace(make_app) -> None:
+    client, _ = make_app()
+    response = client.post("/run-flow", data="{", content_type="application/json",
+                           headers={"traceparent": INCOMING, "X-Request-ID": "req-7"})
+    error = assert_error_contract(response, 400, "bad_request")
+    assert error["trace_id"] == INCOMING_TRACE
+    assert response.headers["traceparent"] == INCOMING
+    assert response.headers["X-Request-ID"] == "req-7"
+
+
+# -- what goes upstream ---------------------------------------------------------------------------
+
+def test_upstream_request(make_app, engine) -> None:
+    client, _ = make_app({"inbound_auth.mode": "api_keys", "inbound_auth.api_keys": API_KEYS})
+    body = {"flow_id": "faq", "input": "hello", "session_id": "s1",
+            "tweaks": {"llm": {"temperature": 0}}, "version": 2}
+    response = run_flow(client, body, headers={"Authorization": f"Bearer {APP_KEY}",
+                                               "traceparent": INCOMING, "X-Request-ID": "req-42"})
+    assert response.status_code == 200 and response.get_json() == ENGINE_ANSWER
+    [sent] = engine.requests
+    assert (sent["method"], sent["path"]) == ("POST", "/api/v1/run/faq")
+    assert sent["body"] == {"input_value": "hello", "session_id": "s1",
+                            "tweaks": {"llm": {"temperature": 0}}, "version": 2}
+    headers = sent["headers"]
+    assert headers["authorization"] == f"Bearer {SERVICE_KEY}"
+    assert not any(APP_KEY in value for value in headers.values())
+    match = W3C.match(headers["traceparent"])
+    assert match and match[1] == INCOMING_TRACE and match[2] != INCOMING_SPAN
+    assert headers["x-request-id"] == "req-42"
+    assert headers["x-flowgate-identity"] == "orders-app"
+    assert headers["x-flowgate-tenant"] == "shop"
+    assert headers["idempotency-key"]
+
+
+def test_x_api_key_never_goes_upstream(make_app, engine) -> None:
+    client, _ = make_app({"inbound_auth.mode": "api_keys", "inbound_auth.api_keys": API_KEYS})
+    assert run_flow(client, headers={"x-api-key": OTHER_KEY}).status_code == 200
+    headers = engine.requests[0]["headers"]
+    assert "x-api-key" not in headers
+    assert not any(OTHER_KEY in value for value in headers.values())
+    assert headers["authorization"] == f"Bearer {SERVICE_KEY}"
+    assert headers["x-flowgate-identity"] == "other-app"
+    assert "x-flowgate-tenant" not in headers
+
+
+def test_without_a_service_key_the_callers_token_is_not_forwarded(make_app, engine,
+                                                                  monkeypatch) -> None:
+    monkeypatch.delenv("AMBASSADOR_UPSTREAM_KEY")
+    client, _ = make_app()
+    assert run_flow(client, headers={"Authorization": "Bearer caller-token-1"}).status_code == 200
+    assert "authorization" not in engine.requests[0]["headers"]
+
+
+def test_callers_idempotency_key_is_forwarded(make_app, engine) -> None:
+    client, _ = make_app()
+    run_flow(client, headers={"Idempotency-Key": "order-77"})
+    assert engine.requests[0]["headers"]["idempotency-key"] == "order-77"
+
+
+def test_a_new_trace_when_the_caller_sends_none(make_app, engine) -> None:
+    client, _ = make_app()
+    response = run_flow(client)
+    trace_id = response.headers["X-Trace-ID"]
+    mine = W3C.match(response.headers["traceparent"])
+    upstream = W3C.match(engine.requests[0]["headers"]["traceparent"])
+    assert mine and upstream and mine[1] == upstream[1] == trace_id
+    assert upstream[2] != mine[2]
+    assert engine.requests[0]["headers"]["x-request-id"] == response.headers["X-Request-ID"]
+
+
+# -- response headers -----------------------------------------------------------------------------
+
+def test_response_headers(make_app) -> None:
+    client, _ = make_app()
+    response = run_flow(client, headers={"traceparent": INCOMING, "X-Request-ID": "req-1"})
+    assert response.status_code == 200
+    assert response.headers["X-Trace-ID"] == INCOMING_TRACE
+    assert response.headers["traceparent"] == INCOMING
+    assert response.headers["X-Request-ID"] == "req-1"
+    assert response.headers["X-Cache"] == "BYPASS"  # faq is not opted in
+    assert response.headers["X-Upstream-Attempts"] == "1"
+    assert float(response.headers["X-Ambassador-Overhead-Ms"]) >= 0
+    assert response.headers["X-Run-ID"] == "run-1"  # engine headers that callers use pass
+
+
+def test_cache_miss_then_hit(make_app, engine) -> None:
+    client, _ = make_app({"flows.faq.cache": {"ttl_s": 60}})
+    first, second = run_flow(client), run_flow(client)
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert second.get_json() == ENGINE_ANSWER and len(engine.requests) == 1
+    assert second.headers["X-Trace-ID"] != first.headers["X-Trace-ID"]
+
+
+SSE = (b'event: token\ndata: {"node": "llm", "index": 0, "text": "hi"}\n\n'
+       b'event: run_finished\ndata: {"output": "hi"}\n\n')
+
+
+@pytest.mark.parametrize(("body", "headers"), [
+    pytest.param({"flow_id": "faq", "input": "x", "stream": True}, {}, id="stream-true"),
+    pytest.param({"flow_id": "faq", "input": "x"}, {"Accept": "text/event-stream"}, id="accept-sse"),
+])
+def test_stream_passes_through(make_app, engine, body, headers) -> None:
+    client, _ = make_app({"flows.faq.cache": {"ttl_s": 60}})
+    engine.script.append((200, {"Content-Type": "text/event-stream"}, SSE))
+    response = client.post("/run-flow", json=body, headers=headers)
+    assert response.status_code == 200
+    assert response.get_data() == SSE
+    assert response.mimetype == "text/event-stream"
+    assert response.headers["X-Cache"] == "BYPASS"  # streams are never cached
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Trace-ID"]
+    [sent] = engine.requests
+    assert sent["path"] == "/api/v1/run/faq?stream=true"
+    assert sent["headers"]["accept"] == "text/event-stream"
+
+
+def test_engine_503_is_retried_with_the_same_idempotency_key(make_app, engine) -> None:
+    client, _ = make_app()
+    engine.answer(503, {"error": {"code": "overloaded", "message": "busy"}}, {"Retry-After": "0"})
+    response = run_flow(client)
+    assert response.status_code == 200
+    assert response.headers["X-Upstream-Attempts"] == "2"
+    keys = {r["headers"]["idempotency-key"] for r in engine.requests}
+    assert len(engine.requests) == 2 and len(keys) == 1
+
+
+def test_engine_errors_pass_through_in_the_contract(make_app, engine) -> None:
+    client, _ = make_app()
+    engine.answer(404, {"error": {"code": "not_found", "message": "no flow 'faq'", "trace_id": "t"}})
+    response = run_flow(client)
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "not_found"
+    assert response.headers["X-Upstream-Attempts"] == "1"
+
+
+def test_auth_refusal_through_the_app(make_app, engine) -> None:
+    client, _ = make_app({"inbound_auth.mode": "api_keys", "inbound_auth.api_keys": API_KEYS})
+    response = run_flow(client, headers={"Authorization": "Bearer not-a-key-at-all"})
+    assert_error_contract(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert engine.requests == []
+
+
+# -- engine down, probes ------------------------------------------------------------------------
+
+def test_engine_down(make_app, dead_port) -> None:
+    client, amb = make_app({"upstream.url": f"http://127.0.0.1:{dead_port}",
+                            "breaker.consecutive_failures": 1})
+    started = time.perf_counter()
+    response = run_flow(client)
+    assert time.perf_counter() - started < 2
+    assert_error_contract(response, 503, "upstream_unavailable")
+    assert response.headers["Retry-After"]
+    assert response.headers["X-Upstream-Attempts"] == "3"  # connect errors are retried
+    again = run_flow(client)  # the breaker opened
+    assert_error_contract(again, 503, "circuit_open")
+    assert int(again.headers["Retry-After"]) >= 1
+    assert amb.breaker.state == "open"
+
+
+def test_readyz_is_ready_even_when_the_engine_is_down(make_app, dead_port) -> None:
+    client, _ = make_app({"upstream.url": f"http://127.0.0.1:{dead_port}",
+                          "breaker.consecutive_failures": 1})
+    assert client.get("/readyz").status_code == 200
+    run_flow(client)
+    response = client.get("/readyz")
+    assert response.status_code == 200 and response.get_json()["status"] == "ready"
+    assert "upstream" not in response.get_json()
+    verbose = client.get("/readyz?verbose=1")
+    assert verbose.status_code == 200
+    upstream = verbose.get_json()["upstream"]
+    assert upstream["breaker"] == "open"
+    assert upstream["last_error"]["kind"] == "connect_error"
+    assert upstream["last_error"]["at"] <= time.time()
+
+
+def test_readyz_verbose_when_healthy(make_app) -> None:
+    client, _ = make_app()
+    run_flow(client)
+    upstream = client.get("/readyz?verbose=1").get_json()["upstream"]
+    assert upstream["breaker"] == "closed" and upstream["last_error"] is None
+    assert upstream["last_ok"] is not None
+
+
+def test_healthz(make_app, engine) -> None:
+    client, _ = make_app()
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.get_json() == {"status": "ok"}
+    assert W3C.match(response.headers["traceparent"])
+    assert engine.requests == []
+
+
+def test_metrics(make_app) -> None:
+    client, _ = make_app()
+    run_flow(client)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(response.get_data(as_text=True))}
+    for name in ("flowgate_ambassador_requests", "flowgate_ambassador_request_duration_seconds",
+                 "flowgate_ambassador_upstream_duration_seconds", "flowgate_ambassador_overhead_seconds",
+                 "flowgate_ambassador_upstream_attempts", "flowgate_ambassador_retries",
+                 "flowgate_ambassador_breaker_state", "flowgate_ambassador_cache",
+                 "flowgate_ambassador_ratelimited", "flowgate_ambassador_auth_failures",
+                 "flowgate_ambassador_upstream_up", "flowgate_ambassador_config_reload_errors"):
+        assert name in families, name
+    requests = {tuple(sorted(s.labels.items())): s.value
+                for s in families["flowgate_ambassador_requests"].samples if s.name.endswith("_total")}
+    assert requests[(("cache", "bypass"), ("flow", "faq"), ("route", "/run-flow"),
+                     ("status", "200"))] == 1
+    states = {s.labels["state"]: s.value for s in families["flowgate_ambassador_breaker_state"].samples}
+    assert states == {"closed": 1, "open": 0, "half_open": 0}
+
+
+def test_redis_down_still_serves(make_app, dead_port) -> None:
+    client, _ = make_app({"redis_url": f"redis://127.0.0.1:{dead_port}/0",
+                          "ratelimit": {"requests_per_s": 100, "burst": 100},
+                          "flows.faq.cache": {"ttl_s": 60}})
+    started = time.perf_counter()
+    first, second = run_flow(client), run_flow(client)
+    assert time.perf_counter() - started < 2
+    assert (first.status_code, second.status_code) == (200, 200)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert re.search(r"^flowgate_ambassador_ratelimit_errors_total 2\.0$", text, re.M), text
+    assert re.search(r'^flowgate_ambassador_cache_errors_total\{op="get"\} 2\.0$', text, re.M)
+
+
+# -- unknown routes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("method", "path", "status", "code"), [
+    pytest.param("GET", "/nope", 404, "not_found", id="unknown-route"),
+    pytest.param("POST", "/api/v1/run/faq", 404, "not_found", id="engine-path-not-exposed"),
+    pytest.param("GET", "/run-flow", 405, "method_not_allowed", id="wrong-method"),
+])
+def test_unknown_routes_answer_json(make_app, engine, method, path, status, code) -> None:
+    client, _ = make_app()
+    response = client.open(path, method=method, headers={"traceparent": INCOMING})
+    error = assert_error_contract(response, status, code)
+    assert error["trace_id"] == INCOMING_TRACE
+    assert engine.requests == []
+
+
+# -- access log -----------------------------------------------------------------------------------
+
+class JsonLines(logging.Handler):
+    """Formats each record when it is emitted (the trace context is still current then)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def log_lines() -> Iterator[JsonLines]:
+    handler = JsonLines()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    yield handler
+    root.removeHandler(handler)
+
+
+def access_entries(lines: JsonLines) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, lines.lines) if e["logger"] == "ambassador.access"]
+
+
+def test_access_log_line(make_app, log_lines) -> None:
+    client, _ = make_app({"inbound_auth.mode": "api_keys", "inbound_auth.api_keys": API_KEYS,
+                          "flows.faq.cache": {"ttl_s": 60}})
+    response = run_flow(client, headers={"Authorization": f"Bearer {APP_KEY}",
+                                         "traceparent": INCOMING})
+    [entry] = access_entries(log_lines)
+    assert entry["trace_id"] == INCOMING_TRACE == response.headers["X-Trace-ID"]
+    assert entry["flow_id"] == "faq"
+    assert entry["status"] == 200
+    assert entry["attempts"] == 1
+    assert entry["cache"] == "miss"
+    assert entry["route"] == "/run-flow"
+
+
+@pytest.mark.parametrize(("headers", "secret"), [
+    pytest.param({"Authorization": f"Bearer {APP_KEY}"}, APP_KEY, id="bearer-accepted"),
+    pytest.param({"x-api-key": OTHER_KEY}, OTHER_KEY, id="x-api-key-accepted"),
+    pytest.param({"Authorization": "Bearer wrong-key-abcdef"}, "wrong-key-abcdef", id="bearer-refused"),
+])
+def test_logs_never_hold_credentials(make_app, log_lines, headers, secret) -> None:
+    client, _ = make_app({"inbound_auth.mode": "api_keys", "inbound_auth.api_keys": API_KEYS})
+    run_flow(client, headers=headers)
+    assert access_entries(log_lines), log_lines.lines
+    text = "\n".join(log_lines.lines)
+    assert secret not in text and SERVICE_KEY not in text
+
+
+# -- config reload through the app ----------------------------------------------------------------
+
+def test_hot_reload_keeps_the_explicit_overrides(make_app, engine, tmp_path: Path) -> None:
+    cfg = tmp_path / "ambassador.yaml"
+    cfg.write_text("retry: {max_attempts: 2}\n")
+    os.utime(cfg, (1_000_000, 1_000_000))
+    _client, amb = make_app(path=str(cfg))
+    cfg.write_text("retry: {max_attempts: 3}\n")
+    os.utime(cfg, (2_000_000, 2_000_000))
+    amb.holder._next_check = float("-inf")  # the next check is due now (no real wait)
+    assert amb.holder.maybe_reload() is True  # what the next request would do
+    assert amb.settings.retry.max_attempts == 3
+    assert amb.settings.upstream.url == engine.url
