@@ -4,7 +4,8 @@ Key: SHA-256 of (flow id, pinned version, input, tweaks, the caller's tenant, an
 session id when ``session_in_key``). Stored: successful, non-streamed run answers only —
 never errors, never streams. ``Cache-Control: no-cache`` skips the lookup (the fresh answer
 is still stored); ``no-store`` skips storing. When the engine fails (unreachable, open
-breaker, 500/502/503/504 — a 502 is a failed LLM, exactly when an older answer helps) an entry up to ``stale_if_error_s`` past its TTL is served instead
+breaker, 500/502/503/504 — a 502 is a failed LLM, exactly when an older answer helps), an
+entry up to ``stale_if_error_s`` past its TTL is served instead
 (``X-Cache: STALE``). ``X-Cache`` is HIT, MISS, BYPASS or STALE on every run answer.
 
 Storage is Redis when ``REDIS_URL`` is set, else an in-process LRU. A cache failure never
