@@ -43,8 +43,12 @@ def wants_stream() -> bool:
 
 
 def _on_disconnect(body) -> str:
-    value = request.args.get("on_disconnect") or (
-        body.get("on_disconnect") if isinstance(body, dict) else None) or "cancel"
+    if "on_disconnect" in request.args:
+        value = request.args["on_disconnect"]
+    elif isinstance(body, dict) and "on_disconnect" in body:
+        value = body["on_disconnect"]
+    else:
+        return "cancel"
     if value not in ("cancel", "continue"):
         raise BadRequest("on_disconnect must be 'cancel' or 'continue'")
     return value

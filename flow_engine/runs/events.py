@@ -66,6 +66,10 @@ class MemoryEventLog:
     def _get(self, run_id: str, create: bool) -> _RunEvents | None:
         with self._lock:
             run = self._runs.get(run_id)
+            if run is not None and run.finished_at is not None \
+                    and self._clock() - run.finished_at > self.ttl_s:
+                del self._runs[run_id]  # expired: forgotten even if no new run swept it
+                run = None
             if run is None and create:
                 self._evict()
                 run = self._runs[run_id] = _RunEvents()
@@ -93,6 +97,10 @@ class MemoryEventLog:
     def knows(self, run_id: str) -> bool:
         return self._get(run_id, create=False) is not None
 
+    def finished(self, run_id: str) -> bool:
+        run = self._get(run_id, create=False)
+        return run is not None and run.finished_at is not None
+
     def read(self, run_id: str, after: int, timeout_s: float) -> list[RunEvent] | None:
         """Events with seq > ``after`` (waiting up to ``timeout_s``); None for an unknown run."""
         run = self._get(run_id, create=False)
@@ -119,9 +127,12 @@ class RedisEventLog:
                  on_error: Callable[[str], None] | None = None) -> None:
         self.client = client
         self.prefix = prefix
-        self.ttl_s, self.running_ttl_s, self.max_len = ttl_s, running_ttl_s, max_len
+        self.ttl_s, self.running_ttl_s = max(1, int(ttl_s)), max(1, int(running_ttl_s))
+        self.max_len = max_len
         self._on_error = on_error or (lambda op: None)
         self._queue: queue.Queue = queue.Queue(maxsize=100_000)
+        self._pending = 0  # queued or being written
+        self._pending_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
 
@@ -131,9 +142,13 @@ class RedisEventLog:
     def append(self, run_id: str, event: RunEvent) -> None:
         if self._writer is None:
             self._start_writer()
+        with self._pending_lock:
+            self._pending += 1
         try:
             self._queue.put_nowait((run_id, event))
         except queue.Full:
+            with self._pending_lock:
+                self._pending -= 1
             self._on_error("append")  # memory still has it; watchers elsewhere miss it
 
     def _start_writer(self) -> None:
@@ -151,7 +166,11 @@ class RedisEventLog:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self.write_batch(batch)
+            try:
+                self.write_batch(batch)
+            finally:
+                with self._pending_lock:
+                    self._pending -= len(batch)
 
     def write_batch(self, batch: list[tuple[str, RunEvent]]) -> None:
         try:
@@ -170,12 +189,20 @@ class RedisEventLog:
             log.warning("event log: could not write %d events to Redis: %s", len(batch),
                         type(exc).__name__)
 
-    def flush(self, timeout_s: float = 5.0) -> None:
-        """Wait until queued events are written (tests, graceful shutdown)."""
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every queued event is written (tests, graceful shutdown)."""
         deadline = time.monotonic() + timeout_s
-        while not self._queue.empty() and time.monotonic() < deadline:
+        while self._pending > 0 and time.monotonic() < deadline:
             time.sleep(0.005)
-        time.sleep(0.005)
+        return self._pending == 0
+
+    def finished(self, run_id: str) -> bool:
+        try:
+            last = self.client.xrevrange(self.key(run_id), count=1)
+        except Exception as exc:
+            self._on_error("read")
+            raise EventLogUnavailable(f"the shared event log is unavailable ({type(exc).__name__})") from exc
+        return bool(last) and _text(last[0][1].get("t", last[0][1].get(b"t", b""))) in TERMINAL
 
     def read(self, run_id: str, after: int, timeout_s: float) -> list[RunEvent] | None:
         key = self.key(run_id)
@@ -211,6 +238,12 @@ class RunEventLog:
         self.memory.append(run_id, event)
         if self.shared is not None:
             self.shared.append(run_id, event)
+
+    def finished(self, run_id: str) -> bool:
+        """Has the run's last event been logged?"""
+        if self.memory.knows(run_id) or self.shared is None:
+            return self.memory.finished(run_id)
+        return self.shared.finished(run_id)
 
     def read(self, run_id: str, after: int, timeout_s: float) -> list[RunEvent] | None:
         """Events after ``after``; None when no log knows the run (never ran, or expired).

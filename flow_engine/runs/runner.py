@@ -241,6 +241,7 @@ def execute(
         )
     except BaseException as exc:
         error = classify_error(exc, recorder.failed_node, compiled.node_types)
+        error.details.setdefault("node", recorder.failed_node)  # kept on the run record too
         emit("error", {**error.to_dict(), "node": recorder.failed_node})
         if error is exc:
             raise

@@ -287,6 +287,8 @@ class RunService:
         Raises RunNotFound / Conflict when no log has them (see ``_missing_events``)."""
         first = self.events.read(run_id, after, 0)
         if first is None:
+            first = self._await_shared_events(run_id, after)
+        if first is None:
             yield from self._missing_events(run_id)
             return
         pending = first
@@ -296,11 +298,31 @@ class RunService:
                 after = event.seq
                 if event.type in TERMINAL:
                     return
+            if not pending and self.events.finished(run_id):
+                return  # resumed at or past the last event: nothing more will come
             pending = self.events.read(run_id, after, keepalive_s)
             if pending is None:  # expired while we watched
                 return
-            if not pending:
+            if not pending and not self.events.finished(run_id):
                 yield None
+
+    def _await_shared_events(self, run_id: str, after: int) -> list[RunEvent] | None:
+        """A run just started in another process may not have reached Redis yet (its events
+        are written in the background): give it a moment before calling it unknown."""
+        if self.events.shared is None:
+            return None
+        deadline = time.monotonic() + self.settings.shared_events_grace_s
+        while time.monotonic() < deadline:
+            try:
+                self.store.get_run(run_id)
+                return None  # on record: _missing_events knows what to say
+            except RunNotFound:
+                pass
+            time.sleep(0.05)
+            events = self.events.read(run_id, after, 0)
+            if events is not None:
+                return events
+        return None
 
     def _missing_events(self, run_id: str) -> Iterator[RunEvent]:
         record = self.store.get_run(run_id)  # RunNotFound for a run that never existed
@@ -341,9 +363,14 @@ class RunService:
     def cancel(self, run_id: str) -> dict[str, Any]:
         if self._cancel_local(run_id):
             return {"run_id": run_id, "status": "cancelling"}
-        record = self.store.get_run(run_id)
-        if record.status != "running":
-            raise Conflict(f"run {run_id} already ended ({record.status})", run_id=run_id)
+        try:
+            record = self.store.get_run(run_id)
+        except RunNotFound:
+            if self._started_elsewhere(run_id) is None:  # plain runs are recorded at the end
+                raise
+        else:
+            if record.status != "running":
+                raise Conflict(f"run {run_id} already ended ({record.status})", run_id=run_id)
         if self.signals is not None and self.signals.publish("cancel", run_id=run_id):
             return {"run_id": run_id, "status": "cancelling"}
         raise Conflict(f"run {run_id} is running in another engine process; cancelling it "
@@ -373,6 +400,7 @@ def _final_event(record: RunRecord) -> RunEvent:
         return RunEvent(0, "run_finished", record.result)
     error = dict(record.error or {"code": "run_failed", "message": f"run ended {record.status}"})
     error.pop("status", None)
+    error.pop("run_id", None)
     error.setdefault("node", None)
     return RunEvent(0, "error", error)
 

@@ -1,0 +1,520 @@
+"""The run event log (flow_engine/runs/events.py): the in-memory log, the Redis Streams
+mirror and the two combined, against the protocol in the module's docstring.
+
+The Redis cases use the real server at ``FLOWGATE_TEST_REDIS_URL`` (default
+``redis://127.0.0.1:6379/0``) under a key prefix of their own that is deleted afterwards.
+When Redis is unreachable they skip, except under CI (``CI`` set), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from flow_engine.runs.events import (
+    EventLogUnavailable,
+    MemoryEventLog,
+    RedisEventLog,
+    RunEventLog,
+)
+from flow_engine.runs.runner import RunEvent
+
+REDIS_URL = os.environ.get("FLOWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+WAIT_S = 5.0  # every blocking read and poll here gives up after this long
+
+
+def run_events(run_id: str = "r1", tokens: int = 3, *, finished: bool = True) -> list[RunEvent]:
+    """A realistic run: run_started, one node with ``tokens`` tokens, run_finished."""
+    kinds: list[tuple[str, dict[str, Any]]] = [
+        ("run_started", {"run_id": run_id, "flow_id": "f", "version": 1, "session_id": None}),
+        ("node_started", {"node": "llm", "type": "ChatModel"})]
+    kinds += [("token", {"node": "llm", "index": i, "text": f" w{i}"}) for i in range(tokens)]
+    kinds.append(("node_finished", {"node": "llm", "type": "ChatModel",
+                                    "output": "".join(f" w{i}" for i in range(tokens)),
+                                    "duration_ms": 1.5}))
+    if finished:
+        kinds.append(("run_finished", {"run_id": run_id, "output": "done", "usage": {"llm_calls": 1}}))
+    return [RunEvent(seq, kind, data) for seq, (kind, data) in enumerate(kinds, start=1)]
+
+
+class FakeClock:
+    """The clock MemoryEventLog reads finish times from; tests move it by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start ``fn`` in a daemon thread; the dict gets its ``result`` (or ``error``) and the
+    ``seconds`` it took."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        started = time.monotonic()
+        try:
+            out["result"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+        out["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def dead_client() -> redis.Redis:
+    """A client, configured like the engine's (``from_url``), for a port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return redis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=0.5,
+                                socket_timeout=0.5)
+
+
+# -- MemoryEventLog -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("after", [0, 1, 3, 5, 6, 7])
+def test_memory_read_returns_exactly_the_events_after_k_in_order(after):
+    log = MemoryEventLog()
+    events = run_events(tokens=3)  # 7 events
+    for event in events:
+        log.append("r1", event)
+
+    got = log.read("r1", after, timeout_s=0)
+
+    assert got == [e for e in events if e.seq > after]
+
+
+def test_memory_read_of_an_unknown_run_is_none_at_once():
+    log = MemoryEventLog()
+    log.append("other", run_events("other")[0])
+
+    started = time.monotonic()
+    assert log.read("nope", 0, timeout_s=2) is None
+    assert time.monotonic() - started < 0.5
+    assert not log.knows("nope")
+    assert log.knows("other")
+
+
+def test_memory_blocking_read_wakes_when_another_thread_appends():
+    log = MemoryEventLog()
+    first, second = run_events(finished=False)[:2]
+    log.append("r1", first)
+    thread, out = in_thread(lambda: log.read("r1", 1, timeout_s=WAIT_S))
+    time.sleep(0.15)
+    assert thread.is_alive(), "the read must wait for an event after seq 1"
+
+    log.append("r1", second)
+    thread.join(WAIT_S)
+
+    assert out["result"] == [second]
+    assert 0.1 < out["seconds"] < 2.0
+
+
+def test_memory_blocking_read_returns_empty_after_the_timeout_when_nothing_comes():
+    log = MemoryEventLog()
+    log.append("r1", run_events(finished=False)[0])
+
+    started = time.monotonic()
+    got = log.read("r1", 1, timeout_s=0.2)
+
+    assert got == []
+    assert 0.18 <= time.monotonic() - started < 1.5
+
+
+def test_memory_terminal_event_ends_waiting():
+    log = MemoryEventLog()
+    events = run_events(tokens=1)
+    for event in events[:-1]:
+        log.append("r1", event)
+    waiting, out = in_thread(lambda: log.read("r1", events[-2].seq, timeout_s=WAIT_S))
+    time.sleep(0.1)
+
+    log.append("r1", events[-1])  # run_finished
+    waiting.join(WAIT_S)
+    assert out["result"] == [events[-1]]
+
+    # a reader that already has the last event is not kept waiting for more
+    started = time.monotonic()
+    assert log.read("r1", events[-1].seq, timeout_s=WAIT_S) == []
+    assert time.monotonic() - started < 0.5
+
+
+def test_memory_error_event_is_terminal_too():
+    log = MemoryEventLog()
+    log.append("r1", RunEvent(1, "run_started", {}))
+    log.append("r1", RunEvent(2, "error", {"code": "run_failed", "message": "x", "node": None}))
+
+    started = time.monotonic()
+    assert log.read("r1", 2, timeout_s=WAIT_S) == []
+    assert time.monotonic() - started < 0.5
+
+
+def test_memory_finished_runs_expire_after_ttl_with_an_injected_clock():
+    clock = FakeClock()
+    log = MemoryEventLog(ttl_s=60, clock=clock)
+    for event in run_events("done"):
+        log.append("done", event)
+    for event in run_events("running", finished=False):
+        log.append("running", event)
+
+    clock.now += 59
+    log.append("trigger-1", RunEvent(1, "run_started", {}))  # creating a run sweeps
+    assert log.knows("done"), "kept for ttl_s"
+    assert log.read("done", 0, 0) == run_events("done")
+
+    clock.now += 2  # 61 s after run_finished
+    log.append("trigger-2", RunEvent(1, "run_started", {}))
+    assert log.read("done", 0, 0) is None
+    assert not log.knows("done")
+    assert log.knows("running"), "a run that has not finished never expires"
+    assert log.read("running", 0, 0) == run_events("running", finished=False)
+
+
+def test_memory_finished_run_is_forgotten_after_ttl_even_without_new_runs():
+    clock = FakeClock()
+    log = MemoryEventLog(ttl_s=60, clock=clock)
+    for event in run_events("done"):
+        log.append("done", event)
+
+    clock.now += 61
+
+    assert log.read("done", 0, 0) is None
+
+
+def test_memory_max_runs_eviction_prefers_finished_runs():
+    log = MemoryEventLog(max_runs=3, ttl_s=3600, clock=FakeClock())
+    log.append("old-running", RunEvent(1, "run_started", {}))
+    for event in run_events("finished"):
+        log.append("finished", event)
+    log.append("young-running", RunEvent(1, "run_started", {}))
+
+    log.append("new", RunEvent(1, "run_started", {}))
+
+    assert not log.knows("finished"), "a finished run goes first, even though it is younger"
+    assert all(log.knows(r) for r in ("old-running", "young-running", "new"))
+
+    log.append("newer", RunEvent(1, "run_started", {}))  # nothing finished: the oldest goes
+    assert not log.knows("old-running")
+    assert all(log.knows(r) for r in ("young-running", "new", "newer"))
+
+
+def test_memory_concurrent_readers_each_see_every_event_once_in_order():
+    log = MemoryEventLog()
+    events = run_events("r1", tokens=300)
+    log.append("r1", events[0])
+
+    def follow() -> list[int]:
+        seen, after = [], 0
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            got = log.read("r1", after, timeout_s=0.5)
+            assert got is not None
+            for event in got:
+                seen.append(event.seq)
+                after = event.seq
+            if got and got[-1].type == "run_finished":
+                return seen
+        raise AssertionError(f"no run_finished within {WAIT_S}s (saw {len(seen)})")
+
+    readers = [in_thread(follow) for _ in range(6)]
+    for i, event in enumerate(events[1:]):
+        log.append("r1", event)
+        if i % 25 == 0:
+            time.sleep(0.002)  # let readers catch up mid-run, so they read in many slices
+    for thread, _ in readers:
+        thread.join(WAIT_S + 1)
+
+    expected = [e.seq for e in events]
+    for _, out in readers:
+        assert "error" not in out, out.get("error")
+        assert out["result"] == expected
+
+
+# -- RedisEventLog --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        reason = (f"Redis is not reachable at {REDIS_URL} ({type(exc).__name__}: {exc}); start "
+                  "it or set FLOWGATE_TEST_REDIS_URL")
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (CI is set, so the Redis cases must run)", pytrace=False)
+        pytest.skip(reason)
+    return REDIS_URL
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"flowgate-test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(params=[pytest.param(True, id="str"), pytest.param(False, id="bytes")])
+def decode_responses(request: pytest.FixtureRequest) -> bool:
+    return request.param
+
+
+@pytest.fixture
+def make_client(redis_url: str, prefix: str) -> Iterator[Callable[..., redis.Redis]]:
+    """Redis clients on the test server; every key under this test's prefix is deleted after."""
+    clients: list[redis.Redis] = []
+
+    def make(decode: bool = True) -> redis.Redis:
+        client = redis.Redis.from_url(redis_url, decode_responses=decode,
+                                      socket_connect_timeout=2, socket_timeout=10)
+        clients.append(client)
+        return client
+
+    yield make
+    cleaner = make()
+    keys = list(cleaner.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        cleaner.delete(*keys)
+    for client in clients:
+        client.close()
+
+
+def redis_log(client: redis.Redis, prefix: str, **kw: Any) -> RedisEventLog:
+    return RedisEventLog(client, prefix=prefix, **kw)
+
+
+def test_redis_write_batch_then_read_round_trips_types_data_and_seq(make_client, prefix,
+                                                                    decode_responses):
+    log = redis_log(make_client(decode_responses), prefix)
+    mine, other = run_events("r1", tokens=2), run_events("r2", tokens=1)
+    mine[2] = RunEvent(3, "token", {"node": "llm", "index": 0, "text": " naïve — 日本 \"q\"\n"})
+    # two runs interleaved in one pipelined batch
+    batch = [("r1", e) for e in mine[:3]] + [("r2", e) for e in other] + [("r1", e) for e in mine[3:]]
+
+    log.write_batch(batch)
+
+    assert log.read("r1", 0, timeout_s=0) == mine
+    assert log.read("r2", 0, timeout_s=0) == other
+    assert log.key("r1") == f"{prefix}run:r1"
+    raw_ids = [e[0] for e in make_client().xrange(log.key("r1"))]
+    assert raw_ids == [f"{e.seq}-0" for e in mine]
+
+
+@pytest.mark.parametrize("after", [1, 3, 5])
+def test_redis_read_after_k_returns_the_rest(make_client, prefix, after):
+    log = redis_log(make_client(), prefix)
+    events = run_events(tokens=3)
+    log.write_batch([("r1", e) for e in events])
+
+    assert log.read("r1", after, timeout_s=0) == events[after:]
+
+
+def test_redis_append_is_written_by_the_background_writer(make_client, prefix):
+    log = redis_log(make_client(), prefix)
+    events = run_events(tokens=5)
+    for event in events:
+        log.append("r1", event)
+
+    log.flush(WAIT_S)
+
+    assert wait_until(lambda: log.read("r1", 0, timeout_s=0) == events)
+
+
+def test_redis_blocking_read_wakes_on_a_later_write(make_client, prefix):
+    writer, reader = redis_log(make_client(), prefix), redis_log(make_client(), prefix)
+    events = run_events(tokens=1)
+    writer.write_batch([("r1", events[0])])
+    thread, out = in_thread(lambda: reader.read("r1", 1, timeout_s=WAIT_S))
+    time.sleep(0.2)
+    assert thread.is_alive(), "XREAD BLOCK waits for an entry after 1-0"
+
+    writer.write_batch([("r1", events[1]), ("r1", events[2])])
+    thread.join(WAIT_S + 1)
+
+    got = out["result"]
+    assert got and got == events[1 : 1 + len(got)], "what came first, in order (1 or 2 entries)"
+    assert 0.15 < out["seconds"] < 2.0
+
+
+def test_redis_read_times_out_with_an_empty_list_for_a_known_run(make_client, prefix):
+    log = redis_log(make_client(), prefix)
+    log.write_batch([("r1", run_events()[0])])
+
+    started = time.monotonic()
+    assert log.read("r1", 1, timeout_s=0.2) == []
+    assert 0.15 < time.monotonic() - started < 2.0
+
+
+def test_redis_read_of_an_unknown_key_is_none(make_client, prefix):
+    log = redis_log(make_client(), prefix)
+
+    assert log.read("never-ran", 0, timeout_s=0) is None
+    assert log.read("never-ran", 0, timeout_s=0.1) is None
+    assert not make_client().exists(log.key("never-ran"))
+
+
+def test_redis_expire_is_set_and_shorter_once_the_run_has_ended(make_client, prefix):
+    client = make_client()
+    log = redis_log(client, prefix, ttl_s=60, running_ttl_s=600)
+    events = run_events(tokens=2)
+
+    log.write_batch([("r1", e) for e in events[:-1]])
+    running_ttl = client.ttl(log.key("r1"))
+    log.write_batch([("r1", events[-1])])
+    finished_ttl = client.ttl(log.key("r1"))
+
+    assert 590 <= running_ttl <= 600
+    assert 50 <= finished_ttl <= 60
+
+
+def test_redis_error_event_also_sets_the_short_ttl(make_client, prefix):
+    client = make_client()
+    log = redis_log(client, prefix, ttl_s=30, running_ttl_s=600)
+    log.write_batch([("r1", RunEvent(1, "run_started", {})),
+                     ("r1", RunEvent(2, "error", {"code": "run_cancelled"}))])
+
+    assert 20 <= client.ttl(log.key("r1")) <= 30
+
+
+def test_redis_failure_raises_event_log_unavailable_and_calls_on_error():
+    errors: list[str] = []
+    client = dead_client()
+    log = RedisEventLog(client, prefix="flowgate-test-dead:", on_error=errors.append)
+
+    log.write_batch([("r1", e) for e in run_events()])  # swallowed: runs never fail on Redis
+    assert errors == ["append"]
+
+    with pytest.raises(EventLogUnavailable) as caught:
+        log.read("r1", 0, timeout_s=0.1)
+    assert errors == ["append", "read"]
+    assert (caught.value.status, caught.value.code) == (503, "event_log_unavailable")
+
+    log.append("r1", run_events()[0])  # through the writer thread
+    assert wait_until(lambda: errors.count("append") == 2)
+
+
+class SlowPipelineClient:
+    """A Redis client whose pipelines take ``delay_s`` to execute (a slow network)."""
+
+    def __init__(self, client: redis.Redis, delay_s: float) -> None:
+        self.client, self.delay_s = client, delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def pipeline(self, **kw: Any) -> Any:
+        pipe = self.client.pipeline(**kw)
+        execute, delay = pipe.execute, self.delay_s
+
+        def slow_execute(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(delay)
+            return execute(*args, **kwargs)
+
+        pipe.execute = slow_execute
+        return pipe
+
+
+def test_redis_flush_waits_until_queued_events_are_written(make_client, prefix):
+    client = make_client()
+    log = redis_log(SlowPipelineClient(client, delay_s=0.3), prefix)
+    log.append("r1", run_events()[0])
+
+    try:
+        log.flush(WAIT_S)
+
+        assert client.xlen(log.key("r1")) == 1
+    finally:  # let the late write land before the fixture deletes this test's keys
+        wait_until(lambda: client.exists(log.key("r1")))
+
+
+# -- RunEventLog ----------------------------------------------------------------------------
+
+
+def test_run_event_log_without_redis_is_the_memory_log():
+    log = RunEventLog(MemoryEventLog())
+    for event in run_events():
+        log.append("r1", event)
+
+    assert log.read("r1", 2, 0) == run_events()[2:]
+    assert log.read("nope", 0, 0) is None
+
+
+def test_run_event_log_serves_local_runs_from_memory(make_client, prefix):
+    client = make_client()
+    local = RunEventLog(MemoryEventLog(), redis_log(client, prefix))
+    events = run_events(tokens=4)
+
+    for event in events:
+        local.append("r1", event)
+    assert local.read("r1", 0, 0) == events, "at once, before the writer has sent anything"
+
+    local.shared.flush(WAIT_S)
+    assert wait_until(lambda: client.xlen(local.shared.key("r1")) == len(events))
+    client.delete(local.shared.key("r1"))
+    assert local.read("r1", 3, 0) == events[3:], "memory is the authority for its own runs"
+
+
+def test_run_event_log_reads_other_processes_runs_from_redis(make_client, prefix):
+    client = make_client()
+    a = RunEventLog(MemoryEventLog(), redis_log(client, prefix))
+    b = RunEventLog(MemoryEventLog(), redis_log(make_client(), prefix))
+    events = run_events(tokens=4)
+    for event in events[:3]:
+        a.append("r1", event)
+    a.shared.flush(WAIT_S)
+    assert wait_until(lambda: client.xlen(a.shared.key("r1")) == 3)
+
+    assert b.read("r1", 0, 0) == events[:3]
+    assert b.read("r1", 1, 0) == events[1:3]
+    assert not b.memory.knows("r1"), "B only reads; the run is A's"
+    assert b.read("unknown", 0, 0) is None
+
+    waiting, out = in_thread(lambda: b.read("r1", 3, timeout_s=WAIT_S))
+    time.sleep(0.2)
+    for event in events[3:]:
+        a.append("r1", event)
+    waiting.join(WAIT_S + 1)
+    assert out["result"], "B's blocking read wakes when A's writer sends the next event"
+    assert out["result"] == events[3 : 3 + len(out["result"])]
+
+    collected, after = list(events[:3]), 3
+    deadline = time.monotonic() + WAIT_S
+    while after < len(events) and time.monotonic() < deadline:
+        got = b.read("r1", after, timeout_s=0.5)
+        collected += got
+        after = collected[-1].seq
+    assert collected == events
+
+
+def test_run_event_log_with_redis_down_still_serves_local_runs():
+    errors: list[str] = []
+    client = dead_client()
+    log = RunEventLog(MemoryEventLog(),
+                      RedisEventLog(client, prefix="flowgate-test-dead:", on_error=errors.append))
+    events = run_events()
+    for event in events:
+        log.append("r1", event)
+
+    assert log.read("r1", 0, 0) == events
+    with pytest.raises(EventLogUnavailable):
+        log.read("elsewhere", 0, 0)
+    assert "read" in errors
