@@ -1,0 +1,1 @@
+"""A demo business app that calls Flowgate through its ambassador sidecar (see app.py)."""
