@@ -22,6 +22,7 @@ from typing import Any
 from simple_websocket import Client, ConnectionClosed
 
 from ambassador.chain import Request, Response, build_chain
+from flowgate.websockets import WholeFrames
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,17 @@ def bridge(ws: Any, upstream_url: str, headers: dict[str, str],
            may_run: Callable[[str | None], bool], trace_id: str | None,
            connect: Callable[..., Any] = Client.connect) -> None:
     """Relay between the app's socket ``ws`` and a new upstream socket until either closes."""
+    ws.sock = WholeFrames(ws.sock)  # see flowgate/websockets.py
     try:
         upstream = connect(upstream_url, headers=headers)
+        upstream.sock = WholeFrames(upstream.sock)
     except (OSError, ConnectionClosed) as exc:
         _send(ws, {"type": "error", "code": "upstream_unavailable", "trace_id": trace_id,
                    "message": f"the flow engine's WebSocket is unreachable ({type(exc).__name__})"})
         ws.close(1011, "upstream unavailable")
         return
     done = threading.Event()
+    closed_by_engine: list[tuple[int | None, str | None]] = []
 
     def engine_to_app() -> None:
         try:
@@ -50,8 +54,8 @@ def bridge(ws: Any, upstream_url: str, headers: dict[str, str],
                 message = upstream.receive(timeout=1)
                 if message is not None:
                     ws.send(message)
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:  # the engine's close code and reason go to the app
+            closed_by_engine.append((exc.reason, exc.message))
         finally:
             done.set()
 
@@ -74,6 +78,10 @@ def bridge(ws: Any, upstream_url: str, headers: dict[str, str],
         with contextlib.suppress(Exception):  # already closed
             upstream.close()
         pump.join(timeout=2)
+        if closed_by_engine:
+            code, reason = closed_by_engine[0]
+            with contextlib.suppress(Exception):
+                ws.close(reason=code or 1000, message=reason)
 
 
 def _rewrite(message: str | bytes, may_run: Callable[[str | None], bool],

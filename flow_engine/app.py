@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from collections.abc import Mapping
@@ -10,7 +11,7 @@ from typing import Any
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from flow_engine.api import components, flows, health, openapi, runs
+from flow_engine.api import components, flows, health, openapi, runs, ws
 from flow_engine.api.common import Engine, check_api_key
 from flow_engine.components import default_registry
 from flow_engine.config import Settings
@@ -66,7 +67,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
             check_api_key()
 
     app.register_blueprint(health.bp)
-    for blueprint in (components.bp, flows.bp, runs.bp, openapi.bp):
+    for blueprint in (components.bp, flows.bp, runs.bp, ws.bp, openapi.bp):
         app.register_blueprint(blueprint, url_prefix=API_PREFIX)
     _install_error_handlers(app)
     return app
@@ -84,6 +85,7 @@ def _shared_state(settings: Settings, metrics: EngineMetrics):
                                   health_check_interval=30)
     on_error = lambda op: metrics.event_log_errors.labels(op).inc()  # noqa: E731
     shared = RedisEventLog(client, ttl_s=int(settings.event_ttl_s), on_error=on_error)
+    atexit.register(shared.flush)  # a worker's last events still reach Redis on SIGTERM
     return RunEventLog(memory, shared), Signals(client, on_error=on_error)
 
 

@@ -45,8 +45,12 @@ class Settings:
     idempotency_ttl_s: int = 24 * 3600
     idempotency_wait_s: float = 300.0
     sse_keepalive_s: float = 15.0
+    ws_ping_interval_s: float = 25.0  # WebSocket heartbeat; 0 = no pings
+    ws_idle_timeout_s: float = 300.0  # close a WebSocket with no run and no message; 0 = never
+    ws_max_connections: int = 500  # open WebSockets per process; more are closed with 1013
     flow_cache_ttl_s: float = 1.0
     event_ttl_s: float = 3600.0
+    shared_events_grace_s: float = 2.0
     log_level: str = "INFO"
 
     @classmethod

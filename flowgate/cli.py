@@ -218,7 +218,7 @@ def _print_stream(events) -> int:
     for event in events:
         data = event.data
         if event.type == "node_started":
-            print(f"  ▸ {data['node']} ({data['type']})", flush=True)
+            print(f"  ▸ {data['node']} ({data['node_type']})", flush=True)
         elif event.type == "token":
             if streaming_node != data["node"]:
                 streaming_node = data["node"]

@@ -57,7 +57,8 @@ def json_body(*, required: bool = True) -> Any:
 
 
 def check_api_key() -> None:
-    """``Authorization: Bearer <key>`` or ``x-api-key: <key>``, compared in constant time."""
+    """``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (or ``?token=<key>`` on a
+    WebSocket handshake: browsers cannot set its headers), compared in constant time."""
     keys = engine().api_keys
     if not keys:  # started with --insecure-no-auth
         return
@@ -65,6 +66,8 @@ def check_api_key() -> None:
     auth = request.headers.get("Authorization", "")
     if not presented and auth[:7].lower() == "bearer ":
         presented = auth[7:].strip()
+    if not presented and request.url_rule is not None and request.url_rule.websocket:
+        presented = request.args.get("token", "").strip()
     if not presented:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
     candidate = presented.encode()

@@ -117,6 +117,16 @@ def build_spec() -> dict[str, Any]:
         "/api/v1/runs/{run_id}/cancel": {"post": _op(
             "cancel a running run", _json({"type": "object"}, "cancelling"), status="202",
             params=[RUN_ID], errors=(401, 404, 409))},
+        "/api/v1/ws/runs": {"get": {
+            **_op("WebSocket: run flows and follow runs (protocol: flow_engine/api/ws.py)",
+                  {"description": "WebSocket upgrade; then JSON messages: send "
+                                 '{"type": "run" | "watch" | "cancel", ...}, receive run events '
+                                 '{"type", "seq", ...} and errors {"type": "error", "code", ...}'},
+                  status="101",
+                  params=[{"name": "token", "in": "query", "schema": {"type": "string"},
+                           "description": "the API key, for clients that cannot set headers"}],
+                  errors=(400, 401)),
+        }},
     }
     paths["/api/v1/run/{flow_ref}"]["post"]["responses"]["200"]["content"]["text/event-stream"] = {
         "schema": {"type": "string", "description": "run events: id/event/data lines"}}

@@ -4,9 +4,9 @@
 Run events (DESIGN.md), in order, each with a per-run sequence number starting at 1:
 
 - ``run_started``   ``{run_id, flow_id, version, session_id}`` — before any node runs
-- ``node_started``  ``{node, type}``
+- ``node_started``  ``{node, node_type}``
 - ``token``         ``{node, index, text}`` — one per LLM token, index counts per node from 0
-- ``node_finished`` ``{node, type, output, duration_ms}``
+- ``node_finished`` ``{node, node_type, output, duration_ms}``
 - ``error``         ``{code, message, node}`` — last event of a failed or cancelled run
 - ``run_finished``  the full result, as the non-streamed call returns it — last event
 
@@ -138,7 +138,7 @@ class _RunRecorder(BaseCallbackHandler):
         elif parent_run_id == self._root and name in self._types:
             self._node_of[run_id] = name
             self._started[run_id] = time.perf_counter()
-            self._emit("node_started", {"node": name, "type": self._types[name]})
+            self._emit("node_started", {"node": name, "node_type": self._types[name]})
         elif parent_run_id in self._node_of:
             self._node_of[run_id] = self._node_of[parent_run_id]
 
@@ -151,7 +151,7 @@ class _RunRecorder(BaseCallbackHandler):
         self.durations[node] = duration_ms
         self._emit(
             "node_finished",
-            {"node": node, "type": self._types[node], "output": to_jsonable(output),
+            {"node": node, "node_type": self._types[node], "output": to_jsonable(output),
              "duration_ms": duration_ms},
         )
 

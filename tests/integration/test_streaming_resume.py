@@ -234,8 +234,8 @@ def assert_full_run(events: list[Event], body: dict[str, Any], n_tokens: int) ->
     assert (started["flow_id"], started["version"], started["session_id"]) == (
         "qa", 1, body["session_id"])
     node_events = [e[2] for e in events if e[1].startswith("node_")]
-    assert [(d["node"], d["type"]) for d in node_events[::2]] == NODES
-    assert [(d["node"], d["type"]) for d in node_events[1::2]] == NODES
+    assert [(d["node"], d["node_type"]) for d in node_events[::2]] == NODES
+    assert [(d["node"], d["node_type"]) for d in node_events[1::2]] == NODES
     tokens = [e[2] for e in events if e[1] == "token"]
     assert [t["index"] for t in tokens] == list(range(n_tokens))
     assert {t["node"] for t in tokens} == {"llm"}

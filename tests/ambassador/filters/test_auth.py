@@ -163,11 +163,17 @@ def alg_none_token() -> str:
     return raw_token({"alg": "none", "typ": "JWT"}, good_claims(), lambda _: b"")
 
 
+def now() -> int:
+    """The wall clock when the token is made (not when tests are collected: a long run
+    would otherwise age these tokens into validity)."""
+    return int(time.time())
+
+
 def tokens_refused() -> list:
-    now = int(time.time())
     return [
-        pytest.param(lambda: hs_token(good_claims(exp=now - 120)), "expired", id="expired"),
-        pytest.param(lambda: hs_token(good_claims(nbf=now + 120)), "not_yet_valid", id="nbf-in-future"),
+        pytest.param(lambda: hs_token(good_claims(exp=now() - 120)), "expired", id="expired"),
+        pytest.param(lambda: hs_token(good_claims(nbf=now() + 120)), "not_yet_valid",
+                     id="nbf-in-future"),
         pytest.param(lambda: hs_token(good_claims(iss="https://evil")), "invalid_token", id="wrong-iss"),
         pytest.param(lambda: hs_token(good_claims(iss=None)), "invalid_token", id="missing-iss"),
         pytest.param(lambda: hs_token(good_claims(aud="someone-else")), "invalid_token", id="wrong-aud"),

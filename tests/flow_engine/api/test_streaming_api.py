@@ -38,7 +38,7 @@ def test_streamed_run_sends_numbered_events_ending_with_the_result(
     assert started == {"run_id": resp.headers["X-Run-ID"], "flow_id": "f", "version": 1,
                        "session_id": "s-1"}
     node_events = [event_data(e) for e in events if e.event.startswith("node_")]
-    assert [(d["node"], d["type"]) for d in node_events[::2]] == NODES
+    assert [(d["node"], d["node_type"]) for d in node_events[::2]] == NODES
     assert [t["index"] for t in tokens] == list(range(len(tokens)))
     assert {t["node"] for t in tokens} == {"llm"}
     assert "".join(t["text"] for t in tokens) == finished["output"]
