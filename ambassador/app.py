@@ -191,8 +191,14 @@ def _routes(app: Flask, amb: Ambassador) -> None:
     def run_events(run_id: str):
         if not FLOW_ID.match(run_id):
             return bad_request("invalid run id")
-        return _proxy(Request("GET", f"/api/v1/runs/{run_id}/events", _forwarded(),
-                              "/runs/<id>/events", None, stream=True))
+        last = request.args.get("last_event_id")
+        if last is not None and not last.isdigit():
+            return bad_request("last_event_id must be a non-negative integer")
+        path = f"/api/v1/runs/{run_id}/events" + (f"?last_event_id={last}" if last else "")
+        req = Request("GET", path, _forwarded(), "/runs/<id>/events", None, stream=True)
+        # callers limited to some flows may only watch runs of those flows
+        req.ctx["flow_of_run"] = lambda: amb.upstream.flow_of_run(run_id, req)
+        return _proxy(req)
 
     def _proxy(req: Request):
         req.ctx["trace"] = g.trace
@@ -216,14 +222,20 @@ def _routes(app: Flask, amb: Ambassador) -> None:
             access_log.info("request", extra={**fields, "duration_ms": round(elapsed * 1000, 3)})
             return FlaskResponse(response.body, status=response.status, headers=response.headers)
 
+        trace = g.trace
+
         def relay():
             try:
                 yield from response.chunks
             finally:
                 elapsed = time.perf_counter() - started
                 m.request_duration.labels(req.route).observe(elapsed)
-                access_log.info("request", extra={**fields, "stream": True,
-                                                  "duration_ms": round(elapsed * 1000, 3)})
+                token = tracing.current.set(trace)  # the request context is gone by now
+                try:
+                    access_log.info("request", extra={**fields, "stream": True,
+                                                      "duration_ms": round(elapsed * 1000, 3)})
+                finally:
+                    tracing.current.reset(token)
 
         headers = {**response.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return FlaskResponse(stream_with_context(relay()), status=response.status,

@@ -66,6 +66,9 @@ class Upstream(_Model):
     key: str | None = None
     key_file: str | None = None
     pool_size: int = Field(64, ge=1, le=10_000)
+    # below the engine's keep-alive (FLOW_ENGINE_KEEPALIVE, 5 s): never reuse a connection
+    # the engine may have closed
+    max_idle_s: float = Field(3.0, gt=0, le=3600)
     timeouts: Timeouts = Timeouts()
 
     @field_validator("url")

@@ -35,6 +35,31 @@ PASS_HEADERS = ("content-type", "x-run-id", "idempotent-replayed", "retry-after"
                 "x-accel-buffering", "location")
 
 
+class FreshConnectionPool(urllib3.HTTPConnectionPool):
+    """A pool that never hands out a connection idle longer than ``max_idle_s``.
+
+    The engine closes keep-alive connections idle for 5 s. urllib3 normally notices a
+    closed pooled socket before reuse, but not under gevent (its zero-timeout poll reports
+    the dead socket alive), and a burst after a quiet spell then fails with
+    RemoteDisconnected on connection after connection. Closing idle connections ourselves,
+    by age, is independent of that check.
+    """
+
+    max_idle_s = 3.0
+
+    def _get_conn(self, timeout=None):
+        conn = super()._get_conn(timeout)
+        idle_since = getattr(conn, "flowgate_idle_since", None)
+        if idle_since is not None and time.monotonic() - idle_since > self.max_idle_s:
+            conn.close()  # reconnects on use
+        return conn
+
+    def _put_conn(self, conn) -> None:
+        if conn is not None:
+            conn.flowgate_idle_since = time.monotonic()
+        super()._put_conn(conn)
+
+
 class Upstream:
     def __init__(self, settings: UpstreamSettings, key: str | None, *,
                  observe: Callable[[str, float], None] | None = None) -> None:
@@ -42,8 +67,13 @@ class Upstream:
         self.base = settings.url
         self._key_header = f"Bearer {key}" if key else None
         self._observe = observe or (lambda outcome, seconds: None)
-        self.pool = urllib3.connection_from_url(
-            settings.url, maxsize=settings.pool_size, block=False, retries=False)
+        scheme, _, rest = settings.url.partition("://")
+        host, _, port = rest.partition(":")
+        pool_class = FreshConnectionPool if scheme == "http" else urllib3.HTTPSConnectionPool
+        self.pool = pool_class(host, int(port) if port else (80 if scheme == "http" else 443),
+                               maxsize=settings.pool_size, block=False, retries=False)
+        if isinstance(self.pool, FreshConnectionPool):
+            self.pool.max_idle_s = settings.max_idle_s
         self.last_ok: float | None = None
         self.last_error: tuple[float, str] | None = None
 
@@ -89,6 +119,19 @@ class Upstream:
         self._ok(started, "ok" if resp.status < 500 else "error")
         return Response(resp.status, out_headers, data,
                         meta={"upstream_s": self._spent(request, started)})
+
+    def flow_of_run(self, run_id: str, request: Request) -> str | None:
+        """The flow a run belongs to (from the engine's run record), None when unknown."""
+        probe = Request("GET", f"/api/v1/runs/{run_id}", dict(request.headers), request.route,
+                        None, ctx={"trace": request.ctx.get("trace")})
+        probe.headers.pop("last-event-id", None)
+        answer = self(probe)
+        if answer.status != 200:
+            return None
+        try:
+            return answer.json().get("flow_id")
+        except ValueError:
+            return None
 
     def _headers(self, request: Request) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": request.header("accept") or

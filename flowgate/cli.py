@@ -94,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
 def _engine(args: argparse.Namespace) -> int:
     """Check settings and migrate the store once in the master, then fork the workers."""
     _metrics_dir("flowgate-engine-metrics-")  # before prometheus_client is imported
-    _patch_and_preload("flow_engine.app")
+    # langchain_openai too: imported lazily by the first openai-provider compile it would
+    # make the first run after every start 1.5 s slower; workers inherit it from here
+    _patch_and_preload("flow_engine.app", "langchain_openai")
     if args.insecure_no_auth:
         os.environ["FLOW_ENGINE_INSECURE_NO_AUTH"] = "1"
 
@@ -118,14 +120,15 @@ def _engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _patch_and_preload(module: str) -> None:
+def _patch_and_preload(*modules: str) -> None:
     """gevent-patch the master first, then import the app's modules once: forked workers
     inherit them (ready faster, pages shared copy-on-write) and nothing imported ssl or
     threading before the patch. The app itself is still built in each worker."""
     from gevent import monkey
 
     monkey.patch_all()
-    __import__(module)
+    for module in modules:
+        __import__(module)
 
 
 def _metrics_dir(prefix: str) -> None:

@@ -6,7 +6,8 @@ secret, or RS256 with a public key or a JWKS file). JWTs must carry ``exp``; ``n
 and ``aud`` are checked when present or configured, with ``leeway_s`` of clock skew. Only
 the configured algorithm is accepted, so ``alg: none`` and HS256-signed-with-the-public-key
 (algorithm confusion) are rejected. An identity may be limited to a list of flow ids (403
-for others). The identity and tenant travel upstream as ``X-Flowgate-Identity`` /
+for others, and for watching the runs of others: ``GET /runs/{id}/events`` looks up the
+run's flow first). The identity and tenant travel upstream as ``X-Flowgate-Identity`` /
 ``X-Flowgate-Tenant``; the credentials themselves never do.
 """
 
@@ -72,10 +73,15 @@ class Auth:
         identity = self._api_key(request) if mode == "api_keys" else self._jwt(request)
         if isinstance(identity, Response):
             return identity
-        if not identity.may_run(request.flow_id):
+        flow_id = request.flow_id
+        if flow_id is None and identity.flows is not None and "flow_of_run" in request.ctx:
+            flow_id = request.ctx["flow_of_run"]()  # watching a run: whose flow is it?
+            if flow_id is None:
+                return error_response(404, "run_not_found", "no such run", request)
+        if not identity.may_run(flow_id):
             self._on_failure("flow_not_allowed")
             return error_response(403, "forbidden",
-                                  f"'{identity.name}' may not run flow '{request.flow_id}'", request)
+                                  f"'{identity.name}' may not run flow '{flow_id}'", request)
         request.ctx["identity"] = identity
         return next(request)
 

@@ -1,12 +1,12 @@
 """Response cache for flows that opt in (``flows.<id>.cache`` in the config).
 
-Key: SHA-256 of (flow id, pinned version, input, tweaks, the caller's tenant, and the
-session id when ``session_in_key``). Stored: successful, non-streamed run answers only —
-never errors, never streams. ``Cache-Control: no-cache`` skips the lookup (the fresh answer
-is still stored); ``no-store`` skips storing. When the engine fails (unreachable, open
-breaker, 500/502/503/504 — a 502 is a failed LLM, exactly when an older answer helps), an
-entry up to ``stale_if_error_s`` past its TTL is served instead
-(``X-Cache: STALE``). ``X-Cache`` is HIT, MISS, BYPASS or STALE on every run answer.
+Key: SHA-256 of (flow id, pinned version, input, tweaks, input and output type, the
+caller's tenant, and the session id when ``session_in_key``). Stored: successful,
+non-streamed run answers only — never errors, never streams. ``Cache-Control: no-cache``
+skips the lookup (the fresh answer is still stored); ``no-store`` skips storing. When the
+engine fails (unreachable, open breaker, 500/502/503/504 — a 502 is a failed LLM, exactly
+when an older answer helps), an entry up to ``stale_if_error_s`` past its TTL is served
+instead (``X-Cache: STALE``). ``X-Cache`` is HIT, MISS, BYPASS or STALE on every run answer.
 
 Storage is Redis when ``REDIS_URL`` is set, else an in-process LRU. A cache failure never
 fails a request: the cache is skipped and ``flowgate_ambassador_cache_errors_total`` counts it.
@@ -59,24 +59,45 @@ class MemoryCacheStore:
                 self._data.popitem(last=False)
 
 
+class RedisDown(Exception):
+    """Redis failed a moment ago; not trying again yet."""
+
+
 class RedisCacheStore:
-    def __init__(self, client: Any, prefix: str = "flowgate:cache:") -> None:
+    """Entries in Redis. After a failure Redis is left alone for ``pause_s`` so that a hung
+    Redis costs one timeout per pause, not one per request."""
+
+    def __init__(self, client: Any, prefix: str = "flowgate:cache:", pause_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.prefix = prefix
+        self.pause_s = pause_s
+        self._clock = clock
+        self._down_until = 0.0
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        if self._clock() < self._down_until:
+            raise RedisDown("redis paused after a failure")
+        try:
+            return fn()
+        except Exception:
+            self._down_until = self._clock() + self.pause_s
+            raise
 
     def get(self, key: str) -> dict[str, Any] | None:
-        raw = self.client.get(self.prefix + key)
+        raw = self._call(lambda: self.client.get(self.prefix + key))
         return json.loads(raw) if raw else None
 
     def set(self, key: str, entry: dict[str, Any], keep_s: float) -> None:
-        self.client.set(self.prefix + key, json.dumps(entry), px=max(1, int(keep_s * 1000)))
+        self._call(lambda: self.client.set(self.prefix + key, json.dumps(entry),
+                                           px=max(1, int(keep_s * 1000))))
 
 
 def cache_key(request: Request, session_in_key: bool) -> str:
     body = request.body or {}
     identity = request.ctx.get("identity")
     parts = [request.flow_id, body.get("version"), body.get("input_value"), body.get("tweaks"),
-             getattr(identity, "tenant", None),
+             body.get("input_type"), body.get("output_type"), getattr(identity, "tenant", None),
              body.get("session_id") if session_in_key else None]
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -55,14 +55,26 @@ class LocalBuckets:
 
 
 class RedisBuckets:
-    def __init__(self, client: Any, prefix: str = "flowgate:rl:") -> None:
+    """Buckets in Redis, shared by every ambassador. After a failure Redis is left alone
+    for ``pause_s`` (local buckets decide meanwhile), so a hung Redis is not a timeout on
+    every request."""
+
+    def __init__(self, client: Any, prefix: str = "flowgate:rl:", pause_s: float = 5.0) -> None:
         self.client = client
         self.prefix = prefix
+        self.pause_s = pause_s
+        self._down_until = 0.0
         self._script = client.register_script(_LUA)
 
     def take(self, key: str, limit: RateLimitSettings) -> float:
-        allowed, wait_ms = self._script(keys=[self.prefix + key],
-                                        args=[limit.requests_per_s, limit.burst, time.time()])
+        if time.monotonic() < self._down_until:
+            raise ConnectionError("redis paused after a failure")
+        try:
+            allowed, wait_ms = self._script(keys=[self.prefix + key],
+                                            args=[limit.requests_per_s, limit.burst, time.time()])
+        except Exception:
+            self._down_until = time.monotonic() + self.pause_s
+            raise
         return 0.0 if int(allowed) else int(wait_ms) / 1000
 
 
