@@ -138,3 +138,22 @@ end""")
     p50, p99, duration = map(float, fields[4:])
     return {"requests": requests_, "non_2xx": status_err, "socket_errors": sock_err,
             "timeouts": timeouts, "rps": requests_ / duration, "p50_ms": p50, "p99_ms": p99}
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its direct children: a gunicorn master and its workers."""
+    return [pid, *children(pid)]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds that ``pids`` have used so far (``/proc/<pid>/stat``);
+    a process that has gone away counts 0."""
+    ticks = 0
+    for pid in pids:
+        try:
+            # comm (field 2) may hold spaces; utime and stime are fields 14 and 15
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
