@@ -36,6 +36,8 @@ from flowgate import jsonlog, tracing
 log = logging.getLogger("ambassador")
 access_log = logging.getLogger("ambassador.access")
 FLOW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+REFUSED = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
 RUN_FLOW_FIELDS = {"flow_id", "input", "session_id", "tweaks", "version", "stream",
                    "input_type", "output_type", "on_disconnect"}
 _FORWARD = ("idempotency-key", "cache-control", "traceparent", "x-request-id", "authorization",
@@ -141,11 +143,14 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         g.trace = tracing.from_headers(request.headers.get("traceparent"),
                                        request.headers.get("X-Request-ID"))
         g.token = tracing.current.set(g.trace)
-        m.in_flight.inc()
+        if request.path not in PROBES:
+            g.in_flight = True
+            m.in_flight.inc()
 
     @app.teardown_request
     def _end(_exc):
-        m.in_flight.dec()
+        if g.pop("in_flight", False):  # teardown runs twice for streamed answers
+            m.in_flight.dec()
         token = g.pop("token", None)
         if token is not None:
             tracing.current.reset(token)
@@ -211,7 +216,8 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         if upstream_s:
             m.upstream_duration.labels(req.route).observe(upstream_s)
         cache = response.meta.get("cache", "none")
-        flow = req.flow_id or ""
+        # a refused or unknown flow id is the caller's string: keep it out of label values
+        flow = req.flow_id or "" if response.status not in REFUSED else ""
         m.requests.labels(req.route, flow, str(response.status), cache).inc()
         fields = {"route": req.route, "flow_id": req.flow_id, "status": response.status,
                   "attempts": response.meta.get("attempts", 1), "cache": cache,

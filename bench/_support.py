@@ -6,6 +6,7 @@ and noisy); the last line of each script is one JSON object.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -64,8 +65,11 @@ def server(args: list[str], port: int, ready_path: str, env: dict[str, str] | No
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone (it may have died before it was ready)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         Path(log.name).unlink(missing_ok=True)
 
 

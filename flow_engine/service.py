@@ -138,7 +138,7 @@ class FlowService:
 
     def _compile(self, flow_id: str, version: int, tweaks: Mapping[str, Any] | None) -> CompiledFlow:
         record = self.store.get_version(flow_id, version)
-        raw = apply_tweaks(record.definition, tweaks) if tweaks else record.definition
+        raw = apply_tweaks(record.definition, tweaks, self.registry) if tweaks else record.definition
         definition = self.validate(raw, flow_id)
         return compile_flow(FlowVersion(flow_id, version, definition), self.registry,
                             self.build_context)

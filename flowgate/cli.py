@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _engine(args: argparse.Namespace) -> int:
     """Check settings and migrate the store once in the master, then fork the workers."""
-    _metrics_dir("flowgate-engine-metrics-")  # before prometheus_client is imported
+    workers = args.workers or int(os.environ.get("FLOW_ENGINE_WORKERS")
+                                  or (2 if os.environ.get("REDIS_URL") else 1))
+    _metrics_dir("flowgate-engine-metrics-", workers)  # before prometheus_client is imported
     # langchain_openai too: imported lazily by the first openai-provider compile it would
     # make the first run after every start 1.5 s slower; workers inherit it from here
     _patch_and_preload("flow_engine.app", "langchain_openai")
@@ -131,11 +133,14 @@ def _patch_and_preload(*modules: str) -> None:
         __import__(module)
 
 
-def _metrics_dir(prefix: str) -> None:
-    """Prometheus multiprocess mode: a fresh directory, set before the client is imported."""
+def _metrics_dir(prefix: str, workers: int) -> None:
+    """Prometheus multiprocess mode for several workers: a fresh directory, set before the
+    client is imported. One worker keeps plain in-process metrics (cheaper per request)."""
     import shutil
     import tempfile
 
+    if workers <= 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=prefix)
     else:
@@ -144,7 +149,8 @@ def _metrics_dir(prefix: str) -> None:
 
 
 def _ambassador(args: argparse.Namespace) -> int:
-    _metrics_dir("flowgate-ambassador-metrics-")  # before prometheus_client is imported
+    workers = args.workers or int(os.environ.get("AMBASSADOR_WORKERS") or 1)
+    _metrics_dir("flowgate-ambassador-metrics-", workers)  # before prometheus_client is imported
     _patch_and_preload("ambassador.app")
     import ipaddress
 

@@ -41,8 +41,10 @@ class Stack:
               ready_path: str) -> None:
         _check_port_free(name, port)
         log = open(STATE / f"{name}.log", "ab")
+        # each service decides its own metrics directory (never a shared inherited one)
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": "", **env}
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603
-                                env={**os.environ, **env}, start_new_session=True)
+                                env=env, start_new_session=True)
         self.procs.append((name, proc))
         _wait_ready(name, f"http://127.0.0.1:{port}{ready_path}", proc)
 
@@ -83,12 +85,14 @@ def up(args: argparse.Namespace) -> int:
                      "DATABASE_URL": os.environ.get("DATABASE_URL",
                                                     f"sqlite:///{(STATE / 'flowgate.db').resolve()}")},
                     args.engine_port, "/readyz")
+        config = os.environ.get("AMBASSADOR_CONFIG") or str(_demo_ambassador_config())
         stack.start("ambassador", [py, "-m", "flowgate.cli", "ambassador",
                                    "--port", str(args.ambassador_port)],
                     {"AMBASSADOR_UPSTREAM_URL": f"http://127.0.0.1:{args.engine_port}",
-                     "AMBASSADOR_UPSTREAM_KEY": key}, args.ambassador_port, "/readyz")
+                     "AMBASSADOR_UPSTREAM_KEY": key, "AMBASSADOR_CONFIG": config},
+                    args.ambassador_port, "/readyz")
         flows = _push_examples(args.examples, args.engine_port, key)
-        _banner(args, llm_url, flows)
+        _banner(args, llm_url, flows, config)
         while all(proc.poll() is None for _name, proc in stack.procs):
             time.sleep(0.5)
         dead = [name for name, proc in stack.procs if proc.poll() is not None]
@@ -105,6 +109,26 @@ def up(args: argparse.Namespace) -> int:
         stack.stop()
         if stopping:
             print("stopped.", file=sys.stderr)
+
+
+DEMO_AMBASSADOR_CONFIG = """\
+# Written by `flowgate up` (set AMBASSADOR_CONFIG to use your own). Edits apply without a
+# restart. The format is in ambassador/config.py.
+inbound_auth: {mode: none}          # loopback only
+flows:
+  faq-rag:
+    cache: {ttl_s: 60, stale_if_error_s: 3600}
+    fallback: {output: "The FAQ assistant is unavailable right now; please try again soon."}
+  support-router:
+    ratelimit: {requests_per_s: 20, burst: 40}
+"""
+
+
+def _demo_ambassador_config() -> Path:
+    path = STATE / "ambassador.yaml"
+    if not path.exists():
+        path.write_text(DEMO_AMBASSADOR_CONFIG, encoding="utf-8")
+    return path.resolve()
 
 
 def _push_examples(folder: Path, engine_port: int, key: str) -> list[str]:
@@ -135,7 +159,7 @@ def _same(stored, definition) -> bool:
     return all(stored.get(k) == definition.get(k) for k in keys if k in definition)
 
 
-def _banner(args, llm_url: str, flows: list[str]) -> None:
+def _banner(args, llm_url: str, flows: list[str], config: str) -> None:
     amb = f"http://127.0.0.1:{args.ambassador_port}"
     flow = "faq-rag" if "faq-rag" in flows else (flows[0] if flows else "FLOW")
     print(f"""
@@ -145,6 +169,7 @@ Flowgate is up.
   llm         {llm_url}
   flows       {', '.join(flows) or 'none'}
   logs        {STATE}/*.log
+  config      {config} (the ambassador's; edits apply live)
 
 Try:
   curl -s {amb}/run-flow -H 'Content-Type: application/json' \\

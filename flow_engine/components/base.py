@@ -101,6 +101,9 @@ class Component:
     # True when the Runnable is given the run input ({input_value, session_id, ...}) instead
     # of edges (input nodes, chat history).
     reads_run_input: ClassVar[bool] = False
+    # Params a run's tweaks may not change (e.g. where an LLM call, with the engine's key,
+    # is sent): only a new flow version can.
+    locked_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self) -> None:
         schema = copy.deepcopy(dict(self.params_schema))

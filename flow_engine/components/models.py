@@ -77,6 +77,8 @@ class ChatModel(Component):
     )
     outputs = ("message",)
     input_ports = (Port("prompt", coerce="prompt", description="text, prompt or messages"),)
+    # a tweak pointing base_url elsewhere would send the engine's OPENAI_API_KEY there
+    locked_params = frozenset({"provider", "base_url"})
     params_schema = {
         "type": "object",
         "properties": {

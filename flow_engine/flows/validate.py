@@ -80,10 +80,12 @@ def validate_flow(
     )
 
 
-def apply_tweaks(data: Mapping[str, Any], tweaks: Any) -> dict[str, Any]:
+def apply_tweaks(data: Mapping[str, Any], tweaks: Any,
+                 registry: ComponentRegistry | None = None) -> dict[str, Any]:
     """Return a copy of the raw definition with ``tweaks`` (``{node_id: {param: value}}``,
     LangFlow's run-time overrides) merged into node params; raise :class:`FlowInvalid` when
-    the tweaks object itself is malformed. Validate the result like any definition."""
+    the tweaks object itself is malformed or (given the registry) touches a locked param.
+    Validate the result like any definition."""
     if not tweaks:
         return dict(data)
     problems: list[Problem] = []
@@ -98,6 +100,13 @@ def apply_tweaks(data: Mapping[str, Any], tweaks: Any) -> dict[str, Any]:
         elif not isinstance(params, dict):
             problems.append(Problem(f"$.tweaks.{node_id}", "tweaks for a node must be an object"))
         else:
+            component = registry.get(node.get("type")) if registry is not None else None
+            locked = sorted(set(params) & component.locked_params) if component else []
+            for name in locked:
+                problems.append(Problem(
+                    f"$.tweaks.{node_id}.{name}",
+                    f"'{name}' of a {component.type_name} cannot be changed per run; "
+                    "publish a new flow version instead"))
             node["params"] = {**(node.get("params") or {}), **params}
     if problems:
         raise FlowInvalid(problems)

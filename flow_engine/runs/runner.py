@@ -313,6 +313,10 @@ def stream_with(
         if on_event is not None:
             on_event(event)
         events.put(event)
+        # Let the consumer send it now. Under gevent a queue put does not switch, and a
+        # run whose provider socket already holds the whole answer never blocks: without
+        # this yield the first token would leave only when the run had finished.
+        time.sleep(0)
 
     def worker() -> None:
         try:

@@ -117,6 +117,7 @@ class RunService:
         self.signals = signals
         self._now = clock or (lambda: datetime.now(UTC))
         self._active: dict[str, PreparedRun] = {}
+        self._series: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         if signals is not None:
             signals.on("cancel", lambda message: self._cancel_local(message.get("run_id", "")))
@@ -203,7 +204,14 @@ class RunService:
             self._active.pop(prepared.run_id, None)
         m = self.metrics
         m.active_runs.dec()
-        m.runs.labels(compiled.flow_id, str(compiled.version), status).inc()
+        version = str(compiled.version)
+        if (compiled.flow_id, version) not in self._series:
+            # every outcome's series exists from a version's first run, so rate() sees the
+            # first failure too (a series born at 1 has no increase to show)
+            self._series.add((compiled.flow_id, version))
+            for outcome in ("succeeded", "failed", "cancelled"):
+                m.runs.labels(compiled.flow_id, version, outcome)
+        m.runs.labels(compiled.flow_id, version, status).inc()
         m.run_duration.labels(compiled.flow_id).observe(seconds)
         if result is not None:
             for node, ms in result.nodes.items():
