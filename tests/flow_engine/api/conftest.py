@@ -12,26 +12,20 @@ have exercised both backends.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import sseclient
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from psycopg import sql
 
 from flow_engine.app import create_app
 from flow_engine.metrics import EngineMetrics
 
-POSTGRES_URL = os.environ.get("FLOWGATE_TEST_POSTGRES_URL",
-                              "postgresql://postgres@127.0.0.1:5432/test")
 API_KEYS = "test-key,second-key"
 ECHO_PREFIX = "[echo: not an LLM] "
 
@@ -126,32 +120,6 @@ def echo_prefix() -> str:
 
 
 # -- databases ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def postgres_admin() -> Iterator[psycopg.Connection]:
-    """An autocommit connection for creating and dropping test schemas."""
-    try:
-        conn = psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        reason = (f"PostgreSQL is not reachable at {POSTGRES_URL} ({exc.__class__.__name__}: "
-                  f"{str(exc).strip()}); start it or set FLOWGATE_TEST_POSTGRES_URL")
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI is set, so the postgres backend must run)", pytrace=False)
-        pytest.skip(reason)
-    with conn:
-        yield conn
-
-
-@pytest.fixture
-def postgres_url(postgres_admin: psycopg.Connection) -> Iterator[str]:
-    """The URL of a fresh, empty schema; dropped with everything in it after the test."""
-    schema = f"flowgate_api_{uuid.uuid4().hex[:16]}"
-    postgres_admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        postgres_admin.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 @pytest.fixture(params=[pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres")])
