@@ -160,17 +160,24 @@ class Upstream:
         sock = getattr(resp.connection, "sock", None)
         if sock is not None:
             sock.settimeout(idle)
+        complete = False
         try:
             if resp.chunked:
                 yield from resp.read_chunked(decode_content=False)
             else:
                 while chunk := resp.read1(65536):
                     yield chunk
+            complete = True
         except ReadTimeoutError:
             yield _sse_error("upstream_timeout", f"no event from the flow engine for {idle:g} s")
         except ProtocolError as exc:
             yield _sse_error("bad_upstream", f"the stream from the flow engine broke ({_cause(exc)})")
         finally:
+            if not complete:
+                # The app left (or the stream broke): close the connection so the engine
+                # sees the disconnect now and cancels the run, instead of streaming on into
+                # a pooled socket nobody reads.
+                resp.close()
             resp.release_conn()
 
     def _ok(self, started: float, outcome: str) -> None:

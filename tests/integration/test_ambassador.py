@@ -979,7 +979,7 @@ def test_requests_keep_working_when_redis_stops(engine, start_ambassador, fresh_
 
     # Redis back on the same address: the cache works again without a restart.
     with redis_server(tmp_path, port=int(url.rsplit(":", 1)[1].split("/")[0])):
-        again = wait_for(lambda: amb.run("back").headers["X-Cache"] == "HIT", 5, interval_s=0.2,
+        again = wait_for(lambda: amb.run("back").headers["X-Cache"] == "HIT", 15, interval_s=0.2,
                          what="the cache works again once Redis is back")
     assert again
 
