@@ -75,7 +75,10 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
 
 def _shared_state(settings: Settings, metrics: EngineMetrics):
     """The run event log, plus Redis-backed sharing between processes when REDIS_URL is set."""
-    memory = MemoryEventLog(ttl_s=settings.event_ttl_s)
+    # This process's recent runs, for live watching and resuming: bounded so that a busy
+    # worker stays small (Redis, when configured, keeps events for event_ttl_s).
+    memory = MemoryEventLog(max_runs=settings.event_memory_runs,
+                            ttl_s=min(settings.event_ttl_s, 600.0))
     if not settings.redis_url:
         return RunEventLog(memory), None
     import redis

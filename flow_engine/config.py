@@ -50,6 +50,7 @@ class Settings:
     ws_max_connections: int = 500  # open WebSockets per process; more are closed with 1013
     flow_cache_ttl_s: float = 1.0
     event_ttl_s: float = 3600.0
+    event_memory_runs: int = 2000
     shared_events_grace_s: float = 2.0
     log_level: str = "INFO"
 
