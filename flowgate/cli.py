@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     eng.add_argument("--host", default="127.0.0.1")
     eng.add_argument("--port", type=int, default=8000)
     eng.add_argument("--workers", type=int, default=None,
-                     help="worker processes (default: FLOW_ENGINE_WORKERS or 2)")
+                     help="worker processes (default: FLOW_ENGINE_WORKERS, else 2 with REDIS_URL, else 1)")
     eng.add_argument("--insecure-no-auth", action="store_true",
                      help="accept requests without an API key (local development only)")
     eng.set_defaults(handler=_engine)
