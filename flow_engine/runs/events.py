@@ -62,6 +62,7 @@ class MemoryEventLog:
         self._clock = clock
         self._runs: OrderedDict[str, _RunEvents] = OrderedDict()
         self._lock = threading.Lock()
+        self._next_sweep = 0.0
 
     def _get(self, run_id: str, create: bool) -> _RunEvents | None:
         with self._lock:
@@ -76,12 +77,21 @@ class MemoryEventLog:
             return run
 
     def _evict(self) -> None:
+        """Called with the lock held when a run is added: a full TTL sweep at most every
+        few seconds (reads drop expired runs themselves), and the capacity bound by evicting
+        from the oldest end, finished runs first."""
         now = self._clock()
-        for run_id in [r for r, v in self._runs.items()
-                       if v.finished_at is not None and now - v.finished_at > self.ttl_s]:
-            del self._runs[run_id]
+        if now >= self._next_sweep:
+            self._next_sweep = now + min(5.0, self.ttl_s)
+            for run_id in [r for r, v in self._runs.items()
+                           if v.finished_at is not None and now - v.finished_at > self.ttl_s]:
+                del self._runs[run_id]
         while len(self._runs) >= self.max_runs:
-            victim = next((r for r, v in self._runs.items() if v.finished_at is not None), None)
+            victim = None
+            for i, (run_id, run) in enumerate(self._runs.items()):
+                if run.finished_at is not None or i >= 64:  # oldest first; bounded scan
+                    victim = run_id
+                    break
             del self._runs[victim if victim is not None else next(iter(self._runs))]
 
     def append(self, run_id: str, event: RunEvent) -> None:
