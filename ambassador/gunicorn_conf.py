@@ -20,7 +20,7 @@ loglevel = os.environ.get("AMBASSADOR_GUNICORN_LOGLEVEL", "warning")
 
 
 def child_exit(server, worker):
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    """Forget a dead worker's live gauges (prometheus multiprocess mode)."""
+    from flowgate.prometheus import forget_worker
 
-        multiprocess.mark_process_dead(worker.pid)
+    forget_worker(worker.pid)

@@ -3,27 +3,19 @@ under gunicorn when ``PROMETHEUS_MULTIPROC_DIR`` is set (as for the engine)."""
 
 from __future__ import annotations
 
-import os
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from flowgate.prometheus import ServiceMetrics
 
 LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 BREAKER_STATES = ("closed", "open", "half_open")
 
 
-class AmbassadorMetrics:
+class AmbassadorMetrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.multiprocess = registry is None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        kw = {"registry": None if self.multiprocess else self.registry}
+        super().__init__(registry)
+        kw = self.options
         self.requests = Counter(
             "flowgate_ambassador_requests_total", "Requests by route, flow, status and cache result.",
             ["route", "flow", "status", "cache"], **kw)
@@ -87,12 +79,3 @@ class AmbassadorMetrics:
         for reason in ("connect_error", "unavailable", "timeout", "upstream_error"):
             self.retries.labels(reason)
         self.upstream_up.set(1)
-
-    def render(self) -> tuple[bytes, str]:
-        if self.multiprocess:
-            from prometheus_client import multiprocess
-
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -28,7 +28,6 @@ loglevel = os.environ.get("FLOW_ENGINE_GUNICORN_LOGLEVEL", "warning")
 
 def child_exit(server, worker):
     """Forget a dead worker's live gauges (prometheus multiprocess mode)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    from flowgate.prometheus import forget_worker
 
-        multiprocess.mark_process_dead(worker.pid)
+    forget_worker(worker.pid)

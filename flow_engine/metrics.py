@@ -8,28 +8,19 @@ own ``CollectorRegistry``.
 
 from __future__ import annotations
 
-import os
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from flowgate.prometheus import ServiceMetrics
 
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 NODE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class EngineMetrics:
+class EngineMetrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.multiprocess = registry is None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        # multiprocess: values go to mmap files and render() collects them from every worker
-        kw = {"registry": None if self.multiprocess else self.registry}
+        super().__init__(registry)
+        kw = self.options
 
         self.http_requests = Counter(
             "flowgate_engine_http_requests_total", "HTTP requests by route, method and status.",
@@ -90,12 +81,3 @@ class EngineMetrics:
             self.compile_cache.labels(result)
         for op in ("read", "write"):
             self.store_errors.labels(op)
-
-    def render(self) -> tuple[bytes, str]:
-        if self.multiprocess:
-            from prometheus_client import multiprocess
-
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
