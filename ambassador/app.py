@@ -40,8 +40,10 @@ PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 REFUSED = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
 RUN_FLOW_FIELDS = {"flow_id", "input", "session_id", "tweaks", "version", "stream",
                    "input_type", "output_type", "on_disconnect"}
-_FORWARD = ("idempotency-key", "cache-control", "traceparent", "x-request-id", "authorization",
-            "x-api-key", "accept", "last-event-id")
+# request headers the chain may use, by their WSGI environ key
+_FORWARD = {"HTTP_" + name.upper().replace("-", "_"): name for name in (
+    "idempotency-key", "cache-control", "traceparent", "x-request-id", "authorization",
+    "x-api-key", "accept", "last-event-id")}
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -181,8 +183,9 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         problem = _check_run_body(body)
         if problem:
             return bad_request(problem)
-        stream = bool(body.get("stream")) or \
-            request.accept_mimetypes.best == "text/event-stream"
+        stream = bool(body.get("stream")) or (
+            "text/event-stream" in request.headers.get("Accept", "")
+            and request.accept_mimetypes.best == "text/event-stream")
         upstream_body = {"input_value": body.get("input")}
         for name in ("session_id", "tweaks", "version", "input_type", "output_type",
                      "on_disconnect"):
@@ -314,7 +317,8 @@ def _routes(app: Flask, amb: Ambassador) -> None:
 
 
 def _forwarded() -> dict[str, str]:
-    return {name: value for name in _FORWARD if (value := request.headers.get(name)) is not None}
+    environ = request.environ
+    return {name: environ[key] for key, name in _FORWARD.items() if key in environ}
 
 
 def _check_run_body(body: Any) -> str | None:

@@ -34,6 +34,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flowgate import jsonlog
+
 log = logging.getLogger(__name__)
 FILTERS = ("trace", "auth", "ratelimit", "fallback", "cache", "breaker", "retry", "timeout")
 DEFAULT_FILTERS = list(FILTERS)
@@ -175,6 +177,11 @@ class Settings(_Model):
     redis_url: str | None = None
     max_body_bytes: int = Field(1_048_576, ge=1024, le=100 * 1_048_576)
     log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        return jsonlog.level_name(value)
 
     @field_validator("filters")
     @classmethod

@@ -1,6 +1,7 @@
 """The terminal handler: a pooled HTTP/1.1 client to the flow engine.
 
-It adds the engine's service key (apps never hold it), forwards the trace headers and the
+It speaks HTTP/1.1 through :mod:`ambassador.http1` (kept lean: it is on every request's
+path). It adds the engine's service key (apps never hold it), forwards the trace headers and the
 caller's identity, and turns every transport failure into an error response whose
 ``meta["upstream_error"]`` tells the retry and breaker filters what happened:
 
@@ -9,7 +10,7 @@ caller's identity, and turns every transport failure into an error response whos
     reset           the connection broke after the request was sent
     protocol        the engine answered something that is not HTTP
 
-Streams are passed through chunk by chunk as they arrive (``read_chunked``), with a
+Streams are passed through chunk by chunk as they arrive, with a
 first-byte deadline for the response head and an idle deadline between chunks instead of a
 total deadline, so long generations are never cut while tokens keep flowing.
 """
@@ -20,44 +21,14 @@ import json
 import time
 from collections.abc import Callable, Iterator
 
-import urllib3
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-)
-
+from ambassador import http1
 from ambassador.chain import Request, Response, error_response
 from ambassador.config import Upstream as UpstreamSettings
 
-PASS_HEADERS = ("content-type", "x-run-id", "idempotent-replayed", "retry-after", "cache-control",
-                "x-accel-buffering", "location")
-
-
-class FreshConnectionPool(urllib3.HTTPConnectionPool):
-    """A pool that never hands out a connection idle longer than ``max_idle_s``.
-
-    The engine closes keep-alive connections idle for 5 s. urllib3 normally notices a
-    closed pooled socket before reuse, but not under gevent (its zero-timeout poll reports
-    the dead socket alive), and a burst after a quiet spell then fails with
-    RemoteDisconnected on connection after connection. Closing idle connections ourselves,
-    by age, is independent of that check.
-    """
-
-    max_idle_s = 3.0
-
-    def _get_conn(self, timeout=None):
-        conn = super()._get_conn(timeout)
-        idle_since = getattr(conn, "flowgate_idle_since", None)
-        if idle_since is not None and time.monotonic() - idle_since > self.max_idle_s:
-            conn.close()  # reconnects on use
-        return conn
-
-    def _put_conn(self, conn) -> None:
-        if conn is not None:
-            conn.flowgate_idle_since = time.monotonic()
-        super()._put_conn(conn)
+# engine response headers passed to the app: lower-case name → the name filters look up
+PASS_HEADERS = {name.lower(): name for name in (
+    "Content-Type", "X-Run-ID", "Idempotent-Replayed", "Retry-After", "Cache-Control",
+    "X-Accel-Buffering", "Location")}
 
 
 class Upstream:
@@ -69,11 +40,8 @@ class Upstream:
         self._observe = observe or (lambda outcome, seconds: None)
         scheme, _, rest = settings.url.partition("://")
         host, _, port = rest.partition(":")
-        pool_class = FreshConnectionPool if scheme == "http" else urllib3.HTTPSConnectionPool
-        self.pool = pool_class(host, int(port) if port else (80 if scheme == "http" else 443),
-                               maxsize=settings.pool_size, block=False, retries=False)
-        if isinstance(self.pool, FreshConnectionPool):
-            self.pool.max_idle_s = settings.max_idle_s
+        self.pool = http1.Pool(scheme, host, int(port) if port else (80 if scheme == "http" else 443),
+                               maxsize=settings.pool_size, max_idle_s=settings.max_idle_s)
         self.last_ok: float | None = None
         self.last_error: tuple[float, str] | None = None
 
@@ -85,37 +53,29 @@ class Upstream:
         body = json.dumps(request.body).encode() if request.body is not None else None
         started = time.perf_counter()
         try:
-            resp = self.pool.urlopen(
-                request.method, request.path, body=body, headers=headers, retries=False,
-                redirect=False, preload_content=False,
-                timeout=urllib3.Timeout(connect=t.connect_s, read=read))
-        except (NewConnectionError, ConnectTimeoutError) as exc:
+            resp = self.pool.request(request.method, request.path, headers, body,
+                                     connect_timeout=t.connect_s, read_timeout=read)
+            out_headers = {PASS_HEADERS[k]: v for k, v in resp.headers if k in PASS_HEADERS}
+            if request.stream and resp.status == 200:
+                self._ok(started, "ok")
+                return Response(resp.status, out_headers, chunks=self._chunks(resp),
+                                meta={"upstream_s": self._spent(request, started)})
+            try:
+                data = resp.read()
+            finally:
+                resp.close()
+        except http1.ConnectFailed as exc:
             return self._failed(request, started, "connect_error", 503, "upstream_unavailable",
-                                f"the flow engine is unreachable ({type(exc).__name__})")
-        except ReadTimeoutError:
+                                f"the flow engine is unreachable ({exc})")
+        except http1.Timeout:
             return self._failed(request, started, "timeout", 504, "upstream_timeout",
                                 f"the flow engine did not answer within {read:g} s")
-        except ProtocolError as exc:
+        except http1.Broken as exc:
             return self._failed(request, started, "reset", 502, "bad_upstream",
-                                f"the connection to the flow engine broke ({_cause(exc)})")
-        except (urllib3.exceptions.HTTPError, OSError) as exc:  # TLS, proxy, ... errors
+                                f"the connection to the flow engine broke ({exc})")
+        except http1.BadResponse as exc:
             return self._failed(request, started, "protocol", 502, "bad_upstream",
-                                f"talking to the flow engine failed ({type(exc).__name__})")
-        out_headers = {k: v for k, v in resp.headers.items() if k.lower() in PASS_HEADERS}
-        if request.stream and resp.status == 200:
-            self._ok(started, "ok")
-            return Response(resp.status, out_headers, chunks=self._chunks(resp),
-                            meta={"upstream_s": self._spent(request, started)})
-        try:
-            data = resp.read()
-        except ReadTimeoutError:
-            return self._failed(request, started, "timeout", 504, "upstream_timeout",
-                                f"the flow engine did not answer within {read:g} s")
-        except ProtocolError as exc:
-            return self._failed(request, started, "reset", 502, "bad_upstream",
-                                f"the connection to the flow engine broke ({_cause(exc)})")
-        finally:
-            resp.release_conn()
+                                f"the flow engine answered something that is not HTTP ({exc})")
         self._ok(started, "ok" if resp.status < 500 else "error")
         return Response(resp.status, out_headers, data,
                         meta={"upstream_s": self._spent(request, started)})
@@ -154,31 +114,22 @@ class Upstream:
             headers["Authorization"] = self._key_header
         return headers
 
-    def _chunks(self, resp) -> Iterator[bytes]:
-        """Chunks as they arrive; after the head, the socket waits at most stream_idle_s."""
+    def _chunks(self, resp: http1.Response) -> Iterator[bytes]:
+        """Body pieces as they arrive; after the head, each read waits at most stream_idle_s."""
         idle = self.settings.timeouts.stream_idle_s
-        sock = getattr(resp.connection, "sock", None)
-        if sock is not None:
-            sock.settimeout(idle)
-        complete = False
+        resp.set_read_timeout(idle)
         try:
-            if resp.chunked:
-                yield from resp.read_chunked(decode_content=False)
-            else:
-                while chunk := resp.read1(65536):
-                    yield chunk
-            complete = True
-        except ReadTimeoutError:
+            yield from resp.stream()
+        except http1.Timeout:
             yield _sse_error("upstream_timeout", f"no event from the flow engine for {idle:g} s")
-        except ProtocolError as exc:
-            yield _sse_error("bad_upstream", f"the stream from the flow engine broke ({_cause(exc)})")
+        except (http1.Broken, http1.BadResponse) as exc:
+            yield _sse_error("bad_upstream", f"the stream from the flow engine broke ({exc})")
         finally:
-            if not complete:
-                # The app left (or the stream broke): close the connection so the engine
-                # sees the disconnect now and cancels the run, instead of streaming on into
-                # a pooled socket nobody reads.
-                resp.close()
-            resp.release_conn()
+            # Unless the stream was read to the end (the connection is then pooled again),
+            # the app left or the stream broke: close the connection so the engine sees the
+            # disconnect now and cancels the run, instead of streaming on into a socket
+            # nobody reads.
+            resp.close()
 
     def _ok(self, started: float, outcome: str) -> None:
         self.last_ok = time.time()
@@ -203,11 +154,6 @@ class Upstream:
 
     def close(self) -> None:
         self.pool.close()
-
-
-def _cause(exc: BaseException) -> str:
-    inner = exc.args[1] if len(exc.args) > 1 else exc
-    return type(inner).__name__
 
 
 def _sse_error(code: str, message: str) -> bytes:

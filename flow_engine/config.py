@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flow_engine.components.base import BuildContext, Limits
+from flowgate import jsonlog
 
 _PLAIN_ENV = {
     "database_url": "DATABASE_URL",
@@ -69,6 +70,11 @@ class Settings:
         values.update(overrides or {})
         if isinstance(values.get("api_keys"), str):
             values["api_keys"] = _split(values["api_keys"])
+        if "log_level" in values:
+            try:
+                values["log_level"] = jsonlog.level_name(values["log_level"])
+            except ValueError as exc:
+                raise ConfigError(f"FLOW_ENGINE_LOG_LEVEL: {exc}") from None
         return replace(cls(), **values)
 
     def all_api_keys(self) -> tuple[str, ...]:

@@ -11,13 +11,39 @@ from flowgate import tracing
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _SECRET_WORDS = ("authorization", "api_key", "apikey", "password", "secret", "token")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def level_name(value: str) -> str:
+    """``value`` as a logging level name (any case); ValueError naming the choices if it is
+    not one."""
+    name = str(value).strip().upper()
+    if name == "WARN":
+        name = "WARNING"
+    if name not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)} (any case), got {value!r}")
+    return name
+
+
+def _secret(key: str) -> bool:
+    return any(word in key.lower() for word in _SECRET_WORDS)
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record. It runs once per request, so the per-second timestamp
+    prefix and the per-field-name redaction verdict are computed once and remembered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = (-1, "")
+        self._redact: dict[str, bool] = {}
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second[0]:
+            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._second[1]}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -26,9 +52,15 @@ class JsonFormatter(logging.Formatter):
         if trace is not None:
             entry["trace_id"] = trace.trace_id
             entry["request_id"] = trace.request_id
+        redact = self._redact
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = "[redacted]" if any(w in key.lower() for w in _SECRET_WORDS) else value
+            if key not in _STANDARD and key[0] != "_":
+                secret = redact.get(key)
+                if secret is None:
+                    secret = _secret(key)
+                    if len(redact) < 1000:  # field names are few; callers' strings are not
+                        redact[key] = secret
+                entry[key] = "[redacted]" if secret else value
         if record.exc_info:
             entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
             entry["exc"] = self.formatException(record.exc_info)

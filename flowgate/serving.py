@@ -71,10 +71,87 @@ class GunicornApp(BaseApplication):
 
     def load(self) -> WSGIApp:
         # Runs in the worker process after the worker class has monkey-patched.
+        use_one_write_responses()
         app = self._app_factory()
         if "gevent" in str(self.cfg.worker_class_str):
             return YieldFirst(app)
         return app
+
+
+class _Held:
+    """Stands in for the socket while gunicorn writes a response head: keeps the bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+
+def _one_write_response_class():
+    from gunicorn.http import wsgi
+
+    class OneWriteResponse(wsgi.Response):
+        """A gunicorn HTTP/1.1 response that sends its head together with the first body
+        bytes when the body's length is known, instead of in a write of its own.
+
+        Each write to a loopback socket costs a system call and a wake-up of the reader,
+        and a reader of the head then waits for the body in a second read: for a small JSON
+        answer that is most of what serving it costs in the network stack. Streams
+        (unknown length, chunked) send their head at once as before, so a client sees the
+        status of a long response immediately. ``sendfile`` is not used (bodies go through
+        ``write``); neither service serves files.
+        """
+
+        _held: bytes | None = None
+
+        def send_headers(self) -> None:
+            if self.headers_sent or self.response_length is None or self.chunked:
+                super().send_headers()
+                return
+            sock, self.sock = self.sock, _Held()
+            try:
+                super().send_headers()
+                self._held = self.sock.data
+            finally:
+                self.sock = sock
+
+        def _emit_body(self, data: bytes) -> None:
+            held, self._held = self._held, None
+            if held is not None and not self.chunked:
+                self.sock.sendall(held + data)
+                return
+            if held is not None:
+                self.sock.sendall(held)
+            super()._emit_body(data)
+
+        def can_sendfile(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            if not self.headers_sent:
+                self.send_headers()
+            held, self._held = self._held, None
+            if held:  # no body was written (HEAD, 204, an empty body)
+                self.sock.sendall(held)
+            super().close()
+
+    return OneWriteResponse
+
+
+def use_one_write_responses() -> None:
+    """Make gunicorn build its HTTP/1.1 responses as ``OneWriteResponse`` (see there).
+    gunicorn has no setting for the response class, so its module default is replaced; call
+    it in the worker process, before serving."""
+    from gunicorn.http import wsgi
+
+    if getattr(wsgi.Response, "flowgate_one_write", False):
+        return
+    cls = _one_write_response_class()
+    cls.flowgate_one_write = True
+    wsgi.Response = cls
 
 
 class YieldFirst:

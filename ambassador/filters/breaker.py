@@ -41,6 +41,7 @@ class CircuitBreaker:
         self.state = "closed"
         self._consecutive = 0
         self._outcomes: deque[tuple[float, bool]] = deque()  # (time, failed) within window
+        self._failures = 0  # failed outcomes in _outcomes, kept as they come and go (O(1))
         self._opened_at = 0.0
         self._trials = 0
 
@@ -79,15 +80,17 @@ class CircuitBreaker:
                     self._set("closed")
                     self._consecutive = 0
                     self._outcomes.clear()
+                    self._failures = 0
                 return
             if self.state == "open":
                 return
-            self._outcomes.append((now, failed))
-            while self._outcomes and now - self._outcomes[0][0] > self.s.window_s:
-                self._outcomes.popleft()
+            outcomes = self._outcomes
+            outcomes.append((now, failed))
+            self._failures += failed
+            while now - outcomes[0][0] > self.s.window_s:
+                self._failures -= outcomes.popleft()[1]
             self._consecutive = self._consecutive + 1 if failed else 0
-            total = len(self._outcomes)
-            failures = sum(1 for _, f in self._outcomes if f)
+            total, failures = len(outcomes), self._failures
             if self._consecutive >= self.s.consecutive_failures or (
                     total >= self.s.min_requests and failures / total >= self.s.failure_ratio):
                 self._open(now)
@@ -96,6 +99,7 @@ class CircuitBreaker:
         self._opened_at = now
         self._consecutive = 0
         self._outcomes.clear()
+        self._failures = 0
         self._set("open")
 
 

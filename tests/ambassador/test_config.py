@@ -321,3 +321,14 @@ def test_without_a_path_nothing_is_reloaded(clock) -> None:
     h = ConfigHolder(Settings(), None, check_every_s=0.1, clock=clock)
     clock.advance(100)
     assert h.maybe_reload() is False
+
+
+@pytest.mark.parametrize(("given", "level"), [("info", "INFO"), ("Warning", "WARNING"),
+                                               ("warn", "WARNING"), ("DEBUG", "DEBUG")])
+def test_log_level_takes_any_case(given: str, level: str) -> None:
+    assert load(None, overrides={"log_level": given}).log_level == level
+
+
+def test_an_unknown_log_level_is_a_config_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"log_level: log level must be one of DEBUG, INFO"):
+        load(None, overrides={"log_level": "verbose"})

@@ -576,3 +576,56 @@ def test_an_unreachable_database_raises_store_error_and_calls_on_error(unreachab
         assert len(on_error) == 4
     finally:
         store.close()
+
+
+# -- PostgreSQL connections: commit mode, idle pings ---------------------------------------------
+
+
+def _setting(engine: sa.Engine, name: str) -> str:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql(f"SHOW {name}").scalar_one()
+
+
+def test_postgres_run_records_commit_without_waiting_for_the_wal_and_flows_wait(postgres_url):
+    store = SqlFlowStore(postgres_url)
+    try:
+        store.migrate()
+        assert _setting(store.log_engine, "synchronous_commit") == "off"
+        assert _setting(store.engine, "synchronous_commit") == "on"
+        make_flow(store)
+        store.insert_run(make_run(key="key-1"))
+        store.append_chat("s1", "rag", chat("hi"))
+        # what went through the log pool is visible to the other at once
+        assert store.get_run("run-1").idempotency_key == "key-1"
+        assert store.chat_history("s1", "rag", 5) == chat("hi")
+        # and the unique key still holds across pools and stores
+        other = SqlFlowStore(postgres_url)
+        try:
+            assert other.insert_run(make_run("run-2", key="key-1")).run_id == "run-1"
+        finally:
+            other.close()
+    finally:
+        store.close()
+
+
+def test_postgres_connections_killed_while_idle_are_replaced_not_failed(
+        postgres_url, postgres_admin, monkeypatch):
+    """A database restart (here: every backend of the test's pools terminated) must not fail
+    the next requests: a connection idle longer than PING_IDLE_S is pinged and replaced."""
+    import flow_engine.store.sql as sql_module
+
+    monkeypatch.setattr(sql_module, "PING_IDLE_S", 0.0)
+    store = SqlFlowStore(postgres_url + "%20-capplication_name%3Dflowgate-idle-test")
+    try:
+        store.migrate()
+        make_flow(store)
+        store.insert_run(make_run(key="key-1"))
+        killed = postgres_admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'flowgate-idle-test'").fetchone()[0]
+        assert killed >= 2  # a connection of each pool sat idle
+        store.insert_run(make_run("run-2", key="key-2"))  # log pool
+        assert store.get_flow("rag").id == "rag"  # flow pool
+        assert store.get_run("run-2").status == "running"
+    finally:
+        store.close()
