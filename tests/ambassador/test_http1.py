@@ -280,3 +280,66 @@ def test_a_header_value_with_a_line_break_is_refused_before_sending(server, pool
         pool.request("GET", "/x", {"X-Evil": "a\r\nInjected: 1"}, None,
                      connect_timeout=1, read_timeout=1)
     assert server.requests == []
+
+
+def _self_signed(tmp_path):
+    """A key and a self-signed certificate for 127.0.0.1 (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowgate-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_https_verifies_the_engine_certificate(tmp_path) -> None:
+    """TLS to the engine: a certificate no trusted CA signed is refused at connect time (the
+    request never left), and one the pool trusts carries requests."""
+    import ssl
+
+    cert_file, key_file = _self_signed(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert_file, key_file)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(65536)
+                    tls.sendall(OK)
+            except (ssl.SSLError, OSError):
+                conn.close()  # the untrusting client hung up mid-handshake
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        untrusting = http1.Pool("https", "127.0.0.1", port)
+        with pytest.raises(http1.ConnectFailed, match="TLS"):
+            get(untrusting)
+        trusting = http1.Pool("https", "127.0.0.1", port)
+        trusting._ssl.load_verify_locations(cert_file)
+        assert get(trusting).read() == b'{"ok": true'
+    finally:
+        listener.close()
+        thread.join(5)
