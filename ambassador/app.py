@@ -54,9 +54,13 @@ class Ambassador:
     def __init__(self, settings: config_module.Settings, metrics: AmbassadorMetrics,
                  path: str | None, overrides: Mapping[str, Any] | None = None) -> None:
         self.metrics = metrics
+        import os
+
+        refuse = os.environ.get(config_module.REFUSE_NO_AUTH_ENV) == "1"
         self.holder = config_module.ConfigHolder(
             settings, path, overrides=overrides, on_change=self.rebuild,
-            on_reload_error=lambda _msg: metrics.config_reload_errors.inc())
+            on_reload_error=lambda _msg: metrics.config_reload_errors.inc(),
+            check=config_module.refuse_no_auth if refuse else None)
         self.rebuild(settings)
 
     def rebuild(self, settings: config_module.Settings) -> None:

@@ -262,17 +262,34 @@ def _describe(exc: ValidationError, path: Any) -> str:
     return f"invalid ambassador config{where}:\n" + "\n".join(lines)
 
 
+# Set (to 1) by ``flowgate ambassador`` when it listens on a non-loopback address without
+# --force; a reload may then not turn inbound auth off either.
+REFUSE_NO_AUTH_ENV = "AMBASSADOR_REFUSE_NO_AUTH"
+
+
+def refuse_no_auth(settings: Settings) -> str | None:
+    if settings.inbound_auth.mode == "none":
+        return ("inbound_auth.mode: none is refused: the ambassador listens on a non-loopback "
+                "address (restart it with --force to allow this)")
+    return None
+
+
 class ConfigHolder:
     """The config in force, re-read when its file changes (checked at most every
     ``check_every_s``). An invalid new file is logged and ignored: the last good config
-    stays. ``on_change`` rebuilds whatever depends on the config (the filter chain)."""
+    stays. ``check`` may refuse a valid file too (its reason, or None to accept): the
+    ambassador bound to a non-loopback address refuses a reload to ``inbound_auth: none``
+    as it refused to start with it. ``on_change`` rebuilds whatever depends on the config
+    (the filter chain)."""
 
     def __init__(self, settings: Settings, path: str | None, *, check_every_s: float = 2.0,
                  overrides: Mapping[str, Any] | None = None,
                  on_change: Callable[[Settings], None] | None = None,
                  on_reload_error: Callable[[str], None] | None = None,
+                 check: Callable[[Settings], str | None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        self._check = check
         self.path = path
         self.overrides = dict(overrides or {})
         self._every = check_every_s
@@ -302,6 +319,9 @@ class ConfigHolder:
             self._mtime = mtime
             try:
                 fresh = load(self.path, overrides=self.overrides)
+                refused = self._check(fresh) if self._check else None
+                if refused:
+                    raise ConfigError(refused)
             except ConfigError as exc:
                 self.last_error = str(exc)
                 log.error("config reload failed; keeping the last good config", extra={"error": str(exc)})

@@ -96,9 +96,7 @@ def _engine(args: argparse.Namespace) -> int:
     workers = args.workers or int(os.environ.get("FLOW_ENGINE_WORKERS")
                                   or (2 if os.environ.get("REDIS_URL") else 1))
     _metrics_dir("flowgate-engine-metrics-", workers)  # before prometheus_client is imported
-    # langchain_openai too: imported lazily by the first openai-provider compile it would
-    # make the first run after every start 1.5 s slower; workers inherit it from here
-    _patch_and_preload("flow_engine.app", "langchain_openai")
+    _patch_and_preload("flow_engine.app")
     if args.insecure_no_auth:
         os.environ["FLOW_ENGINE_INSECURE_NO_AUTH"] = "1"
 
@@ -173,6 +171,8 @@ def _ambassador(args: argparse.Namespace) -> int:
               "none: anyone who can reach it could run flows with the engine's key. Configure "
               "api_keys or jwt, bind 127.0.0.1, or pass --force.", file=sys.stderr)
         return 2
+    if not loopback and not args.force:  # and a hot reload may not turn auth off either
+        os.environ[amb_config.REFUSE_NO_AUTH_ENV] = "1"
     config_file = str(Path(__file__).resolve().parent.parent / "ambassador" / "gunicorn_conf.py")
     serve(_ambassador_app, host=args.host, port=args.port, workers=args.workers,
           config_file=config_file)

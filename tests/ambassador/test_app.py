@@ -483,3 +483,23 @@ def test_hot_reload_keeps_the_explicit_overrides(make_app, engine, tmp_path: Pat
     assert amb.holder.maybe_reload() is True  # what the next request would do
     assert amb.settings.retry.max_attempts == 3
     assert amb.settings.upstream.url == engine.url
+
+
+def test_hot_reload_cannot_turn_auth_off_when_started_on_a_public_address(
+        make_app, engine, tmp_path: Path, monkeypatch) -> None:
+    """``flowgate ambassador --host 0.0.0.0`` (no --force) sets AMBASSADOR_REFUSE_NO_AUTH:
+    a reload to ``inbound_auth: none`` is refused like the start would be."""
+    from ambassador.config import REFUSE_NO_AUTH_ENV
+
+    monkeypatch.setenv(REFUSE_NO_AUTH_ENV, "1")
+    cfg = tmp_path / "ambassador.yaml"
+    cfg.write_text(f"inbound_auth: {{mode: api_keys, api_keys: [{{key: {APP_KEY}, identity: a}}]}}\n")
+    os.utime(cfg, (1_000_000, 1_000_000))
+    client, amb = make_app(path=str(cfg))
+    cfg.write_text("inbound_auth: {mode: none}\n")
+    os.utime(cfg, (2_000_000, 2_000_000))
+    amb.holder._next_check = float("-inf")
+    assert run_flow(client).status_code == 401  # this request triggered the reload check
+    assert amb.settings.inbound_auth.mode == "api_keys"
+    assert "non-loopback" in amb.holder.last_error
+    assert client.get("/readyz?verbose=1").get_json()["config"]["last_reload_error"]

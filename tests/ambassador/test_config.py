@@ -317,6 +317,23 @@ def test_deleted_file_keeps_the_config(holder, cfg_file, clock, rec) -> None:
     assert holder.settings is good and rec.changes == [] and rec.errors == []
 
 
+def test_a_reload_may_be_refused_by_the_check(cfg_file, clock, rec) -> None:
+    """Bound to a non-loopback address without --force, a reload may not turn auth off."""
+    holder = ConfigHolder(load(cfg_file, environ={}), str(cfg_file), check_every_s=2.0,
+                          on_change=rec.changes.append, on_reload_error=rec.errors.append,
+                          check=config_module.refuse_no_auth, clock=clock)
+    good = holder.settings
+    edit(cfg_file, FULL.replace("mode: api_keys", "mode: none"))
+    clock.advance(2.0)
+    assert holder.maybe_reload() is False
+    assert holder.settings is good and holder.settings.inbound_auth.mode == "api_keys"
+    assert rec.changes == [] and len(rec.errors) == 1 and "non-loopback" in rec.errors[0]
+    # any other change still applies
+    edit(cfg_file, FULL.replace("max_attempts: 4", "max_attempts: 5"), mtime=3_000_000)
+    clock.advance(2.0)
+    assert holder.maybe_reload() is True and holder.settings.retry.max_attempts == 5
+
+
 def test_without_a_path_nothing_is_reloaded(clock) -> None:
     h = ConfigHolder(Settings(), None, check_every_s=0.1, clock=clock)
     clock.advance(100)
