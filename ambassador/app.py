@@ -213,42 +213,55 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         return _proxy(req)
 
     def _proxy(req: Request):
-        req.ctx["trace"] = g.trace
+        trace = req.ctx["trace"] = g.trace
         started = g.started
         response = amb.handle(req)
         upstream_s = response.meta.get("upstream_s", 0.0)
         overhead_s = max(0.0, time.perf_counter() - started - upstream_s)
         response.headers["X-Ambassador-Overhead-Ms"] = f"{overhead_s * 1000:.3f}"
-        m.overhead.labels(req.route).observe(overhead_s)
-        if upstream_s:
-            m.upstream_duration.labels(req.route).observe(upstream_s)
         cache = response.meta.get("cache", "none")
-        # a refused or unknown flow id is the caller's string: keep it out of label values
-        flow = req.flow_id or "" if response.status not in REFUSED else ""
-        m.requests.labels(req.route, flow, str(response.status), cache).inc()
-        fields = {"route": req.route, "flow_id": req.flow_id, "status": response.status,
-                  "attempts": response.meta.get("attempts", 1), "cache": cache,
-                  "overhead_ms": round(overhead_s * 1000, 3)}
+
+        def record(elapsed: float, first_byte: float | None = None, **extra: Any) -> None:
+            """Metrics and the access line: after the answer has gone out (off its latency).
+            A stream's time to answer is to its first event; ``elapsed`` is its whole length."""
+            m.overhead.labels(req.route).observe(overhead_s)
+            if upstream_s:
+                m.upstream_duration.labels(req.route).observe(upstream_s)
+            # a refused or unknown flow id is the caller's string: keep it out of label values
+            flow = req.flow_id or "" if response.status not in REFUSED else ""
+            m.requests.labels(req.route, flow, str(response.status), cache).inc()
+            if response.chunks is None:
+                m.request_duration.labels(req.route).observe(elapsed)
+            else:
+                m.stream_duration.labels(req.route).observe(elapsed)
+                if first_byte is not None:
+                    m.request_duration.labels(req.route).observe(first_byte)
+                    extra["first_event_ms"] = round(first_byte * 1000, 3)
+            token = tracing.current.set(trace)  # the request context is gone by now
+            try:
+                access_log.info("request", extra={
+                    "route": req.route, "flow_id": req.flow_id, "status": response.status,
+                    "attempts": response.meta.get("attempts", 1), "cache": cache,
+                    "overhead_ms": round(overhead_s * 1000, 3), **extra,
+                    "duration_ms": round(elapsed * 1000, 3)})
+            finally:
+                tracing.current.reset(token)
+
         if response.chunks is None:
             elapsed = time.perf_counter() - started
-            m.request_duration.labels(req.route).observe(elapsed)
-            access_log.info("request", extra={**fields, "duration_ms": round(elapsed * 1000, 3)})
-            return FlaskResponse(response.body, status=response.status, headers=response.headers)
-
-        trace = g.trace
+            answer = FlaskResponse(response.body, status=response.status, headers=response.headers)
+            answer.call_on_close(lambda: record(elapsed))
+            return answer
 
         def relay():
+            first_byte = None
             try:
-                yield from response.chunks
+                for chunk in response.chunks:
+                    if first_byte is None:
+                        first_byte = time.perf_counter() - started
+                    yield chunk
             finally:
-                elapsed = time.perf_counter() - started
-                m.request_duration.labels(req.route).observe(elapsed)
-                token = tracing.current.set(trace)  # the request context is gone by now
-                try:
-                    access_log.info("request", extra={**fields, "stream": True,
-                                                      "duration_ms": round(elapsed * 1000, 3)})
-                finally:
-                    tracing.current.reset(token)
+                record(time.perf_counter() - started, first_byte, stream=True)
 
         headers = {**response.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return FlaskResponse(stream_with_context(relay()), status=response.status,

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from flowgate.prometheus import ServiceMetrics
 
+STREAM = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 BREAKER_STATES = ("closed", "open", "half_open")
@@ -20,8 +21,13 @@ class AmbassadorMetrics(ServiceMetrics):
             "flowgate_ambassador_requests_total", "Requests by route, flow, status and cache result.",
             ["route", "flow", "status", "cache"], **kw)
         self.request_duration = Histogram(
-            "flowgate_ambassador_request_duration_seconds", "Time to answer, by route.",
+            "flowgate_ambassador_request_duration_seconds",
+            "Time to answer, by route (a stream: until its first event reached the app).",
             ["route"], buckets=LATENCY, **kw)
+        self.stream_duration = Histogram(
+            "flowgate_ambassador_stream_duration_seconds",
+            "Whole streamed answers relayed to apps, start to end, by route.",
+            ["route"], buckets=STREAM, **kw)
         self.upstream_duration = Histogram(
             "flowgate_ambassador_upstream_duration_seconds", "Time per upstream attempt, by route.",
             ["route"], buckets=LATENCY, **kw)

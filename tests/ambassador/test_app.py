@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,6 +91,14 @@ def engine() -> Iterator[FakeEngine]:
     e.thread.join(timeout=5)
 
 
+class ClosingClient(FlaskClient):
+    """Reads each answer to the end and closes it, as a WSGI server does: the ambassador
+    records metrics and the access line when its answer is closed."""
+
+    def open(self, *args: Any, buffered: bool = True, **kwargs: Any):
+        return super().open(*args, buffered=buffered, **kwargs)
+
+
 @pytest.fixture
 def make_app(engine: FakeEngine, monkeypatch):
     """``make_app(**dotted)`` → (test client, Ambassador); upstream is the fake engine."""
@@ -102,6 +111,7 @@ def make_app(engine: FakeEngine, monkeypatch):
         overrides = {"upstream.url": engine.url, "retry.backoff_base_s": 0.001,
                      "retry.backoff_max_s": 0.001, **(config or {}), **dotted}
         app = create_app(overrides, path=path, metrics=AmbassadorMetrics(CollectorRegistry()))
+        app.test_client_class = ClosingClient
         amb = app.extensions["ambassador"]
         built.append(amb)
         return app.test_client(), amb

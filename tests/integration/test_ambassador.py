@@ -696,6 +696,14 @@ def test_stream_passes_tokens_through_as_they_are_generated(engine, start_ambass
     assert "".join(t["text"] for _, t in tokens) == output == expected_output("stream it", 12)
     assert [int(e.id) for _, e in events] == list(range(1, len(events) + 1))
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
+    # the latency histogram has the time to the first event; the whole stream has its own
+    text = amb.metrics()
+    count = "flowgate_ambassador_stream_duration_seconds_count"
+    assert metric(text, count, route="/run-flow") == 1
+    whole = metric(text, "flowgate_ambassador_stream_duration_seconds_sum", route="/run-flow")
+    to_answer = metric(text, "flowgate_ambassador_request_duration_seconds_sum", route="/run-flow")
+    assert whole >= finished_at - first_token_at > 0.7
+    assert 0 < to_answer < first_token_at - started + 0.05
 
 
 def test_run_events_resume_exactly_from_last_event_id(engine, start_ambassador, fresh_llm_sim):
