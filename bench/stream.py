@@ -57,7 +57,7 @@ FLOW = {
     ],
     "edges": [{"source": "in", "target": "llm"}, {"source": "llm", "target": "out"}],
 }
-# What langchain-openai's ChatOpenAI(streaming=True, stream_usage=True) posts for this flow.
+# What the engine's openai provider (OpenAICompatChatModel) posts for this flow.
 SIM_BODY = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": QUESTION}],
             "stream_options": {"include_usage": True}}
 RUN_BODY = {"input_value": QUESTION}

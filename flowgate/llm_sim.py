@@ -18,8 +18,10 @@ followed by filler words picked from a hash of the messages. Tokens are words (e
 but the first has a leading space). Latency (``ttft_s``, ``tokens_per_s``) and failures
 (``error_rate`` of 500 / 429 / hang-then-504) are injected from :class:`SimSettings`.
 
-Test hooks: ``GET /sim/stats`` (counters), ``POST /sim/reset`` (zero them), ``GET|POST
-/sim/config`` (read / change settings at runtime). Counters live in the worker process.
+Test hooks: ``GET /sim/stats`` (counters), ``GET /sim/requests`` (the last 100 well-formed
+chat completion requests: ``body``, ``headers`` and the client's ``remote_port``, which tells
+keep-alive reuse from new connections), ``POST /sim/reset`` (zero both), ``GET|POST
+/sim/config`` (read / change settings at runtime). Both live in the worker process.
 
 Run: ``python -m flowgate.llm_sim --port 9100`` (or ``flowgate llm-sim``).
 """
@@ -37,6 +39,7 @@ import struct
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -124,10 +127,12 @@ class _Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # created in the worker: gevent-patched by then
         self._c: dict[str, Any] = {"active_streams": 0}
+        self._requests: deque[dict[str, Any]] = deque(maxlen=100)
         self.reset()
 
     def reset(self) -> None:
         with self._lock:  # active_streams is a gauge, not a counter: it survives resets
+            self._requests.clear()
             self._c = {
                 "requests": {}, "chat_completions_started": 0, "chat_completions_completed": 0,
                 "streams_closed_early": 0, "errors_injected": dict.fromkeys(ERROR_KINDS, 0),
@@ -143,6 +148,14 @@ class _Stats:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return json.loads(json.dumps(self._c))  # a deep copy
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._requests.append(entry)
+
+    def requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._requests)
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None,
@@ -319,6 +332,8 @@ def create_app(settings: SimSettings | None = None) -> Flask:
         limit = (_opt(body, "max_completion_tokens", is_limit, "an integer >= 1")
                  or _opt(body, "max_tokens", is_limit, "an integer >= 1"))
         _opt(body, "n", lambda v: v == 1, "1 (the simulator makes one choice)")
+        sim.stats.record({"body": body, "headers": dict(request.headers),
+                          "remote_port": request.environ.get("REMOTE_PORT")})
 
         s = sim.settings
         kind = sim.pick_error(s)
@@ -381,6 +396,10 @@ def create_app(settings: SimSettings | None = None) -> Flask:
     @app.get("/sim/stats")
     def stats() -> Response:
         return jsonify(sim.stats.snapshot())
+
+    @app.get("/sim/requests")
+    def requests_seen() -> Response:
+        return jsonify(sim.stats.requests())
 
     @app.post("/sim/reset")
     def reset() -> Response:

@@ -30,8 +30,14 @@ class LlmSim:
         return self._call("GET", "/sim/stats")
 
     def reset(self) -> dict[str, Any]:
-        """Zero the counters (settings are left alone)."""
+        """Zero the counters and forget recorded requests (settings are left alone)."""
         return self._call("POST", "/sim/reset")
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The chat completion requests seen since the last reset: body, headers, remote_port."""
+        resp = requests.get(self.url + "/sim/requests", timeout=10)
+        resp.raise_for_status()
+        return resp.json()
 
     def configure(self, **settings: Any) -> dict[str, Any]:
         """Change SimSettings fields at runtime; returns the full settings now in force."""

@@ -78,15 +78,15 @@ def check_api_key() -> None:
         raise Unauthorized("invalid API key")
 
 
+# One encoder for every event: json.dumps builds a new one per call when given options.
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
 def sse(event_id: int | None, event: str, data: Any) -> bytes:
-    """One Server-Sent Event: ``id:``, ``event:``, ``data:`` lines and a blank line."""
-    lines = []
-    if event_id is not None:
-        lines.append(f"id: {event_id}")
-    lines.append(f"event: {event}")
-    for line in json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str).split("\n"):
-        lines.append(f"data: {line}")
-    return ("\n".join(lines) + "\n\n").encode()
+    """One Server-Sent Event: ``id:``, ``event:``, ``data:`` lines and a blank line. Compact
+    JSON never holds a line break (JSON escapes them in strings), so ``data:`` is one line."""
+    head = f"id: {event_id}\nevent: {event}\ndata: " if event_id is not None else f"event: {event}\ndata: "
+    return (head + _encode_json(data) + "\n\n").encode()
 
 
 KEEPALIVE = b": keep-alive\n\n"

@@ -1,6 +1,7 @@
 """ChatModel: an LLM call. Providers: ``openai`` (any OpenAI-compatible endpoint through
-langchain-openai, always streamed so tokens can be relayed and a run can be cancelled
-between tokens) and ``echo`` (offline and deterministic, for tests and demos).
+:class:`~flow_engine.components.openai_compat.OpenAICompatChatModel`, always streamed so
+tokens can be relayed and a run can be cancelled between tokens) and ``echo`` (offline and
+deterministic, for tests and demos).
 
 API keys never come from a flow definition: ``api_key`` in params is a validation error;
 the key comes from the engine's environment (``OPENAI_API_KEY``) via the BuildContext.
@@ -18,10 +19,9 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable
 
 from flow_engine.components.base import BuildContext, Component, Limits, Port
+from flow_engine.components.openai_compat import DEFAULT_BASE_URL, OpenAICompatChatModel
 
 _SECRET_PARAMS = ("api_key", "openai_api_key", "apikey", "key", "token", "secret")
-# A key is needed by the client even for endpoints that ignore it (llm-sim, Ollama, vLLM).
-_PLACEHOLDER_KEY = "flowgate-no-key"
 
 
 class EchoChatModel(BaseChatModel):
@@ -106,20 +106,12 @@ class ChatModel(Component):
     def build(self, node_id: str, params: dict[str, Any], ctx: BuildContext) -> Runnable:
         if params["provider"] == "echo":
             return EchoChatModel()
-        from langchain_openai import ChatOpenAI  # lazily: ~1.5 s (flowgate engine preloads it)
-
-        options: dict[str, Any] = {
-            "model": params["model"],
-            "api_key": ctx.openai_api_key or _PLACEHOLDER_KEY,
-            "timeout": params["timeout"],
-            "max_retries": params["max_retries"],
-            "streaming": True,
-            "stream_usage": True,
-        }
-        base_url = params.get("base_url") or ctx.openai_base_url
-        if base_url:
-            options["base_url"] = base_url
-        for name in ("temperature", "max_tokens"):
-            if name in params:
-                options[name] = params[name]
-        return ChatOpenAI(**options)
+        return OpenAICompatChatModel(
+            model=params["model"],
+            base_url=params.get("base_url") or ctx.openai_base_url or DEFAULT_BASE_URL,
+            api_key=ctx.openai_api_key or None,  # no key: no Authorization header
+            timeout=params["timeout"],
+            max_retries=params["max_retries"],
+            temperature=params.get("temperature"),
+            max_tokens=params.get("max_tokens"),
+        )

@@ -30,12 +30,15 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
+from flow_engine.components.openai_compat import ProviderError
 from flow_engine.errors import FlowgateError, LLMError, RunCancelled, RunFailed, RunTimeout
 from flow_engine.flows.compile import STREAM_TOKENS, CompiledFlow
 from flow_engine.flows.values import to_jsonable, to_text
 
 Emit = Callable[[str, dict[str, Any]], None]
 _MAX_ERROR_MESSAGE = 500
+# stream_with hands these to the consumer at once; other events wait for the run to wait
+_SEND_AT_ONCE = frozenset({"token", "run_finished", "error"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,10 +316,13 @@ def stream_with(
         if on_event is not None:
             on_event(event)
         events.put(event)
-        # Let the consumer send it now. Under gevent a queue put does not switch, and a
-        # run whose provider socket already holds the whole answer never blocks: without
-        # this yield the first token would leave only when the run had finished.
-        time.sleep(0)
+        if kind in _SEND_AT_ONCE:
+            # Let the consumer send it now. Under gevent a queue put does not switch, and a
+            # run whose provider socket already holds the whole answer never blocks: without
+            # this yield the first token would leave only when the run had finished. Node
+            # events go out when the run next waits (on its LLM request, at the latest at
+            # its end): yielding for each put four socket writes ahead of the LLM request.
+            time.sleep(0)
 
     def worker() -> None:
         try:
@@ -355,13 +361,10 @@ def classify_error(
         return exc
     where = f"node '{node}' ({node_types.get(node, '?')})" if node else "the flow"
     name = type(exc).__name__
-    # langchain-openai re-raises provider errors as subclasses of openai's own classes
-    lineage = [(c.__module__ or "", c.__name__) for c in type(exc).__mro__]
-    if any(m.startswith(("openai", "httpx", "httpcore")) for m, _ in lineage):
-        if any("Timeout" in n for _, n in lineage):
+    if isinstance(exc, ProviderError):
+        if isinstance(exc, TimeoutError):
             return RunTimeout(f"{where}: the LLM provider timed out")
-        status = getattr(exc, "status_code", None)
-        detail = f"HTTP {status}" if status else name
+        detail = f"HTTP {exc.status_code}" if exc.status_code else name
         return LLMError(f"{where}: the LLM provider failed ({detail}): {_short(exc)}")
     if isinstance(exc, TimeoutError):
         return RunTimeout(f"{where} timed out")

@@ -427,3 +427,24 @@ def test_sim_config_rejects_bad_values(fresh_llm_sim: Any, body: Any) -> None:
     assert resp.status_code == 400
     assert resp.json()["error"]["message"]
     assert requests.get(f"{fresh_llm_sim.url}/sim/config", timeout=10).json() == before
+
+
+def test_chat_requests_are_recorded_with_headers_and_client_port(fresh_llm_sim: Any) -> None:
+    url = fresh_llm_sim.base_url + "/chat/completions"
+    with requests.Session() as session:  # one keep-alive connection
+        for question in ("first", "second"):
+            body = {"model": MODEL, "messages": [{"role": "user", "content": question}]}
+            session.post(url, json=body, headers={"Authorization": "Bearer k1"}, timeout=10)
+    requests.post(url, json={**OK_CHAT, "temperature": 0.5}, timeout=10,
+                  headers={"Connection": "close"})
+    requests.post(url, json={"model": MODEL}, timeout=10)  # a 400 is not recorded
+
+    seen = fresh_llm_sim.requests()
+
+    assert [r["body"]["messages"][0]["content"] for r in seen] == ["first", "second", "Be brief."]
+    assert seen[0]["headers"]["Authorization"] == "Bearer k1"
+    assert "Authorization" not in seen[2]["headers"]
+    assert seen[2]["body"]["temperature"] == 0.5
+    assert seen[0]["remote_port"] == seen[1]["remote_port"] != seen[2]["remote_port"]
+    fresh_llm_sim.reset()
+    assert fresh_llm_sim.requests() == []

@@ -339,12 +339,15 @@ def test_str_output_parser_turns_the_message_into_text() -> None:
 @pytest.mark.parametrize(("ctx", "params", "expected"), [
     pytest.param(BuildContext(openai_base_url="http://engine-default/v1", openai_api_key="sk-env"),
                  {"temperature": 0.3, "max_tokens": 50},
-                 {"base_url": "http://engine-default/v1", "key": "sk-env", "temperature": 0.3,
+                 {"base_url": "http://engine-default/v1", "auth": "Bearer sk-env", "temperature": 0.3,
                   "max_tokens": 50}, id="engine-settings"),
     pytest.param(BuildContext(openai_base_url="http://engine-default/v1"),
                  {"base_url": "http://per-flow/v1"},
-                 {"base_url": "http://per-flow/v1", "key": "flowgate-no-key", "temperature": None,
-                  "max_tokens": None}, id="flow-base-url-and-placeholder-key"),
+                 {"base_url": "http://per-flow/v1", "auth": None, "temperature": None,
+                  "max_tokens": None}, id="flow-base-url-and-no-key"),
+    pytest.param(BuildContext(), {},
+                 {"base_url": "https://api.openai.com/v1", "auth": None, "temperature": None,
+                  "max_tokens": None}, id="openai-by-default"),
 ])
 def test_openai_chat_model_takes_key_and_endpoint_from_the_engine(
     ctx: BuildContext, params: dict[str, Any], expected: dict[str, Any]
@@ -356,11 +359,12 @@ def test_openai_chat_model_takes_key_and_endpoint_from_the_engine(
     compiled = compile_nodes(nodes, edges, ctx)
 
     model = next(s.runnable for s in compiled.runnable.steps if s.node_id == "llm")
-    assert model.model_name == "m-1"
-    assert model.openai_api_base == expected["base_url"]
-    assert model.openai_api_key.get_secret_value() == expected["key"]
+    assert model.model == "m-1"
+    assert model.base_url == expected["base_url"]
+    assert model._headers.get("Authorization") == expected["auth"]
+    assert "sk-env" not in repr(model)
     assert (model.temperature, model.max_tokens) == (expected["temperature"], expected["max_tokens"])
-    assert (model.request_timeout, model.max_retries, model.streaming) == (5, 1, True)
+    assert (model.timeout, model.max_retries, model.streaming) == (5, 1, True)
 
 
 # ---------------------------------------------------------------------------------------
