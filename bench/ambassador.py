@@ -19,6 +19,10 @@ One engine (FLOW_ENGINE_WORKERS=2, SQLite in a temp dir) serves every path:
 (d) the reference proxy: haproxy (one thread) or nginx (one worker), whichever is
     installed, proxying to the engine with keep-alive on both sides. Neither installed:
     skipped, unless ``--install-reference`` (then ``apt-get install -y haproxy``).
+(e) the floor: bench/proxy_floor.py, a bare WSGI proxy served like the ambassador (gunicorn,
+    one gevent worker) with the ambassador's HTTP client and nothing else (no Flask, filters,
+    metrics or logs): what the stack itself costs. Ambassador − floor is what its features
+    cost.
 
 Concurrency 1: interleaved rounds on keep-alive connections (p50/p99; CPU per request of the
 proxy and of the engine, read around each batch). Concurrency 16: wrk,
@@ -82,6 +86,7 @@ SLOW_FLOW = {
 }
 SIM_TTFT_S = 1.0
 TARGETS = {"added_p50_c1_ms": 0.7, "throughput_ratio_c16": 0.6}
+FLOOR = "floor: bare gevent WSGI proxy"
 
 
 class Caller(Client):
@@ -381,6 +386,9 @@ def main() -> None:
     engine_cmd = [python, "-m", "flowgate.cli", "engine", "--port", str(engine_port)]
     amb_cmd = [python, "-m", "flowgate.cli", "ambassador", "--port", str(amb_port),
                "--config", str(amb_config)]
+    floor_port = free_port()
+    floor_cmd = [python, str(Path(__file__).resolve().parent / "proxy_floor.py"), "--port",
+                 str(floor_port), "--engine-port", str(engine_port), "--key", KEY]
     auth = {"Authorization": f"Bearer {KEY}"}
     direct_body = {"input_value": QUESTION}
     started = time.monotonic()
@@ -390,6 +398,8 @@ def main() -> None:
         engine_proc, _ = stack.enter_context(server(engine_cmd, engine_port, "/readyz", engine_env))
         amb_proc, amb_ready_s = stack.enter_context(server(amb_cmd, amb_port, "/readyz", amb_env))
         ref_proc, ref_port = stack.enter_context(reference_proxy(reference, engine_port, tmp))
+        floor_proc, _ = stack.enter_context(server(floor_cmd, floor_port, "/readyz",
+                                                   {"PROMETHEUS_MULTIPROC_DIR": ""}))
         for flow in (FLOW, CACHED_FLOW, SLOW_FLOW):
             status, text = Client(engine_port, auth).post("/api/v1/flows", flow)
             assert status == 201, text
@@ -406,6 +416,8 @@ def main() -> None:
         if ref_port:
             callers.append(Caller(reference, ref_port, f"/api/v1/run/{FLOW['id']}", direct_body,
                                   headers=auth))
+        callers.append(Caller(FLOOR, floor_port, "/run-flow", {"flow_id": FLOW["id"],
+                                                               "input": QUESTION}))
         for _ in range(200):  # warm every worker's compile cache, the pools, the cache entry
             for caller in callers:
                 caller()
@@ -414,7 +426,8 @@ def main() -> None:
             caller.overhead_ms.clear()
 
         front = {c.name: (amb_proc.pid if c.port == amb_port else ref_proc.pid
-                          if c.port == ref_port else 0) for c in callers}
+                          if c.port == ref_port else floor_proc.pid if c.port == floor_port
+                          else 0) for c in callers}
         lat, cpu_c1 = c1_rounds(callers, front, engine_proc.pid, args.rounds, args.per_round)
         overhead = {c.name: c.overhead_ms for c in callers if c.overhead_ms}
 
@@ -431,6 +444,7 @@ def main() -> None:
         if ref_port:
             paths[reference] = (f"http://127.0.0.1:{ref_port}/api/v1/run/{FLOW['id']}",
                                 direct_body, auth, ref_proc.pid)
+        paths[FLOOR] = (f"http://127.0.0.1:{floor_port}/run-flow", amb_body, {}, floor_proc.pid)
         c16 = wrk_rounds(paths, rounds=args.wrk_rounds, seconds=args.seconds,
                          engine_pid=engine_proc.pid)
 
@@ -482,6 +496,9 @@ def main() -> None:
           f"(target: below direct)   {'ok' if p50[hit] < p50[direct] else 'MISSED'}")
     if ref_port:
         print(f"  added by {reference} (p50)   {p50[reference] - p50[direct]:+.3f} ms")
+    print(f"  added by the floor (p50)   {p50[FLOOR] - p50[direct]:+.3f} ms; the ambassador over "
+          f"the floor {p50[amb] - p50[FLOOR]:+.3f} ms (its features; direct + Idempotency-Key "
+          f"accounts for {p50['direct + Idempotency-Key'] - p50[direct]:+.3f} ms of it)")
     print(f"concurrency 16 (wrk, {args.wrk_rounds} rounds × {args.seconds:g} s){'req/s':>16}"
           f"{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'proxy CPU':>11}{'engine CPU':>12}   ms/request")
     for name, r in c16.items():
@@ -492,6 +509,7 @@ def main() -> None:
           f"   {'ok' if ratio >= TARGETS['throughput_ratio_c16'] else 'MISSED'}")
     if ref_port:
         print(f"  throughput {reference}/direct   {c16[reference]['rps'] / c16[direct]['rps']:.2f}")
+    print(f"  throughput floor/direct   {c16[FLOOR]['rps'] / c16[direct]['rps']:.2f}")
     print(f"{args.slow} concurrent slow runs (llm-sim ttft {SIM_TTFT_S:g} s)"
           f"{'ok':>6}{'failed':>8}{'wall s':>9}{'p50 s':>8}{'p99 s':>8}{'CPU s engine/amb':>19}")
     for name, r in (*slow_direct.items(), ("ambassador", slow_amb)):
@@ -541,6 +559,12 @@ def main() -> None:
         "ambassador_rss_mb_peak": round(peak.peak, 1), "ambassador_rss_mb_idle": round(rss_idle, 1),
         "ambassador_worker_rss_mb": round(worker_rss_after, 1),
     }
+    result.update({
+        "floor_added_p50_c1_ms": ms(p50[FLOOR] - p50[direct]),
+        "ambassador_over_floor_p50_c1_ms": ms(p50[amb] - p50[FLOOR]),
+        "floor_cpu_ms_per_request_c1": ms(cpu_ms[FLOOR][0]),
+        "floor_throughput_ratio_c16": round(c16[FLOOR]["rps"] / c16[direct]["rps"], 3),
+    })
     if ref_port:
         result.update({
             "reference_p50_c1_ms": ms(p50[reference]),
