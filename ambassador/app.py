@@ -1,7 +1,14 @@
 """``create_app(config)``: load settings, build the filter chain, mount the routes.
 
 Routes (DESIGN.md "Ambassador HTTP API"): ``POST /run-flow``, ``GET /runs/<id>/events``,
-``GET /healthz``, ``GET /readyz`` (``?verbose=1`` adds upstream health), ``GET /metrics``.
+``WS /ws/run-flow``, ``GET /healthz``, ``GET /readyz`` (``?verbose=1`` adds upstream
+health), ``GET /metrics``.
+
+``/run-flow`` is every app's one call, so it is served below Flask, by :class:`RunFlowPath`
+(a WSGI middleware in front of the Flask app): Flask's request context, routing and
+response objects cost more per request than everything the route itself does. The other
+routes are Flask's. Both share :func:`answer`, which runs a request through the filter
+chain and records its metrics and access line once the answer has gone out.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from typing import Any
 from flask import Flask, g, jsonify, request, stream_with_context
 from flask import Response as FlaskResponse
 from flask_sock import Sock
+from werkzeug.datastructures import MIMEAccept
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import parse_accept_header
 
 from ambassador import config as config_module
 from ambassador import ws as ws_bridge
@@ -137,6 +146,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, path: str | None = No
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["ambassador"] = amb
     _routes(app, amb)
+    app.wsgi_app = RunFlowPath(amb, app.wsgi_app)  # type: ignore[method-assign]
     return app
 
 
@@ -175,30 +185,6 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         return jsonify({"error": {"code": code, "message": message,
                                   "trace_id": trace.trace_id if trace else None}}), status
 
-    @app.post("/run-flow")
-    def run_flow():
-        if not request.is_json:
-            return bad_request("expected Content-Type: application/json", 415,
-                               "unsupported_media_type")
-        try:
-            body = json.loads(request.get_data())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return bad_request(f"malformed JSON body: {exc}")
-        problem = _check_run_body(body)
-        if problem:
-            return bad_request(problem)
-        stream = bool(body.get("stream")) or (
-            "text/event-stream" in request.headers.get("Accept", "")
-            and request.accept_mimetypes.best == "text/event-stream")
-        upstream_body = {"input_value": body.get("input")}
-        for name in ("session_id", "tweaks", "version", "input_type", "output_type",
-                     "on_disconnect"):
-            if body.get(name) is not None:
-                upstream_body[name] = body[name]
-        path = f"/api/v1/run/{body['flow_id']}" + ("?stream=true" if stream else "")
-        return _proxy(Request("POST", path, _forwarded(), "/run-flow", upstream_body,
-                              flow_id=body["flow_id"], stream=stream))
-
     @app.get("/runs/<run_id>/events")
     def run_events(run_id: str):
         if not FLOW_ID.match(run_id):
@@ -213,59 +199,13 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         return _proxy(req)
 
     def _proxy(req: Request):
-        trace = req.ctx["trace"] = g.trace
-        started = g.started
-        response = amb.handle(req)
-        upstream_s = response.meta.get("upstream_s", 0.0)
-        overhead_s = max(0.0, time.perf_counter() - started - upstream_s)
-        response.headers["X-Ambassador-Overhead-Ms"] = f"{overhead_s * 1000:.3f}"
-        cache = response.meta.get("cache", "none")
-
-        def record(elapsed: float, first_byte: float | None = None, **extra: Any) -> None:
-            """Metrics and the access line: after the answer has gone out (off its latency).
-            A stream's time to answer is to its first event; ``elapsed`` is its whole length."""
-            m.overhead.labels(req.route).observe(overhead_s)
-            if upstream_s:
-                m.upstream_duration.labels(req.route).observe(upstream_s)
-            # a refused or unknown flow id is the caller's string: keep it out of label values
-            flow = req.flow_id or "" if response.status not in REFUSED else ""
-            m.requests.labels(req.route, flow, str(response.status), cache).inc()
-            if response.chunks is None:
-                m.request_duration.labels(req.route).observe(elapsed)
-            else:
-                m.stream_duration.labels(req.route).observe(elapsed)
-                if first_byte is not None:
-                    m.request_duration.labels(req.route).observe(first_byte)
-                    extra["first_event_ms"] = round(first_byte * 1000, 3)
-            token = tracing.current.set(trace)  # the request context is gone by now
-            try:
-                access_log.info("request", extra={
-                    "route": req.route, "flow_id": req.flow_id, "status": response.status,
-                    "attempts": response.meta.get("attempts", 1), "cache": cache,
-                    "overhead_ms": round(overhead_s * 1000, 3), **extra,
-                    "duration_ms": round(elapsed * 1000, 3)})
-            finally:
-                tracing.current.reset(token)
-
-        if response.chunks is None:
-            elapsed = time.perf_counter() - started
-            answer = FlaskResponse(response.body, status=response.status, headers=response.headers)
-            answer.call_on_close(lambda: record(elapsed))
-            return answer
-
-        def relay():
-            first_byte = None
-            try:
-                for chunk in response.chunks:
-                    if first_byte is None:
-                        first_byte = time.perf_counter() - started
-                    yield chunk
-            finally:
-                record(time.perf_counter() - started, first_byte, stream=True)
-
-        headers = {**response.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return FlaskResponse(stream_with_context(relay()), status=response.status,
-                             headers=headers, direct_passthrough=True)
+        status, headers, body, done = answer(amb, req, g.trace, g.started)
+        if done is None:  # a stream: keep the request context (in-flight gauge) until its end
+            return FlaskResponse(stream_with_context(body), status=status, headers=headers,
+                                 direct_passthrough=True)
+        response = FlaskResponse(body, status=status, headers=headers)
+        response.call_on_close(done)
+        return response
 
     sock = Sock(app)
 
@@ -331,6 +271,184 @@ def _routes(app: Flask, amb: Ambassador) -> None:
     def unexpected(exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.path)
         return bad_request("internal error; the trace id identifies it in the logs", 500, "internal")
+
+
+def answer(amb: Ambassador, req: Request, trace: tracing.TraceContext, started: float):
+    """Run ``req`` through the chain: ``(status, headers, body, done)``. ``body`` is a list
+    of bytes, or for a stream an iterator that relays the engine's events; ``done`` (None for
+    a stream, which does this itself at its end) records the request's metrics and access
+    line and is to be called once the answer has been sent."""
+    m = amb.metrics
+    req.ctx["trace"] = trace
+    response = amb.handle(req)
+    upstream_s = response.meta.get("upstream_s", 0.0)
+    overhead_s = max(0.0, time.perf_counter() - started - upstream_s)
+    response.headers["X-Ambassador-Overhead-Ms"] = f"{overhead_s * 1000:.3f}"
+    cache = response.meta.get("cache", "none")
+
+    def record(elapsed: float, first_byte: float | None = None, **extra: Any) -> None:
+        """Metrics and the access line: after the answer has gone out (off its latency).
+        A stream's time to answer is to its first event; ``elapsed`` is its whole length."""
+        m.overhead.labels(req.route).observe(overhead_s)
+        if upstream_s:
+            m.upstream_duration.labels(req.route).observe(upstream_s)
+        # a refused or unknown flow id is the caller's string: keep it out of label values
+        flow = req.flow_id or "" if response.status not in REFUSED else ""
+        m.requests.labels(req.route, flow, str(response.status), cache).inc()
+        if response.chunks is None:
+            m.request_duration.labels(req.route).observe(elapsed)
+        else:
+            m.stream_duration.labels(req.route).observe(elapsed)
+            if first_byte is not None:
+                m.request_duration.labels(req.route).observe(first_byte)
+                extra["first_event_ms"] = round(first_byte * 1000, 3)
+        token = tracing.current.set(trace)  # the request context is gone by now
+        try:
+            access_log.info("request", extra={
+                "route": req.route, "flow_id": req.flow_id, "status": response.status,
+                "attempts": response.meta.get("attempts", 1), "cache": cache,
+                "overhead_ms": round(overhead_s * 1000, 3), **extra,
+                "duration_ms": round(elapsed * 1000, 3)})
+        finally:
+            tracing.current.reset(token)
+
+    if response.chunks is None:
+        elapsed = time.perf_counter() - started
+        return response.status, response.headers, [response.body], lambda: record(elapsed)
+
+    def relay():
+        first_byte = None
+        chunks = response.chunks
+        try:
+            for chunk in chunks:
+                if first_byte is None:
+                    first_byte = time.perf_counter() - started
+                yield chunk
+        finally:
+            # the app left early (or the stream ended): close the upstream stream now, so the
+            # engine sees the disconnect and cancels the run
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            record(time.perf_counter() - started, first_byte, stream=True)
+
+    headers = {**response.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return response.status, headers, relay(), None
+
+
+class RunFlowPath:
+    """WSGI middleware serving ``/run-flow`` itself and passing every other path to ``app``
+    (see the module docstring). Same contract as a Flask route would give: the trace
+    headers on every answer, errors in the error contract, 405/413/415 for a wrong method,
+    size or content type, the in-flight gauge held until the answer (a stream: its end) is
+    done."""
+
+    def __init__(self, amb: Ambassador, app) -> None:
+        self.amb, self.app = amb, app
+
+    def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") != "/run-flow":
+            return self.app(environ, start_response)
+        started = time.perf_counter()
+        trace = tracing.from_headers(environ.get("HTTP_TRACEPARENT"),
+                                     environ.get("HTTP_X_REQUEST_ID"))
+        in_flight = self.amb.metrics.in_flight
+        in_flight.inc()
+        token = tracing.current.set(trace)
+        try:
+            status, headers, body, done = self._answer(environ, trace, started)
+        except Exception:
+            log.exception("unhandled error on %s /run-flow", environ.get("REQUEST_METHOD"))
+            status, headers, body, done = _refusal(
+                trace, 500, "internal", "internal error; the trace id identifies it in the logs")
+        finally:
+            tracing.current.reset(token)
+        out = [(name, value) for name, value in headers.items()]
+        out += [("X-Trace-ID", trace.trace_id), ("traceparent", trace.traceparent),
+                ("X-Request-ID", trace.request_id)] if "X-Trace-ID" not in headers else []
+        if isinstance(body, list):
+            out.append(("Content-Length", str(sum(map(len, body)))))
+        start_response(f"{status} {_REASONS.get(status, 'Status')}", out)
+        return _Closing(body, done, in_flight.dec)
+
+    def _answer(self, environ, trace: tracing.TraceContext, started: float):
+        method = environ.get("REQUEST_METHOD")
+        if method != "POST":
+            status, headers, body, done = _refusal(
+                trace, 405, "method_not_allowed", f"{method} is not allowed here; use POST")
+            headers["Allow"] = "POST"
+            return status, headers, body, done
+        mimetype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+        if mimetype != "application/json" and not mimetype.endswith("+json"):
+            return _refusal(trace, 415, "unsupported_media_type",
+                            "expected Content-Type: application/json")
+        limit = self.amb.settings.max_body_bytes
+        length = environ.get("CONTENT_LENGTH")
+        if length and length.isdigit() and int(length) > limit:
+            return _refusal(trace, 413, "payload_too_large",
+                            f"the body is larger than {limit} bytes")
+        data = environ["wsgi.input"].read(int(length) if length and length.isdigit() else limit + 1)
+        if len(data) > limit:
+            return _refusal(trace, 413, "payload_too_large",
+                            f"the body is larger than {limit} bytes")
+        try:
+            body = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return _refusal(trace, 400, "bad_request", f"malformed JSON body: {exc}")
+        problem = _check_run_body(body)
+        if problem:
+            return _refusal(trace, 400, "bad_request", problem)
+        accept = environ.get("HTTP_ACCEPT", "")
+        stream = bool(body.get("stream")) or (
+            "text/event-stream" in accept
+            and MIMEAccept(parse_accept_header(accept)).best == "text/event-stream")
+        upstream_body = {"input_value": body.get("input")}
+        for name in ("session_id", "tweaks", "version", "input_type", "output_type",
+                     "on_disconnect"):
+            if body.get(name) is not None:
+                upstream_body[name] = body[name]
+        path = f"/api/v1/run/{body['flow_id']}" + ("?stream=true" if stream else "")
+        forwarded = {name: environ[key] for key, name in _FORWARD.items() if key in environ}
+        req = Request("POST", path, forwarded, "/run-flow", upstream_body,
+                      flow_id=body["flow_id"], stream=stream)
+        return answer(self.amb, req, trace, started)
+
+
+class _Closing:
+    """A WSGI body that runs ``done`` (metrics, access line) and ``release`` (the in-flight
+    gauge) when the server closes it, after the answer went out."""
+
+    __slots__ = ("_body", "_done", "_release")
+
+    def __init__(self, body, done, release) -> None:
+        self._body, self._done, self._release = body, done, release
+
+    def __iter__(self):
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()  # a stream's relay: records its metrics at its end
+            if self._done is not None:
+                self._done()
+        finally:
+            self._release()
+
+
+def _refusal(trace: tracing.TraceContext, status: int, code: str, message: str):
+    body = json.dumps({"error": {"code": code, "message": message,
+                                 "trace_id": trace.trace_id}}).encode()
+    return status, {"Content-Type": "application/json"}, [body], None
+
+
+_REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request",
+            401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
+            415: "Unsupported Media Type", 422: "Unprocessable Entity",
+            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+            503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 def _forwarded() -> dict[str, str]:
