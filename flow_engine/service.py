@@ -12,10 +12,10 @@ from typing import Any
 from flow_engine.components import ComponentRegistry
 from flow_engine.components.base import BuildContext
 from flow_engine.config import Settings
-from flow_engine.errors import BadRequest
+from flow_engine.errors import BadRequest, FlowInvalid
 from flow_engine.flows.compile import CompileCache, CompiledFlow, compile_flow, tweaks_digest
 from flow_engine.flows.model import FlowDefinition, FlowVersion
-from flow_engine.flows.validate import apply_tweaks, validate_flow
+from flow_engine.flows.validate import apply_tweaks, tweak_problems, validate_flow
 from flow_engine.metrics import EngineMetrics
 from flow_engine.routing import choose_version, parse_routing
 from flow_engine.signals import Signals
@@ -139,7 +139,12 @@ class FlowService:
     def _compile(self, flow_id: str, version: int, tweaks: Mapping[str, Any] | None) -> CompiledFlow:
         record = self.store.get_version(flow_id, version)
         raw = apply_tweaks(record.definition, tweaks, self.registry) if tweaks else record.definition
-        definition = self.validate(raw, flow_id)
+        try:
+            definition = self.validate(raw, flow_id)
+        except FlowInvalid as exc:
+            if not tweaks:
+                raise
+            raise FlowInvalid(tweak_problems(exc.problems, raw, tweaks)) from None
         return compile_flow(FlowVersion(flow_id, version, definition), self.registry,
                             self.build_context)
 

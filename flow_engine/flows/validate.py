@@ -113,6 +113,32 @@ def apply_tweaks(data: Mapping[str, Any], tweaks: Any,
     return merged
 
 
+def tweak_problems(problems: list[Problem], merged: Mapping[str, Any],
+                   tweaks: Mapping[str, Any]) -> list[Problem]:
+    """``problems`` of a definition with ``tweaks`` applied (``apply_tweaks``), with those a
+    tweak caused moved to where the caller wrote it: ``$.nodes[2].params.temperature`` →
+    ``$.tweaks.llm.temperature`` (and an unknown tweaked param → ``$.tweaks.llm``). The caller
+    sent tweaks, not the stored definition, so that is where the fix goes."""
+    nodes = merged.get("nodes") or []
+    out = []
+    for problem in problems:
+        match = _NODE_PARAMS.match(problem.path)
+        if match is not None:
+            index, param = int(match["index"]), match["param"]
+            node = nodes[index] if index < len(nodes) and isinstance(nodes[index], dict) else {}
+            tweaked = tweaks.get(node.get("id"))
+            if isinstance(tweaked, dict):
+                if param is not None and param in tweaked:
+                    problem = Problem(f"$.tweaks.{node['id']}.{param}", problem.message)
+                elif param is None and any(f"'{k}'" in problem.message for k in tweaked):
+                    problem = Problem(f"$.tweaks.{node['id']}", problem.message)
+        out.append(problem)
+    return out
+
+
+_NODE_PARAMS = re.compile(r"^\$\.nodes\[(?P<index>\d+)\]\.params(?:\.(?P<param>[^.\[]+))?$")
+
+
 class _NodeInfo:
     __slots__ = ("component", "id", "index", "inputs", "params", "type")
 

@@ -79,9 +79,11 @@ def test_tweaks_override_params_for_one_request(defs, create_flow, run_flow):
 @pytest.mark.parametrize(("tweaks", "paths"), [
     pytest.param({"ghost": {"template": "x"}}, ["$.tweaks.ghost"], id="unknown-node"),
     pytest.param({"p": "Tweaked"}, ["$.tweaks.p"], id="node-tweak-not-an-object"),
-    pytest.param({"llm": {"temperature": 9}}, ["$.nodes[2].params.temperature"], id="out-of-range"),
-    pytest.param({"llm": {"api_key": "sk-1"}}, ["$.nodes[2].params.api_key"], id="secret-param"),
-    pytest.param({"llm": {"tempreature": 0}}, ["$.nodes[2].params"], id="unknown-param"),
+    pytest.param({"llm": {"temperature": 9}}, ["$.tweaks.llm.temperature"], id="out-of-range"),
+    pytest.param({"llm": {"api_key": "sk-1"}}, ["$.tweaks.llm.api_key"], id="secret-param"),
+    pytest.param({"llm": {"tempreature": 0}}, ["$.tweaks.llm"], id="unknown-param"),
+    pytest.param({"llm": {"temperature": 9, "max_tokens": 0}},
+                 ["$.tweaks.llm.temperature", "$.tweaks.llm.max_tokens"], id="two-params"),
 ])
 def test_invalid_tweaks_are_422_with_paths(defs, create_flow, run_flow, tweaks, paths):
     create_flow(defs.echo(id="f"))
