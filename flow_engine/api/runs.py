@@ -104,13 +104,17 @@ def run_flow(flow_ref: str):
     deferred: list = []
     prepared.defer = deferred.append  # record the run after the answer has gone out
     try:
-        result, _replayed = runs.run(prepared)
+        result, replayed = runs.run(prepared)
     finally:
         @after_this_request
         def _write_record_after_response(response):
             for write in deferred:
                 response.call_on_close(write)
             return response
+    # the run that answered: a duplicate may have taken over an abandoned run meanwhile
+    headers["X-Run-ID"] = g.run_id = result.get("run_id", run_id)
+    if not replayed:
+        headers.pop("Idempotent-Replayed", None)
     return jsonify(result), 200, headers
 
 

@@ -9,6 +9,11 @@ of the request; the unique key makes concurrent duplicates lose that insert. A d
 with the same hash gets the first run's result — waiting for it while it runs — instead of
 a second LLM call; a different hash is a 409. Keys older than the retention window are
 forgotten. Flow rows and compiled graphs come from caches, so a plain run reads nothing.
+
+A keyed run's process marks it alive every ``heartbeat_s`` while it runs. A duplicate that
+finds it running with no heartbeat for ``stale_after_s`` (its engine crashed or was killed)
+marks it failed (``run_abandoned``), which frees the key, and runs the request itself —
+instead of waiting for a run that will never end and answering 409 until the key expires.
 """
 
 from __future__ import annotations
@@ -105,6 +110,9 @@ class PreparedRun:
 
 
 class RunService:
+    heartbeat_s = 5.0  # how often a process marks its running keyed runs alive
+    stale_after_s = 20.0  # a running keyed run not marked alive for this long is abandoned
+
     def __init__(self, flows: FlowService, store: FlowStore, settings: Settings,
                  metrics: EngineMetrics, events: RunEventLog | None = None,
                  signals: Signals | None = None,
@@ -119,6 +127,7 @@ class RunService:
         self._active: dict[str, PreparedRun] = {}
         self._series: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self._heartbeats: threading.Thread | None = None
         if signals is not None:
             signals.on("cancel", lambda message: self._cancel_local(message.get("run_id", "")))
 
@@ -133,6 +142,7 @@ class RunService:
             created_at=self._now(), session_id=request.session_id, trace_id=trace_id,
             idempotency_key=idempotency_key,
             request_hash=_request_hash(flow.id, request) if idempotency_key else None,
+            heartbeat_at=self._now() if idempotency_key else None,
         )
         prepared.record = record
         if idempotency_key is None:
@@ -141,6 +151,9 @@ class RunService:
         if existing is not None and self._expired(existing):
             self.store.delete_run(existing.run_id)
             existing = self.store.insert_run(record)
+        if existing is not None and self._stale(existing):
+            self._abandon(existing)
+            existing = self._claim(prepared)
         if existing is not None:
             if existing.request_hash != record.request_hash:
                 raise Conflict("this Idempotency-Key was used for a different request; "
@@ -155,8 +168,15 @@ class RunService:
 
     def run(self, prepared: PreparedRun) -> tuple[dict[str, Any], bool]:
         """The run's response body and whether it was replayed from an earlier run."""
-        if prepared.replay is not None:
-            return self._replayed_result(prepared.replay), True
+        while prepared.replay is not None:
+            try:
+                return self._replayed_result(prepared.replay), True
+            except _Abandoned:  # the run it waited for will never end: run it here
+                existing = self._claim(prepared)
+                if existing is not None and existing.request_hash != prepared.record.request_hash:
+                    raise Conflict("this Idempotency-Key was used for a different request; "
+                                   "use a new key for a new request") from None
+                prepared.replay = existing  # None: claimed; else another process took it over
         counter = itertools.count(1)
 
         def emit(kind: str, data: dict[str, Any]) -> None:
@@ -178,6 +198,8 @@ class RunService:
         compiled = prepared.compiled
         with self._lock:
             self._active[prepared.run_id] = prepared
+        if prepared.record is not None and prepared.record.idempotency_key is not None:
+            self._start_heartbeats()
         self.metrics.active_runs.inc()
         started = prepared.started_at = time.perf_counter()
         try:
@@ -253,6 +275,52 @@ class RunService:
         except FlowgateError:
             log.exception("could not store chat history for session %s", session)
 
+    # -- keyed runs whose engine stopped ------------------------------------------------------
+
+    def _stale(self, record: RunRecord) -> bool:
+        """Running, and not marked alive for stale_after_s (no heartbeat at all: a record
+        from before heartbeats, never judged)."""
+        return (record.status == "running" and record.heartbeat_at is not None
+                and (self._now() - record.heartbeat_at).total_seconds() > self.stale_after_s)
+
+    def _abandon(self, record: RunRecord) -> None:
+        silent = (self._now() - record.heartbeat_at).total_seconds()
+        if self.store.abandon_run(record.run_id, record.heartbeat_at, {
+                "status": 503, "code": "run_abandoned",
+                "message": f"run {record.run_id} stopped without finishing (no sign of life "
+                           f"from its engine for {silent:.0f} s); a retry runs it again"}):
+            log.warning("run %s abandoned: no heartbeat for %.0f s; its Idempotency-Key is "
+                        "free again", record.run_id, silent)
+            self.metrics.runs.labels(record.flow_id, str(record.version), "failed").inc()
+
+    def _claim(self, prepared: PreparedRun) -> RunRecord | None:
+        """Insert the prepared run's record now (its key was freed): None when this request
+        holds the key; else the record of whoever claimed it first."""
+        record = prepared.record
+        record.created_at = record.heartbeat_at = self._now()
+        return self.store.insert_run(record)
+
+    def _start_heartbeats(self) -> None:
+        if self._heartbeats is not None:
+            return
+        with self._lock:
+            if self._heartbeats is None:
+                self._heartbeats = threading.Thread(target=self._beat, name="flowgate-heartbeat",
+                                                    daemon=True)
+                self._heartbeats.start()
+
+    def _beat(self) -> None:
+        """Every heartbeat_s, mark this process's running keyed runs alive (one write)."""
+        while True:
+            time.sleep(self.heartbeat_s)  # cooperative under gevent
+            with self._lock:
+                keyed = [run_id for run_id, p in self._active.items()
+                         if p.record is not None and p.record.idempotency_key is not None]
+            try:
+                self.store.heartbeat(keyed)
+            except Exception:  # the next beat tries again; a store outage is logged there
+                log.warning("could not mark %d running run(s) alive", len(keyed))
+
     def _replayed_result(self, record: RunRecord) -> dict[str, Any]:
         self.metrics.idempotent_replays.inc()
         record = self._wait_until_finished(record)
@@ -266,6 +334,9 @@ class RunService:
         deadline = time.monotonic() + self.settings.idempotency_wait_s
         delay = 0.01
         while record.status == "running":
+            if self._stale(record):
+                self._abandon(record)
+                raise _Abandoned()
             if time.monotonic() > deadline:
                 raise Conflict(f"run {record.run_id} with this Idempotency-Key is still running; "
                                "retry later", run_id=record.run_id)
@@ -391,6 +462,10 @@ class RunService:
             return False
         active.cancel.cancel("cancelled by API request")
         return True
+
+
+class _Abandoned(Exception):
+    """The run a duplicate waited for was abandoned (its engine stopped)."""
 
 
 class _StoredError(FlowgateError):

@@ -93,6 +93,8 @@ runs = sa.Table(
     sa.Column("duration_ms", sa.Float, nullable=True),
     sa.Column("result", sa.JSON, nullable=True),
     sa.Column("error", sa.JSON, nullable=True),
+    # a running keyed run's owner refreshes this; a stale one means its engine stopped
+    sa.Column("heartbeat_at", TS, nullable=True),
 )
 chat_messages = sa.Table(
     "chat_messages", metadata,
@@ -117,8 +119,16 @@ _FINISH_RUN = runs.update().where(runs.c.run_id == sa.bindparam("key_run_id")).v
     finished_at=sa.bindparam("finished_at"))
 
 # Each migration brings the schema from version i to i + 1. Append, never edit.
+def _add_run_heartbeat(conn: Connection) -> None:
+    """runs.heartbeat_at (a schema from before it; a new one already has it)."""
+    if "heartbeat_at" not in {c["name"] for c in sa.inspect(conn).get_columns("runs")}:
+        conn.execute(sa.text("ALTER TABLE runs ADD COLUMN heartbeat_at "
+                             + runs.c.heartbeat_at.type.compile(dialect=conn.dialect)))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     lambda conn: metadata.create_all(conn, tables=[flows, flow_versions, runs, chat_messages]),
+    _add_run_heartbeat,
 ]
 
 
@@ -413,7 +423,7 @@ class SqlFlowStore:
             "trace_id": record.trace_id, "idempotency_key": record.idempotency_key,
             "request_hash": record.request_hash, "created_at": record.created_at,
             "finished_at": record.finished_at, "duration_ms": record.duration_ms,
-            "result": record.result, "error": record.error,
+            "result": record.result, "error": record.error, "heartbeat_at": record.heartbeat_at,
         }
         try:
             with self._write(log=True) as conn:
@@ -438,6 +448,26 @@ class SqlFlowStore:
             conn.execute(_FINISH_RUN, {"key_run_id": run_id, "status": status,
                                        "duration_ms": duration_ms, "result": result,
                                        "error": error, "finished_at": now()})
+
+    def heartbeat(self, run_ids: list[str]) -> None:
+        """Mark these running runs as alive now (one statement for all of them)."""
+        if not run_ids:
+            return
+        with self._write(log=True) as conn:
+            conn.execute(runs.update().where(runs.c.run_id.in_(run_ids),
+                                             runs.c.status == "running")
+                         .values(heartbeat_at=now()))
+
+    def abandon_run(self, run_id: str, heartbeat_at: datetime, error: dict[str, Any]) -> bool:
+        """Mark a running run whose owner stopped heartbeating as failed and free its
+        idempotency key; False when it moved on meanwhile (it finished, or its owner — or
+        another process abandoning it — wrote first)."""
+        with self._write(log=True) as conn:
+            done = conn.execute(runs.update().where(
+                runs.c.run_id == run_id, runs.c.status == "running",
+                runs.c.heartbeat_at == heartbeat_at,
+            ).values(status="failed", error=error, finished_at=now(), idempotency_key=None))
+        return done.rowcount == 1
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._read() as conn:
@@ -539,5 +569,5 @@ def _run(row: sa.Row) -> RunRecord:
         created_at=_aware(row.created_at), session_id=row.session_id, trace_id=row.trace_id,
         idempotency_key=row.idempotency_key, request_hash=row.request_hash,
         finished_at=_aware(row.finished_at), duration_ms=row.duration_ms, result=row.result,
-        error=row.error,
+        error=row.error, heartbeat_at=_aware(row.heartbeat_at),
     )

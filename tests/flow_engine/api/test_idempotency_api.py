@@ -164,3 +164,89 @@ def test_concurrent_identical_requests_run_once(fresh_llm_sim, make_app, auth, d
     assert len({result["run_id"] for result, _ in answers}) == 1
     assert sorted(replayed for _, replayed in answers) == [False] + [True] * 7
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
+
+
+# -- a keyed run whose engine stopped -------------------------------------------------------------
+
+
+def _as_if_its_engine_died(app, run_id: str, silent_s: float) -> None:
+    """Put a finished run back to "running", last marked alive ``silent_s`` ago: what a
+    crashed or killed engine leaves behind."""
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    from flow_engine.store.sql import runs
+
+    store = app.extensions["flowgate"].store
+    with store.engine.begin() as conn:
+        conn.execute(runs.update().where(runs.c.run_id == run_id).values(
+            status="running", result=None, finished_at=None,
+            heartbeat_at=datetime.now(UTC) - timedelta(seconds=silent_s)))
+        assert conn.execute(sa.select(runs.c.status).where(runs.c.run_id == run_id)).scalar_one() == "running"
+
+
+def test_a_retry_runs_again_when_the_keyed_run_was_abandoned(make_app, auth, defs, metric):
+    app = make_app()
+    client = app.test_client()
+    assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=auth).status_code == 201
+    headers = {**auth, "Idempotency-Key": "crashed"}
+    first = client.post("/api/v1/run/f", json=BODY, headers=headers).get_json()["run_id"]
+    _as_if_its_engine_died(app, first, silent_s=app.extensions["flowgate"].runs.stale_after_s + 5)
+
+    retry = client.post("/api/v1/run/f", json=BODY, headers=headers)
+
+    assert retry.status_code == 200, retry.get_json()
+    assert "Idempotent-Replayed" not in retry.headers
+    assert retry.get_json()["run_id"] != first
+    old = client.get(f"/api/v1/runs/{first}", headers=auth).get_json()
+    assert (old["status"], old["error"]["code"]) == ("failed", "run_abandoned")
+    # the key now belongs to the new run: the next retry replays it
+    again = client.post("/api/v1/run/f", json=BODY, headers=headers)
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.get_json()["run_id"] == retry.get_json()["run_id"]
+
+
+def test_a_duplicate_waiting_on_a_run_that_stops_beating_takes_it_over(make_app, auth, defs):
+    app = make_app()
+    client = app.test_client()
+    runs = app.extensions["flowgate"].runs
+    runs.stale_after_s = 0.5
+    assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=auth).status_code == 201
+    headers = {**auth, "Idempotency-Key": "stops-beating"}
+    first = client.post("/api/v1/run/f", json=BODY, headers=headers).get_json()["run_id"]
+    _as_if_its_engine_died(app, first, silent_s=0.0)  # alive a moment ago: the retry waits
+
+    retry = client.post("/api/v1/run/f", json=BODY, headers=headers)
+
+    assert retry.status_code == 200, retry.get_json()
+    assert "Idempotent-Replayed" not in retry.headers
+    assert retry.get_json()["run_id"] != first
+
+
+def test_a_slow_keyed_run_that_beats_is_never_taken_over(fresh_llm_sim, make_app, auth, defs):
+    """Its heartbeats keep the run alive far past stale_after_s: the duplicate waits for it
+    and replays it; the LLM is called once."""
+    fresh_llm_sim.configure(ttft_s=1.2)
+    app = make_app(openai_base_url=fresh_llm_sim.base_url)
+    runs = app.extensions["flowgate"].runs
+    runs.heartbeat_s, runs.stale_after_s = 0.05, 0.4
+    client = app.test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=auth).status_code == 201
+    headers = {**auth, "Idempotency-Key": "slow-but-alive"}
+    answers: list = []
+    first = threading.Thread(target=lambda: answers.append(
+        app.test_client().post("/api/v1/run/llm", json=BODY, headers=headers)))
+    first.start()
+    for _ in range(100):  # until the first run holds the key
+        if runs.store.find_run_by_key("slow-but-alive") is not None:
+            break
+        threading.Event().wait(0.01)
+
+    duplicate = client.post("/api/v1/run/llm", json=BODY, headers=headers)
+    first.join(10)
+
+    assert duplicate.status_code == answers[0].status_code == 200
+    assert duplicate.headers.get("Idempotent-Replayed") == "true"
+    assert duplicate.get_json()["run_id"] == answers[0].get_json()["run_id"]
+    assert fresh_llm_sim.stats()["chat_completions_started"] == 1

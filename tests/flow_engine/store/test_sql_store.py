@@ -629,3 +629,61 @@ def test_postgres_connections_killed_while_idle_are_replaced_not_failed(
         assert store.get_run("run-2").status == "running"
     finally:
         store.close()
+
+
+# -- keyed runs: heartbeats and abandoning a run whose engine stopped ----------------------------
+
+
+def test_a_schema_from_before_heartbeats_is_upgraded(open_store, db_url):
+    """A database made by migration 1 alone (runs without heartbeat_at) gains the column."""
+    old = open_store()
+    old.migrate()
+    with old.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE runs DROP COLUMN heartbeat_at"))
+        conn.execute(schema_version.delete().where(schema_version.c.version > 1))
+    fresh = open_store()  # a new process: its own connections see the old shape
+    assert fresh.migrate() == len(MIGRATIONS)
+    assert schema_rows(fresh) == list(range(1, len(MIGRATIONS) + 1))
+    beat = datetime(2025, 3, 4, 5, 6, 8, tzinfo=UTC)
+    fresh.insert_run(make_run(key="k", heartbeat_at=beat))
+    assert fresh.get_run("run-1").heartbeat_at == beat
+
+
+def test_heartbeat_touches_only_running_runs(store):
+    store.insert_run(make_run("a", key="ka", heartbeat_at=None))
+    store.insert_run(make_run("b", key="kb", heartbeat_at=None))
+    store.finish_run("b", status="succeeded", duration_ms=1.0, result={}, error=None)
+    store.heartbeat(["a", "b", "missing"])
+    assert_utc(store.get_run("a").heartbeat_at)
+    assert store.get_run("b").heartbeat_at is None
+    store.heartbeat([])  # nothing to do, no statement
+
+
+def test_abandon_run_fails_it_and_frees_its_key_once(store):
+    beat = datetime(2025, 3, 4, 5, 6, 8, tzinfo=UTC)
+    store.insert_run(make_run("old", key="k", heartbeat_at=beat))
+    error = {"status": 503, "code": "run_abandoned", "message": "its engine stopped"}
+    assert store.abandon_run("old", beat, error) is True
+    gone = store.get_run("old")
+    assert (gone.status, gone.error, gone.idempotency_key) == ("failed", error, None)
+    assert_utc(gone.finished_at)
+    assert store.abandon_run("old", beat, error) is False  # not running any more
+    assert store.insert_run(make_run("new", key="k")) is None  # the key is free again
+
+
+def test_abandon_run_loses_to_a_fresh_heartbeat(store):
+    beat = datetime(2025, 3, 4, 5, 6, 8, tzinfo=UTC)
+    store.insert_run(make_run("live", key="k", heartbeat_at=beat))
+    store.heartbeat(["live"])  # its owner is alive after all
+    assert store.abandon_run("live", beat, {"code": "run_abandoned"}) is False
+    assert store.get_run("live").status == "running"
+    assert store.find_run_by_key("k").run_id == "live"
+
+
+def test_only_one_of_two_concurrent_abandons_wins(open_store, store):
+    beat = datetime(2025, 3, 4, 5, 6, 8, tzinfo=UTC)
+    store.insert_run(make_run("old", key="k", heartbeat_at=beat))
+    other = open_store()
+    outcomes = run_concurrently([lambda s=s: s.abandon_run("old", beat, {"code": "x"})
+                                 for s in (store, other)])
+    assert sorted(outcomes) == [False, True]
