@@ -26,8 +26,6 @@ from pathlib import Path
 
 from flowgate import flows_cli, stack
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-DEMO_FLOW = EXAMPLES / "faq-rag.json"
 DEMO_QUESTION = "How long does it take to get a refund?"
 
 
@@ -56,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run an example flow against the LLM simulator, streaming")
-    demo.add_argument("--flow", type=Path, default=DEMO_FLOW, help=f"flow file (default {DEMO_FLOW.name})")
+    demo.add_argument("--flow", type=Path, default=stack.examples_dir() / "faq-rag.json",
+                      help="flow file (default: %(default)s)")
     demo.add_argument("--input", default=DEMO_QUESTION, help="the user's message")
     demo.add_argument("--tps", type=float, default=40.0, help="simulated tokens per second")
     demo.set_defaults(handler=_demo)

@@ -20,15 +20,25 @@ import time
 import urllib.request
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STATE = Path(".flowgate")
+
+
+def examples_dir() -> Path:
+    """Where the demo flows are: ``$FLOWGATE_EXAMPLES``; else ``examples/`` beside the
+    package (a checkout or an editable install); else ``./examples`` (the Docker image's
+    working directory holds them; an installed wheel does not)."""
+    if os.environ.get("FLOWGATE_EXAMPLES"):
+        return Path(os.environ["FLOWGATE_EXAMPLES"])
+    beside = Path(__file__).resolve().parent.parent / "examples"
+    return beside if beside.is_dir() else Path.cwd() / "examples"
 
 
 def add_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--ambassador-port", type=int, default=8080)
     up.add_argument("--engine-port", type=int, default=8000)
     up.add_argument("--llm-port", type=int, default=9100)
-    up.add_argument("--examples", type=Path, default=EXAMPLES, help="flows to push at start")
+    up.add_argument("--examples", type=Path, default=examples_dir(),
+                    help="flows to push at start (default: %(default)s)")
     up.add_argument("--tps", type=float, default=40.0, help="simulated LLM tokens per second")
 
 
@@ -137,6 +147,9 @@ def _push_examples(folder: Path, engine_port: int, key: str) -> list[str]:
 
     client = EngineClient(f"http://127.0.0.1:{engine_port}", key)
     pushed = []
+    if not folder.is_dir():
+        print(f"flowgate up: no demo flows pushed: {folder} is not a directory (pass --examples "
+              "DIR or set FLOWGATE_EXAMPLES)", file=sys.stderr)
     for path in sorted(folder.glob("*.json")):
         definition = load_json(path)
         try:
