@@ -432,6 +432,9 @@ def test_bad_requests_are_refused_before_the_engine(engine, start_ambassador, fr
          413, "payload_too_large"),
         (requests.get(url, timeout=10), 405, "method_not_allowed"),
         (requests.get(amb.url + "/no-such-route", timeout=10), 404, "not_found"),
+        # a chunked body (no Content-Length) over the limit
+        (requests.post(url, data=iter([b'{"flow_id": "x", "input": "', b"x" * 2_000_000, b'"}']),
+                       headers=json_type, timeout=10), 413, "payload_too_large"),
     ]
 
     for resp, status, code in cases:
@@ -439,6 +442,12 @@ def test_bad_requests_are_refused_before_the_engine(engine, start_ambassador, fr
     unknown = amb.run(flow_id="no-such-flow")
     assert_error_contract(unknown, 404, "flow_not_found")
     assert fresh_llm_sim.stats()["chat_completions_started"] == 0
+    # a chunked body within the limit is an ordinary run
+    chunked = requests.post(url, headers=json_type, timeout=10, data=iter(
+        [json.dumps({"flow_id": FLOW_ID, "input": "in pieces"}).encode()[i:i + 7]
+         for i in range(0, 60, 7)]))
+    assert chunked.status_code == 200, chunked.text
+    assert chunked.json()["output"]
 
 
 def test_rate_limit_answers_429_with_retry_after(engine, start_ambassador, fresh_llm_sim):
