@@ -380,7 +380,7 @@ def main() -> None:
                   "PROMETHEUS_MULTIPROC_DIR": str(tmp / "engine-metrics")}
     amb_env = {"REDIS_URL": "", "AMBASSADOR_WORKERS": "1", "AMBASSADOR_GRACEFUL_TIMEOUT": "5",
                "AMBASSADOR_UPSTREAM_URL": "", "AMBASSADOR_UPSTREAM_KEY": "",
-               "PROMETHEUS_MULTIPROC_DIR": str(tmp / "ambassador-metrics")}
+               "PROMETHEUS_MULTIPROC_DIR": ""}  # one worker: in-process metrics, as deployed
     sim_cmd = [python, "-m", "flowgate.llm_sim", "--port", str(sim_port),
                "--ttft", str(SIM_TTFT_S), "--reply-tokens", "20"]
     engine_cmd = [python, "-m", "flowgate.cli", "engine", "--port", str(engine_port)]
