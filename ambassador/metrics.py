@@ -75,6 +75,9 @@ class AmbassadorMetrics(ServiceMetrics):
         self.config_reload_errors = Counter(
             "flowgate_ambassador_config_reload_errors_total",
             "Config reloads rejected (the last good config stays).", **kw)
+        # streams are few: their series exist from the start, so rate() sees the first one
+        for route in ("/run-flow", "/runs/<id>/events"):
+            self.stream_duration.labels(route)
         for state in BREAKER_STATES:
             self.breaker_state.labels(state).set(1 if state == "closed" else 0)
             self.breaker_transitions.labels(state)
