@@ -193,7 +193,7 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         if last is not None and not last.isdigit():
             return bad_request("last_event_id must be a non-negative integer")
         path = f"/api/v1/runs/{run_id}/events" + (f"?last_event_id={last}" if last else "")
-        req = Request("GET", path, _forwarded(), "/runs/<id>/events", None, stream=True)
+        req = Request("GET", path, _forwarded(request.environ), "/runs/<id>/events", None, stream=True)
         # callers limited to some flows may only watch runs of those flows
         req.ctx["flow_of_run"] = lambda: amb.upstream.flow_of_run(run_id, req)
         return _proxy(req)
@@ -214,7 +214,7 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         """Check the caller before the upgrade: a refusal is an ordinary HTTP error."""
         if request.path != "/ws/run-flow":
             return None
-        req = Request("GET", "/api/v1/ws/runs", _forwarded(), "/ws/run-flow")
+        req = Request("GET", "/api/v1/ws/runs", _forwarded(request.environ), "/ws/run-flow")
         req.ctx["trace"] = g.trace
         answer = ws_bridge.admit(amb.handshake_filters, req)
         if answer.status != 200:
@@ -408,8 +408,7 @@ class RunFlowPath:
             if body.get(name) is not None:
                 upstream_body[name] = body[name]
         path = f"/api/v1/run/{body['flow_id']}" + ("?stream=true" if stream else "")
-        forwarded = {name: environ[key] for key, name in _FORWARD.items() if key in environ}
-        req = Request("POST", path, forwarded, "/run-flow", upstream_body,
+        req = Request("POST", path, _forwarded(environ), "/run-flow", upstream_body,
                       flow_id=body["flow_id"], stream=stream)
         return answer(self.amb, req, trace, started)
 
@@ -451,8 +450,8 @@ _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: 
             503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
-def _forwarded() -> dict[str, str]:
-    environ = request.environ
+def _forwarded(environ: Mapping[str, Any]) -> dict[str, str]:
+    """The request headers the chain may use (see _FORWARD), under lower-case names."""
     return {name: environ[key] for key, name in _FORWARD.items() if key in environ}
 
 
