@@ -14,6 +14,10 @@ down. Example (every key optional)::
       mode: api_keys            # none | api_keys | jwt
       api_keys:
         - {key: "app-secret", identity: orders-app, tenant: shop, flows: [faq-rag]}
+      # jwt: {algorithm: RS256, jwks_file: /etc/idp/jwks.json, audience: flowgate,
+      #       missing_flows_claim: none}
+    websocket:
+      allowed_origins: ["https://app.example.com"]   # besides the same origin
     filters: [trace, auth, cache, breaker, retry, timeout]
     retry: {max_attempts: 3, budget_ratio: 0.2}
     breaker: {consecutive_failures: 5, open_s: 10}
@@ -81,10 +85,14 @@ class Upstream(_Model):
         return url.rstrip("/")
 
 
+# identities and tenants travel upstream as header values: printable ASCII, no spaces
+NAME_PATTERN = r"^[\x21-\x7e]{1,200}$"
+
+
 class ApiKey(_Model):
     key: str = Field(min_length=8)
-    identity: str = Field(min_length=1)
-    tenant: str | None = None
+    identity: str = Field(pattern=NAME_PATTERN)
+    tenant: str | None = Field(None, pattern=NAME_PATTERN)
     flows: list[str] | None = None  # None: every flow
 
 
@@ -95,11 +103,22 @@ class Jwt(_Model):
     public_key_file: str | None = None
     jwks_file: str | None = None
     issuer: str | None = None
-    audience: str | None = None
+    audience: str | None = Field(None, validate_default=True)
     leeway_s: float = Field(30.0, ge=0, le=300)
     identity_claim: str = "sub"
     tenant_claim: str = "tenant"
     flows_claim: str = "flows"
+    # a token without the flows claim may run: no flow (none), or every flow (all)
+    missing_flows_claim: Literal["none", "all"] = "none"
+
+    @field_validator("audience")
+    @classmethod
+    def _audience(cls, audience: str | None) -> str:
+        if not audience:
+            raise ValueError(
+                "required in jwt mode: the 'aud' that tokens for this ambassador carry (without "
+                "it, a token the identity provider minted for any other service would do)")
+        return audience
 
     @model_validator(mode="after")
     def _key(self):
@@ -165,9 +184,29 @@ class Cache(_Model):
     max_body_bytes: int = Field(1_000_000, ge=1)
 
 
+class WebSocket(_Model):
+    # Origins (scheme://host[:port]) whose pages may open WS /ws/run-flow, besides the
+    # ambassador's own origin; a request without Origin (not a browser) is always allowed.
+    allowed_origins: list[str] = []
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        from ambassador.origin import normalize
+
+        out = []
+        for origin in origins:
+            normal = normalize(origin)
+            if normal is None:
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com[:port]")
+            out.append(normal)
+        return out
+
+
 class Settings(_Model):
     upstream: Upstream = Upstream()
     inbound_auth: InboundAuth = InboundAuth()
+    websocket: WebSocket = WebSocket()
     filters: list[str] = DEFAULT_FILTERS
     retry: Retry = Retry()
     breaker: Breaker = Breaker()
@@ -280,7 +319,8 @@ class ConfigHolder:
     stays. ``check`` may refuse a valid file too (its reason, or None to accept): the
     ambassador bound to a non-loopback address refuses a reload to ``inbound_auth: none``
     as it refused to start with it. ``on_change`` rebuilds whatever depends on the config
-    (the filter chain)."""
+    (the filter chain); a ConfigError it raises (an unreadable key file) refuses the new
+    config like an invalid one."""
 
     def __init__(self, settings: Settings, path: str | None, *, check_every_s: float = 2.0,
                  overrides: Mapping[str, Any] | None = None,
@@ -322,6 +362,8 @@ class ConfigHolder:
                 refused = self._check(fresh) if self._check else None
                 if refused:
                     raise ConfigError(refused)
+                if self._on_change:  # may refuse it too: e.g. an unreadable JWKS file
+                    self._on_change(fresh)
             except ConfigError as exc:
                 self.last_error = str(exc)
                 log.error("config reload failed; keeping the last good config", extra={"error": str(exc)})
@@ -329,7 +371,5 @@ class ConfigHolder:
                     self._on_error(str(exc))
                 return False
             self.settings, self.last_error = fresh, None
-            if self._on_change:
-                self._on_change(fresh)
             log.info("config reloaded", extra={"path": self.path})
             return True

@@ -13,6 +13,8 @@ Errors are typed by what they tell a retry policy:
     Timeout         no answer within the deadline
     Broken          the connection broke after the request was (maybe) sent
     BadResponse     the peer answered something that is not HTTP/1.x
+    InvalidRequest  the request cannot be written (a line break or a non-ASCII character in
+                    the path or a header): nothing was sent
 
 A pooled connection idle longer than ``max_idle_s`` is closed instead of reused: the engine
 closes keep-alive connections after 5 s, and a request written into a socket the peer is
@@ -52,6 +54,11 @@ class Broken(HttpError):
 
 class BadResponse(HttpError):
     pass
+
+
+class InvalidRequest(HttpError, ValueError):
+    """The request cannot be written as HTTP/1.1 (a line break or a non-ASCII byte in the
+    path or a header): refused before anything is sent."""
 
 
 class _Conn:
@@ -224,14 +231,18 @@ class Pool:
                 connect_timeout: float, read_timeout: float) -> Response:
         """Send the request and read the response head. The body is the caller's to read
         (or to abandon with ``close()``)."""
+        if not path.isascii() or not path.isprintable() or " " in path:
+            raise InvalidRequest(f"the path {path[:60]!r} holds a space, a control or a non-ASCII character")
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self._host_header}"]
         for name, value in headers.items():
             if "\r" in value or "\n" in value:
-                raise ValueError(f"header {name} holds a line break")
+                raise InvalidRequest(f"header {name} holds a line break")
+            if not value.isascii():
+                raise InvalidRequest(f"header {name} holds a non-ASCII character")
             lines.append(f"{name}: {value}")
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
         data = head + body if body else head
         conn = self._get(connect_timeout)
         try:

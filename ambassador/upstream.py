@@ -10,6 +10,11 @@ caller's identity, and turns every transport failure into an error response whos
     reset           the connection broke after the request was sent
     protocol        the engine answered something that is not HTTP
 
+What the engine did answer is marked ``meta["engine_answered"]``. A request that cannot
+be sent at all (its body does not serialize, a header or the path cannot be written) is a
+400 ``bad_request`` of the ambassador's own, never an exception: nothing reached the engine,
+so neither retry nor breaker takes it for an engine failure.
+
 Streams are passed through chunk by chunk as they arrive, with a
 first-byte deadline for the response head and an idle deadline between chunks instead of a
 total deadline, so long generations are never cut while tokens keep flowing.
@@ -49,8 +54,11 @@ class Upstream:
         t = self.settings.timeouts
         per_try = request.ctx.get("per_try_s", t.per_try_s)
         read = min(t.stream_first_byte_s, per_try) if request.stream else per_try
-        headers = self._headers(request)
-        body = json.dumps(request.body).encode() if request.body is not None else None
+        try:
+            headers = self._headers(request)
+            body = json.dumps(request.body).encode() if request.body is not None else None
+        except (ValueError, TypeError, RecursionError) as exc:
+            return self._unsendable(request, exc)
         started = time.perf_counter()
         try:
             resp = self.pool.request(request.method, request.path, headers, body,
@@ -59,11 +67,14 @@ class Upstream:
             if request.stream and resp.status == 200:
                 self._ok(started, "ok")
                 return Response(resp.status, out_headers, chunks=self._chunks(resp),
-                                meta={"upstream_s": self._spent(request, started)})
+                                meta={"upstream_s": self._spent(request, started),
+                                      "engine_answered": True})
             try:
                 data = resp.read()
             finally:
                 resp.close()
+        except http1.InvalidRequest as exc:
+            return self._unsendable(request, exc)
         except http1.ConnectFailed as exc:
             return self._failed(request, started, "connect_error", 503, "upstream_unavailable",
                                 f"the flow engine is unreachable ({exc})")
@@ -78,12 +89,15 @@ class Upstream:
                                 f"the flow engine answered something that is not HTTP ({exc})")
         self._ok(started, "ok" if resp.status < 500 else "error")
         return Response(resp.status, out_headers, data,
-                        meta={"upstream_s": self._spent(request, started)})
+                        meta={"upstream_s": self._spent(request, started), "engine_answered": True})
 
     def flow_of_run(self, run_id: str, request: Request) -> str | None:
-        """The flow a run belongs to (from the engine's run record), None when unknown."""
+        """The flow a run belongs to (from the engine's run record), None when unknown.
+        Asked as the caller (its identity and tenant headers): a run of another tenant is
+        unknown to it."""
         probe = Request("GET", f"/api/v1/runs/{run_id}", dict(request.headers), request.route,
-                        None, ctx={"trace": request.ctx.get("trace")})
+                        None, ctx={"trace": request.ctx.get("trace"),
+                                   "identity": request.ctx.get("identity")})
         probe.headers.pop("last-event-id", None)
         answer = self(probe)
         if answer.status != 200:
@@ -151,6 +165,12 @@ class Upstream:
         response.meta.update(upstream_error=kind, sent=kind != "connect_error",
                              upstream_s=self._spent(request, started))
         return response
+
+    @staticmethod
+    def _unsendable(request: Request, exc: Exception) -> Response:
+        reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        return error_response(400, "bad_request",
+                              f"the request cannot be sent to the flow engine: {reason}", request)
 
     def close(self) -> None:
         self.pool.close()

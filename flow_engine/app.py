@@ -12,32 +12,36 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from flow_engine.api import components, flows, health, openapi, runs, ws
-from flow_engine.api.common import Engine, check_api_key
+from flow_engine.api.common import Engine, authenticate
+from flow_engine.auth import KeyRing
 from flow_engine.components import default_registry
 from flow_engine.config import Settings
-from flow_engine.errors import FlowgateError
+from flow_engine.errors import FlowgateError, TenantLimited
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs.events import MemoryEventLog, RedisEventLog, RunEventLog
 from flow_engine.runs.service import RunService
 from flow_engine.service import FlowService
 from flow_engine.signals import Signals
 from flow_engine.store import SqlFlowStore
+from flow_engine.tenants import TenantLimits
 from flowgate import jsonlog, tracing
 
 log = logging.getLogger("flow_engine")
 access_log = logging.getLogger("flow_engine.access")
 API_PREFIX = "/api/v1"
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-               413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited"}
+               413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited",
+               431: "request_header_fields_too_large"}
 
 
 def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetrics | None = None,
                migrate: bool = True) -> Flask:
     settings = Settings.load(config)
     jsonlog.configure(settings.log_level)
-    keys = settings.check_auth()
+    keys = settings.check()
     if not keys:
         log.warning("AUTH DISABLED: the engine accepts requests without an API key "
                     "(--insecure-no-auth); never run it like this outside a developer machine")
@@ -46,25 +50,24 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
                          on_error=lambda op: metrics.store_errors.labels(op).inc())
     if migrate:
         store.migrate()
-    events, signals = _shared_state(settings, metrics)
+    events, signals, limits = _shared_state(settings, metrics, keys)
     flow_service = FlowService(store, default_registry(), settings, metrics, signals=signals)
     run_service = RunService(flow_service, store, settings, metrics, events=events,
-                             signals=signals)
+                             signals=signals, limits=limits)
     if signals is not None:
         signals.start()
 
     app = Flask("flow_engine")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service,
-                                        tuple(k.encode() for k in keys))
+    app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service, keys)
 
     _install_request_hooks(app, metrics)  # first: errors below carry the trace id
 
     @app.before_request
     def _auth():  # every /api/v1 path, known or not: unauthenticated callers learn nothing
         if request.path.startswith(API_PREFIX + "/"):
-            check_api_key()
+            authenticate()
 
     app.register_blueprint(health.bp)
     for blueprint in (components.bp, flows.bp, runs.bp, ws.bp, openapi.bp):
@@ -73,23 +76,29 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     return app
 
 
-def _shared_state(settings: Settings, metrics: EngineMetrics):
-    """The run event log, plus Redis-backed sharing between processes when REDIS_URL is set."""
+def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing):
+    """The run event log and the tenant limits, plus Redis-backed sharing between
+    processes when REDIS_URL is set."""
     # This process's recent runs, for live watching and resuming: bounded so that a busy
     # worker stays small (Redis, when configured, keeps events for event_ttl_s).
     memory = MemoryEventLog(max_runs=settings.event_memory_runs,
                             ttl_s=min(settings.event_ttl_s, 600.0))
+    policy = settings.tenant_policy(keys)
+    on_error = lambda op: metrics.event_log_errors.labels(op).inc()  # noqa: E731
     if not settings.redis_url:
-        return RunEventLog(memory), None
+        return RunEventLog(memory), None, TenantLimits(policy, on_error=on_error)
     import redis
 
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True,
                                   socket_connect_timeout=2, socket_timeout=30,
                                   health_check_interval=30)
-    on_error = lambda op: metrics.event_log_errors.labels(op).inc()  # noqa: E731
+    # admission is on every run's path: a hung Redis may cost it half a second, no more
+    quick = redis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                 socket_connect_timeout=0.5, socket_timeout=0.5)
     shared = RedisEventLog(client, ttl_s=int(settings.event_ttl_s), on_error=on_error)
     atexit.register(shared.flush)  # a worker's last events still reach Redis on SIGTERM
-    return RunEventLog(memory, shared), Signals(client, on_error=on_error)
+    limits = TenantLimits(policy, quick if policy.limited else None, on_error=on_error)
+    return RunEventLog(memory, shared), Signals(client, on_error=on_error), limits
 
 
 def _install_request_hooks(app: Flask, metrics: EngineMetrics) -> None:
@@ -109,13 +118,18 @@ def _install_request_hooks(app: Flask, metrics: EngineMetrics) -> None:
             response.headers["traceparent"] = trace.traceparent
         route = request.url_rule.rule if request.url_rule else "unmatched"
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        metrics.http_requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.http_duration.labels(route, request.method).observe(elapsed)
+        # labels never take a caller's string: methods outside a fixed set are "other"
+        method = request.method if request.method in _METHODS else "other"
+        metrics.http_requests.labels(route, method, str(response.status_code)).inc()
+        metrics.http_duration.labels(route, method).observe(elapsed)
         if route not in ("/healthz", "/readyz", "/metrics"):
+            caller = g.get("principal")
             access_log.info("request", extra={
-                "method": request.method, "path": request.path, "route": route,
+                "method": method, "path": request.path, "route": route,
                 "status": response.status_code, "duration_ms": round(elapsed * 1000, 3),
-                "flow_id": g.get("flow_id"), "run_id": g.get("run_id")})
+                "flow_id": g.get("flow_id"), "run_id": g.get("run_id"),
+                "actor": caller.actor if caller else None,
+                "tenant": caller.tenant if caller else None})
         return response
 
     @app.teardown_request
@@ -139,6 +153,8 @@ def _install_error_handlers(app: Flask) -> None:
             headers["X-Run-ID"] = g.run_id
         if exc.status == 503:
             headers["Retry-After"] = "1"
+        if isinstance(exc, TenantLimited):
+            headers["Retry-After"] = str(exc.retry_after_s)
         return _error(exc.status, exc.to_dict(), headers)
 
     @app.errorhandler(HTTPException)

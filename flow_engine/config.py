@@ -2,7 +2,9 @@
 
 Environment names are ``FLOW_ENGINE_<FIELD>`` (``FLOW_ENGINE_MAX_NODES``), plus the plain
 names DESIGN.md documents: ``DATABASE_URL``, ``REDIS_URL``, ``OPENAI_BASE_URL``,
-``OPENAI_API_KEY``. ``FLOW_ENGINE_API_KEYS`` is comma-separated.
+``OPENAI_API_KEY``. ``FLOW_ENGINE_API_KEYS`` is comma-separated (``name:role:secret``
+entries, see :mod:`flow_engine.auth`); so are ``FLOW_ENGINE_PROVIDER_ORIGINS`` and
+``FLOW_ENGINE_WS_ALLOWED_ORIGINS``. ``FLOW_ENGINE_TENANT_LIMITS`` is a JSON object.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from flow_engine.auth import KeyConfigError, KeyRing, parse_keys
 from flow_engine.components.base import BuildContext, Limits
+from flow_engine.egress import EgressError, ProviderOrigins
+from flow_engine.tenants import TenantPolicy
 from flowgate import jsonlog
 
 _PLAIN_ENV = {
@@ -43,12 +48,24 @@ class Settings:
     max_definition_bytes: int = 2_000_000
     max_body_bytes: int = 4 * 1024 * 1024
     compile_cache_size: int = 512
+    # estimated bytes of compiled graphs kept (flow_engine/flows/compile.py); tweaked
+    # variants get at most half of it
+    compile_cache_bytes: int = 256 * 1024 * 1024
+    # origins (scheme://host[:port]) that receive OPENAI_API_KEY besides OPENAI_BASE_URL's;
+    # "keyless:ORIGIN" lets flows call ORIGIN without the key (flow_engine/egress.py)
+    provider_origins: tuple[str, ...] = ()
+    # per-tenant limits (flow_engine/tenants.py): 0 = unlimited; JSON overrides per tenant
+    tenant_max_runs: int = 0
+    tenant_tokens_per_minute: int = 0
+    tenant_limits: str = ""
     idempotency_ttl_s: int = 24 * 3600
     idempotency_wait_s: float = 300.0
     sse_keepalive_s: float = 15.0
     ws_ping_interval_s: float = 25.0  # WebSocket heartbeat; 0 = no pings
     ws_idle_timeout_s: float = 300.0  # close a WebSocket with no run and no message; 0 = never
     ws_max_connections: int = 500  # open WebSockets per process; more are closed with 1013
+    # Origins a browser may open the WebSocket from; empty: same origin only ("*": any)
+    ws_allowed_origins: tuple[str, ...] = ()
     flow_cache_ttl_s: float = 1.0
     event_ttl_s: float = 3600.0
     event_memory_runs: int = 2000
@@ -68,8 +85,9 @@ class Settings:
             if raw is not None and raw.strip() != "":
                 values[f.name] = _convert(f.name, raw.strip(), f.default)
         values.update(overrides or {})
-        if isinstance(values.get("api_keys"), str):
-            values["api_keys"] = _split(values["api_keys"])
+        for name in ("api_keys", "provider_origins", "ws_allowed_origins"):
+            if isinstance(values.get(name), str):
+                values[name] = _split(values[name])
         if "log_level" in values:
             try:
                 values["log_level"] = jsonlog.level_name(values["log_level"])
@@ -90,26 +108,54 @@ class Settings:
             keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         return tuple(k for k in keys if k)
 
-    def check_auth(self) -> tuple[str, ...]:
+    def check_auth(self) -> KeyRing:
         """The accepted keys; refuses to run without one unless insecure_no_auth is set."""
-        keys = self.all_api_keys()
+        try:
+            keys = KeyRing(parse_keys(self.all_api_keys()))
+        except KeyConfigError as exc:
+            raise ConfigError(f"FLOW_ENGINE_API_KEYS: {exc}") from None
         if not keys and not self.insecure_no_auth:
             raise ConfigError(
-                "no API key configured: set FLOW_ENGINE_API_KEYS (comma-separated) or "
-                "FLOW_ENGINE_API_KEY_FILE, or start with --insecure-no-auth "
-                "(FLOW_ENGINE_INSECURE_NO_AUTH=1) for local development only"
+                "no API key configured: set FLOW_ENGINE_API_KEYS (comma-separated "
+                "name:role:secret entries) or FLOW_ENGINE_API_KEY_FILE, or start with "
+                "--insecure-no-auth (FLOW_ENGINE_INSECURE_NO_AUTH=1) for local development only"
             )
         return keys
+
+    def tenant_policy(self, keys: KeyRing) -> TenantPolicy:
+        """Per-tenant limits; the keys' names are known tenants (flow_engine/tenants.py)."""
+        try:
+            return TenantPolicy.parse(self.tenant_max_runs, self.tenant_tokens_per_minute,
+                                      self.tenant_limits, known=keys.names())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def check(self) -> KeyRing:
+        """Every setting the engine cannot start with, at once (``flowgate engine`` runs
+        this in the master, so a bad setting stops it with a message, not a crash loop)."""
+        keys = self.check_auth()
+        self.tenant_policy(keys)
+        _ = self.egress
+        return keys
+
+    @property
+    def egress(self) -> ProviderOrigins:
+        """Where ChatModel requests (and the provider key) may go; ConfigError if unsafe."""
+        try:
+            return ProviderOrigins.from_settings(self.openai_base_url, self.openai_api_key,
+                                                 self.provider_origins)
+        except EgressError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def limits(self) -> Limits:
         return Limits(self.max_nodes, self.max_edges, self.max_template_chars,
-                      self.max_definition_bytes)
+                      self.max_definition_bytes, egress=self.egress)
 
     @property
     def build_context(self) -> BuildContext:
         return BuildContext(openai_base_url=self.openai_base_url,
-                            openai_api_key=self.openai_api_key)
+                            openai_api_key=self.openai_api_key, egress=self.egress)
 
 
 def _split(raw: str) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ stable machine-readable ``code``; the API turns them into the DESIGN.md error bo
 
     FlowgateError (500 internal)
     ├── BadRequest (400 bad_request)
+    ├── Forbidden (403 forbidden)           names the role needed
     ├── NotFound (404 not_found)
     │   ├── FlowNotFound (404 flow_not_found)
     │   └── RunNotFound (404 run_not_found)
@@ -13,6 +14,7 @@ stable machine-readable ``code``; the API turns them into the DESIGN.md error bo
     ├── RunFailed (502 run_failed)          a node raised while the flow ran
     │   └── LLMError (502 llm_error)        the model provider failed
     ├── RunCancelled (409 run_cancelled)
+    ├── TenantLimited (429 tenant_limit)    carries retry_after_s
     └── RunTimeout (504 run_timeout)
 """
 
@@ -53,6 +55,10 @@ class FlowgateError(Exception):
 
 class BadRequest(FlowgateError):
     status, code = 400, "bad_request"
+
+
+class Forbidden(FlowgateError):
+    status, code = 403, "forbidden"
 
 
 class NotFound(FlowgateError):
@@ -96,6 +102,16 @@ class LLMError(RunFailed):
 
 class RunCancelled(FlowgateError):
     status, code = 409, "run_cancelled"
+
+
+class TenantLimited(FlowgateError):
+    """A tenant is at one of its limits (concurrent runs, LLM tokens per minute)."""
+
+    status, code = 429, "tenant_limit"
+
+    def __init__(self, message: str, *, retry_after_s: int, limit: str) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, limit=limit)
+        self.retry_after_s = retry_after_s
 
 
 class RunTimeout(FlowgateError):

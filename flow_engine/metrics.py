@@ -66,8 +66,21 @@ class EngineMetrics(ServiceMetrics):
             "Streams whose client went away before the run's last event.", ["transport"], **kw)
         self.event_log_errors = Counter(
             "flowgate_engine_event_log_errors_total",
-            "Shared (Redis) event log and signal failures by operation; local fallbacks serve.",
+            "Shared (Redis) state failures by operation (event log, signals, tenant limits); "
+            "local fallbacks serve.",
             ["op"], **kw)
+        self.tenant_runs = Counter(
+            "flowgate_engine_tenant_runs_total",
+            "Finished runs by tenant (known tenants by name, others as 'other') and status.",
+            ["tenant", "status"], **kw)
+        self.tenant_tokens = Counter(
+            "flowgate_engine_tenant_llm_tokens_total",
+            "LLM tokens by tenant (known tenants by name, others as 'other') and direction.",
+            ["tenant", "direction"], **kw)
+        self.tenant_limited = Counter(
+            "flowgate_engine_tenant_limited_total",
+            "Runs refused with 429 tenant_limit, by tenant and limit (runs|tokens).",
+            ["tenant", "limit"], **kw)
         self.ws_rejected = Counter(
             "flowgate_engine_ws_rejected_total", "WebSocket connections refused, by reason.",
             ["reason"], **kw)
@@ -75,7 +88,9 @@ class EngineMetrics(ServiceMetrics):
             self.active_streams.labels(transport)
             self.events_sent.labels(transport)
             self.stream_disconnects.labels(transport)
-        for op in ("append", "read", "publish", "subscribe"):
+        for reason in ("capacity", "origin"):
+            self.ws_rejected.labels(reason)
+        for op in ("append", "read", "publish", "subscribe", "tenants"):
             self.event_log_errors.labels(op)
         for result in ("hit", "miss"):
             self.compile_cache.labels(result)

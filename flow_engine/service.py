@@ -9,10 +9,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from flow_engine.auth import Principal
 from flow_engine.components import ComponentRegistry
 from flow_engine.components.base import BuildContext
 from flow_engine.config import Settings
-from flow_engine.errors import BadRequest, FlowInvalid
+from flow_engine.errors import BadRequest, FlowInvalid, Forbidden
 from flow_engine.flows.compile import CompileCache, CompiledFlow, compile_flow, tweaks_digest
 from flow_engine.flows.model import FlowDefinition, FlowVersion
 from flow_engine.flows.validate import apply_tweaks, tweak_problems, validate_flow
@@ -31,9 +32,16 @@ class FlowService:
         self.limits = settings.limits
         base = settings.build_context
         self.build_context = BuildContext(base.openai_base_url, base.openai_api_key,
-                                          {"chat_memory": store})
+                                          {"chat_memory": store}, egress=base.egress)
         hits, misses = metrics.compile_cache.labels("hit"), metrics.compile_cache.labels("miss")
-        self.cache = CompileCache(settings.compile_cache_size, on_hit=hits.inc, on_miss=misses.inc)
+        # Versions and tweaked variants are kept apart: callers choose tweaks, so however
+        # many distinct ones they send, they can take at most half the budget and never
+        # evict the compiled versions every other run needs.
+        self.cache = CompileCache(settings.compile_cache_size, on_hit=hits.inc,
+                                  on_miss=misses.inc, max_bytes=settings.compile_cache_bytes)
+        self.tweaked_cache = CompileCache(settings.compile_cache_size, on_hit=hits.inc,
+                                          on_miss=misses.inc,
+                                          max_bytes=settings.compile_cache_bytes // 2)
         # Flow rows (live pointer, routing) seen by runs, kept briefly: a run then costs no
         # store read. Writes through this service forget them at once in this process;
         # other processes see a change within flow_cache_ttl_s.
@@ -110,9 +118,19 @@ class FlowService:
 
     # -- running -------------------------------------------------------------------------------
 
-    def resolve(self, id_or_name: str, *, pinned: int | None, sticky_value: str | None
-                ) -> tuple[FlowRecord, int]:
+    def resolve(self, id_or_name: str, *, pinned: int | None, sticky_value: str | None,
+                caller: Principal | None = None) -> tuple[FlowRecord, int]:
+        """The flow and the version that serves this request. A runner may pin only a
+        version routing could serve (live or canary); testing others needs editor."""
         flow = self._cached_flow(id_or_name)
+        if pinned is not None and caller is not None and not caller.may("editor"):
+            canary = (flow.routing or {}).get("canary") or {}
+            servable = {flow.live_version}
+            if canary.get("percent", 0) > 0:
+                servable.add(canary.get("version"))
+            if pinned not in servable:
+                raise Forbidden(f"version {pinned} of flow '{flow.id}' is neither live nor a "
+                                "canary; running it needs the editor role", role="editor")
         return flow, choose_version(flow, pinned=pinned, sticky_value=sticky_value)
 
     def _cached_flow(self, id_or_name: str) -> FlowRecord:
@@ -134,7 +152,8 @@ class FlowService:
         The key holds the flow's creation time too: a flow deleted and created again under
         the same id starts a new line of versions, and no process may serve the old one."""
         key = (flow.id, flow.created_at.timestamp(), version, tweaks_digest(tweaks))
-        return self.cache.get_or_compile(key, lambda: self._compile(flow.id, version, tweaks))
+        cache = self.tweaked_cache if tweaks else self.cache
+        return cache.get_or_compile(key, lambda: self._compile(flow.id, version, tweaks))
 
     def _compile(self, flow_id: str, version: int, tweaks: Mapping[str, Any] | None) -> CompiledFlow:
         record = self.store.get_version(flow_id, version)

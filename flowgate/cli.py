@@ -106,7 +106,7 @@ def _engine(args: argparse.Namespace) -> int:
 
     try:
         settings = Settings.load()
-        settings.check_auth()
+        settings.check()
         store = SqlFlowStore(settings.database_url)
         store.migrate()
         store.close()
@@ -156,8 +156,11 @@ def _ambassador(args: argparse.Namespace) -> int:
 
     if args.config:
         os.environ["AMBASSADOR_CONFIG"] = args.config
+    from ambassador.filters.auth import Auth
+
     try:
         settings = amb_config.load()
+        Auth(settings.inbound_auth)  # key files are read here, not first in a worker
     except amb_config.ConfigError as exc:
         print(f"flowgate ambassador: {exc}", file=sys.stderr)
         return 2

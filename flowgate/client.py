@@ -27,17 +27,32 @@ class Unreachable(Exception):
 
 
 def resolve_key(explicit: str | None) -> str | None:
-    """--api-key, else FLOWGATE_API_KEY, else the first FLOW_ENGINE_API_KEYS entry, else the
-    key `flowgate up` left in ./.flowgate/engine.key."""
+    """--api-key, else FLOWGATE_API_KEY, else a secret from FLOW_ENGINE_API_KEYS (see
+    :func:`engine_key_secret`), else the admin key `flowgate up` left in ./.flowgate/engine.key.
+
+    Raises ``flow_engine.auth.KeyConfigError`` when FLOW_ENGINE_API_KEYS cannot be parsed."""
     if explicit:
         return explicit
-    for name in ("FLOWGATE_API_KEY", "FLOW_ENGINE_API_KEYS"):
-        value = os.environ.get(name, "").split(",")[0].strip()
-        if value:
-            return value
+    if os.environ.get("FLOWGATE_API_KEY", "").strip():
+        return os.environ["FLOWGATE_API_KEY"].strip()
+    entries = [e for e in os.environ.get("FLOW_ENGINE_API_KEYS", "").split(",") if e.strip()]
+    if entries:
+        return engine_key_secret(entries)
     if KEY_FILE.is_file():
         return KEY_FILE.read_text(encoding="utf-8").strip() or None
     return None
+
+
+def engine_key_secret(entries: list[str]) -> str:
+    """The secret to call the engine with, from its own key list (``name:role:secret``
+    entries or bare secrets): the first key of the highest role — an admin key when there is
+    one — since the CLI publishes and rolls back; never an entry verbatim, which would send
+    ``name:role:`` as part of the key."""
+    from flow_engine.auth import ROLES, parse_key  # pure: no Flask, no store
+
+    keys = [parse_key(entry) for entry in entries]
+    best = max(keys, key=lambda k: ROLES.index(k.role))  # max() keeps the first of equals
+    return best.secret.decode()
 
 
 class EngineClient:

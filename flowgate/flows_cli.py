@@ -9,7 +9,8 @@
     flowgate flows validate FILE...          offline, the same messages as the API
 
 Engine URL: --engine-url or FLOWGATE_ENGINE_URL (default http://127.0.0.1:8000). Key:
---api-key, FLOWGATE_API_KEY, FLOW_ENGINE_API_KEYS, or the one `flowgate up` wrote.
+--api-key, FLOWGATE_API_KEY, the admin key of FLOW_ENGINE_API_KEYS (else its highest role),
+or the admin key `flowgate up` wrote to .flowgate/engine.key.
 Exit codes: 0 ok; 1 the engine refused (invalid flow, unknown id, run failed); 2 usage or
 unreadable file; 3 the engine is unreachable.
 """
@@ -70,9 +71,16 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
+    from flow_engine.auth import KeyConfigError
     from flowgate.client import EngineClient, resolve_key
 
-    return EngineClient(args.engine_url, resolve_key(args.api_key))
+    try:
+        key = resolve_key(args.api_key)
+    except KeyConfigError as exc:
+        print(f"flowgate: FLOW_ENGINE_API_KEYS: {exc}; or give the key with --api-key or "
+              "FLOWGATE_API_KEY", file=sys.stderr)
+        raise SystemExit(2) from None
+    return EngineClient(args.engine_url, key)
 
 
 def load_json(path: Path) -> Any:

@@ -1,10 +1,16 @@
 """``flowgate up``: the whole stack on one machine with embedded defaults.
 
-Starts the LLM simulator, the engine (SQLite in ./.flowgate/, a fresh API key) and the
-ambassador on 127.0.0.1:8080, pushes the demo flows from examples/, prints where everything
-listens and a curl that works, and stops everything on Ctrl-C or SIGTERM. Needs no Redis,
-PostgreSQL or Docker. Set OPENAI_BASE_URL (and OPENAI_API_KEY) to use a real model instead
-of the simulator.
+Starts the LLM simulator, the engine (SQLite in ./.flowgate/) and the ambassador on
+127.0.0.1:8080, pushes the demo flows from examples/, prints where everything listens and a
+curl that works, and stops everything on Ctrl-C or SIGTERM. Needs no Redis, PostgreSQL or
+Docker. Set OPENAI_BASE_URL (and OPENAI_API_KEY) to use a real model instead of the simulator.
+
+Keys (:class:`StackKeys`): each ``up`` makes two fresh engine keys, as a deployment would —
+``cli`` (admin), written to ``.flowgate/engine.key`` (0600) for ``flowgate flows`` and used
+to push the demo flows, and ``ambassador`` (``runner+proxy``), which only the ambassador
+gets: a process that holds the sidecar's key can run flows, not change them. Engine-only
+secrets of the caller's environment (:data:`ENGINE_ONLY_ENV`) are not passed to the
+ambassador or the simulator.
 """
 
 from __future__ import annotations
@@ -18,9 +24,70 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 STATE = Path(".flowgate")
+KEY_FILE = STATE / "engine.key"  # the admin secret, for `flowgate flows` (flowgate/client.py)
+# What only the engine may see; the other services start without these even when the shell
+# that runs `flowgate up` has them (the ambassador gets its own runner key instead).
+ENGINE_ONLY_ENV = ("FLOW_ENGINE_API_KEYS", "FLOW_ENGINE_API_KEY_FILE", "FLOWGATE_API_KEY",
+                   "OPENAI_API_KEY")
+
+
+@dataclass(frozen=True, repr=False)
+class StackKeys:
+    """The engine keys of one ``flowgate up``: ``admin`` for the CLI, ``ambassador`` for the
+    sidecar. The names are what the engine logs as the actor of each request."""
+
+    admin: str
+    ambassador: str
+    ADMIN_NAME = "cli"
+    AMBASSADOR_NAME = "ambassador"
+
+    @classmethod
+    def generate(cls) -> StackKeys:
+        return cls(secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+
+    def engine_keys(self) -> str:
+        """``FLOW_ENGINE_API_KEYS`` for the engine (flow_engine/auth.py: name:role:secret)."""
+        return (f"{self.ADMIN_NAME}:admin:{self.admin},"
+                f"{self.AMBASSADOR_NAME}:runner+proxy:{self.ambassador}")
+
+    def __repr__(self) -> str:  # never print a secret
+        return f"StackKeys({self.ADMIN_NAME}: admin, {self.AMBASSADOR_NAME}: runner+proxy)"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that only its owner can ever read it: a new file created
+    0600 in the same directory (never written first and chmod-ed after), then renamed over
+    ``path``. The rename also means an existing file with looser permissions — or a
+    reader that opened it earlier — never sees the new secret, and a symlink at ``path`` is
+    replaced, not followed."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask
+            data = text.encode("utf-8")
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def service_env(service: str, env: dict[str, str]) -> dict[str, str]:
+    """The environment of one service: the caller's, minus what only the engine may see
+    (for every other service), minus an inherited metrics directory, plus ``env``."""
+    inherited = {k: v for k, v in os.environ.items()
+                 if service == "engine" or k not in ENGINE_ONLY_ENV}
+    # each service decides its own metrics directory (never a shared inherited one)
+    return {**inherited, "PROMETHEUS_MULTIPROC_DIR": "", **env}
 
 
 def examples_dir() -> Path:
@@ -45,16 +112,14 @@ def add_arguments(up: argparse.ArgumentParser) -> None:
 class Stack:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
-        STATE.mkdir(exist_ok=True)
+        STATE.mkdir(mode=0o700, exist_ok=True)  # a new one is private: keys, logs, the database
 
     def start(self, name: str, args: list[str], env: dict[str, str], port: int,
               ready_path: str) -> None:
         _check_port_free(name, port)
         log = open(STATE / f"{name}.log", "ab")
-        # each service decides its own metrics directory (never a shared inherited one)
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": "", **env}
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603
-                                env=env, start_new_session=True)
+                                env=service_env(name, env), start_new_session=True)
         self.procs.append((name, proc))
         _wait_ready(name, f"http://127.0.0.1:{port}{ready_path}", proc)
 
@@ -72,12 +137,12 @@ class Stack:
 
 def up(args: argparse.Namespace) -> int:
     stack = Stack()
-    key = secrets.token_urlsafe(24)
-    key_file = STATE / "engine.key"
-    key_file.write_text(key + "\n", encoding="utf-8")
-    key_file.chmod(0o600)
+    keys = StackKeys.generate()
+    write_private(KEY_FILE, keys.admin + "\n")
     py = sys.executable
     llm_url = os.environ.get("OPENAI_BASE_URL")
+    # The simulator needs no provider key: a real one exported in this shell is not sent to it.
+    provider_key = {} if llm_url else {"OPENAI_API_KEY": ""}
     stopping = False
 
     def on_term(_sig, _frame):
@@ -91,7 +156,9 @@ def up(args: argparse.Namespace) -> int:
                         {}, args.llm_port, "/v1/models")
             llm_url = f"http://127.0.0.1:{args.llm_port}/v1"
         stack.start("engine", [py, "-m", "flowgate.cli", "engine", "--port", str(args.engine_port)],
-                    {"FLOW_ENGINE_API_KEYS": key, "OPENAI_BASE_URL": llm_url,
+                    # exactly the keys below (an inherited key file would add others)
+                    {"FLOW_ENGINE_API_KEYS": keys.engine_keys(), "FLOW_ENGINE_API_KEY_FILE": "",
+                     "OPENAI_BASE_URL": llm_url, **provider_key,
                      "DATABASE_URL": os.environ.get("DATABASE_URL",
                                                     f"sqlite:///{(STATE / 'flowgate.db').resolve()}")},
                     args.engine_port, "/readyz")
@@ -99,9 +166,9 @@ def up(args: argparse.Namespace) -> int:
         stack.start("ambassador", [py, "-m", "flowgate.cli", "ambassador",
                                    "--port", str(args.ambassador_port)],
                     {"AMBASSADOR_UPSTREAM_URL": f"http://127.0.0.1:{args.engine_port}",
-                     "AMBASSADOR_UPSTREAM_KEY": key, "AMBASSADOR_CONFIG": config},
+                     "AMBASSADOR_UPSTREAM_KEY": keys.ambassador, "AMBASSADOR_CONFIG": config},
                     args.ambassador_port, "/readyz")
-        flows = _push_examples(args.examples, args.engine_port, key)
+        flows = _push_examples(args.examples, args.engine_port, keys.admin)
         _banner(args, llm_url, flows, config)
         while all(proc.poll() is None for _name, proc in stack.procs):
             time.sleep(0.5)
@@ -175,10 +242,13 @@ def _same(stored, definition) -> bool:
 def _banner(args, llm_url: str, flows: list[str], config: str) -> None:
     amb = f"http://127.0.0.1:{args.ambassador_port}"
     flow = "faq-rag" if "faq-rag" in flows else (flows[0] if flows else "FLOW")
+    cli, sidecar = StackKeys.ADMIN_NAME, StackKeys.AMBASSADOR_NAME  # names only, never secrets
     print(f"""
 Flowgate is up.
   ambassador  {amb}            (apps call this: POST /run-flow)
-  engine      http://127.0.0.1:{args.engine_port}   (key in {STATE}/engine.key)
+  engine      http://127.0.0.1:{args.engine_port}
+  keys        {cli:<11} admin: in {KEY_FILE}, what `flowgate flows ...` uses
+              {sidecar:<11} runner+proxy: the ambassador's only (runs flows, cannot change them)
   llm         {llm_url}
   flows       {', '.join(flows) or 'none'}
   logs        {STATE}/*.log
@@ -204,7 +274,9 @@ def _wait_ready(name: str, url: str, proc: subprocess.Popen, timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the {name} exited with {proc.returncode}; see {STATE}/{name}.log")
+            said = _last_line(STATE / f"{name}.log")
+            raise RuntimeError(f"the {name} exited with {proc.returncode}"
+                               f"{f': {said}' if said else ''}; see {STATE}/{name}.log")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
                 if response.status == 200:
@@ -212,3 +284,14 @@ def _wait_ready(name: str, url: str, proc: subprocess.Popen, timeout_s: float = 
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"the {name} was not ready after {timeout_s:.0f} s; see {STATE}/{name}.log")
+
+
+def _last_line(log: Path) -> str:
+    """The last line a service wrote (why it refused to start, e.g. an unsafe setting)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode("utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:500] if lines else ""

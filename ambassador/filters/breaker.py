@@ -8,7 +8,11 @@ While open, requests are answered at once with 503 ``circuit_open`` and ``Retry-
 (the seconds until the next trial), so an engine outage costs callers microseconds, not
 timeouts. A failure is a transport error (unreachable, timeout, broken connection) or an
 engine status 500/503/504; 4xx answers and 502 (a flow or its LLM failed, the engine itself
-is fine) are not. The clock is injected so tests never sleep.
+is fine) are not. What the engine never saw counts neither way — a 4xx the ambassador
+answered itself (a request that cannot be sent, a filter placed after this one) or an
+exception on the ambassador's side — so no caller can open (or, half-open, close) the
+circuit for everyone with bad input; it only frees its half-open trial slot. The clock is
+injected so tests never sleep.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ FAILURE_STATUSES = frozenset({500, 503, 504})
 
 def is_failure(response: Response) -> bool:
     return "upstream_error" in response.meta or response.status in FAILURE_STATUSES
+
+
+def is_local(response: Response) -> bool:
+    """A 4xx of the ambassador's own: the engine did not answer it (upstream.py marks
+    what the engine answered with ``meta["engine_answered"]``)."""
+    return 400 <= response.status < 500 and not response.meta.get("engine_answered")
 
 
 class CircuitBreaker:
@@ -95,6 +105,12 @@ class CircuitBreaker:
                     total >= self.s.min_requests and failures / total >= self.s.failure_ratio):
                 self._open(now)
 
+    def release(self) -> None:
+        """A request that took a slot in ``allow`` ended without an engine outcome."""
+        with self._lock:
+            if self.state == "half_open":
+                self._trials = max(0, self._trials - 1)
+
     def _open(self, now: float) -> None:
         self._opened_at = now
         self._consecutive = 0
@@ -119,7 +135,10 @@ class Breaker:
         try:
             response = next(request)
         except BaseException:
-            self.breaker.record(True)  # releases a half-open trial slot too
+            self.breaker.release()  # the ambassador's own error, not the engine's
             raise
-        self.breaker.record(is_failure(response))
+        if is_local(response):
+            self.breaker.release()
+        else:
+            self.breaker.record(is_failure(response))
         return response

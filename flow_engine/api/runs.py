@@ -22,14 +22,15 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, after_this_request, g, jsonify, request, stream_with_context
 
-from flow_engine.api.common import KEEPALIVE, engine, json_body, sse
+from flow_engine.api.common import KEEPALIVE, engine, json_body, principal, sse
 from flow_engine.errors import BadRequest
 from flow_engine.runs.events import TERMINAL
+from flow_engine.runs.request import RunRequest
 from flow_engine.runs.runner import RunEvent
-from flow_engine.runs.service import RunRequest
 
 bp = Blueprint("runs", __name__)
-_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII; always fullmatch
+EVENT_ID = re.compile(r"[0-9]{1,18}")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -86,11 +87,11 @@ def run_flow(flow_ref: str):
     run_request = RunRequest.from_body(body)
     on_disconnect = _on_disconnect(body)
     key = request.headers.get("Idempotency-Key")
-    if key is not None and not _KEY.match(key):
+    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         raise BadRequest("Idempotency-Key must be 1-200 printable ASCII characters")
     trace = getattr(g, "trace", None)
     runs = engine().runs
-    prepared = runs.prepare(flow_ref, run_request, idempotency_key=key,
+    prepared = runs.prepare(flow_ref, run_request, caller=principal(), idempotency_key=key,
                             trace_id=trace.trace_id if trace else None)
     run_id = prepared.replay.run_id if prepared.replay else prepared.run_id
     g.flow_id, g.run_id = prepared.compiled.flow_id, run_id
@@ -120,23 +121,21 @@ def run_flow(flow_ref: str):
 
 @bp.get("/runs/<run_id>")
 def get_run(run_id: str):
-    return jsonify(engine().runs.get(run_id))
+    return jsonify(engine().runs.get(run_id, principal()))
 
 
 @bp.get("/runs/<run_id>/events")
 def run_events(run_id: str):
     raw = request.headers.get("Last-Event-ID") or request.args.get("last_event_id") or "0"
-    try:
-        after = int(raw)
-    except ValueError:
-        raise BadRequest("Last-Event-ID must be the integer id of the last event received") from None
-    if after < 0:
-        raise BadRequest("Last-Event-ID must not be negative")
+    if not EVENT_ID.fullmatch(raw):
+        raise BadRequest("Last-Event-ID must be the id of the last event received "
+                         "(ASCII digits)")
     g.run_id = run_id
-    events = engine().runs.watch(run_id, after, engine().settings.sse_keepalive_s)
+    events = engine().runs.watch(run_id, int(raw), engine().settings.sse_keepalive_s,
+                                 principal())
     return sse_response(events, {"X-Run-ID": run_id})
 
 
 @bp.post("/runs/<run_id>/cancel")
 def cancel_run(run_id: str):
-    return jsonify(engine().runs.cancel(run_id)), 202
+    return jsonify(engine().runs.cancel(run_id, principal())), 202

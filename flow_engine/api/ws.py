@@ -10,7 +10,11 @@ Protocol
 Handshake. The API key travels as on every ``/api/v1`` path (``Authorization: Bearer <key>``
 or ``x-api-key: <key>``), or as ``?token=<key>`` because browsers cannot set headers on a
 WebSocket. It is checked before the upgrade: a missing or bad key gets the ordinary 401
-JSON error response and no WebSocket.
+JSON error response and no WebSocket. A browser's ``Origin`` must be this engine's own
+origin or one of ``FLOW_ENGINE_WS_ALLOWED_ORIGINS`` (403 otherwise), so a page on another
+site cannot drive the socket with a key the browser holds; clients that send no ``Origin``
+(not browsers) are not affected. Everything the connection does runs as the caller that
+opened it: its runs belong to its tenant, and it can watch and cancel only those.
 
 Client → server: JSON text messages, one object each, told apart by ``type``.
 
@@ -21,9 +25,10 @@ Client → server: JSON text messages, one object each, told apart by ``type``.
   run's events). ``on_disconnect``: ``"cancel"`` (default) or ``"continue"``, as for SSE.
 - ``{"type": "watch", "run_id": "…", "last_event_id"?: n}`` follows an existing run like
   ``GET /runs/{id}/events``: its events after ``n`` (default 0), then live to its end.
-- ``{"type": "cancel"}`` cancels the run this connection is following (the one it started,
-  or the watched one, like ``POST /runs/{id}/cancel``); that run then ends with an
-  ``error`` event whose code is ``run_cancelled`` (or ``run_finished``, if it won the race).
+- ``{"type": "cancel", "run_id"?: "…"}`` cancels the run this connection is following (the
+  one it started, or the watched one, like ``POST /runs/{id}/cancel``); that run then ends
+  with an ``error`` event whose code is ``run_cancelled`` (or ``run_finished``, if it won
+  the race). A ``run_id``, when given, must be that run's (``conflict`` otherwise).
 
 Server → client: JSON text messages.
 
@@ -77,23 +82,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, current_app, g
+from flask import Blueprint, current_app, g, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
-from flow_engine.api.common import engine
+from flow_engine.api.common import engine, parse_json, principal
+from flow_engine.auth import ANONYMOUS, Principal
 from flow_engine.config import Settings
-from flow_engine.errors import BadRequest, Conflict, FlowgateError
+from flow_engine.egress import origin as egress_origin
+from flow_engine.errors import BadRequest, Conflict, FlowgateError, Forbidden
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs.events import TERMINAL
+from flow_engine.runs.request import RunRequest
 from flow_engine.runs.runner import RunEvent
-from flow_engine.runs.service import RunRequest, RunService
+from flow_engine.runs.service import RunService
 from flowgate.websockets import WholeFrames
 
 log = logging.getLogger(__name__)
 bp = Blueprint("ws", __name__)
 _sock = Sock()
-_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")  # the Idempotency-Key header's rule
+_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # the Idempotency-Key header's rule (fullmatch)
 _LIMIT_EXTENSION = "flowgate.ws_connections"
 CLOSE_NORMAL, CLOSE_TRY_AGAIN_LATER = 1000, 1013
 CLOSE_WAIT_S = 2.0
@@ -142,10 +150,11 @@ class RunSocket:
     ``simple_websocket.Server`` has."""
 
     def __init__(self, ws: Any, runs: RunService, settings: Settings, metrics: EngineMetrics,
-                 *, trace_id: str | None = None,
+                 *, trace_id: str | None = None, caller: Principal = ANONYMOUS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ws = ws
         self.runs = runs
+        self.caller = caller
         self.settings = settings
         self.metrics = metrics
         self.trace_id = trace_id
@@ -209,10 +218,7 @@ class RunSocket:
         try:
             if isinstance(raw, bytes):
                 raise BadRequest('send JSON text messages, not binary ones: {"type": "run", …}')
-            try:
-                message = json.loads(raw)
-            except ValueError as exc:
-                raise BadRequest(f"malformed JSON message: {exc}") from None
+            message = parse_json(raw)
             if not isinstance(message, dict):
                 raise BadRequest('a message is a JSON object like {"type": "run", "flow_id": "f", '
                                  '"input_value": "hi"}')
@@ -238,16 +244,17 @@ class RunSocket:
         if on_disconnect not in ("cancel", "continue"):
             raise BadRequest("on_disconnect must be 'cancel' or 'continue'")
         key = message.get("idempotency_key")
-        if key is not None and not (isinstance(key, str) and _KEY.match(key)):
+        if key is not None and not (isinstance(key, str) and _KEY.fullmatch(key)):
             raise BadRequest("idempotency_key must be 1-200 printable ASCII characters")
-        prepared = self.runs.prepare(flow_id, request, idempotency_key=key,
+        prepared = self.runs.prepare(flow_id, request, caller=self.caller, idempotency_key=key,
                                      trace_id=self.trace_id)
         keep_going = on_disconnect == "continue"
         events = self.runs.stream(prepared, self.settings.sse_keepalive_s,
                                   cancel_on_disconnect=not keep_going)
         if prepared.replay is not None:  # the first run belongs to whoever started it
             run_id = prepared.replay.run_id
-            self._follow(_Following(run_id, events, lambda _: self.runs.cancel(run_id), False))
+            self._follow(_Following(run_id, events,
+                                    lambda _: self.runs.cancel(run_id, self.caller), False))
             return
         self._follow(_Following(prepared.run_id, events, prepared.cancel.cancel, not keep_going))
 
@@ -259,14 +266,20 @@ class RunSocket:
         after = message.get("last_event_id", 0)
         if isinstance(after, bool) or not isinstance(after, int) or after < 0:
             raise BadRequest("last_event_id must be the integer seq of the last event received")
-        events = self.runs.watch(run_id, after, self.settings.sse_keepalive_s)
-        self._follow(_Following(run_id, events, lambda _: self.runs.cancel(run_id), False))
+        events = self.runs.watch(run_id, after, self.settings.sse_keepalive_s, self.caller)
+        self._follow(_Following(run_id, events,
+                                lambda _: self.runs.cancel(run_id, self.caller), False))
 
     def _cancel(self, message: dict[str, Any]) -> None:
         with self._lock:
             following = self._following
         if following is None:
             raise Conflict("no run in progress on this connection to cancel")
+        run_id = message.get("run_id")
+        if run_id is not None and run_id != following.run_id:
+            raise Conflict("a cancel's run_id must be the run this connection follows; "
+                           "cancel other runs with POST /runs/{id}/cancel",
+                           run_id=following.run_id)
         following.cancel("cancelled by the WebSocket client")
 
     def _check_free(self) -> None:
@@ -360,6 +373,28 @@ def _configure(state) -> None:
     state.app.extensions[_LIMIT_EXTENSION] = ConnectionLimit(settings.ws_max_connections)
 
 
+@bp.before_request
+def _check_origin() -> None:
+    """Before the upgrade: a browser page from another origin may not open the socket."""
+    origin = request.headers.get("Origin")
+    if origin is None or request.endpoint != "ws.run_socket":
+        return
+    allowed = engine().settings.ws_allowed_origins
+    if "*" in allowed or origin in allowed or same_origin(origin, request.host_url):
+        return
+    engine().metrics.ws_rejected.labels("origin").inc()
+    raise Forbidden(f"WebSocket connections from origin {origin[:200]!r} are not allowed; "
+                    "the engine's operator can list it in FLOW_ENGINE_WS_ALLOWED_ORIGINS")
+
+
+def same_origin(origin: str, host_url: str) -> bool:
+    """Is a browser's ``Origin`` header this server's origin (scheme, host and port)?"""
+    try:
+        return egress_origin(origin) == egress_origin(host_url)
+    except ValueError:
+        return False
+
+
 @_sock.route("/ws/runs", bp=bp)
 def run_socket(ws) -> None:
     """The handshake (and its auth check) is done; serve the protocol until it closes."""
@@ -374,6 +409,6 @@ def run_socket(ws) -> None:
     try:
         trace = g.get("trace")
         RunSocket(ws, eng.runs, eng.settings, eng.metrics,
-                  trace_id=trace.trace_id if trace else None).serve()
+                  trace_id=trace.trace_id if trace else None, caller=principal()).serve()
     finally:
         limit.release()

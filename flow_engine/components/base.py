@@ -18,6 +18,8 @@ from jsonschema import Draft202012Validator
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config, get_callback_manager_for_config
 
+from flow_engine.egress import ProviderOrigins
+
 Coerce = Literal["text", "prompt", "any"]
 Kind = Literal["input", "output", "step"]
 
@@ -36,12 +38,15 @@ class Port:
 
 @dataclass(frozen=True)
 class Limits:
-    """Size limits a flow definition must respect (configurable per engine)."""
+    """What a flow definition must respect on this engine: sizes, and (``egress``) the
+    provider origins its models may call. ``egress=None`` checks no origins (offline
+    validation, where the engine's settings are unknown)."""
 
     max_nodes: int = 100
     max_edges: int = 400
     max_template_chars: int = 20_000
     max_definition_bytes: int = 2_000_000
+    egress: ProviderOrigins | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class BuildContext:
     openai_base_url: str | None = None
     openai_api_key: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    egress: ProviderOrigins | None = None  # None: the key goes wherever base_url points
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """ChatHistory: the earlier turns of this session's conversation with this flow.
 
-It reads up to ``max_messages`` messages for the run's ``session_id`` from the engine's
+It reads up to ``max_messages`` messages for the run's tenant and ``session_id`` from the engine's
 store (given to components as ``BuildContext.extra["chat_memory"]``) and outputs them as
 text (``Human: ...`` / ``AI: ...`` lines) for a prompt field such as ``{history}``. After a
 successful run the engine appends the user's input and the flow's output to the session, so
@@ -19,7 +19,8 @@ _LABEL = {"human": "Human", "ai": "AI"}
 
 
 class ChatMemory(Protocol):
-    def chat_history(self, session_id: str, flow_id: str, limit: int) -> list[Any]: ...
+    def chat_history(self, tenant: str, session_id: str, flow_id: str,
+                     limit: int) -> list[Any]: ...
 
 
 class ChatHistory(Component):
@@ -42,9 +43,10 @@ class ChatHistory(Component):
 
         def read_history(run_input: dict[str, Any]) -> str:
             session, flow_id = run_input.get("session_id"), run_input.get("flow_id")
-            if memory is None or not session or not flow_id:
+            tenant = run_input.get("tenant")
+            if memory is None or not session or not flow_id or not tenant:
                 return empty
-            messages = memory.chat_history(session, flow_id, limit)
+            messages = memory.chat_history(tenant, session, flow_id, limit)
             if not messages:
                 return empty
             return "\n".join(f"{_LABEL.get(m.role, m.role)}: {m.content}" for m in messages)

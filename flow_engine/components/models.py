@@ -103,13 +103,27 @@ class ChatModel(Component):
         rest = {k: v for k, v in params.items() if k not in secrets}
         yield from super().check_params(rest, limits)
 
+    def check_semantics(self, params: Mapping[str, Any], limits: Limits):
+        base_url = params.get("base_url")
+        if (limits.egress is not None and isinstance(base_url, str)
+                and params.get("provider", "openai") == "openai"):
+            problem = limits.egress.problem(base_url)
+            if problem:
+                yield ".base_url", problem
+
     def build(self, node_id: str, params: dict[str, Any], ctx: BuildContext) -> Runnable:
         if params["provider"] == "echo":
             return EchoChatModel()
+        base_url = params.get("base_url") or ctx.openai_base_url or DEFAULT_BASE_URL
+        key = ctx.openai_api_key or None
+        if ctx.egress is not None:  # validation refused other origins; this is the backstop
+            if ctx.egress.problem(base_url):
+                raise ValueError(f"node '{node_id}': {ctx.egress.problem(base_url)}")
+            key = ctx.egress.key_for(base_url, key)
         return OpenAICompatChatModel(
             model=params["model"],
-            base_url=params.get("base_url") or ctx.openai_base_url or DEFAULT_BASE_URL,
-            api_key=ctx.openai_api_key or None,  # no key: no Authorization header
+            base_url=base_url,
+            api_key=key,  # no key: no Authorization header
             timeout=params["timeout"],
             max_retries=params["max_retries"],
             temperature=params.get("temperature"),

@@ -66,7 +66,8 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
+from flow_engine.egress import DEFAULT_BASE_URL
+
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_ERROR_BODY = 65_536
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}

@@ -1,51 +1,31 @@
 """ConditionalRouter: sends its input down the ``true`` or the ``false`` output.
 
 Nodes reachable only through the branch not taken are skipped for that run. Patterns are
-matched against at most ``max_chars`` characters of input; a repeat inside a repeat (``(a+)+``,
-``((a*))*``, ``(a{2,}b?)+``) is rejected because Python's ``re`` cannot bound the catastrophic
-backtracking such patterns allow.
+matched against at most ``max_chars`` characters of input by RE2 (``google-re2``), whose
+matching time is linear in the input whatever the pattern: ``(a|a)+$`` against a long
+input takes microseconds, where Python's backtracking ``re`` takes longer than the age of
+the universe and blocks the whole worker meanwhile. Pattern syntax is RE2's (Python's
+without backreferences and lookaround; ``\\d`` and ``\\w`` are ASCII); a pattern RE2 cannot
+compile is a validation problem.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+import re2
 from langchain_core.runnables import Runnable
 
 from flow_engine.components.base import BuildContext, Component, NodeFunction, Port, Routed
 
 
-def has_nested_repeat(pattern: str) -> bool:
-    """True when a variable-length repeat contains another one, found on the parsed regex
-    (not by text matching, which extra groups or escapes would fool)."""
-    from re import _constants as c
-    from re import _parser
-
-    repeats = {c.MAX_REPEAT, c.MIN_REPEAT, c.POSSESSIVE_REPEAT}
-
-    def walk(items, inside: bool) -> bool:
-        for op, arg in items:
-            if op in repeats:
-                low, high, sub = arg
-                variable = high != low
-                if variable and inside:
-                    return True
-                if walk(sub, inside or variable):
-                    return True
-            elif op in (c.SUBPATTERN, c.ATOMIC_GROUP) or op is c.ASSERT or op is c.ASSERT_NOT:
-                sub = arg[-1]
-                if walk(sub, inside):
-                    return True
-            elif op is c.BRANCH:
-                if any(walk(branch, inside) for branch in arg[1]):
-                    return True
-            elif op is c.GROUPREF_EXISTS:
-                if any(b is not None and walk(b, inside) for b in arg[1:]):
-                    return True
-        return False
-
-    return walk(_parser.parse(pattern).data, False)
+def compile_pattern(pattern: str, case_sensitive: bool):
+    """An RE2 pattern; ``re2.error`` with RE2's reason when it cannot compile."""
+    options = re2.Options()
+    options.case_sensitive = case_sensitive
+    options.log_errors = False  # a bad pattern is the caller's problem, not a log line
+    options.max_mem = 8 << 20  # bounds the compiled program (patterns are ≤ 500 chars)
+    return re2.compile(pattern, options)
 
 
 class ConditionalRouter(Component):
@@ -72,14 +52,12 @@ class ConditionalRouter(Component):
         if params.get("operator") != "regex" or not isinstance(pattern, str):
             return
         try:
-            re.compile(pattern)
-        except re.error as exc:
-            yield ".pattern", f"invalid regular expression: {exc}"
-            return
-        if has_nested_repeat(pattern):
-            yield ".pattern", (
-                "nested quantifiers like (a+)+ can take exponential time; rewrite the pattern"
-            )
+            compile_pattern(pattern, True)
+        except re2.error as exc:
+            reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(
+                exc.args[0], bytes) else str(exc)
+            yield ".pattern", (f"invalid regular expression for RE2: {reason} (backreferences "
+                               "and lookaround are not supported)")
 
     def build(self, node_id: str, params: dict[str, Any], ctx: BuildContext) -> Runnable:
         test = _matcher(params)
@@ -94,7 +72,7 @@ class ConditionalRouter(Component):
 def _matcher(params: dict[str, Any]):
     operator, pattern = params["operator"], params["pattern"]
     if operator == "regex":
-        compiled = re.compile(pattern, 0 if params["case_sensitive"] else re.IGNORECASE)
+        compiled = compile_pattern(pattern, params["case_sensitive"])
         return lambda text: compiled.search(text) is not None
     fold = (lambda s: s) if params["case_sensitive"] else str.casefold
     needle = fold(pattern)

@@ -9,6 +9,9 @@ event to a node. Sibling branches run one after the other (a run is one greenlet
 
 Compiled graphs are cached by ``(flow_id, version)`` plus a digest of the run's tweaks:
 versions are immutable, so an entry never goes stale and hot updates only move routing.
+The cache is bounded by entries and by estimated bytes: a compiled graph holds about
+:data:`BYTES_PER_DEFINITION_BYTE` times its definition's JSON size (measured: a 1 MB
+BM25 document list compiles to about 21 MB of index and documents), plus a fixed overhead.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from flow_engine.flows.model import FlowVersion
 from flow_engine.flows.values import COERCE
 
 NODE_TAG = "flowgate:node"
+BYTES_PER_DEFINITION_BYTE = 24
+ENTRY_OVERHEAD_BYTES = 32 * 1024
 _SKIPPED = object()
 #: ``config["configurable"][STREAM_TOKENS] = True`` makes chat models stream their tokens.
 STREAM_TOKENS = "flowgate_stream_tokens"
@@ -124,6 +129,7 @@ class CompiledFlow:
     runnable: FlowGraph
     node_types: Mapping[str, str]
     output_ids: tuple[str, ...]
+    size_estimate: int = ENTRY_OVERHEAD_BYTES  # bytes it holds, for the cache's budget
 
 
 def compile_flow(
@@ -163,12 +169,14 @@ def compile_flow(
         if component.kind == "output":
             outputs.append(node.id)
     graph = FlowGraph(f"flow:{version.flow_id}@{version.version}", steps, outputs)
+    source = len(json.dumps(definition.raw, separators=(",", ":"), default=str))
     return CompiledFlow(
         flow_id=version.flow_id,
         version=version.version,
         runnable=graph,
         node_types={n.id: n.type for n in definition.nodes},
         output_ids=tuple(outputs),
+        size_estimate=ENTRY_OVERHEAD_BYTES + BYTES_PER_DEFINITION_BYTE * source,
     )
 
 
@@ -203,16 +211,21 @@ def tweaks_digest(tweaks: Mapping[str, Any] | None) -> str | None:
 
 
 class CompileCache:
-    """LRU of compiled flows keyed by ``(flow_id, version, tweaks digest)``. Thread-safe;
-    ``on_hit``/``on_miss`` hooks feed metrics."""
+    """LRU of compiled flows keyed by ``(flow_id, version, tweaks digest)``, bounded by
+    entries and by the sum of their ``size_estimate`` (an entry larger than the whole
+    budget is compiled and used but not kept). Thread-safe; ``on_hit``/``on_miss`` hooks
+    feed metrics."""
 
     def __init__(
         self,
         max_entries: int = 512,
         on_hit: Callable[[], None] | None = None,
         on_miss: Callable[[], None] | None = None,
+        max_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._entries: OrderedDict[tuple, CompiledFlow] = OrderedDict()
         self._lock = threading.Lock()
         self._on_hit, self._on_miss = on_hit, on_miss
@@ -233,10 +246,17 @@ class CompileCache:
         compiled = build()  # outside the lock: compiling may take milliseconds
         with self._lock:
             self.misses += 1
-            compiled = self._entries.setdefault(key, compiled)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            if compiled.size_estimate > self.max_bytes:
+                pass  # used for this run only
+            elif key in self._entries:
+                compiled = self._entries[key]  # another request compiled it meanwhile
+                self._entries.move_to_end(key)
+            else:
+                self._entries[key] = compiled
+                self.bytes += compiled.size_estimate
+                while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+                    _key, evicted = self._entries.popitem(last=False)
+                    self.bytes -= evicted.size_estimate
         if self._on_miss:
             self._on_miss()
         return compiled

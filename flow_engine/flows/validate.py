@@ -17,8 +17,8 @@ from flow_engine.components.base import Component, ComponentRegistry, Limits
 from flow_engine.errors import FlowInvalid, Problem
 from flow_engine.flows.model import Edge, FlowDefinition, Node
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TOP_KEYS = {"id", "name", "description", "nodes", "edges"}
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always with fullmatch
+_TOP_KEYS = {"id", "name", "description", "nodes", "edges", "tweakable"}
 _NODE_KEYS = {"id", "type", "params", "position", "label"}
 _EDGE_KEYS = {"source", "target", "source_output", "target_input", "id"}
 DEFAULT_LIMITS = Limits()
@@ -50,7 +50,7 @@ def validate_flow(
             add(f"$.{key}", f"unknown key '{key}' (allowed: {', '.join(sorted(_TOP_KEYS))})")
 
     fid = data.get("id", flow_id)
-    id_ok = isinstance(fid, str) and bool(ID_RE.match(fid))
+    id_ok = isinstance(fid, str) and bool(ID_RE.fullmatch(fid))
     if fid is None:
         add("$.id", "missing flow id")
     elif not id_ok:
@@ -67,6 +67,8 @@ def validate_flow(
     edges = _check_edges(data.get("edges", []), nodes, seen_ids, limits, add)
     if complete and edges is not None:
         _check_graph(nodes, edges, add)
+    if "tweakable" in data:
+        _check_tweakable(data["tweakable"], nodes, seen_ids, add)
 
     if problems:
         raise FlowInvalid(problems)
@@ -80,34 +82,70 @@ def validate_flow(
     )
 
 
+def _check_tweakable(raw: Any, nodes, seen_ids, add) -> None:
+    """``tweakable``: ``{node_id: [param, ...]}``, the params callers may change per run."""
+    if not isinstance(raw, dict):
+        add("$.tweakable", 'tweakable must be an object like {"llm": ["temperature"]}')
+        return
+    for node_id, params in raw.items():
+        path = f"$.tweakable.{node_id}"
+        if node_id not in seen_ids:
+            add(path, f"no node '{node_id}' in this flow")
+            continue
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            add(path, "a node's tweakable params are a list of param names")
+            continue
+        if node_id not in nodes:
+            continue  # the node's own problem is reported
+        component = nodes[node_id][0].component
+        known = component.params_schema.get("properties", {})
+        for param in params:
+            if param in component.locked_params:
+                add(path, f"'{param}' of a {component.type_name} can never be tweaked (it "
+                    "decides where requests and the engine's key go); publish a new version")
+            elif param not in known:
+                add(path, f"{component.type_name} has no param '{param}' "
+                    f"(params: {', '.join(sorted(known)) or 'none'})")
+
+
 def apply_tweaks(data: Mapping[str, Any], tweaks: Any,
                  registry: ComponentRegistry | None = None) -> dict[str, Any]:
     """Return a copy of the raw definition with ``tweaks`` (``{node_id: {param: value}}``,
-    LangFlow's run-time overrides) merged into node params; raise :class:`FlowInvalid` when
-    the tweaks object itself is malformed or (given the registry) touches a locked param.
-    Validate the result like any definition."""
+    LangFlow's run-time overrides) merged into node params. Tweaks are opt-in: only the
+    params the definition lists in ``tweakable`` may be changed; anything else (and a
+    malformed tweaks object) raises :class:`FlowInvalid` naming ``$.tweaks.<node>.<param>``.
+    Validate the result like any definition: tweaked values obey the same limits."""
     if not tweaks:
         return dict(data)
     problems: list[Problem] = []
     if not isinstance(tweaks, dict):
         raise FlowInvalid([Problem("$.tweaks", "tweaks must be an object {node_id: {param: value}}")])
     merged = copy.deepcopy(dict(data))
+    allowed = merged.get("tweakable") if isinstance(merged.get("tweakable"), dict) else {}
     by_id = {n.get("id"): n for n in merged.get("nodes", []) if isinstance(n, dict)}
     for node_id, params in tweaks.items():
         node = by_id.get(node_id)
         if node is None:
             problems.append(Problem(f"$.tweaks.{node_id}", f"no node '{node_id}' in this flow"))
-        elif not isinstance(params, dict):
+            continue
+        if not isinstance(params, dict):
             problems.append(Problem(f"$.tweaks.{node_id}", "tweaks for a node must be an object"))
-        else:
-            component = registry.get(node.get("type")) if registry is not None else None
-            locked = sorted(set(params) & component.locked_params) if component else []
-            for name in locked:
+            continue
+        component = registry.get(node.get("type")) if registry is not None else None
+        open_ = allowed.get(node_id) or []
+        for name in params:
+            if component is not None and name in component.locked_params:
                 problems.append(Problem(
                     f"$.tweaks.{node_id}.{name}",
                     f"'{name}' of a {component.type_name} cannot be changed per run; "
                     "publish a new flow version instead"))
-            node["params"] = {**(node.get("params") or {}), **params}
+            elif name not in open_:
+                listed = ", ".join(open_) if open_ else "none"
+                problems.append(Problem(
+                    f"$.tweaks.{node_id}.{name}",
+                    f"'{name}' of node '{node_id}' is not tweakable in this flow (tweakable: "
+                    f"{listed}); the flow's author can list it in \"tweakable\""))
+        node["params"] = {**(node.get("params") or {}), **params}
     if problems:
         raise FlowInvalid(problems)
     return merged
@@ -170,7 +208,7 @@ def _check_nodes(raw, registry, limits, add):
                 add(f"{path}.{key}", f"unknown key '{key}' on a node (allowed: id, type, params)")
         node_id, type_ = node.get("id"), node.get("type")
         params = node.get("params", {})
-        if not isinstance(node_id, str) or not ID_RE.match(node_id):
+        if not isinstance(node_id, str) or not ID_RE.fullmatch(node_id):
             add(f"{path}.id", "node id must be 1-64 characters of letters, digits, '_', '.', '-'")
             ok = False
             continue

@@ -9,6 +9,10 @@ Protocol (what ``GET /runs/{id}/events`` relies on):
   (SSE ``Last-Event-ID``) therefore misses nothing and sees nothing twice.
 - ``run_finished`` or ``error`` is a run's last event; after it the run's events are kept
   for ``ttl_s`` and then forgotten.
+- ``open(run_id, owner)`` comes before a run's first event and records the tenant it
+  belongs to (``owner(run_id)``), so that readers in any process can refuse other tenants
+  before sending anything. In Redis it is the string ``flowgate:run:<id>:owner``, written
+  in the same ordered queue as the events and expiring with them.
 - The in-memory log (always on) is the authority for runs of this process. With
   ``REDIS_URL``, every event is also mirrored to a Redis Stream ``flowgate:run:<id>`` (entry
   id ``<seq>-0``) by a background writer, and runs of other processes are read from there
@@ -42,13 +46,14 @@ class EventLogUnavailable(FlowgateError):
 
 
 class _RunEvents:
-    __slots__ = ("cond", "events", "finished_at", "seqs")
+    __slots__ = ("cond", "events", "finished_at", "owner", "seqs")
 
     def __init__(self) -> None:
         self.events: list[RunEvent] = []
         self.seqs: list[int] = []
         self.cond = threading.Condition()
         self.finished_at: float | None = None
+        self.owner: str | None = None
 
 
 class MemoryEventLog:
@@ -93,6 +98,13 @@ class MemoryEventLog:
                     victim = run_id
                     break
             del self._runs[victim if victim is not None else next(iter(self._runs))]
+
+    def open(self, run_id: str, owner: str) -> None:
+        self._get(run_id, create=True).owner = owner
+
+    def owner(self, run_id: str) -> str | None:
+        run = self._get(run_id, create=False)
+        return run.owner if run is not None else None
 
     def append(self, run_id: str, event: RunEvent) -> None:
         run = self._get(run_id, create=True)
@@ -149,7 +161,21 @@ class RedisEventLog:
     def key(self, run_id: str) -> str:
         return f"{self.prefix}run:{run_id}"
 
-    def append(self, run_id: str, event: RunEvent) -> None:
+    def owner_key(self, run_id: str) -> str:
+        return f"{self.prefix}run:{run_id}:owner"
+
+    def open(self, run_id: str, owner: str) -> None:
+        self.append(run_id, owner)  # queued before the run's first event
+
+    def owner(self, run_id: str) -> str | None:
+        try:
+            return self.client.get(self.owner_key(run_id))
+        except Exception as exc:
+            self._on_error("read")
+            raise EventLogUnavailable(f"the shared event log is unavailable ({type(exc).__name__})") from exc
+
+    def append(self, run_id: str, event: RunEvent | str) -> None:
+        """Queue an event (or, as a str, the run's owner) for the writer."""
         if self._writer is None:
             self._start_writer()
         with self._pending_lock:
@@ -182,17 +208,21 @@ class RedisEventLog:
                 with self._pending_lock:
                     self._pending -= len(batch)
 
-    def write_batch(self, batch: list[tuple[str, RunEvent]]) -> None:
+    def write_batch(self, batch: list[tuple[str, RunEvent | str]]) -> None:
         try:
             pipe = self.client.pipeline(transaction=False)
             touched: dict[str, bool] = {}
             for run_id, event in batch:
-                key = self.key(run_id)
-                pipe.xadd(key, {"t": event.type, "d": json.dumps(event.data, default=str)},
+                if isinstance(event, str):
+                    pipe.set(self.owner_key(run_id), event, ex=self.running_ttl_s)
+                    continue
+                pipe.xadd(self.key(run_id), {"t": event.type, "d": json.dumps(event.data, default=str)},
                           id=f"{event.seq}-0", maxlen=self.max_len, approximate=True)
-                touched[key] = touched.get(key, False) or event.type in TERMINAL
-            for key, finished in touched.items():
-                pipe.expire(key, self.ttl_s if finished else self.running_ttl_s)
+                touched[run_id] = touched.get(run_id, False) or event.type in TERMINAL
+            for run_id, finished in touched.items():
+                ttl = self.ttl_s if finished else self.running_ttl_s
+                pipe.expire(self.key(run_id), ttl)
+                pipe.expire(self.owner_key(run_id), ttl)
             pipe.execute(raise_on_error=False)
         except Exception as exc:
             self._on_error("append")
@@ -243,6 +273,19 @@ class RunEventLog:
     def __init__(self, memory: MemoryEventLog, shared: RedisEventLog | None = None) -> None:
         self.memory = memory
         self.shared = shared
+
+    def open(self, run_id: str, owner: str) -> None:
+        """Before a run's first event: the tenant it belongs to."""
+        self.memory.open(run_id, owner)
+        if self.shared is not None:
+            self.shared.open(run_id, owner)
+
+    def owner(self, run_id: str) -> str | None:
+        """The tenant of a run some log knows (None: unknown here, or logged without one).
+        Raises EventLogUnavailable when only Redis could know and Redis is down."""
+        if self.memory.knows(run_id) or self.shared is None:
+            return self.memory.owner(run_id)
+        return self.shared.owner(run_id)
 
     def append(self, run_id: str, event: RunEvent) -> None:
         self.memory.append(run_id, event)

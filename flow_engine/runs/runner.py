@@ -59,12 +59,14 @@ class RunInput:
     input_type: str = "chat"
     output_type: str = "chat"
     session_id: str | None = None
+    tenant: str | None = None  # whose conversation a ChatHistory node reads
 
     def graph_input(self) -> dict[str, Any]:
         return {
             "input_value": self.input_value,
             "input_type": self.input_type,
             "session_id": self.session_id,
+            "tenant": self.tenant,
         }
 
 

@@ -95,6 +95,7 @@ runs = sa.Table(
     sa.Column("error", sa.JSON, nullable=True),
     # a running keyed run's owner refreshes this; a stale one means its engine stopped
     sa.Column("heartbeat_at", TS, nullable=True),
+    sa.Column("tenant", sa.String(200), nullable=True),  # who may see it (flow_engine/auth.py)
 )
 chat_messages = sa.Table(
     "chat_messages", metadata,
@@ -104,7 +105,10 @@ chat_messages = sa.Table(
     sa.Column("role", sa.String(16), nullable=False),
     sa.Column("content", sa.Text, nullable=False),
     sa.Column("created_at", TS, nullable=False),
-    sa.Index("ix_chat_session", "session_id", "flow_id", "id"),
+    # one conversation per (tenant, session, flow): the same session id in two tenants is
+    # two conversations; rows from before tenants (NULL) are never read
+    sa.Column("tenant", sa.String(200), nullable=True),
+    sa.Index("ix_chat_tenant_session", "tenant", "session_id", "flow_id", "id"),
 )
 schema_version = sa.Table(
     "flowgate_schema", metadata,
@@ -126,9 +130,22 @@ def _add_run_heartbeat(conn: Connection) -> None:
                              + runs.c.heartbeat_at.type.compile(dialect=conn.dialect)))
 
 
+def _add_tenants(conn: Connection) -> None:
+    """runs.tenant and chat_messages.tenant, and the index chat history is read by."""
+    for table in (runs, chat_messages):
+        if "tenant" not in {c["name"] for c in sa.inspect(conn).get_columns(table.name)}:
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN tenant "
+                                 + table.c.tenant.type.compile(dialect=conn.dialect)))
+    for index in chat_messages.indexes:
+        if index.name == "ix_chat_tenant_session":
+            index.create(conn, checkfirst=True)
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_chat_session"))  # replaced by the one above
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     lambda conn: metadata.create_all(conn, tables=[flows, flow_versions, runs, chat_messages]),
     _add_run_heartbeat,
+    _add_tenants,
 ]
 
 
@@ -424,6 +441,7 @@ class SqlFlowStore:
             "request_hash": record.request_hash, "created_at": record.created_at,
             "finished_at": record.finished_at, "duration_ms": record.duration_ms,
             "result": record.result, "error": record.error, "heartbeat_at": record.heartbeat_at,
+            "tenant": record.tenant,
         }
         try:
             with self._write(log=True) as conn:
@@ -488,23 +506,27 @@ class SqlFlowStore:
 
     # -- chat memory -------------------------------------------------------------------------
 
-    def chat_history(self, session_id: str, flow_id: str, limit: int) -> list[ChatMessage]:
+    def chat_history(self, tenant: str, session_id: str, flow_id: str,
+                     limit: int) -> list[ChatMessage]:
         with self._read() as conn:
             rows = conn.execute(
                 sa.select(chat_messages.c.role, chat_messages.c.content)
-                .where(chat_messages.c.session_id == session_id, chat_messages.c.flow_id == flow_id)
+                .where(chat_messages.c.tenant == tenant,
+                       chat_messages.c.session_id == session_id,
+                       chat_messages.c.flow_id == flow_id)
                 .order_by(chat_messages.c.id.desc()).limit(limit)
             ).all()
         return [ChatMessage(r.role, r.content) for r in reversed(rows)]
 
-    def append_chat(self, session_id: str, flow_id: str, messages: list[ChatMessage]) -> None:
+    def append_chat(self, tenant: str, session_id: str, flow_id: str,
+                    messages: list[ChatMessage]) -> None:
         if not messages:
             return
         stamp = now()
         with self._write(log=True) as conn:
             conn.execute(chat_messages.insert(), [
-                {"session_id": session_id, "flow_id": flow_id, "role": m.role,
-                 "content": m.content, "created_at": stamp} for m in messages])
+                {"tenant": tenant, "session_id": session_id, "flow_id": flow_id,
+                 "role": m.role, "content": m.content, "created_at": stamp} for m in messages])
 
 
 def _ping_when_idle(engine: Engine, idle_s: float) -> None:
@@ -569,5 +591,5 @@ def _run(row: sa.Row) -> RunRecord:
         created_at=_aware(row.created_at), session_id=row.session_id, trace_id=row.trace_id,
         idempotency_key=row.idempotency_key, request_hash=row.request_hash,
         finished_at=_aware(row.finished_at), duration_ms=row.duration_ms, result=row.result,
-        error=row.error, heartbeat_at=_aware(row.heartbeat_at),
+        error=row.error, heartbeat_at=_aware(row.heartbeat_at), tenant=row.tenant,
     )

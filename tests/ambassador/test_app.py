@@ -8,136 +8,28 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flask.testing import FlaskClient
-from prometheus_client import CollectorRegistry
+from app_harness import (
+    API_KEYS,
+    APP_KEY,
+    ENGINE_ANSWER,
+    INCOMING,
+    INCOMING_SPAN,
+    INCOMING_TRACE,
+    OTHER_KEY,
+    SERVICE_KEY,
+    W3C,
+    assert_error_contract,
+    run_flow,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from ambassador.app import create_app
-from ambassador.metrics import AmbassadorMetrics
 from flowgate.jsonlog import JsonFormatter
-
-SERVICE_KEY = "svc-key-for-the-engine-123"
-APP_KEY = "orders-app-secret-456"
-OTHER_KEY = "x-api-key-secret-789"
-W3C = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-INCOMING = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-INCOMING_TRACE, INCOMING_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-API_KEYS = [{"key": APP_KEY, "identity": "orders-app", "tenant": "shop"},
-            {"key": OTHER_KEY, "identity": "other-app"}]
-ENGINE_ANSWER = {"run_id": "run-1", "flow_id": "faq", "version": 1, "output": "hello back"}
-
-
-class FakeEngine:
-    """Records each request and answers from a script (then with ENGINE_ANSWER)."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.script: list[tuple[int, dict[str, str], bytes]] = []
-        self._lock = threading.Lock()
-        engine = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                with engine._lock:
-                    engine.requests.append({
-                        "method": self.command, "path": self.path,
-                        "headers": {k.lower(): v for k, v in self.headers.items()},
-                        "body": json.loads(raw) if raw else None})
-                    status, headers, body = (engine.script.pop(0) if engine.script else
-                                             (200, {"X-Run-ID": "run-1"},
-                                              json.dumps(ENGINE_ANSWER).encode()))
-                self.send_response(status)
-                self.send_header("Content-Type", headers.get("Content-Type", "application/json"))
-                for name, value in headers.items():
-                    if name == "Content-Type":
-                        continue
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-
-    def answer(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        self.script.append((status, headers or {}, json.dumps(body).encode()))
-
-
-@pytest.fixture
-def engine() -> Iterator[FakeEngine]:
-    e = FakeEngine()
-    e.thread.start()
-    yield e
-    e.server.shutdown()
-    e.server.server_close()
-    e.thread.join(timeout=5)
-
-
-class ClosingClient(FlaskClient):
-    """Reads each answer to the end and closes it, as a WSGI server does: the ambassador
-    records metrics and the access line when its answer is closed."""
-
-    def open(self, *args: Any, buffered: bool = True, **kwargs: Any):
-        return super().open(*args, buffered=buffered, **kwargs)
-
-
-@pytest.fixture
-def make_app(engine: FakeEngine, monkeypatch):
-    """``make_app(**dotted)`` → (test client, Ambassador); upstream is the fake engine."""
-    for name in ("AMBASSADOR_CONFIG", "AMBASSADOR_UPSTREAM_URL", "REDIS_URL", "AMBASSADOR_LOG_LEVEL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AMBASSADOR_UPSTREAM_KEY", SERVICE_KEY)
-    built = []
-
-    def build(config: dict[str, Any] | None = None, *, path: str | None = None, **dotted: Any):
-        overrides = {"upstream.url": engine.url, "retry.backoff_base_s": 0.001,
-                     "retry.backoff_max_s": 0.001, **(config or {}), **dotted}
-        app = create_app(overrides, path=path, metrics=AmbassadorMetrics(CollectorRegistry()))
-        app.test_client_class = ClosingClient
-        amb = app.extensions["ambassador"]
-        built.append(amb)
-        return app.test_client(), amb
-
-    yield build
-    for amb in built:
-        amb.upstream.close()
-
-
-def run_flow(client, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None):
-    return client.post("/run-flow", json=body or {"flow_id": "faq", "input": "hello"},
-                       headers=headers or {})
-
-
-def assert_error_contract(response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    error = response.get_json()["error"]
-    assert error["code"] == code and error["message"]
-    assert "Traceback" not in response.get_data(as_text=True)
-    match = W3C.match(response.headers["traceparent"])
-    assert match, response.headers
-    assert error["trace_id"] == response.headers["X-Trace-ID"] == match[1]
-    assert response.headers["X-Request-ID"]
-    return error
-
 
 # -- /run-flow validation -------------------------------------------------------------------------
 
@@ -512,4 +404,84 @@ def test_hot_reload_cannot_turn_auth_off_when_started_on_a_public_address(
     assert run_flow(client).status_code == 401  # this request triggered the reload check
     assert amb.settings.inbound_auth.mode == "api_keys"
     assert "non-loopback" in amb.holder.last_error
-    assert client.get("/readyz?verbose=1").get_json()["config"]["last_reload_error"]
+    assert client.get("/readyz?verbose=1").get_json()["config"]["last_reload_failed"] is True
+    verbose = client.get("/readyz?verbose=1", headers={"x-api-key": APP_KEY}).get_json()
+    assert "non-loopback" in verbose["config"]["last_reload_error"]
+
+
+# -- GET /runs/<id>/events as a hostile caller ------------------------------------------------
+
+@pytest.mark.parametrize(("path", "headers", "words"), [
+    pytest.param("/runs/r1%0A/events", {}, "run id", id="run-id-trailing-newline"),
+    pytest.param("/runs/r1/events?last_event_id=%C2%B2", {}, "last_event_id",
+                 id="query-superscript-two"),
+    pytest.param("/runs/r1/events?last_event_id=%D9%A3", {}, "last_event_id",
+                 id="query-arabic-indic-three"),
+    pytest.param("/runs/r1/events", {"Last-Event-ID": "\u00b2"}, "last-event-id",
+                 id="header-superscript-two"),
+    pytest.param("/runs/r1/events", {"Last-Event-ID": "12abc"}, "last-event-id",
+                 id="header-letters"),
+    pytest.param("/runs/r1/events", {"X-Request-ID": "r\u00e9q"}, "x-request-id",
+                 id="request-id-latin-1"),
+])
+def test_run_events_refuse_bad_input_before_the_engine(make_app, engine, path, headers,
+                                                       words) -> None:
+    client, amb = make_app({"breaker.consecutive_failures": 1})
+    error = assert_error_contract(client.get(path, headers=headers), 400, "bad_request")
+    assert words in error["message"].lower()
+    assert engine.requests == []
+    assert amb.breaker.state == "closed"
+
+
+def test_run_events_look_the_run_up_as_the_caller(make_app, engine) -> None:
+    keys = [{"key": APP_KEY, "identity": "orders-app", "tenant": "shop", "flows": ["faq"]}]
+    client, _ = make_app({"inbound_auth.mode": "api_keys", "inbound_auth.api_keys": keys})
+    engine.answer(200, {"run_id": "r1", "flow_id": "faq", "status": "succeeded"})
+    response = client.get("/runs/r1/events", headers={"x-api-key": APP_KEY,
+                                                      "Last-Event-ID": "4"})
+    assert response.status_code == 200
+    probe, events = engine.requests
+    assert probe["path"] == "/api/v1/runs/r1"
+    for sent in (probe, events):
+        assert sent["headers"]["x-flowgate-identity"] == "orders-app"
+        assert sent["headers"]["x-flowgate-tenant"] == "shop"
+    assert events["headers"]["last-event-id"] == "4"
+
+
+# -- /readyz?verbose=1 shows where things are only to those the inbound auth knows ------------
+
+KEYS_MODE = {"inbound_auth.mode": "api_keys", "inbound_auth.api_keys": API_KEYS}
+
+
+@pytest.mark.parametrize(("config", "headers", "remote", "shown"), [
+    pytest.param({}, {}, "127.0.0.1", True, id="none-loopback"),
+    pytest.param({}, {}, "127.9.9.9", True, id="none-loopback-range"),
+    pytest.param({}, {}, "::1", True, id="none-ipv6-loopback"),
+    pytest.param({}, {}, "::ffff:127.0.0.1", True, id="none-ipv4-mapped-loopback"),
+    pytest.param({}, {}, "10.1.2.3", False, id="none-remote"),
+    pytest.param({}, {}, "", False, id="none-no-address"),
+    pytest.param(KEYS_MODE, {}, "127.0.0.1", False, id="keys-no-credentials-even-on-loopback"),
+    pytest.param(KEYS_MODE, {"x-api-key": "not-a-key-123"}, "127.0.0.1", False, id="keys-wrong-key"),
+    pytest.param(KEYS_MODE, {"x-api-key": APP_KEY}, "10.1.2.3", True, id="keys-valid-key"),
+    pytest.param(KEYS_MODE, {"Authorization": f"Bearer {OTHER_KEY}"}, "10.1.2.3", True,
+                 id="keys-valid-bearer"),
+    pytest.param({"filters": ["trace", "retry", "timeout"], **KEYS_MODE}, {"x-api-key": APP_KEY},
+                 "10.1.2.3", False, id="keys-configured-but-auth-filter-off"),
+])
+def test_readyz_verbose_hides_locations_from_strangers(make_app, engine, tmp_path: Path, config,
+                                                      headers, remote, shown) -> None:
+    cfg = tmp_path / "ambassador.yaml"
+    cfg.write_text("retry: {max_attempts: 2}\n")
+    client, amb = make_app(config, path=str(cfg))
+    amb.holder.last_error = "retry.max_attempts: bad (in /etc/secret/place.yaml)"
+    response = client.get("/readyz?verbose=1", headers=headers, environ_base={"REMOTE_ADDR": remote})
+    assert response.status_code == 200
+    body, text = response.get_json(), response.get_data(as_text=True)
+    assert body["upstream"]["breaker"] == "closed" and "last_ok" in body["upstream"]
+    assert body["config"]["last_reload_failed"] is True
+    for secret in (engine.url, str(cfg), "/etc/secret/place.yaml"):
+        assert (secret in text) is shown, (secret, text)
+    if shown:
+        assert body["upstream"]["url"] == engine.url and body["config"]["path"] == str(cfg)
+    assert amb.metrics.auth_failures.labels("invalid_key")._value.get() == 0
+    assert amb.metrics.auth_failures.labels("missing")._value.get() == 0

@@ -142,10 +142,28 @@ def test_upstream_key_can_come_from_a_file(tmp_path: Path) -> None:
     pytest.param("inbound_auth: {mode: api_keys, api_keys: [{key: short, identity: a}]}",
                  "inbound_auth.api_keys.0.key", "8", id="api-key-too-short"),
     pytest.param("inbound_auth: {mode: jwt}", "inbound_auth", "jwt", id="jwt-mode-without-section"),
-    pytest.param("inbound_auth: {mode: jwt, jwt: {algorithm: HS256}}", "inbound_auth.jwt",
-                 "secret", id="jwt-hs256-without-secret"),
-    pytest.param("inbound_auth: {mode: jwt, jwt: {algorithm: RS256, secret: s}}", "inbound_auth.jwt",
-                 "public_key_file", id="jwt-rs256-without-key"),
+    pytest.param("inbound_auth: {mode: jwt, jwt: {algorithm: HS256, audience: a}}",
+                 "inbound_auth.jwt", "secret", id="jwt-hs256-without-secret"),
+    pytest.param("inbound_auth: {mode: jwt, jwt: {algorithm: RS256, secret: s, audience: a}}",
+                 "inbound_auth.jwt", "public_key_file", id="jwt-rs256-without-key"),
+    pytest.param("inbound_auth: {mode: jwt, jwt: {secret: s}}", "inbound_auth.jwt.audience",
+                 "any other service", id="jwt-without-audience"),
+    pytest.param("inbound_auth: {mode: jwt, jwt: {secret: s, audience: ''}}",
+                 "inbound_auth.jwt.audience", "required", id="jwt-empty-audience"),
+    pytest.param("inbound_auth: {mode: jwt, jwt: {secret: s, audience: a, missing_flows_claim: any}}",
+                 "inbound_auth.jwt.missing_flows_claim", "'none' or 'all'",
+                 id="jwt-missing-flows-claim-unknown"),
+    pytest.param("inbound_auth: {mode: api_keys, api_keys: [{key: 12345678, identity: 'a b'}]}",
+                 "inbound_auth.api_keys.0.identity", "pattern", id="api-key-identity-with-a-space"),
+    pytest.param("inbound_auth: {mode: api_keys, api_keys: [{key: 12345678, identity: a, "
+                 "tenant: \"s\\u00e9\"}]}", "inbound_auth.api_keys.0.tenant", "pattern",
+                 id="api-key-tenant-not-ascii"),
+    pytest.param("websocket: {allowed_origins: ['https://app.example.com/path']}",
+                 "websocket.allowed_origins", "not an origin", id="origin-with-a-path"),
+    pytest.param("websocket: {allowed_origins: ['app.example.com']}",
+                 "websocket.allowed_origins", "not an origin", id="origin-without-a-scheme"),
+    pytest.param("websocket: {allowed_origin: []}", "websocket.allowed_origin", "unknown key",
+                 id="websocket-unknown-key"),
     pytest.param("inbound_auth: {mode: jwt, jwt: {algorithm: none, secret: s}}",
                  "inbound_auth.jwt.algorithm", "HS256", id="jwt-alg-none"),
     pytest.param("filters: [trace, gzip]", "filters", "gzip", id="unknown-filter"),
@@ -349,3 +367,36 @@ def test_log_level_takes_any_case(given: str, level: str) -> None:
 def test_an_unknown_log_level_is_a_config_error_naming_the_key() -> None:
     with pytest.raises(ConfigError, match=r"log_level: log level must be one of DEBUG, INFO"):
         load(None, overrides={"log_level": "verbose"})
+
+
+# -- new keys: websocket, jwt --------------------------------------------------------------
+
+def test_websocket_origins_are_normalized(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.yaml", "websocket: {allowed_origins: ['HTTPS://App.Example.com', "
+                                      "'http://localhost:3000', 'http://[::1]:8080']}")
+    assert load(path, environ={}).websocket.allowed_origins == [
+        "https://app.example.com:443", "http://localhost:3000", "http://[::1]:8080"]
+
+
+def test_new_keys_default_to_the_safe_side() -> None:
+    s = load(None, environ={}, overrides={"inbound_auth.mode": "jwt",
+                                          "inbound_auth.jwt": {"secret": "s", "audience": "a"}})
+    assert s.inbound_auth.jwt.missing_flows_claim == "none"
+    assert s.websocket.allowed_origins == []
+
+
+def test_a_reload_the_rebuild_refuses_keeps_the_last_good_config(holder, cfg_file, clock,
+                                                                 rec) -> None:
+    """``on_change`` may refuse a valid file (a key file it cannot use): the config in
+    force stays, and the error is reported like an invalid file."""
+    def refuse(settings: Settings) -> None:
+        raise ConfigError("inbound_auth.jwt.jwks_file: cannot use it (no RS256 signing key)")
+
+    holder._on_change = refuse
+    good = holder.settings
+    edit(cfg_file, FULL.replace("max_attempts: 4", "max_attempts: 6"))
+    clock.advance(2.0)
+    assert holder.maybe_reload() is False
+    assert holder.settings is good
+    assert rec.errors and "jwks_file" in rec.errors[0]
+    assert "jwks_file" in holder.last_error

@@ -282,6 +282,21 @@ def test_a_header_value_with_a_line_break_is_refused_before_sending(server, pool
     assert server.requests == []
 
 
+@pytest.mark.parametrize(("path", "headers", "words"), [
+    pytest.param("/api/v1/runs/r1\n/events", {}, "path", id="newline-in-the-path"),
+    pytest.param("/api/v1/runs/r1 HTTP/1.1\r\nX-Evil: 1\r\n\r\nGET /x", {}, "path",
+                 id="request-smuggled-in-the-path"),
+    pytest.param("/api/v1/run/f\u00e4q", {}, "path", id="non-ascii-path"),
+    pytest.param("/x", {"Idempotency-Key": "cl\u00e9"}, "non-ASCII", id="latin-1-header"),
+    pytest.param("/x", {"Idempotency-Key": "\u0101"}, "non-ASCII", id="header-beyond-latin-1"),
+])
+def test_what_cannot_be_written_as_http_is_refused_before_sending(server, pool, path, headers,
+                                                                  words) -> None:
+    with pytest.raises(http1.InvalidRequest, match=words):
+        pool.request("GET", path, headers, None, connect_timeout=1, read_timeout=1)
+    assert server.requests == [] and server.connections == 0
+
+
 def _self_signed(tmp_path):
     """A key and a self-signed certificate for 127.0.0.1 (PEM files)."""
     import datetime

@@ -317,8 +317,9 @@ def test_compose_wires_the_sidecar_and_the_dependencies():
     engine = services["flow-engine"]["environment"]
     assert engine["DATABASE_URL"].startswith("postgresql://") and "@postgres:5432/" in engine["DATABASE_URL"]
     assert engine["REDIS_URL"].startswith("redis://redis:")
-    assert "FLOWGATE_ENGINE_KEY" in engine["FLOW_ENGINE_API_KEYS"]
-    assert "FLOWGATE_ENGINE_KEY" in services["ambassador"]["environment"]["AMBASSADOR_UPSTREAM_KEY"]
+    # which key each service holds, and its role: test_deploy_keys.py
+    assert "FLOWGATE_ORDERS_APP_KEY" in engine["FLOW_ENGINE_API_KEYS"]
+    assert "FLOWGATE_ORDERS_APP_KEY" in services["ambassador"]["environment"]["AMBASSADOR_UPSTREAM_KEY"]
     assert engine["OPENAI_BASE_URL"].startswith("${OPENAI_BASE_URL:-"), "one variable switches the LLM"
     long_running = {name for name, s in services.items() if s.get("restart") != "no"}
     assert all("healthcheck" in services[name] for name in long_running)

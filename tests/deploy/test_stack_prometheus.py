@@ -19,6 +19,10 @@ scraped service; every rule expression must evaluate, and Prometheus must have l
 evaluated every rule without error. Beyond "has data": the panels that chart what the
 traffic did (a retry, a cache hit, a client leaving a stream, ...) must show it above 0, and
 the gauges must be back at idle once the traffic is over.
+
+Last, the keys ``flowgate up`` hands out (issue 10): the CLI's admin key in a 0600 file, the
+ambassador's processes holding only the runner+proxy key (read from /proc), and the engine
+refusing to publish with that key.
 """
 
 from __future__ import annotations
@@ -146,6 +150,24 @@ def as_regex(values: list[str]) -> str:
     return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
 
 
+# The run-time tweak the traffic uses to make a run fail (see `traffic`). Tweaks are opt-in
+# per flow ("tweakable" in the definition); the demo flows open none, so the stack gets
+# copies of them that open exactly these.
+FAILING_TWEAK = {"llm": {"timeout": 0.001, "max_retries": 0}}  # the LLM call times out
+TWEAKED_FLOWS = ("chat", "faq-rag")
+
+
+def demo_flows(folder: Path) -> Path:
+    """examples/*.json, with FAILING_TWEAK's params made tweakable in TWEAKED_FLOWS."""
+    folder.mkdir()
+    for path in sorted((REPO / "examples").glob("*.json")):
+        flow = json.loads(path.read_text(encoding="utf-8"))
+        if flow["id"] in TWEAKED_FLOWS:
+            flow["tweakable"] = {node: sorted(params) for node, params in FAILING_TWEAK.items()}
+        (folder / path.name).write_text(json.dumps(flow), encoding="utf-8")
+    return folder
+
+
 def ambassador_config() -> dict:
     """The compose sidecar config, with inbound API keys, a rate limit that three requests
     exceed, and timeouts short enough for a test."""
@@ -220,7 +242,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, processes) -> Iterator[Stack
              f"--web.listen-address=127.0.0.1:{prom}"], cwd=tmp, env=env, log=tmp / "prometheus.out")
         started.append(prometheus)
         up = processes.start([sys.executable, "-m", "flowgate.cli", "up", "--ambassador-port", str(amb),
-                              "--engine-port", str(eng), "--llm-port", str(llm)],
+                              "--engine-port", str(eng), "--llm-port", str(llm),
+                              "--examples", str(demo_flows(tmp / "examples"))],
                              cwd=tmp, env=env, log=tmp / "flowgate-up.out")
         started.append(up)
         up.wait_for_output(r"^Flowgate is up\.", STARTUP_S)
@@ -300,7 +323,7 @@ def traffic(stack: Stack, prometheus: Prometheus) -> dict[str, Any]:
     Nothing is asserted here (test_traffic_went_as_planned does): a surprise in one answer
     must not hide what the dashboards show."""
     r: dict[str, Any] = {}
-    slow_llm = {"llm": {"timeout": 0.001, "max_retries": 0}}  # the LLM call times out: the run fails
+    slow_llm = FAILING_TWEAK  # the LLM call times out: the run fails
     plan = {
         "faq_miss": lambda: post_run(stack, {"flow_id": "faq-rag", "input": "How long do refunds take?"}),
         "chat": lambda: post_run(stack, {"flow_id": "chat", "input": "Hello there"}),
@@ -589,3 +612,51 @@ def test_rule_expression_evaluates(prometheus, traffic, series_names, exported_m
     loaded = {r["name"]: r for g in prometheus.api("rules")["data"]["groups"] for r in g["rules"]}
     assert name in loaded, f"Prometheus did not load rule {name} from rules.yml (loaded: {sorted(loaded)})"
     assert loaded[name]["health"] == "ok", f"{name}: Prometheus evaluates it with {loaded[name]}"
+
+
+# -- the keys `flowgate up` hands out (issue 10) ---------------------------------------------
+
+def process_environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
+def service_processes(stack: Stack, service: str) -> list:
+    """The processes of one service `flowgate up` started (its gunicorn master and workers)."""
+    pattern = re.compile(rf"flowgate\.cli {service}\b|flowgate-{service}\b")
+    found = [p for p in stack.up.snapshot() if pattern.search(p.cmdline)]
+    assert found, f"no {service} process under `flowgate up`: " + \
+        "; ".join(str(p) for p in stack.up.snapshot())
+    return found
+
+
+def test_flowgate_up_gives_the_cli_an_admin_key_and_the_ambassador_a_runner_key(stack):
+    from flow_engine.auth import parse_keys
+
+    key_file = stack.log_dir / "engine.key"
+    assert key_file.is_file() and (key_file.stat().st_mode & 0o777) == 0o600, f"{key_file}: not 0600"
+    admin = key_file.read_text(encoding="utf-8").strip()
+
+    engines = [process_environ(p.pid) for p in service_processes(stack, "engine")]
+    keys = {k.name: k for k in parse_keys(engines[0]["FLOW_ENGINE_API_KEYS"].split(","))}
+    assert (keys["cli"].role, keys["cli"].proxy, keys["cli"].secret.decode()) == ("admin", False, admin)
+    assert (keys["ambassador"].role, keys["ambassador"].proxy) == ("runner", True)
+    runner = keys["ambassador"].secret.decode()
+
+    for proc in service_processes(stack, "ambassador"):
+        env = process_environ(proc.pid)
+        assert env.get("AMBASSADOR_UPSTREAM_KEY") == runner, f"{proc}: not the runner+proxy key"
+        leaked = sorted(name for name, value in env.items() if admin in value)
+        assert not leaked, f"{proc} holds the admin secret in {leaked}"
+        assert "FLOW_ENGINE_API_KEYS" not in env, f"{proc} holds the engine's key list"
+
+    # The engine enforces the split: the ambassador's key runs and reads, never publishes.
+    flows = f"{stack.engine}/api/v1/flows"
+    as_runner = requests.get(flows, headers={"x-api-key": runner}, timeout=10)
+    assert as_runner.status_code == 200, as_runner.text
+    refused = requests.post(f"{flows}/chat/publish", json={"version": 1}, headers={"x-api-key": runner},
+                            timeout=10)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden", refused.text
+    versions = requests.get(f"{flows}/chat/versions", headers={"Authorization": f"Bearer {admin}"},
+                            timeout=10)
+    assert versions.status_code == 200, versions.text

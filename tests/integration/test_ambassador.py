@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -629,48 +630,90 @@ def test_a_callers_idempotency_key_is_honoured_end_to_end(engine, start_ambassad
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
 
 
+class PortGate:
+    """A loopback port that refuses connections until :meth:`open`, then relays each one to
+    ``target_port``. Opening it takes microseconds, where starting an engine on the port
+    takes seconds: a test can open it at the very moment it chooses."""
+
+    def __init__(self, port: int, target_port: int) -> None:
+        self.port, self.target_port = port, target_port
+        self.listener: socket.socket | None = None
+        self.relayed = 0
+
+    def open(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True, name="gate-accept").start()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.relayed += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+
+
 def test_connection_refused_is_retried_until_the_engine_listens(private_engine, start_ambassador,
                                                                 fresh_llm_sim):
-    port = free_port()
-    kill_group(private_engine.start(port, warm=False))  # the store holds the flow; nothing listens
+    """The engine becomes reachable while a request is being retried — by construction:
+    the port opens (a gate in front of a running engine) only once the ambassador's
+    retries counter shows a request retrying against the closed port. (Starting an engine
+    there instead raced its boot time against the retries: sometimes every request came
+    after the engine was up, with one attempt each.)"""
+    eng = private_engine.start()
+    port = free_port()  # nothing listens here until the gate opens
     amb = start_ambassador({
         "upstream": {"timeouts": {"per_try_s": 5, "total_s": 10}},
         "retry": {"max_attempts": 10, "backoff_base_s": 0.1, "backoff_max_s": 0.3,
                   "budget_ratio": 1.0, "budget_min_per_s": 100},
         "breaker": {"consecutive_failures": 1000, "min_requests": 100_000},
     }, f"http://127.0.0.1:{port}")
+    gate = PortGate(port, eng.port)
 
     refused = amb.run("nobody home")
     assert_error_contract(refused, 503, "upstream_unavailable")
     assert refused.headers["X-Upstream-Attempts"] == "10"
     assert "Retry-After" in refused.headers
 
+    retries = "flowgate_ambassador_retries_total"
+    before = amb.metric(retries, reason="connect_error")
     answers: list[requests.Response] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        for i in range(200):  # bounded; ends a few successes after the engine is up
-            if stop.is_set() or sum(a.status_code == 200 for a in answers) >= 3:
-                return
-            answers.append(amb.run(f"retry me {i}", timeout=20))
-
-    thread = threading.Thread(target=loop, daemon=True)
+    thread = threading.Thread(target=lambda: answers.append(amb.run("retry me", timeout=20)),
+                              daemon=True)
     thread.start()
     try:
-        time.sleep(0.3)
-        private_engine.start(port, warm=False)
-        wait_for(lambda: sum(a.status_code == 200 for a in answers) >= 3, 20,
-                 what="runs succeed once the engine listens")
+        wait_for(lambda: amb.metric(retries, reason="connect_error") > before, 10, interval_s=0.01,
+                 what="the request is being retried against the closed port")
+        gate.open()  # at least 8 of its 10 attempts are still to come
+        thread.join(20)
+        assert not thread.is_alive()
+        [retried] = answers
+        assert retried.status_code == 200, retried.text
+        assert int(retried.headers["X-Upstream-Attempts"]) > 1
+        assert retried.json()["output"] == expected_output("retry me")
+        direct = amb.run("once more")
+        assert direct.status_code == 200 and direct.headers["X-Upstream-Attempts"] == "1"
     finally:
-        stop.set()
-        thread.join(30)
-    statuses = [a.status_code for a in answers]
-    assert set(statuses) <= {200, 503}, statuses
-    ok = [a for a in answers if a.status_code == 200]
-    assert any(int(a.headers["X-Upstream-Attempts"]) > 1 for a in ok), \
-        [a.headers["X-Upstream-Attempts"] for a in ok]
+        gate.close()
+    assert gate.relayed >= 1
     # refused attempts never reached the engine: one LLM call per success, no duplicates
-    assert fresh_llm_sim.stats()["chat_completions_started"] == len(ok)
+    assert fresh_llm_sim.stats()["chat_completions_started"] == 2
 
 
 # -- streams -----------------------------------------------------------------------------------
@@ -1014,8 +1057,8 @@ JWT = {"inbound_auth": {"mode": "jwt", "jwt": {
 
 def token(secret: str = JWT_SECRET, algorithm: str = "HS256", **claims: Any) -> str:
     now = int(time.time())
-    payload = {"sub": "orders-app", "tenant": "shop", "aud": JWT_AUDIENCE, "iat": now,
-               "exp": now + 300, **claims}
+    payload = {"sub": "orders-app", "tenant": "shop", "aud": JWT_AUDIENCE, "flows": [FLOW_ID],
+               "iat": now, "exp": now + 300, **claims}
     payload = {k: v for k, v in payload.items() if v is not None}
     return jwt.encode(payload, secret if algorithm != "none" else None, algorithm=algorithm)
 
@@ -1065,6 +1108,8 @@ def test_api_key_auth(api_key_ambassador, fresh_llm_sim, headers, status, code):
     pytest.param(lambda: token(exp=None), 401, id="no-exp"),
     pytest.param(lambda: token(nbf=int(time.time()) + 3600), 401, id="not-yet-valid"),
     pytest.param(lambda: token(flows=["reports-only"]), 403, id="flow-not-allowed"),
+    pytest.param(lambda: token(flows=None), 403, id="no-flows-claim-means-no-flow"),
+    pytest.param(lambda: token(tenant=7), 401, id="tenant-not-a-string"),
     pytest.param(lambda: token(), 200, id="valid"),
     pytest.param(lambda: token(flows=[FLOW_ID]), 200, id="valid-with-flows"),
 ])
@@ -1134,7 +1179,7 @@ def test_rs256_rejects_algorithm_confusion(engine, start_ambassador, fresh_llm_s
         "algorithm": "RS256", "public_key_file": str(tmp_path / "jwt.pub"),
         "audience": JWT_AUDIENCE}}}, engine.url)
     now = int(time.time())
-    claims = {"sub": "orders-app", "aud": JWT_AUDIENCE, "exp": now + 300}
+    claims = {"sub": "orders-app", "aud": JWT_AUDIENCE, "flows": [FLOW_ID], "exp": now + 300}
 
     def call(jwt_token: str) -> requests.Response:
         return amb.run("rs256", headers={"Authorization": f"Bearer {jwt_token}"})
@@ -1245,6 +1290,11 @@ def test_the_engine_never_receives_caller_credentials(recording_ambassador, conf
     pytest.param("upstream:\n  timeouts: {per_try_s: 10, total_s: 5}\n", ["upstream.timeouts"],
                  id="per-try-over-total"),
     pytest.param("inbound_auth: {mode: jwt}\n", ["inbound_auth"], id="jwt-without-section"),
+    pytest.param("inbound_auth: {mode: jwt, jwt: {secret: s3cret-s3cret}}\n",
+                 ["inbound_auth.jwt.audience", "any other service"], id="jwt-without-audience"),
+    pytest.param("inbound_auth: {mode: jwt, jwt: {algorithm: RS256, audience: a, "
+                 "jwks_file: /nonexistent/jwks.json}}\n", ["inbound_auth.jwt.jwks_file"],
+                 id="unusable-key-file"),
     pytest.param("filters: [trace, auth, cahce]\n", ["filters", "cahce"], id="unknown-filter"),
     pytest.param("retry: {max_attempts: 3\n", ["not valid YAML"], id="not-yaml"),
 ])

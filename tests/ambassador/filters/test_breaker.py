@@ -23,6 +23,7 @@ def failure(status: int = 503, **meta: Any) -> Response:
 
 
 CONNECT_ERROR = failure(503, upstream_error="connect_error")
+ENGINE_404 = failure(404, engine_answered=True)  # a 4xx the engine itself answered
 
 
 @pytest.fixture
@@ -88,10 +89,10 @@ def test_a_success_resets_the_consecutive_count(make_breaker, request_for, downs
     assert cb.state == "closed"
 
 
-def test_a_4xx_resets_the_consecutive_count(make_breaker, request_for, downstream) -> None:
+def test_an_engine_4xx_resets_the_consecutive_count(make_breaker, request_for, downstream) -> None:
     cb, _ = make_breaker(consecutive_failures=2)
     f = Breaker(cb)
-    send(f, request_for, downstream, *[CONNECT_ERROR, failure(404)] * 5)
+    send(f, request_for, downstream, *[CONNECT_ERROR, ENGINE_404] * 5)
     assert cb.state == "closed"
 
 
@@ -205,12 +206,13 @@ def test_half_open_failure_reopens_for_another_open_s(make_breaker, request_for,
     assert cb.state == "closed"
 
 
-def test_half_open_4xx_counts_as_success(make_breaker, request_for, downstream, clock) -> None:
+def test_half_open_engine_4xx_counts_as_success(make_breaker, request_for, downstream,
+                                               clock) -> None:
     cb, _ = make_breaker(consecutive_failures=1, open_s=1)
     f = Breaker(cb)
     send(f, request_for, downstream, CONNECT_ERROR)
     clock.advance(1)
-    send(f, request_for, downstream, failure(404))
+    send(f, request_for, downstream, ENGINE_404)
     assert cb.state == "closed"
 
 
@@ -228,3 +230,58 @@ def test_a_trial_that_raises_does_not_wedge_the_breaker(make_breaker, request_fo
         f(request_for(), downstream(boom))
     clock.advance(60)  # long after another open_s
     assert send(f, request_for, downstream, OK)[0].status == 200
+
+
+# -- what the engine never saw counts neither way ---------------------------------------------
+
+LOCAL_REFUSALS = [
+    pytest.param(failure(400), id="400-request-cannot-be-sent"),
+    pytest.param(failure(401), id="401-auth-placed-after-the-breaker"),
+    pytest.param(failure(413), id="413"),
+    pytest.param(failure(429), id="429-ratelimit-placed-after-the-breaker"),
+]
+
+
+@pytest.mark.parametrize("answer", LOCAL_REFUSALS)
+def test_a_local_4xx_does_not_reset_the_consecutive_count(make_breaker, request_for, downstream,
+                                                          answer) -> None:
+    """A caller cannot keep the circuit closed over a failing engine with bad requests."""
+    cb, _ = make_breaker(consecutive_failures=3)
+    f = Breaker(cb)
+    send(f, request_for, downstream, CONNECT_ERROR, answer, CONNECT_ERROR, answer, CONNECT_ERROR)
+    assert cb.state == "open"
+
+
+@pytest.mark.parametrize("answer", LOCAL_REFUSALS)
+def test_a_local_4xx_does_not_close_a_half_open_circuit(make_breaker, request_for, downstream,
+                                                        clock, answer) -> None:
+    cb, _ = make_breaker(consecutive_failures=1, open_s=1, half_open_max=1)
+    f = Breaker(cb)
+    send(f, request_for, downstream, CONNECT_ERROR)
+    clock.advance(1)
+    assert send(f, request_for, downstream, answer)[0].status == answer.status
+    assert cb.state == "half_open"
+    # its trial slot was given back: the next request is a trial, and decides
+    assert send(f, request_for, downstream, OK)[0].status == 200
+    assert cb.state == "closed"
+
+
+@pytest.mark.parametrize("error", [
+    pytest.param(RecursionError("maximum recursion depth exceeded"), id="recursion-error"),
+    pytest.param(ValueError("header holds a line break"), id="value-error"),
+    pytest.param(UnicodeEncodeError("latin-1", "\u0101", 0, 1, "ordinal not in range"),
+                 id="unicode-encode-error"),
+])
+def test_exceptions_on_the_ambassador_side_never_open_the_circuit(make_breaker, request_for,
+                                                                  downstream, error) -> None:
+    """Five requests that crash while being built must not open the circuit for everyone."""
+    cb, transitions = make_breaker(consecutive_failures=5)
+    f = Breaker(cb)
+
+    def boom(request):
+        raise error
+
+    for _ in range(10):
+        with pytest.raises(type(error)):
+            f(request_for(), downstream(boom))
+    assert cb.state == "closed" and transitions == []

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from flow_engine.app import create_app
+from flow_engine.auth import Principal, parse_key, principal_for
 from flow_engine.metrics import EngineMetrics
 
 API_KEYS = "test-key,second-key"
@@ -159,7 +160,10 @@ def make_app(database_url: str) -> Iterator[Callable[..., Flask]]:
 
     yield make
     for app in apps:
-        app.extensions["flowgate"].store.close()
+        eng = app.extensions["flowgate"]
+        if eng.runs.signals is not None:
+            eng.runs.signals.stop()  # no listener outlives its test (and logs into the next)
+        eng.store.close()
 
 
 @pytest.fixture
@@ -175,6 +179,12 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture
 def auth() -> dict[str, str]:
     return {"Authorization": "Bearer test-key"}
+
+
+@pytest.fixture
+def caller() -> Principal:
+    """Who ``auth`` is, for tests that call the run service directly."""
+    return principal_for(parse_key("test-key"), None, None)
 
 
 # -- helpers --------------------------------------------------------------------------------

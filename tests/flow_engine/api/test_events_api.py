@@ -25,9 +25,11 @@ import redis
 import sseclient
 from flask import Flask
 
+from flow_engine.auth import parse_key, principal_for
 from flow_engine.errors import FlowgateError
-from flow_engine.runs.service import RunRequest
+from flow_engine.runs.request import RunRequest
 
+TEST_CALLER = principal_for(parse_key("test-key"), None, None)  # the key of auth headers
 REDIS_URL = os.environ.get("FLOWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 WAIT_S = 10.0  # every wait here gives up after this long
 BODY = {"input_value": "resume me please", "session_id": "s-1"}
@@ -42,19 +44,6 @@ def database_url(tmp_path: Path) -> str:
     """SQLite only (overrides the API conftest's sqlite/postgres parametrisation): what is
     under test here is the event log and Redis, not the store."""
     return f"sqlite:///{tmp_path / 'engine.db'}"
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        reason = (f"Redis is not reachable at {REDIS_URL} ({type(exc).__name__}: {exc}); start "
-                  "it or set FLOWGATE_TEST_REDIS_URL")
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI is set, so the Redis cases must run)", pytrace=False)
-        pytest.skip(reason)
-    return REDIS_URL
 
 
 @pytest.fixture(params=[pytest.param("memory", id="memory"), pytest.param("redis", id="redis")])
@@ -456,7 +445,7 @@ def test_a_bad_on_disconnect_is_400(api, defs, query, body):
     assert resp.status_code == 400
     assert resp.mimetype == "application/json"
     assert "on_disconnect" in resp.get_json()["error"]["message"]
-    assert api.runs._active == {}
+    assert api.runs.executor._active == {}
 
 
 # -- two processes sharing Redis (and one SQLite file) ----------------------------------------
@@ -567,8 +556,8 @@ def test_b_follows_a_run_in_progress_on_a_live(pair, slow_llm, defs):
 def test_get_run_on_b_says_running_for_a_plain_run_in_progress_on_a(pair, slow_llm, defs):
     a, b = pair(openai_base_url=slow_llm.base_url)
     a.create(defs.openai(id="llm"))
-    prepared = a.runs.prepare("llm", RunRequest.from_body(BODY), idempotency_key=None,
-                              trace_id=None)
+    prepared = a.runs.prepare("llm", RunRequest.from_body(BODY), caller=TEST_CALLER,
+                              idempotency_key=None, trace_id=None)
     done: dict[str, Any] = {}
     worker = threading.Thread(target=lambda: done.setdefault("result", a.runs.run(prepared)))
     worker.start()
@@ -611,8 +600,8 @@ def test_cancel_on_b_stops_an_unkeyed_run_in_progress_on_a(pair, slow_llm, defs,
     a, b = pair(openai_base_url=slow_llm.base_url)
     a.create(defs.openai(id="llm"))
     if kind == "plain":
-        prepared = a.runs.prepare("llm", RunRequest.from_body(BODY), idempotency_key=None,
-                                  trace_id=None)
+        prepared = a.runs.prepare("llm", RunRequest.from_body(BODY), caller=TEST_CALLER,
+                                  idempotency_key=None, trace_id=None)
         run_id = prepared.run_id
         worker = threading.Thread(target=_run_expecting_an_error, args=(a, prepared))
         worker.start()
@@ -623,7 +612,7 @@ def test_cancel_on_b_stops_an_unkeyed_run_in_progress_on_a(pair, slow_llm, defs,
         wait_until(lambda: slow_llm.stats()["tokens_sent"] >= 3, "the LLM to stream")
         cancelled = b.client.post(f"/api/v1/runs/{run_id}/cancel", headers=b.auth)
     finally:
-        a.runs._cancel_local(run_id)  # whatever B managed: no run outlives the test
+        a.runs.executor.cancel_local(run_id)  # whatever B managed: no run outlives the test
         worker.join(WAIT_S)
 
     assert cancelled.status_code == 202, cancelled.get_data(as_text=True)

@@ -54,7 +54,7 @@ def test_runs_are_counted_by_flow_version_and_status(client, auth, defs, create_
 
 
 def test_the_second_run_of_a_version_hits_the_compile_cache(defs, create_flow, run_flow, metric):
-    create_flow(defs.echo(id="f"))
+    create_flow(defs.echo(id="f", tweakable={"p": ["template"]}))
     hits, misses = metric(CACHE, result="hit"), metric(CACHE, result="miss")
 
     run_flow("f", {"input_value": "a"})

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from flow_engine.runs.service import RunRequest
+from flow_engine.runs.request import RunRequest
 
 BODY = {"input_value": "hello", "session_id": "s-1"}
 RUNS = "flowgate_engine_runs_total"
@@ -60,7 +60,7 @@ def test_same_key_calls_the_llm_once_also_when_streamed(fresh_llm_sim, make_app,
     pytest.param("g", BODY, id="other-flow"),
 ])
 def test_same_key_with_another_request_is_409(defs, create_flow, run_flow, metric, flow, body):
-    create_flow(defs.echo(id="f"))
+    create_flow(defs.echo(id="f", tweakable={"p": ["template"]}))
     create_flow(defs.echo(id="g"))
     key = {"Idempotency-Key": "order-42"}
     assert run_flow("f", BODY, headers=key).status_code == 200
@@ -132,7 +132,7 @@ def test_a_failed_run_replays_the_same_error(defs, create_flow, run_flow, metric
     assert metric(RUNS, flow="j", status="failed") == 1
 
 
-def test_concurrent_identical_requests_run_once(fresh_llm_sim, make_app, auth, defs):
+def test_concurrent_identical_requests_run_once(fresh_llm_sim, make_app, auth, defs, caller):
     """Eight callers race with one key while the first run is still waiting for the LLM:
     one runs it, the others wait for its result."""
     fresh_llm_sim.configure(ttft_s=0.3)
@@ -147,8 +147,8 @@ def test_concurrent_identical_requests_run_once(fresh_llm_sim, make_app, auth, d
     def call() -> None:
         try:
             barrier.wait()
-            prepared = runs.prepare("llm", RunRequest.from_body(BODY), idempotency_key="race",
-                                    trace_id=None)
+            prepared = runs.prepare("llm", RunRequest.from_body(BODY), caller=caller,
+                                    idempotency_key="race", trace_id=None)
             answers.append(runs.run(prepared))
         except BaseException as exc:
             errors.append(exc)
@@ -192,7 +192,7 @@ def test_a_retry_runs_again_when_the_keyed_run_was_abandoned(make_app, auth, def
     assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=auth).status_code == 201
     headers = {**auth, "Idempotency-Key": "crashed"}
     first = client.post("/api/v1/run/f", json=BODY, headers=headers).get_json()["run_id"]
-    _as_if_its_engine_died(app, first, silent_s=app.extensions["flowgate"].runs.stale_after_s + 5)
+    _as_if_its_engine_died(app, first, silent_s=app.extensions["flowgate"].runs.idempotency.stale_after_s + 5)
 
     retry = client.post("/api/v1/run/f", json=BODY, headers=headers)
 
@@ -211,7 +211,7 @@ def test_a_duplicate_waiting_on_a_run_that_stops_beating_takes_it_over(make_app,
     app = make_app()
     client = app.test_client()
     runs = app.extensions["flowgate"].runs
-    runs.stale_after_s = 0.5
+    runs.idempotency.stale_after_s = 0.5
     assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=auth).status_code == 201
     headers = {**auth, "Idempotency-Key": "stops-beating"}
     first = client.post("/api/v1/run/f", json=BODY, headers=headers).get_json()["run_id"]
@@ -230,7 +230,7 @@ def test_a_slow_keyed_run_that_beats_is_never_taken_over(fresh_llm_sim, make_app
     fresh_llm_sim.configure(ttft_s=1.2)
     app = make_app(openai_base_url=fresh_llm_sim.base_url)
     runs = app.extensions["flowgate"].runs
-    runs.heartbeat_s, runs.stale_after_s = 0.05, 0.4
+    runs.executor.heartbeat_s, runs.idempotency.stale_after_s = 0.05, 0.4
     client = app.test_client()
     assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=auth).status_code == 201
     headers = {**auth, "Idempotency-Key": "slow-but-alive"}

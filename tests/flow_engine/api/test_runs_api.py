@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flow_engine.runs.service import RunRequest
+from flow_engine.runs.request import RunRequest
 
 RESULT_KEYS = {"run_id", "flow_id", "version", "session_id", "output", "outputs", "usage",
                "duration_ms"}
@@ -66,7 +66,7 @@ def test_pinning_a_missing_version_is_404(defs, create_flow, run_flow):
 
 
 def test_tweaks_override_params_for_one_request(defs, create_flow, run_flow):
-    create_flow(defs.echo("Q: {question}", id="f"))
+    create_flow(defs.echo("Q: {question}", id="f", tweakable={"p": ["template"]}))
 
     tweaked = run_flow("f", {"input_value": "x", "tweaks": {"p": {"template": "Tweaked {question}!"}}})
     plain = run_flow("f", {"input_value": "x"})
@@ -81,12 +81,14 @@ def test_tweaks_override_params_for_one_request(defs, create_flow, run_flow):
     pytest.param({"p": "Tweaked"}, ["$.tweaks.p"], id="node-tweak-not-an-object"),
     pytest.param({"llm": {"temperature": 9}}, ["$.tweaks.llm.temperature"], id="out-of-range"),
     pytest.param({"llm": {"api_key": "sk-1"}}, ["$.tweaks.llm.api_key"], id="secret-param"),
-    pytest.param({"llm": {"tempreature": 0}}, ["$.tweaks.llm"], id="unknown-param"),
+    pytest.param({"llm": {"tempreature": 0}}, ["$.tweaks.llm.tempreature"], id="unknown-param"),
     pytest.param({"llm": {"temperature": 9, "max_tokens": 0}},
                  ["$.tweaks.llm.temperature", "$.tweaks.llm.max_tokens"], id="two-params"),
+    pytest.param({"llm": {"model": "gpt-4o"}}, ["$.tweaks.llm.model"], id="not-tweakable"),
+    pytest.param({"in": {"x": 1}}, ["$.tweaks.in.x"], id="node-without-tweakables"),
 ])
 def test_invalid_tweaks_are_422_with_paths(defs, create_flow, run_flow, tweaks, paths):
-    create_flow(defs.echo(id="f"))
+    create_flow(defs.echo(id="f", tweakable={"llm": ["temperature", "max_tokens"]}))
 
     resp = run_flow("f", {"input_value": "x", "tweaks": tweaks})
 
@@ -198,14 +200,14 @@ def test_cancel_a_finished_run_is_409_and_an_unknown_one_404(client, auth, defs,
     assert unknown.get_json()["error"]["code"] == "run_not_found"
 
 
-def test_cancel_a_running_run_stops_it(fresh_llm_sim, make_app, auth, defs):
+def test_cancel_a_running_run_stops_it(fresh_llm_sim, make_app, auth, defs, caller):
     """A slow simulated LLM keeps the run busy while the API cancels it."""
     fresh_llm_sim.configure(tokens_per_s=50, reply_tokens=500)  # ~10 s if never cancelled
     app = make_app(openai_base_url=fresh_llm_sim.base_url)
     client = app.test_client()
     assert client.post("/api/v1/flows", json=defs.openai(id="slow"), headers=auth).status_code == 201
     runs = app.extensions["flowgate"].runs
-    prepared = runs.prepare("slow", RunRequest.from_body({"input_value": "hi"}),
+    prepared = runs.prepare("slow", RunRequest.from_body({"input_value": "hi"}), caller=caller,
                             idempotency_key=None, trace_id=None)
     outcome: dict[str, BaseException] = {}
 
@@ -259,7 +261,8 @@ def test_llm_failures_follow_the_error_contract(fresh_llm_sim, make_app, auth, d
                                                 status, code):
     fresh_llm_sim.configure(**sim)
     client = make_app(openai_base_url=fresh_llm_sim.base_url).test_client()
-    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=auth).status_code == 201
+    flow = defs.openai(id="llm", tweakable={"llm": ["timeout"]})
+    assert client.post("/api/v1/flows", json=flow, headers=auth).status_code == 201
 
     resp = client.post("/api/v1/run/llm", json={"input_value": "hi", "tweaks": tweaks},
                        headers=auth)

@@ -6,7 +6,6 @@ feeding the client's messages and recording what the server sends."""
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,92 +14,13 @@ from typing import Any
 import flask_sock
 import pytest
 from flask import Flask
-from simple_websocket import ConnectionClosed
+from support.fake_ws import WAIT_S, FakeClock, FakeSocket
 
 from flow_engine.api.ws import ConnectionLimit, RunSocket, WholeFrames, event_message
 from flow_engine.runs.runner import RunEvent
 
-WAIT_S = 15  # upper bound for anything the tests wait for
 UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade"}
 WS_PATH = "/api/v1/ws/runs"
-_GONE = object()
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeSocket:
-    """What ``simple_websocket.Server`` offers the handler: ``send``, ``receive``, ``close``.
-
-    With a :class:`FakeClock`, a ``receive`` that finds nothing to read (after a short real
-    wait) moves the clock by its whole timeout, so idle timeouts pass at once."""
-
-    def __init__(self, clock: FakeClock | None = None) -> None:
-        self.clock = clock
-        self.connected = True
-        self.close_code: int | None = None
-        self.close_reason: str | None = None
-        self.sock = None  # the view wraps the raw socket in WholeFrames; nothing writes to it
-        self.mode = "werkzeug"  # flask-sock then answers the test client with an empty 200
-        self._inbox: queue.Queue = queue.Queue()
-        self._sent: queue.Queue = queue.Queue()
-        self.closed = threading.Event()
-
-    # the client's side
-    def feed(self, message: Any) -> None:
-        self._inbox.put(message if isinstance(message, str | bytes) else json.dumps(message))
-
-    def disconnect(self) -> None:
-        self._inbox.put(_GONE)
-
-    def next_message(self, timeout: float = WAIT_S) -> dict[str, Any]:
-        try:
-            return self._sent.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"the server sent nothing within {timeout} s")
-
-    def until_last_event(self) -> list[dict[str, Any]]:
-        """Messages up to and including the run's ``run_finished`` or ``error`` event."""
-        messages = [self.next_message()]
-        while not (messages[-1]["type"] in ("run_finished", "error") and "seq" in messages[-1]):
-            messages.append(self.next_message())
-        return messages
-
-    def nothing_sent(self) -> bool:
-        return self._sent.empty()
-
-    # the server's side
-    def send(self, text: str) -> None:
-        if not self.connected:
-            raise ConnectionClosed()
-        self._sent.put(json.loads(text))
-
-    def receive(self, timeout: float | None = None) -> str | bytes | None:
-        if not self.connected:
-            raise ConnectionClosed()
-        wait = 0.05 if self.clock is not None else timeout
-        try:
-            item = self._inbox.get(timeout=wait)
-        except queue.Empty:
-            if self.clock is not None and timeout is not None:
-                self.clock.now += timeout
-            return None
-        if item is _GONE:
-            self.connected = False
-            raise ConnectionClosed(1001, "client went away")
-        return item
-
-    def close(self, reason: int | None = None, message: str | None = None) -> None:
-        if not self.connected:
-            raise ConnectionClosed()
-        self.connected = False
-        self.close_code, self.close_reason = reason or 1000, message
-        self.closed.set()
 
 
 class Session:
@@ -516,6 +436,34 @@ def test_a_handshake_with_a_good_key_is_accepted(client, fake_server, query, hea
     _handshake(client, query, headers)
 
     assert [s for s, _ in fake_server.built] == [ws]
+
+
+@pytest.mark.parametrize(("origin", "allowed", "accepted"), [
+    pytest.param(None, "", True, id="no-origin-not-a-browser"),
+    pytest.param("http://localhost", "", True, id="same-origin"),
+    pytest.param("http://evil.example", "", False, id="another-site"),
+    pytest.param("http://localhost:8001", "", False, id="another-port"),
+    pytest.param("https://localhost", "", False, id="another-scheme"),
+    pytest.param("null", "", False, id="opaque-origin"),
+    pytest.param("https://console.example", "https://console.example", True, id="listed"),
+    pytest.param("http://evil.example", "*", True, id="any-when-configured"),
+])
+def test_a_browser_page_of_another_origin_cannot_open_the_socket(make_app, fake_server, origin,
+                                                                 allowed, accepted):
+    client = make_app(ws_allowed_origins=allowed).test_client()
+    ws = FakeSocket()
+    ws.disconnect()
+    fake_server.pending.append(ws)
+    headers = {"x-api-key": "test-key"} | ({"Origin": origin} if origin else {})
+
+    resp = _handshake(client, headers=headers)
+
+    if accepted:
+        assert [s for s, _ in fake_server.built] == [ws]
+    else:
+        assert resp.status_code == 403
+        assert "FLOW_ENGINE_WS_ALLOWED_ORIGINS" in resp.get_json()["error"]["message"]
+        assert fake_server.built == []
 
 
 def test_the_token_query_parameter_is_only_for_websocket_handshakes(client, auth):

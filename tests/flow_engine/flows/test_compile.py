@@ -3,6 +3,7 @@ names seen by LangChain callbacks, and the tweaks digest that keys compiled vari
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -96,20 +97,28 @@ class NodeRunRecorder(BaseCallbackHandler):
         self._started(run_id, parent_run_id, kwargs.get("name"))
 
 
+class Entry:
+    """A stand-in compiled flow: only its size matters to the cache."""
+
+    def __init__(self, size_estimate: int = 1024) -> None:
+        self.size_estimate = size_estimate
+
+
 class Builds:
     """A ``build`` callable for CompileCache that makes a fresh object per call."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, size: int = 1024) -> None:
         self.calls = 0
         self.delay = delay
+        self.size = size
         self._lock = threading.Lock()
 
-    def __call__(self) -> object:
+    def __call__(self) -> Entry:
         with self._lock:
             self.calls += 1
         if self.delay:
             time.sleep(self.delay)  # widens the race window between threads
-        return object()
+        return Entry(self.size)
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,6 +207,40 @@ def test_least_recently_used_entry_is_evicted() -> None:
     cache.get_or_compile("b", build)
     assert build.calls == calls + 1  # "b" had to be compiled again
     assert (cache.hits, cache.misses) == (2, 4)
+
+
+def test_the_cache_is_bounded_by_estimated_bytes_not_only_by_entries() -> None:
+    cache = CompileCache(max_entries=100, max_bytes=10_000)
+    build = Builds(size=4_000)
+    for key in "abcd":
+        cache.get_or_compile(key, build)
+
+    assert len(cache) == 2 and cache.bytes == 8_000  # "a" and "b" evicted by size
+    calls = build.calls
+    cache.get_or_compile("d", build)
+    assert build.calls == calls  # the most recent entries stayed
+
+
+def test_an_entry_larger_than_the_budget_is_used_but_not_kept() -> None:
+    cache = CompileCache(max_bytes=10_000)
+    small = cache.get_or_compile("small", Builds(size=1_000))
+
+    huge = cache.get_or_compile("huge", Builds(size=50_000))
+
+    assert huge.size_estimate == 50_000
+    assert len(cache) == 1 and cache.bytes == 1_000
+    assert cache.get_or_compile("small", Builds()) is small
+
+
+def test_size_estimate_grows_with_the_definition() -> None:
+    docs = [f"document number {i} " * 20 for i in range(200)]
+    flow = {**RAG_FLOW, "nodes": [
+        {**n, "params": {**n.get("params", {}), "documents": docs}} if n["type"] == "BM25Retriever"
+        else n for n in RAG_FLOW["nodes"]]}
+
+    small, big = compiled(RAG_FLOW), compiled(flow)
+
+    assert big.size_estimate > small.size_estimate + 20 * len(json.dumps(docs))
 
 
 @pytest.mark.parametrize(("keys", "hits", "misses"), [

@@ -1,5 +1,6 @@
-"""Tweaks may change params per run, but never where an LLM call (with the engine's key)
-is sent: ChatModel ``base_url`` and ``provider`` are locked."""
+"""Tweaks may change the params a flow declares ``tweakable`` per run, but never where an
+LLM call (with the engine's key) is sent: ChatModel ``base_url`` and ``provider`` are
+locked, declared or not."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ FLOW = {
               {"id": "llm", "type": "ChatModel", "params": {"provider": "openai"}},
               {"id": "out", "type": "ChatOutput"}],
     "edges": [{"source": "in", "target": "llm"}, {"source": "llm", "target": "out"}],
+    "tweakable": {"llm": ["temperature", "model"]},
 }
 
 

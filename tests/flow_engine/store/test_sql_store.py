@@ -523,10 +523,10 @@ def chat(*texts: str) -> list[ChatMessage]:
 
 
 def test_append_chat_then_read_back_in_order(store):
-    store.append_chat("s1", "rag", chat("hi", "hello, how can I help?"))
-    store.append_chat("s1", "rag", [])
-    store.append_chat("s1", "rag", chat("refunds?", "5 days — ünïcode ✓"))
-    assert store.chat_history("s1", "rag", limit=100) == chat(
+    store.append_chat("t1", "s1", "rag", chat("hi", "hello, how can I help?"))
+    store.append_chat("t1", "s1", "rag", [])
+    store.append_chat("t1", "s1", "rag", chat("refunds?", "5 days — ünïcode ✓"))
+    assert store.chat_history("t1", "s1", "rag", limit=100) == chat(
         "hi", "hello, how can I help?", "refunds?", "5 days — ünïcode ✓")
 
 
@@ -539,18 +539,34 @@ def test_append_chat_then_read_back_in_order(store):
 ])
 def test_chat_history_limit_keeps_the_most_recent_in_chronological_order(store, limit, expected):
     for i in range(0, 6, 2):
-        store.append_chat("s1", "rag", chat(f"m{i}", f"m{i + 1}"))
-    assert [m.content for m in store.chat_history("s1", "rag", limit=limit)] == expected
+        store.append_chat("t1", "s1", "rag", chat(f"m{i}", f"m{i + 1}"))
+    assert [m.content for m in store.chat_history("t1", "s1", "rag", limit=limit)] == expected
 
 
 def test_chat_sessions_and_flows_are_isolated(store):
-    store.append_chat("s1", "rag", chat("s1 rag"))
-    store.append_chat("s2", "rag", chat("s2 rag"))
-    store.append_chat("s1", "faq", chat("s1 faq"))
-    assert store.chat_history("s1", "rag", 10) == chat("s1 rag")
-    assert store.chat_history("s2", "rag", 10) == chat("s2 rag")
-    assert store.chat_history("s1", "faq", 10) == chat("s1 faq")
-    assert store.chat_history("s2", "faq", 10) == []
+    store.append_chat("t1", "s1", "rag", chat("s1 rag"))
+    store.append_chat("t1", "s2", "rag", chat("s2 rag"))
+    store.append_chat("t1", "s1", "faq", chat("s1 faq"))
+    assert store.chat_history("t1", "s1", "rag", 10) == chat("s1 rag")
+    assert store.chat_history("t1", "s2", "rag", 10) == chat("s2 rag")
+    assert store.chat_history("t1", "s1", "faq", 10) == chat("s1 faq")
+    assert store.chat_history("t1", "s2", "faq", 10) == []
+
+
+def test_chat_history_is_per_tenant(store):
+    store.append_chat("t1", "order-1001", "rag", chat("t1's question", "t1's answer"))
+    store.append_chat("t2", "order-1001", "rag", chat("t2's question"))
+
+    assert store.chat_history("t1", "order-1001", "rag", 10) == chat("t1's question", "t1's answer")
+    assert store.chat_history("t2", "order-1001", "rag", 10) == chat("t2's question")
+    assert store.chat_history("t3", "order-1001", "rag", 10) == []
+
+
+def test_runs_keep_their_tenant(store):
+    store.create_flow("f", "f", "", {"nodes": []})
+    store.insert_run(RunRecord(run_id="r1", flow_id="f", version=1, status="running",
+                               created_at=datetime.now(UTC), tenant="orders-app"))
+    assert store.get_run("r1").tenant == "orders-app"
 
 
 # -- an unreachable database -----------------------------------------------------------------
@@ -594,10 +610,10 @@ def test_postgres_run_records_commit_without_waiting_for_the_wal_and_flows_wait(
         assert _setting(store.engine, "synchronous_commit") == "on"
         make_flow(store)
         store.insert_run(make_run(key="key-1"))
-        store.append_chat("s1", "rag", chat("hi"))
+        store.append_chat("t1", "s1", "rag", chat("hi"))
         # what went through the log pool is visible to the other at once
         assert store.get_run("run-1").idempotency_key == "key-1"
-        assert store.chat_history("s1", "rag", 5) == chat("hi")
+        assert store.chat_history("t1", "s1", "rag", 5) == chat("hi")
         # and the unique key still holds across pools and stores
         other = SqlFlowStore(postgres_url)
         try:
@@ -647,6 +663,32 @@ def test_a_schema_from_before_heartbeats_is_upgraded(open_store, db_url):
     beat = datetime(2025, 3, 4, 5, 6, 8, tzinfo=UTC)
     fresh.insert_run(make_run(key="k", heartbeat_at=beat))
     assert fresh.get_run("run-1").heartbeat_at == beat
+
+
+def test_a_schema_from_before_tenants_is_upgraded(open_store):
+    """A database at schema 2 (no tenant columns; chat read by session and flow) gains the
+    tenant columns and the index by tenant; its old chat rows belong to no tenant."""
+    old = open_store()
+    old.migrate()
+    with old.engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX ix_chat_tenant_session"))
+        conn.execute(sa.text("ALTER TABLE chat_messages DROP COLUMN tenant"))
+        conn.execute(sa.text("ALTER TABLE runs DROP COLUMN tenant"))
+        conn.execute(sa.text("CREATE INDEX ix_chat_session ON chat_messages "
+                             "(session_id, flow_id, id)"))
+        conn.execute(sa.text("INSERT INTO chat_messages (session_id, flow_id, role, content, "
+                             "created_at) VALUES ('s1', 'rag', 'human', 'old', :at)"),
+                     {"at": datetime(2025, 1, 1, tzinfo=UTC)})
+        conn.execute(schema_version.delete().where(schema_version.c.version > 2))
+    fresh = open_store()
+    assert fresh.migrate() == len(MIGRATIONS)
+    indexes = {ix["name"] for ix in sa.inspect(fresh.engine).get_indexes("chat_messages")}
+    assert "ix_chat_tenant_session" in indexes and "ix_chat_session" not in indexes
+    assert fresh.chat_history("t1", "s1", "rag", 10) == []  # nobody's any more
+    fresh.append_chat("t1", "s1", "rag", chat("new"))
+    assert fresh.chat_history("t1", "s1", "rag", 10) == chat("new")
+    fresh.insert_run(make_run("r-tenant", tenant="t1"))
+    assert fresh.get_run("r-tenant").tenant == "t1"
 
 
 def test_heartbeat_touches_only_running_runs(store):

@@ -1,0 +1,213 @@
+"""Execute prepared runs in this process and record them: admission by the tenant's limits,
+the event log, metrics, the run record, chat memory, and the heartbeat of running runs.
+
+Records: a run without an ``Idempotency-Key`` is written once, complete, when it ends
+(while it runs, this process answers for it); a keyed run was inserted when it was claimed
+(``runs/idempotency.py``) and is updated at the end. Calls go one way: the run service
+calls this module, which calls the runner (``runs/runner.py``), the event log, the store
+and the tenant limits — none of them calls back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+from flow_engine.errors import FlowgateError, RunFailed, TenantLimited
+from flow_engine.metrics import EngineMetrics
+from flow_engine.runs import runner
+from flow_engine.runs.events import RunEventLog
+from flow_engine.runs.request import PreparedRun
+from flow_engine.runs.runner import RunEvent, RunResult
+from flow_engine.store.base import ChatMessage, FlowStore
+from flow_engine.tenants import TenantLimits
+
+log = logging.getLogger(__name__)
+OUTCOMES = ("succeeded", "failed", "cancelled")
+
+
+class RunExecutor:
+    heartbeat_s = 5.0  # how often running keyed runs are marked alive and leases renewed
+
+    def __init__(self, store: FlowStore, metrics: EngineMetrics, events: RunEventLog,
+                 limits: TenantLimits, *, clock: Callable[[], datetime]) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.events = events
+        self.limits = limits
+        self._now = clock
+        self._active: dict[str, PreparedRun] = {}
+        self._series: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._heartbeats: threading.Thread | None = None
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(self, prepared: PreparedRun) -> dict[str, Any]:
+        """Run to the end; the response body. Events go to the event log only."""
+        self._admit(prepared)
+        counter = itertools.count(1)
+
+        def emit(kind: str, data: dict[str, Any]) -> None:
+            self._log_event(prepared, RunEvent(next(counter), kind, data))
+
+        return self._execute(prepared, emit, stream_tokens=False).as_dict()
+
+    def stream(self, prepared: PreparedRun, keepalive_s: float, *,
+               cancel_on_disconnect: bool = True) -> Iterator[RunEvent | None]:
+        """Events of the run as they happen (read in-process, not from the log, so nothing
+        is added to the time to first token); ``None`` marks a quiet ``keepalive_s``.
+        A refused admission raises at the first ``next()``, before any event."""
+        self._admit(prepared)
+        yield from runner.stream_with(
+            lambda emit: self._execute(prepared, emit, stream_tokens=True),
+            cancel=prepared.cancel, keepalive_s=keepalive_s,
+            on_event=lambda event: self._log_event(prepared, event),
+            cancel_on_close=cancel_on_disconnect)
+
+    def _admit(self, prepared: PreparedRun) -> None:
+        try:
+            self.limits.admit(prepared.tenant, prepared.run_id)
+        except TenantLimited as exc:
+            label = self.limits.policy.label(prepared.tenant)
+            self.metrics.tenant_limited.labels(label, exc.details["limit"]).inc()
+            raise
+
+    def _log_event(self, prepared: PreparedRun, event: RunEvent) -> None:
+        """Every event goes to the event log (watchable, resumable); the first token of a
+        run is its time to first token."""
+        if event.type == "token" and prepared.first_token_at is None:
+            prepared.first_token_at = time.perf_counter()
+            self.metrics.ttft.labels(prepared.compiled.flow_id).observe(
+                prepared.first_token_at - prepared.started_at)
+        self.events.append(prepared.run_id, event)
+
+    def _execute(self, prepared: PreparedRun, emit, *, stream_tokens: bool) -> RunResult:
+        """Run an admitted run; its slot is given back whatever happens."""
+        with self._lock:
+            self._active[prepared.run_id] = prepared
+        self._start_heartbeats()
+        self.metrics.active_runs.inc()
+        self.events.open(prepared.run_id, prepared.tenant)
+        started = prepared.started_at = time.perf_counter()
+        try:
+            result = runner.execute(
+                prepared.compiled, prepared.request.run_input(prepared.tenant), emit=emit,
+                run_id=prepared.run_id, cancel=prepared.cancel, stream_tokens=stream_tokens)
+        except FlowgateError as exc:
+            exc.details.setdefault("run_id", prepared.run_id)  # so the caller can look it up
+            status = "cancelled" if exc.code == "run_cancelled" else "failed"
+            self._finish(prepared, status, time.perf_counter() - started, None,
+                         {"status": exc.status, **exc.to_dict()})
+            raise
+        except BaseException as exc:
+            self._finish(prepared, "failed", time.perf_counter() - started, None,
+                         {"status": 500, "code": "internal", "message": "internal error"})
+            raise RunFailed("the run failed unexpectedly") from exc
+        self._finish(prepared, "succeeded", time.perf_counter() - started, result, None)
+        return result
+
+    def _finish(self, prepared: PreparedRun, status: str, seconds: float,
+                result: RunResult | None, error: dict[str, Any] | None) -> None:
+        compiled = prepared.compiled
+        with self._lock:
+            self._active.pop(prepared.run_id, None)
+        self.limits.release(prepared.tenant, prepared.run_id)
+        m = self.metrics
+        m.active_runs.dec()
+        version = str(compiled.version)
+        if (compiled.flow_id, version) not in self._series:
+            # every outcome's series exists from a version's first run, so rate() sees the
+            # first failure too (a series born at 1 has no increase to show)
+            self._series.add((compiled.flow_id, version))
+            for outcome in OUTCOMES:
+                m.runs.labels(compiled.flow_id, version, outcome)
+        m.runs.labels(compiled.flow_id, version, status).inc()
+        tenant = self.limits.policy.label(prepared.tenant)
+        m.tenant_runs.labels(tenant, status).inc()
+        m.run_duration.labels(compiled.flow_id).observe(seconds)
+        if result is not None:
+            for node, ms in result.nodes.items():
+                m.node_duration.labels(compiled.flow_id, compiled.node_types[node]).observe(ms / 1000)
+            usage = result.usage
+            m.llm_tokens.labels(compiled.flow_id, "input").inc(usage["input_tokens"])
+            m.llm_tokens.labels(compiled.flow_id, "output").inc(usage["output_tokens"])
+            m.tenant_tokens.labels(tenant, "input").inc(usage["input_tokens"])
+            m.tenant_tokens.labels(tenant, "output").inc(usage["output_tokens"])
+            self.limits.add_tokens(prepared.tenant,
+                                   usage["input_tokens"] + usage["output_tokens"])
+            self._remember_chat(prepared, result)
+        duration_ms = round(seconds * 1000, 3)
+        body = result.as_dict() if result else None
+        if prepared.defer is not None:
+            prepared.defer(lambda: self._record_end(prepared, status, duration_ms, body, error))
+        else:
+            self._record_end(prepared, status, duration_ms, body, error)
+
+    def _record_end(self, prepared: PreparedRun, status: str, duration_ms: float,
+                    body: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
+        try:
+            record = prepared.record
+            if record is not None and record.idempotency_key is None:
+                record.status, record.duration_ms, record.result, record.error = (
+                    status, duration_ms, body, error)
+                record.finished_at = self._now()
+                self.store.insert_run(record)
+            else:
+                self.store.finish_run(prepared.run_id, status=status, duration_ms=duration_ms,
+                                      result=body, error=error)
+        except FlowgateError:
+            # The client still gets its answer; the record stays "running" and says so.
+            log.exception("could not record the end of run %s", prepared.run_id)
+
+    def _remember_chat(self, prepared: PreparedRun, result: RunResult) -> None:
+        session = prepared.request.session_id
+        if not session or "ChatHistory" not in prepared.compiled.node_types.values():
+            return
+        turn = [ChatMessage("human", prepared.request.input_value or ""),
+                ChatMessage("ai", result.output or "")]
+        try:
+            self.store.append_chat(prepared.tenant, session, prepared.compiled.flow_id, turn)
+        except FlowgateError:
+            log.exception("could not store chat history for session %s", session)
+
+    # -- runs in progress here ------------------------------------------------------------------
+
+    def active(self, run_id: str) -> PreparedRun | None:
+        with self._lock:
+            return self._active.get(run_id)
+
+    def cancel_local(self, run_id: str) -> bool:
+        """Cancel a run of this process (from a signal another process sent)."""
+        active = self.active(run_id)
+        if active is None:
+            return False
+        active.cancel.cancel("cancelled by API request")
+        return True
+
+    def _start_heartbeats(self) -> None:
+        if self._heartbeats is not None:
+            return
+        with self._lock:
+            if self._heartbeats is None:
+                self._heartbeats = threading.Thread(target=self._beat, name="flowgate-heartbeat",
+                                                    daemon=True)
+                self._heartbeats.start()
+
+    def _beat(self) -> None:
+        """Every heartbeat_s: mark this process's running keyed runs alive (one write) and
+        renew its runs' tenant leases (one Redis call)."""
+        while True:
+            time.sleep(self.heartbeat_s)  # cooperative under gevent
+            with self._lock:
+                keyed = [run_id for run_id, p in self._active.items() if p.keyed]
+            try:
+                self.store.heartbeat(keyed)
+            except Exception:  # the next beat tries again; a store outage is logged there
+                log.warning("could not mark %d running run(s) alive", len(keyed))
+            self.limits.renew()

@@ -1,0 +1,255 @@
+"""Per-tenant limits, so that one tenant cannot starve the others: concurrent runs and LLM
+tokens per minute. A run over a limit is refused before it starts with 429 ``tenant_limit``
+and ``Retry-After``.
+
+Settings (0 = unlimited)::
+
+    FLOW_ENGINE_TENANT_MAX_RUNS=20                 every tenant: runs in progress at once
+    FLOW_ENGINE_TENANT_TOKENS_PER_MINUTE=200000    every tenant: LLM tokens (in + out) a minute
+    FLOW_ENGINE_TENANT_LIMITS='{"orders-app": {"max_runs": 50, "tokens_per_minute": 0}}'
+
+Tenants named in ``FLOW_ENGINE_TENANT_LIMITS`` and the names of the engine's keys are the
+*known* tenants: metrics carry their names; any other tenant is counted as ``other``, so a
+proxy forwarding arbitrary tenant names cannot grow the metrics without bound.
+
+Counting. Concurrent runs are leases: with ``REDIS_URL`` a sorted set per tenant
+(``flowgate:tenant:<t>:runs``, member = run id, score = lease expiry in Redis server time)
+shared by every worker and replica; a lease lasts ``LEASE_S`` and the engine's heartbeat
+renews the leases of its running runs, so a killed process frees its tenant's slots within
+``LEASE_S``. Tokens are counted when a run ends, in a fixed one-minute window
+(``flowgate:tenant:<t>:tokens:<minute>``); a run is refused while the current window is
+at or over the limit (a run started under the limit may take it over: token counts are
+known only at the end). Without Redis — or while it fails, for ``PAUSE_S`` after each
+failure — each process counts alone (each worker then allows the full limit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from flow_engine.errors import TenantLimited
+
+log = logging.getLogger(__name__)
+LEASE_S = 60.0
+PAUSE_S = 5.0
+OTHER = "other"
+
+# KEYS[1] the tenant's lease set; ARGV: lease_ms, limit, run id. 1 = admitted.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+# KEYS: lease sets; ARGV[1] lease_ms, then one run id per key. Renews existing leases only.
+_RENEW = """
+local t = redis.call('TIME')
+local until_ms = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', until_ms, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ARGV[1])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Quota:
+    max_runs: int = 0  # 0: unlimited
+    tokens_per_minute: int = 0
+
+
+class TenantPolicy:
+    """Each tenant's quota and its metric label."""
+
+    def __init__(self, default: Quota, overrides: dict[str, Quota],
+                 known: Iterable[str] = ()) -> None:
+        self.default = default
+        self.overrides = dict(overrides)
+        self.known = frozenset(overrides) | frozenset(known)
+
+    @classmethod
+    def parse(cls, max_runs: int, tokens_per_minute: int, overrides_json: str,
+              known: Iterable[str] = ()) -> TenantPolicy:
+        """From the settings; ValueError naming FLOW_ENGINE_TENANT_LIMITS when malformed."""
+        default = Quota(max_runs, tokens_per_minute)
+        overrides: dict[str, Quota] = {}
+        if overrides_json.strip():
+            try:
+                raw = json.loads(overrides_json)
+            except ValueError as exc:
+                raise ValueError(f"FLOW_ENGINE_TENANT_LIMITS is not JSON: {exc}") from None
+            if not isinstance(raw, dict):
+                raise ValueError('FLOW_ENGINE_TENANT_LIMITS must be a JSON object like '
+                                 '{"orders-app": {"max_runs": 20, "tokens_per_minute": 100000}}')
+            for tenant, spec in raw.items():
+                overrides[tenant] = _quota(tenant, spec, default)
+        return cls(default, overrides, known)
+
+    def quota(self, tenant: str) -> Quota:
+        return self.overrides.get(tenant, self.default)
+
+    def label(self, tenant: str) -> str:
+        return tenant if tenant in self.known else OTHER
+
+    @property
+    def limited(self) -> bool:
+        quotas = [self.default, *self.overrides.values()]
+        return any(q.max_runs or q.tokens_per_minute for q in quotas)
+
+
+def _quota(tenant: str, spec: Any, default: Quota) -> Quota:
+    where = f"FLOW_ENGINE_TENANT_LIMITS[{tenant!r}]"
+    if not isinstance(spec, dict) or set(spec) - {"max_runs", "tokens_per_minute"}:
+        raise ValueError(f'{where} must be {{"max_runs": N, "tokens_per_minute": N}}')
+    values = {}
+    for name in ("max_runs", "tokens_per_minute"):
+        value = spec.get(name, getattr(default, name))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where}.{name} must be a non-negative integer (0 = unlimited)")
+        values[name] = value
+    return Quota(**values)
+
+
+class TenantLimits:
+    """Admission for runs (see the module docstring). ``redis`` is optional."""
+
+    def __init__(self, policy: TenantPolicy, redis: Any | None = None, *,
+                 prefix: str = "flowgate:", on_error: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.redis = redis
+        self.prefix = prefix
+        self._on_error = on_error or (lambda op: None)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._local_runs: dict[str, set[str]] = {}
+        self._local_tokens: dict[tuple[str, int], int] = {}
+        self._shared_leases: dict[str, str] = {}  # run id → tenant, leases taken in Redis
+        self._paused_until = 0.0
+        if redis is not None:
+            self._acquire = redis.register_script(_ACQUIRE)
+            self._renew = redis.register_script(_RENEW)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def admit(self, tenant: str, run_id: str) -> None:
+        """Take a run slot for ``run_id`` or raise TenantLimited; release() gives it back."""
+        quota = self.policy.quota(tenant)
+        if quota.tokens_per_minute:
+            used = self._tokens_used(tenant)
+            if used >= quota.tokens_per_minute:
+                wait = 60 - int(self._clock()) % 60
+                raise TenantLimited(
+                    f"tenant '{tenant}' used {used} of its {quota.tokens_per_minute} LLM tokens "
+                    f"this minute; retry in {wait} s", retry_after_s=wait, limit="tokens")
+        if not quota.max_runs:
+            return
+        admitted = self._admit_shared(tenant, run_id, quota.max_runs)
+        if admitted is None:  # no Redis, or Redis failing: this process counts alone
+            with self._lock:
+                running = self._local_runs.setdefault(tenant, set())
+                admitted = len(running) < quota.max_runs
+                if admitted:
+                    running.add(run_id)
+        if not admitted:
+            raise TenantLimited(
+                f"tenant '{tenant}' already has {quota.max_runs} runs in progress (its limit); "
+                "retry when one has finished", retry_after_s=1, limit="runs")
+
+    def release(self, tenant: str, run_id: str) -> None:
+        with self._lock:
+            running = self._local_runs.get(tenant)
+            if running is not None:
+                running.discard(run_id)
+                if not running:
+                    del self._local_runs[tenant]
+            shared = self._shared_leases.pop(run_id, None)
+        if shared is not None and self._redis_usable():
+            try:
+                self.redis.zrem(self._runs_key(shared), run_id)
+            except Exception as exc:  # the lease expires by itself within LEASE_S
+                self._failed("release", exc)
+
+    def renew(self) -> None:
+        """Extend the Redis leases of this process's running runs (the heartbeat calls it)."""
+        with self._lock:
+            leases = list(self._shared_leases.items())
+        if not leases or not self._redis_usable():
+            return
+        try:
+            self._renew(keys=[self._runs_key(t) for _r, t in leases],
+                        args=[int(LEASE_S * 1000), *(r for r, _t in leases)])
+        except Exception as exc:
+            self._failed("renew", exc)
+
+    def _admit_shared(self, tenant: str, run_id: str, limit: int) -> bool | None:
+        if not self._redis_usable():
+            return None
+        try:
+            admitted = bool(self._acquire(keys=[self._runs_key(tenant)],
+                                          args=[int(LEASE_S * 1000), limit, run_id]))
+        except Exception as exc:
+            self._failed("admit", exc)
+            return None
+        if admitted:
+            with self._lock:
+                self._shared_leases[run_id] = tenant
+        return admitted
+
+    # -- tokens -------------------------------------------------------------------------------
+
+    def add_tokens(self, tenant: str, tokens: int) -> None:
+        if tokens <= 0 or not self.policy.quota(tenant).tokens_per_minute:
+            return
+        minute = int(self._clock() // 60)
+        if self._redis_usable():
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                key = self._tokens_key(tenant, minute)
+                pipe.incrby(key, tokens)
+                pipe.expire(key, 120)
+                pipe.execute()
+                return
+            except Exception as exc:
+                self._failed("tokens", exc)
+        with self._lock:
+            for stale in [k for k in self._local_tokens if k[1] < minute - 1]:
+                del self._local_tokens[stale]
+            self._local_tokens[(tenant, minute)] = self._local_tokens.get((tenant, minute), 0) + tokens
+
+    def _tokens_used(self, tenant: str) -> int:
+        minute = int(self._clock() // 60)
+        if self._redis_usable():
+            try:
+                return int(self.redis.get(self._tokens_key(tenant, minute)) or 0)
+            except Exception as exc:
+                self._failed("tokens", exc)
+        with self._lock:
+            return self._local_tokens.get((tenant, minute), 0)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _runs_key(self, tenant: str) -> str:
+        return f"{self.prefix}tenant:{tenant}:runs"
+
+    def _tokens_key(self, tenant: str, minute: int) -> str:
+        return f"{self.prefix}tenant:{tenant}:tokens:{minute}"
+
+    def _redis_usable(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._paused_until
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        self._paused_until = time.monotonic() + PAUSE_S
+        self._on_error("tenants")
+        log.warning("tenant limits: Redis %s failed (%s); counting in this process for %.0f s",
+                    op, type(exc).__name__, PAUSE_S)

@@ -1,0 +1,71 @@
+"""ambassador.upstream against the in-test engine: the run lookup is made as the caller,
+what the engine answered is marked so, and a request that cannot be written is the
+ambassador's own 400 — never an exception a filter would take for an engine failure."""
+
+from __future__ import annotations
+
+import pytest
+
+from ambassador.chain import Request
+from ambassador.config import Upstream as UpstreamSettings
+from ambassador.filters.auth import Identity
+from ambassador.upstream import Upstream
+from flowgate import tracing
+
+
+@pytest.fixture
+def upstream(engine):
+    client = Upstream(UpstreamSettings(url=engine.url), "svc-key-123")
+    yield client
+    client.close()
+
+
+def test_the_run_lookup_carries_the_callers_identity_and_tenant(upstream, engine) -> None:
+    engine.answer(200, {"run_id": "r1", "flow_id": "faq", "status": "succeeded"})
+    caller = Request("GET", "/api/v1/runs/r1/events", {"last-event-id": "3", "x-api-key": "k"},
+                     "/runs/<id>/events", ctx={"identity": Identity("orders-app", "shop"),
+                                               "trace": tracing.from_headers(None, None)})
+    assert upstream.flow_of_run("r1", caller) == "faq"
+    [probe] = engine.requests
+    assert (probe["method"], probe["path"]) == ("GET", "/api/v1/runs/r1")
+    assert probe["headers"]["x-flowgate-identity"] == "orders-app"
+    assert probe["headers"]["x-flowgate-tenant"] == "shop"
+    assert probe["headers"]["authorization"] == "Bearer svc-key-123"
+    assert "last-event-id" not in probe["headers"] and "x-api-key" not in probe["headers"]
+
+
+@pytest.mark.parametrize(("request_", "words"), [
+    pytest.param(Request("POST", "/api/v1/run/faq", {}, "/run-flow", {"tweaks": {1, 2}}),
+                 "serializable", id="body-that-does-not-serialize"),
+    pytest.param(Request("GET", "/api/v1/runs/r1\n/events", {}, "/runs/<id>/events"),
+                 "path", id="newline-in-the-path"),
+    pytest.param(Request("GET", "/api/v1/runs/r 1/events", {}, "/runs/<id>/events"),
+                 "path", id="space-in-the-path"),
+    pytest.param(Request("POST", "/api/v1/run/faq", {"idempotency-key": "k\u0101"}, "/run-flow",
+                         {}), "non-ASCII", id="header-beyond-latin-1"),
+    pytest.param(Request("POST", "/api/v1/run/faq", {"idempotency-key": "k\u00e9"}, "/run-flow",
+                         {}), "non-ASCII", id="latin-1-header"),
+    pytest.param(Request("POST", "/api/v1/run/faq", {}, "/run-flow", {},
+                         ctx={"identity": Identity("a\r\nx-flowgate-tenant: bank")}),
+                 "line break", id="line-break-in-the-identity"),
+])
+def test_a_request_that_cannot_be_written_is_a_local_400(upstream, engine, request_,
+                                                         words) -> None:
+    response = upstream(request_)
+    assert response.status == 400
+    error = response.json()["error"]
+    assert error["code"] == "bad_request" and words in error["message"]
+    assert not response.meta.get("engine_answered") and "upstream_error" not in response.meta
+    assert engine.requests == []
+
+
+def test_what_the_engine_answered_is_marked(upstream, engine, dead_port) -> None:
+    engine.answer(404, {"error": {"code": "flow_not_found", "message": "no"}})
+    answered = upstream(Request("POST", "/api/v1/run/x", {}, "/run-flow", {}))
+    assert answered.status == 404 and answered.meta["engine_answered"] is True
+    down = Upstream(UpstreamSettings(url=f"http://127.0.0.1:{dead_port}"), None)
+    try:
+        failed = down(Request("POST", "/api/v1/run/x", {}, "/run-flow", {}))
+    finally:
+        down.close()
+    assert failed.status == 503 and "engine_answered" not in failed.meta

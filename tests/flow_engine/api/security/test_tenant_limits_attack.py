@@ -1,0 +1,166 @@
+"""One tenant floods the engine — many concurrent runs, or runs that burn LLM tokens — to
+starve the others. Past its own limit it gets 429 ``tenant_limit`` with ``Retry-After``
+while other tenants keep running; with Redis the limit holds across processes. Metrics name
+only known tenants."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis as redis_lib
+from prometheus_client.parser import text_string_to_metric_families
+from support.keys import as_, tenant
+from support.procs import free_port
+
+from flow_engine.config import ConfigError
+from flow_engine.tenants import TenantLimits, TenantPolicy
+
+BODY = {"input_value": "hello there"}
+
+
+def metric(client, name: str, **labels: str) -> float:
+    text = client.get("/metrics").get_data(as_text=True)
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def refused(resp, limit: str) -> dict:
+    assert resp.status_code == 429, resp.get_data(as_text=True)
+    error = resp.get_json()["error"]
+    assert (error["code"], error["limit"]) == ("tenant_limit", limit)
+    assert int(resp.headers["Retry-After"]) == error["retry_after_s"] >= 1
+    return error
+
+
+class Busy:
+    """A streamed run in progress (its slot taken) until ``stop()``."""
+
+    def __init__(self, client, headers) -> None:
+        self.client, self.headers = client, headers
+        self.resp = client.post("/api/v1/run/llm?stream=true", json=BODY, headers=headers,
+                                buffered=False)
+        assert self.resp.status_code == 200
+        assert b"run_started" in next(self.resp.response)  # it holds its slot from here
+        self.run_id = self.resp.headers["X-Run-ID"]
+
+    def stop(self) -> None:
+        """Leave the stream (the run is cancelled) and wait until the run has ended."""
+        self.resp.close()
+        deadline = time.monotonic() + 10
+        while self.client.get(f"/api/v1/runs/{self.run_id}", headers=self.headers).get_json()[
+                "status"] == "running":
+            assert time.monotonic() < deadline, "the cancelled run never ended"
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def slow_run(fresh_llm_sim):
+    """``slow_run(client, headers)``: a Busy run (the LLM streams for ~2 s)."""
+    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=40)
+    return Busy
+
+
+def test_concurrent_runs_over_the_tenant_limit_are_429(keyed_app, defs, fresh_llm_sim, slow_run):
+    app = keyed_app(openai_base_url=fresh_llm_sim.base_url, tenant_max_runs=1,
+                    tenant_limits=json.dumps({"shop-b": {"max_runs": 2}}))
+    client = app.test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=as_("admin")).status_code == 201
+    busy = slow_run(client, tenant("shop-a"))
+    try:
+        error = refused(client.post("/api/v1/run/llm", json=BODY, headers=tenant("shop-a")), "runs")
+        assert "shop-a" in error["message"] and "1 runs in progress" in error["message"]
+        refused(client.post("/api/v1/run/llm?stream=true", json=BODY, headers=tenant("shop-a")),
+                "runs")
+        # other tenants are not held back by shop-a
+        assert client.post("/api/v1/run/llm", json=BODY, headers=tenant("shop-b")).status_code == 200
+        assert client.post("/api/v1/run/llm", json=BODY, headers=as_("other")).status_code == 200
+    finally:
+        busy.stop()
+    assert client.post("/api/v1/run/llm", json=BODY, headers=tenant("shop-a")).status_code == 200
+    assert metric(client, "flowgate_engine_tenant_limited_total", tenant="other", limit="runs") == 2
+
+
+def test_tokens_per_minute_over_the_limit_are_429(keyed_app, defs):
+    client = keyed_app(tenant_tokens_per_minute=5).test_client()
+    assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin")).status_code == 201
+
+    assert client.post("/api/v1/run/f", json=BODY, headers=as_("runner")).status_code == 200
+    error = refused(client.post("/api/v1/run/f", json=BODY, headers=as_("runner")), "tokens")
+    assert error["retry_after_s"] <= 60
+    assert client.post("/api/v1/run/f", json=BODY, headers=as_("other")).status_code == 200
+    assert metric(client, "flowgate_engine_tenant_llm_tokens_total", tenant="orders-app") > 5
+
+
+def test_the_run_limit_holds_across_processes_with_redis(keyed_app, defs, fresh_llm_sim, redis_url,
+                                                         slow_run):
+    shop = f"shop-{free_port()}"  # a tenant of this test alone in the shared Redis
+    config = {"openai_base_url": fresh_llm_sim.base_url, "redis_url": redis_url,
+              "tenant_max_runs": 1}
+    a, b = keyed_app(**config).test_client(), keyed_app(**config).test_client()
+    assert a.post("/api/v1/flows", json=defs.openai(id="llm"), headers=as_("admin")).status_code == 201
+    busy = slow_run(a, tenant(shop))
+    try:
+        refused(b.post("/api/v1/run/llm", json=BODY, headers=tenant(shop)), "runs")
+    finally:
+        busy.stop()
+    assert b.post("/api/v1/run/llm", json=BODY, headers=tenant(shop)).status_code == 200
+    leases = redis_lib.Redis.from_url(redis_url).zcard(f"flowgate:tenant:{shop}:runs")
+    assert leases == 0  # every slot was given back
+
+
+def test_with_redis_down_each_process_still_limits(keyed_app, defs, fresh_llm_sim, slow_run):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    client = keyed_app(openai_base_url=fresh_llm_sim.base_url, redis_url=dead,
+                       tenant_max_runs=1).test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=as_("admin")).status_code == 201
+    busy = slow_run(client, tenant("shop-a"))
+    try:
+        refused(client.post("/api/v1/run/llm", json=BODY, headers=tenant("shop-a")), "runs")
+    finally:
+        busy.stop()
+    assert metric(client, "flowgate_engine_event_log_errors_total", op="tenants") >= 1
+
+
+def test_tenant_labels_are_bounded(keyed_app, defs):
+    client = keyed_app(tenant_limits=json.dumps({"shop-a": {}})).test_client()
+    assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin")).status_code == 201
+    for i in range(50):
+        assert client.post("/api/v1/run/f", json=BODY, headers=tenant(f"random-{i}")).status_code == 200
+    client.post("/api/v1/run/f", json=BODY, headers=tenant("shop-a"))
+
+    text = client.get("/metrics").get_data(as_text=True)
+    tenants = {s.labels["tenant"] for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "flowgate_engine_tenant_runs_total"}
+    assert tenants == {"other", "shop-a"}
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    pytest.param("[1]", "must be a JSON object", id="not-an-object"),
+    pytest.param("{", "not JSON", id="not-json"),
+    pytest.param('{"a": {"max_runs": -1}}', "non-negative integer", id="negative"),
+    pytest.param('{"a": {"max_runs": true}}', "non-negative integer", id="boolean"),
+    pytest.param('{"a": {"runs": 3}}', "max_runs", id="unknown-field"),
+])
+def test_malformed_tenant_limits_stop_the_engine(keyed_app, raw, fragment):
+    with pytest.raises(ConfigError, match="FLOW_ENGINE_TENANT_LIMITS"):
+        keyed_app(tenant_limits=raw)
+    with pytest.raises(ValueError, match=fragment):
+        TenantPolicy.parse(0, 0, raw)
+
+
+def test_a_lease_of_a_process_that_died_expires(redis_url):
+    """The lease set uses Redis server time: a lease past its expiry frees the slot."""
+    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    shop = f"shop-{free_port()}"
+    limits = TenantLimits(TenantPolicy.parse(1, 0, ""), client)
+    limits.admit(shop, "run-of-a-dead-process")
+    key = f"flowgate:tenant:{shop}:runs"
+    client.zadd(key, {"run-of-a-dead-process": 1})  # as if its lease ran out long ago
+    try:
+        limits2 = TenantLimits(TenantPolicy.parse(1, 0, ""), client)
+        limits2.admit(shop, "new-run")  # not refused
+        assert client.zrange(key, 0, -1) == ["new-run"]
+    finally:
+        client.delete(key)
