@@ -4,7 +4,8 @@
     flowgate engine [--port 8000]                 the flow engine under gunicorn
     flowgate ambassador [--port 8080]             the ambassador sidecar under gunicorn
     flowgate llm-sim [--port 9100 ...]            the OpenAI-compatible LLM simulator
-    flowgate flows push|list|versions|publish|rollback|run|validate   (see flows_cli.py)
+    flowgate flows push|apply|export|list|versions|publish|rollback|run|validate   (flows_cli.py)
+    flowgate components [TYPE] [--offline]        node types, or one type's params
     flowgate demo [--flow FILE] [--input TEXT]    run a flow in-process, streaming its events
 
 Exit codes: 0 success, 1 the flow is invalid or the run failed, 2 bad usage or unreadable
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from flowgate import flows_cli, stack
+from flowgate import components_cli, flows_cli, stack
 
 DEMO_QUESTION = "How long does it take to get a refund?"
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.handler.__module__ == flows_cli.__name__:
+        if args.handler.__module__ in (flows_cli.__name__, components_cli.__name__):
             return flows_cli.dispatch(args)
         return args.handler(args)
     except KeyboardInterrupt:
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
     flows = sub.add_parser("flows", help="work with flows on the engine (push, run, ...)")
     flows_cli.add_commands(flows)
+    components_cli.add_command(sub)
 
     up = sub.add_parser("up", help="run llm-sim, the engine and the ambassador with the demo flows")
     stack.add_arguments(up)

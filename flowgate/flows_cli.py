@@ -1,9 +1,12 @@
 """``flowgate flows``: the engine API from a shell.
 
     flowgate flows push FILE... [--publish]   create, or add a version (published with --publish)
+    flowgate flows apply PATH... [--publish] [--dry-run] [--prune --yes]
+                                             make the engine hold these flows (see apply.py)
+    flowgate flows export DIR                write every flow's latest version to DIR/<id>.json
     flowgate flows list
     flowgate flows versions ID
-    flowgate flows publish ID VERSION
+    flowgate flows publish ID [VERSION]      (default: the latest version)
     flowgate flows rollback ID
     flowgate flows run ID --input TEXT [--session S] [--stream]
     flowgate flows validate FILE...          offline, the same messages as the API
@@ -12,7 +15,7 @@ Engine URL: --engine-url or FLOWGATE_ENGINE_URL (default http://127.0.0.1:8000).
 --api-key, FLOWGATE_API_KEY, the admin key of FLOW_ENGINE_API_KEYS (else its highest role),
 or the admin key `flowgate up` wrote to .flowgate/engine.key.
 Exit codes: 0 ok; 1 the engine refused (invalid flow, unknown id, run failed); 2 usage or
-unreadable file; 3 the engine is unreachable.
+unreadable file; 3 the engine is unreachable; 4 ``apply --dry-run`` found changes to make.
 """
 
 from __future__ import annotations
@@ -32,13 +35,26 @@ def add_commands(flows: argparse.ArgumentParser) -> None:
     push.add_argument("files", nargs="+", type=Path)
     push.add_argument("--publish", action="store_true", help="make the new version live")
     push.set_defaults(handler=_push)
+    apply = sub.add_parser("apply", help="make the engine hold the flows of files or "
+                                         "directories (idempotent)")
+    apply.add_argument("paths", nargs="+", type=Path, help="flow files, or directories of them")
+    apply.add_argument("--publish", action="store_true", help="make each applied version live")
+    apply.add_argument("--dry-run", action="store_true",
+                       help="print what would change and exit 4 if anything would")
+    apply.add_argument("--prune", action="store_true",
+                       help="delete engine flows no file defines (admin key; needs --yes)")
+    apply.add_argument("--yes", action="store_true", help="confirm --prune")
+    apply.set_defaults(handler=_apply)
+    export = sub.add_parser("export", help="write every flow's latest version to DIR/<id>.json")
+    export.add_argument("folder", type=Path, metavar="DIR")
+    export.set_defaults(handler=_export)
     sub.add_parser("list", help="list flows").set_defaults(handler=_list)
     versions = sub.add_parser("versions", help="list a flow's versions")
     versions.add_argument("flow")
     versions.set_defaults(handler=_versions)
-    publish = sub.add_parser("publish", help="make a version live")
+    publish = sub.add_parser("publish", help="make a version live (default: the latest)")
     publish.add_argument("flow")
-    publish.add_argument("version", type=int)
+    publish.add_argument("version", type=int, nargs="?", default=None)
     publish.set_defaults(handler=_publish)
     rollback = sub.add_parser("rollback", help="go back to the previously live version")
     rollback.add_argument("flow")
@@ -64,7 +80,12 @@ def dispatch(args: argparse.Namespace) -> int:
         print(f"flowgate: {exc}", file=sys.stderr)
         return 3
     except ApiError as exc:
-        print(f"flowgate: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
+        if exc.problems:  # the message summarises the first problem: print each one once
+            n = len(exc.problems)
+            print(f"flowgate: {exc.status} {exc.code}: {n} problem{'s' if n > 1 else ''}:",
+                  file=sys.stderr)
+        else:
+            print(f"flowgate: {exc.status} {exc.code}: {exc.message}", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem.get('path')}: {problem.get('message')}", file=sys.stderr)
         return 1
@@ -120,7 +141,9 @@ def _versions(args) -> int:
 
 
 def _publish(args) -> int:
-    flow = _client(args).call("POST", f"/flows/{args.flow}/publish", {"version": args.version})
+    client = _client(args)
+    version = args.version or client.call("GET", f"/flows/{args.flow}")["latest_version"]
+    flow = client.call("POST", f"/flows/{args.flow}/publish", {"version": version})
     print(f"flow '{flow['id']}' now serves version {flow['live_version']}")
     return 0
 
@@ -153,13 +176,56 @@ def _run(args) -> int:
     return status
 
 
+def _apply(args) -> int:
+    from flowgate import apply
+
+    files = apply.flow_files(args.paths)
+    if not files:
+        print("flowgate: no flow files (*.json) in " + ", ".join(map(str, args.paths)),
+              file=sys.stderr)
+        return 2
+    if args.prune and not args.yes and not args.dry_run:
+        print("flowgate: --prune deletes every engine flow no file defines; add --yes to "
+              "confirm (or try --dry-run first)", file=sys.stderr)
+        return 2
+    wanted = apply.desired(files, load_json, offline_limits())
+    if isinstance(wanted, int):
+        return wanted
+    client = _client(args)
+    changes = apply.plan(client, wanted, publish=args.publish, prune=args.prune)
+    if args.dry_run:
+        apply.show(changes)
+        return apply.PENDING if any(c.action != "none" for c in changes) else 0
+    apply.execute(client, changes, publish=args.publish)
+    return 0
+
+
+def _export(args) -> int:
+    from flowgate import apply
+
+    return apply.export(_client(args), args.folder)
+
+
+def offline_limits():
+    """The engine's size limits from this environment; provider origins are not checked
+    offline (only the engine knows which it allows)."""
+    from flow_engine.components.base import Limits
+    from flow_engine.config import ConfigError, Settings
+
+    try:
+        s = Settings.load()
+    except ConfigError as exc:
+        print(f"flowgate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return Limits(s.max_nodes, s.max_edges, s.max_template_chars, s.max_definition_bytes)
+
+
 def _validate(args) -> int:
     from flow_engine.components import default_registry
-    from flow_engine.config import Settings
     from flow_engine.errors import FlowInvalid
     from flow_engine.flows.validate import validate_flow
 
-    limits = Settings.load().limits
+    limits = offline_limits()
     status = 0
     for path in args.files:
         data = load_json(path)

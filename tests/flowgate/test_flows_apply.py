@@ -1,0 +1,212 @@
+"""``flowgate flows apply|export|publish`` and ``flowgate components`` against a real engine
+(``flowgate engine`` under gunicorn, SQLite): GitOps delivery must be idempotent — applying
+the same directory twice changes nothing — and ``--dry-run`` must tell CI whether it would."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from support.procs import ServerProcess, free_port
+
+from flowgate.cli import main
+
+pytestmark = pytest.mark.integration
+
+ADMIN, PUBLISHER = "admin-secret-0001", "publisher-secret-0002"
+KEYS = f"ops:admin:{ADMIN},ci:publisher:{PUBLISHER}"
+
+
+def echo_flow(flow_id: str, text: str = "Q: {question}") -> dict:
+    return {"id": flow_id, "nodes": [
+        {"id": "in", "type": "ChatInput"},
+        {"id": "p", "type": "PromptTemplate", "params": {"template": text}},
+        {"id": "llm", "type": "ChatModel", "params": {"provider": "echo"}},
+        {"id": "out", "type": "ChatOutput"}],
+        "edges": [{"source": "in", "target": "p"}, {"source": "p", "target": "llm"},
+                  {"source": "llm", "target": "out"}]}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> ServerProcess:
+    workdir = tmp_path_factory.mktemp("engine")
+    port = free_port()
+    with ServerProcess([sys.executable, "-m", "flowgate.cli", "engine", "--port", str(port)],
+                       port=port, ready_path="/readyz", name="engine", ready_timeout=30,
+                       cwd=workdir, env={"FLOW_ENGINE_API_KEYS": KEYS, "REDIS_URL": "",
+                                         "DATABASE_URL": f"sqlite:///{workdir / 'e.db'}"}) as proc:
+        yield proc
+
+
+@pytest.fixture
+def cli(engine, monkeypatch, capsys):
+    """``cli(*args, key=ADMIN)`` → (exit code, stdout, stderr) of ``flowgate ...``."""
+    for name in ("FLOWGATE_API_KEY", "FLOW_ENGINE_API_KEYS", "FLOWGATE_ENGINE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*args: str, key: str = ADMIN) -> tuple[int, str, str]:
+        capsys.readouterr()
+        command, rest = args[0], list(args[1:])
+        prefix = [command, "--engine-url", engine.url, "--api-key", key]
+        code = main(prefix + rest)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def flows_dir(tmp_path, request) -> Path:
+    """Two flow files with ids unique to this test."""
+    folder = tmp_path / "flows"
+    folder.mkdir()
+    prefix = request.node.name.replace("_", "-")[5:40]
+    for name in ("a", "b"):
+        (folder / f"{name}.json").write_text(json.dumps(echo_flow(f"{prefix}-{name}")))
+    return folder
+
+
+def engine_flow(engine, flow_id: str) -> dict:
+    return requests.get(f"{engine.url}/api/v1/flows/{flow_id}",
+                        headers={"x-api-key": ADMIN}, timeout=10).json()
+
+
+def ids(folder: Path) -> list[str]:
+    return [json.loads(p.read_text())["id"] for p in sorted(folder.glob("*.json"))]
+
+
+def test_applying_a_directory_twice_changes_nothing_the_second_time(cli, engine, flows_dir):
+    code, out, _ = cli("flows", "apply", str(flows_dir))
+    assert code == 0 and out.count("created (version 1, live)") == 2, out
+
+    code, out, _ = cli("flows", "apply", str(flows_dir), "--publish")
+    assert code == 0 and out.count("unchanged") == 2, out
+    for flow_id in ids(flows_dir):
+        assert engine_flow(engine, flow_id)["latest_version"] == 1  # no new, identical version
+
+
+def test_a_changed_file_becomes_a_version_published_only_when_asked(cli, engine, flows_dir):
+    assert cli("flows", "apply", str(flows_dir))[0] == 0
+    path = flows_dir / "a.json"
+    flow_id = json.loads(path.read_text())["id"]
+    path.write_text(json.dumps(echo_flow(flow_id, "Changed: {question}")))
+
+    code, out, _ = cli("flows", "apply", str(flows_dir))
+    assert code == 0 and "version 2 added (not live" in out
+    assert (engine_flow(engine, flow_id)["live_version"], engine_flow(engine, flow_id)[
+        "latest_version"]) == (1, 2)
+
+    code, out, _ = cli("flows", "apply", str(path), "--publish")
+    assert code == 0 and "version 2 published" in out  # the same definition: no version 3
+    assert (engine_flow(engine, flow_id)["live_version"], engine_flow(engine, flow_id)[
+        "latest_version"]) == (2, 2)
+
+
+def test_dry_run_shows_the_diff_exits_4_and_changes_nothing(cli, engine, flows_dir):
+    assert cli("flows", "apply", str(flows_dir))[0] == 0
+    assert cli("flows", "apply", str(flows_dir), "--dry-run")[0] == 0  # in sync
+    path = flows_dir / "b.json"
+    flow_id = json.loads(path.read_text())["id"]
+    path.write_text(json.dumps(echo_flow(flow_id, "New: {question}")))
+
+    code, out, _ = cli("flows", "apply", str(flows_dir), "--dry-run")
+
+    assert code == 4
+    assert f"flow '{flow_id}' would get a new version" in out
+    assert '-        "template": "Q: {question}"' in out and '+        "template": "New: {question}"' in out
+    assert engine_flow(engine, flow_id)["latest_version"] == 1
+
+
+def test_one_invalid_file_and_nothing_is_applied(cli, engine, flows_dir):
+    (flows_dir / "broken.json").write_text(json.dumps({"id": "broken-x", "nodes": []}))
+
+    code, _, err = cli("flows", "apply", str(flows_dir))
+
+    assert code == 1
+    assert "broken.json: invalid" in err and "$.nodes" in err
+    for flow_id in ids(flows_dir):
+        if flow_id != "broken-x":
+            assert requests.get(f"{engine.url}/api/v1/flows/{flow_id}", timeout=10,
+                                headers={"x-api-key": ADMIN}).status_code == 404
+
+
+def test_two_files_for_one_flow_is_a_usage_error(cli, flows_dir):
+    (flows_dir / "c.json").write_text((flows_dir / "a.json").read_text())
+
+    code, _, err = cli("flows", "apply", str(flows_dir))
+
+    assert code == 2 and "both define flow" in err
+
+
+def test_prune_needs_confirmation_and_the_admin_role(cli, engine, flows_dir, tmp_path):
+    assert cli("flows", "apply", str(flows_dir))[0] == 0
+    only_a = tmp_path / "only-a"
+    only_a.mkdir()
+    (only_a / "a.json").write_text((flows_dir / "a.json").read_text())
+    a_id, b_id = ids(flows_dir)
+
+    assert cli("flows", "apply", str(only_a), "--prune")[0] == 2
+    code, out, _ = cli("flows", "apply", str(only_a), "--prune", "--dry-run")
+    assert code == 4 and f"flow '{b_id}' would be deleted" in out
+    code, _, err = cli("flows", "apply", str(only_a), "--prune", "--yes", key=PUBLISHER)
+    assert code == 1 and "403 forbidden" in err
+    assert engine_flow(engine, b_id)["id"] == b_id
+
+    code, out, _ = cli("flows", "apply", str(only_a), "--prune", "--yes")
+    assert code == 0 and f"flow '{b_id}' deleted" in out
+    assert requests.get(f"{engine.url}/api/v1/flows/{b_id}", headers={"x-api-key": ADMIN},
+                        timeout=10).status_code == 404
+    assert engine_flow(engine, a_id)["id"] == a_id
+
+
+def test_export_round_trips_with_apply(cli, flows_dir, tmp_path):
+    assert cli("flows", "apply", str(flows_dir))[0] == 0
+    out_dir = tmp_path / "exported"
+
+    assert cli("flows", "export", str(out_dir))[0] == 0
+
+    code, out, _ = cli("flows", "apply", str(out_dir), "--dry-run")
+    assert code == 0, out  # every exported flow is what the engine holds
+
+
+def test_publish_without_a_version_publishes_the_latest(cli, engine, flows_dir):
+    assert cli("flows", "apply", str(flows_dir))[0] == 0
+    path = flows_dir / "a.json"
+    flow_id = json.loads(path.read_text())["id"]
+    path.write_text(json.dumps(echo_flow(flow_id, "V2 {question}")))
+    assert cli("flows", "apply", str(path))[0] == 0
+
+    code, out, _ = cli("flows", "publish", flow_id, key=PUBLISHER)
+
+    assert code == 0 and "now serves version 2" in out
+
+
+def test_the_engine_refusing_a_flow_prints_each_problem_once(cli, tmp_path):
+    bad = echo_flow("bad-one")
+    bad["nodes"][2]["params"]["temperature"] = 9
+    bad["nodes"][1]["params"]["template"] = "{x.y}"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+
+    code, _, err = cli("flows", "push", str(path))
+
+    assert code == 1
+    assert "3 problems" in err
+    for fragment in ("$.nodes[2].params.temperature", "$.nodes[1].params.template"):
+        assert err.count(fragment) == 1, err
+
+
+def test_components_from_the_engine_match_the_offline_registry(cli):
+    code, from_engine, _ = cli("components")
+    assert code == 0 and "ChatModel" in from_engine
+    offline = cli("components", "--offline")[1]
+    assert from_engine == offline
+
+    code, out, _ = cli("components", "ChatModel")
+    assert code == 0 and "provider: one of openai, echo" in out and "outputs: message" in out
+
+    code, _, err = cli("components", "Chatmodel")
+    assert code == 1 and "did you mean 'ChatModel'" in err
