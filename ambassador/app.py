@@ -1,9 +1,10 @@
 """``create_app(config)``: load settings, build the filter chain, mount the routes.
 
-Routes (DESIGN.md "Ambassador HTTP API"): ``POST /run-flow`` (served below Flask by
-:class:`ambassador.run_flow.RunFlowPath`), ``GET /runs/<id>/events``, ``WS /ws/run-flow``
-(:mod:`ambassador.ws`), ``GET /healthz``, ``GET /readyz`` (``?verbose=1`` adds upstream
-health), ``GET /metrics``. Every route runs its request through the filter chain with
+Routes (DESIGN.md "Ambassador HTTP API"; described in :mod:`ambassador.openapi`):
+``POST /run-flow`` (served below Flask by :class:`ambassador.run_flow.RunFlowPath`),
+``GET /runs/<id>/events``, ``WS /ws/run-flow`` (:mod:`ambassador.ws`), ``GET /healthz``,
+``GET /readyz`` (``?verbose=1`` adds upstream health), ``GET /metrics``,
+``GET /openapi.json``. Every route runs its request through the filter chain with
 :func:`ambassador.answer.answer`, which records its metrics and access line once the answer
 has gone out.
 """
@@ -19,29 +20,31 @@ from typing import Any
 
 from flask import Flask, g, jsonify, request, stream_with_context
 from flask import Response as FlaskResponse
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ambassador import config as config_module
-from ambassador import hygiene
+from ambassador import hygiene, openapi
 from ambassador import ws as ws_route
 from ambassador.answer import answer, forwarded
 from ambassador.chain import Handler, Request, Response, build_chain
 from ambassador.filters.auth import Auth
 from ambassador.filters.breaker import Breaker, CircuitBreaker
-from ambassador.filters.cache import Cache, MemoryCacheStore, RedisCacheStore
+from ambassador.filters.cache import Cache, CacheStore, MemoryCacheStore, RedisCacheStore
 from ambassador.filters.fallback import Fallback
 from ambassador.filters.ratelimit import LocalBuckets, RateLimit, RedisBuckets
 from ambassador.filters.retry import Retry, RetryBudget
 from ambassador.filters.timeout import Timeout
 from ambassador.filters.trace import Trace
+from ambassador.host_guard import HostGuard, local_host
 from ambassador.labels import FlowLabels
 from ambassador.metrics import BREAKER_STATES, AmbassadorMetrics
+from ambassador.redis_pause import RedisPause
 from ambassador.run_flow import RunFlowPath
 from ambassador.upstream import Upstream
 from flowgate import jsonlog, tracing
 
 log = logging.getLogger("ambassador")
-PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+PROBES = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})  # not in in-flight
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -67,6 +70,8 @@ class Ambassador:
         auth = Auth(settings.inbound_auth,
                     on_failure=lambda reason: m.auth_failures.labels(reason).inc())
         redis_client = _redis(settings.redis_url)
+        # one pause for every store on this Redis: a failure one sees spares the others
+        redis_pause = RedisPause(settings.redis_pause_s, on_failure=m.redis_failures.inc)
 
         def transition(old: str, new: str) -> None:
             for state in BREAKER_STATES:
@@ -79,18 +84,22 @@ class Ambassador:
             m.upstream_up.set(0 if outcome in ("connect_error", "timeout", "reset") else 1)
 
         upstream = Upstream(settings.upstream, settings.upstream_key(), observe=observe)
-        breaker = CircuitBreaker(settings.breaker, on_transition=transition)
+        b = settings.breaker
+        probe = (lambda: upstream.ready(b.readiness_path, b.probe_timeout_s)) \
+            if b.readiness_path else None
+        breaker = CircuitBreaker(b, probe=probe, on_transition=transition, on_probe=lambda ready:
+                                 m.breaker_probes.labels("ready" if ready else "not_ready").inc())
         available = {
             "trace": Trace(),
             "auth": auth,
             "ratelimit": RateLimit(settings, LocalBuckets(),
-                                   RedisBuckets(redis_client) if redis_client else None,
+                                   RedisBuckets(redis_client, pause=redis_pause)
+                                   if redis_client else None,
                                    on_limited=lambda scope: m.ratelimited.labels(scope).inc(),
                                    on_error=m.ratelimit_errors.inc),
             "fallback": Fallback(settings, on_fallback=lambda flow: m.fallbacks.labels(
                 self.labels.of(flow)).inc()),
-            "cache": Cache(settings, RedisCacheStore(redis_client) if redis_client
-                           else MemoryCacheStore(settings.cache.max_entries),
+            "cache": Cache(settings, self._cache_store(settings, redis_client, redis_pause),
                            on_result=lambda r: m.cache.labels(r).inc(),
                            on_error=lambda op: m.cache_errors.labels(op).inc()),
             "breaker": Breaker(breaker),
@@ -112,6 +121,25 @@ class Ambassador:
         if old is not None:
             old.close()
 
+    def _cache_store(self, settings: config_module.Settings, redis_client: Any,
+                     pause: RedisPause) -> CacheStore:
+        """Redis with a bounded in-memory fallback, or (no Redis) the in-memory store."""
+        m = self.metrics
+
+        def size(held: int, entries: int) -> None:
+            m.cache_memory_bytes.set(held)
+            m.cache_memory_entries.set(entries)
+
+        def fallback(op: str) -> None:
+            m.cache_errors.labels(op).inc()  # the configured store failed...
+            m.cache_fallback.labels(op).inc()  # ...and memory did it instead
+
+        memory = MemoryCacheStore(settings.cache.max_entries, settings.cache.max_bytes,
+                                  on_size=size)
+        if redis_client is None:
+            return memory
+        return RedisCacheStore(redis_client, memory, pause=pause, on_fallback=fallback)
+
     def handle(self, req: Request) -> Response:
         self.holder.maybe_reload()
         return self.chain(req)
@@ -120,7 +148,9 @@ class Ambassador:
         """Is this caller one the inbound auth knows? With no inbound auth (mode none, or
         no auth filter): only a caller on this host (loopback) is."""
         if self.settings.inbound_auth.mode == "none" or "auth" not in self.settings.filters:
-            return _loopback(environ.get("REMOTE_ADDR"))
+            # on this host, and not a rebound web page (its Host is the page's own name)
+            return _loopback(environ.get("REMOTE_ADDR")) and local_host(
+                environ.get("HTTP_HOST"), self.settings.allowed_hosts)
         headers = forwarded(environ)
         if hygiene.header_problem(headers):
             return False
@@ -157,6 +187,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, path: str | None = No
     app.extensions["ambassador"] = amb
     _routes(app, amb)
     app.wsgi_app = RunFlowPath(amb, app.wsgi_app)  # type: ignore[method-assign]
+    app.wsgi_app = HostGuard(app.wsgi_app, lambda: amb.settings)  # type: ignore[method-assign]
     return app
 
 
@@ -252,10 +283,18 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         data, content_type = m.render()
         return FlaskResponse(data, content_type=content_type)
 
+    @app.get("/openapi.json")
+    def openapi_json():
+        return jsonify(openapi.SPEC)
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         status = exc.code or 500
-        return bad_request(exc.description or exc.name, status, _HTTP_CODES.get(status, "http_error"))
+        response, _ = bad_request(exc.description or exc.name, status,
+                                  _HTTP_CODES.get(status, "http_error"))
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)  # RFC 9110: with a 405
+        return response, status
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

@@ -20,7 +20,10 @@ down. Example (every key optional)::
       allowed_origins: ["https://app.example.com"]   # besides the same origin
     filters: [trace, auth, cache, breaker, retry, timeout]
     retry: {max_attempts: 3, budget_ratio: 0.2}
-    breaker: {consecutive_failures: 5, open_s: 10}
+    breaker: {consecutive_failures: 5, open_s: 10, backoff_base_s: 0.5,
+              readiness_path: /readyz, probe_interval_s: 0.5, probe_timeout_s: 1}
+    cache: {max_entries: 10000, max_bytes: 67108864, max_body_bytes: 1000000}
+    redis_pause_s: 5            # after a Redis failure, local fallbacks this long
     flows:
       faq-rag: {cache: {ttl_s: 300, stale_if_error_s: 3600}}
 """
@@ -158,8 +161,16 @@ class Breaker(_Model):
     failure_ratio: float = Field(0.5, gt=0, le=1)
     window_s: float = Field(30.0, gt=0, le=3600)
     min_requests: int = Field(20, ge=1, le=100_000)
+    # the longest wait between trials; the first is backoff_base_s after opening, doubling
+    # after each failed trial (ambassador/filters/breaker.py)
     open_s: float = Field(10.0, gt=0, le=3600)
+    backoff_base_s: float = Field(0.5, gt=0, le=3600)
     half_open_max: int = Field(2, ge=1, le=1000)
+    # while open, the engine's readiness is asked at most every probe_interval_s, and a
+    # trial goes out only once it answers 200; null: trials without asking
+    readiness_path: str | None = Field("/readyz", pattern=r"^/[\x21-\x7e]*$")
+    probe_interval_s: float = Field(0.5, ge=0, le=3600)
+    probe_timeout_s: float = Field(1.0, gt=0, le=60)
 
 
 class RateLimit(_Model):
@@ -180,7 +191,9 @@ class FlowPolicy(_Model):
 
 
 class Cache(_Model):
+    # the in-process cache (and Redis's local fallback) is bounded by both
     max_entries: int = Field(10_000, ge=1, le=10_000_000)
+    max_bytes: int = Field(64 * 1_048_576, ge=1024)
     max_body_bytes: int = Field(1_000_000, ge=1)
 
 
@@ -214,6 +227,10 @@ class Settings(_Model):
     ratelimit: RateLimit | None = None  # per identity, for every flow
     flows: dict[str, FlowPolicy] = {}
     redis_url: str | None = None
+    # with inbound_auth none: Host names answered besides loopback ones (ambassador/host_guard.py)
+    allowed_hosts: list[str] = []
+    # after a Redis failure, Redis is left alone this long (local fallbacks meanwhile)
+    redis_pause_s: float = Field(5.0, gt=0, le=3600)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=100 * 1_048_576)
     log_level: str = "INFO"
 
@@ -260,7 +277,7 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for name, where in _ENV.items():
@@ -373,3 +390,11 @@ class ConfigHolder:
             self.settings, self.last_error = fresh, None
             log.info("config reloaded", extra={"path": self.path})
             return True
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where — never the offending line itself: PyYAML quotes it, and in
+    this file it may hold an API key (the message is logged and shown by /readyz)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or type(exc).__name__}{where}"

@@ -30,7 +30,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 MAX_HEAD = 64 * 1024
 _READ = 65536
@@ -219,9 +219,10 @@ class Pool:
     """Keep-alive connections to one ``host:port``, most recently used first."""
 
     def __init__(self, scheme: str, host: str, port: int, *, maxsize: int = 64,
-                 max_idle_s: float = 3.0) -> None:
+                 max_idle_s: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.scheme, self.host, self.port = scheme, host, port
         self.maxsize, self.max_idle_s = maxsize, max_idle_s
+        self._clock = clock
         self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._ssl = ssl.create_default_context() if scheme == "https" else None
@@ -290,7 +291,7 @@ class Pool:
             buf += data
 
     def _get(self, connect_timeout: float) -> _Conn:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
@@ -317,7 +318,7 @@ class Pool:
         return _Conn(sock)
 
     def put(self, conn: _Conn) -> None:
-        conn.idle_since = time.monotonic()
+        conn.idle_since = self._clock()
         with self._lock:
             if len(self._idle) < self.maxsize:
                 self._idle.append(conn)

@@ -7,6 +7,9 @@ something odd upstream.
   control character in ``Idempotency-Key`` or ``X-Request-ID`` is refused, not relayed.
 - ``Last-Event-ID`` (header or ``last_event_id``) is ASCII digits (``str.isdigit`` takes
   '²' and '٣').
+- ``Idempotency-Key`` is 1-200 printable ASCII characters without spaces, as the engine
+  wants it: an empty one was dropped on the way upstream while the retry filter still
+  counted on it, so a timed-out run was retried without a key — and ran twice.
 - JSON bodies and WebSocket messages nest at most ``MAX_JSON_DEPTH`` levels: about 960
   levels of a 7 KB body made ``json.dumps`` raise RecursionError on the upstream path, a
   500 the circuit breaker counted as an engine failure, so five such requests opened the
@@ -22,6 +25,7 @@ from typing import Any
 
 ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 LAST_EVENT_ID = re.compile(r"[0-9]{1,18}")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # the engine's rule
 MAX_JSON_DEPTH = 64
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e\t]*")
 
@@ -46,6 +50,9 @@ def header_problem(headers: Mapping[str, str]) -> str | None:
     last = headers.get("last-event-id")
     if last is not None and not valid_last_event_id(last.strip()):
         return "Last-Event-ID must be a non-negative integer (ASCII digits)"
+    key = headers.get("idempotency-key")
+    if key is not None and IDEMPOTENCY_KEY.fullmatch(key) is None:
+        return "Idempotency-Key must be 1-200 printable ASCII characters, no spaces"
     return None
 
 
@@ -64,11 +71,15 @@ def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
 def loads(data: str | bytes, limit: int = MAX_JSON_DEPTH) -> Any:
     """``json.loads`` that refuses input nested deeper than ``limit`` with BadJson."""
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_refuse_constant)
     except RecursionError:
         raise BadJson(f"the JSON nests deeper than {limit} levels") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadJson(f"malformed JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # malformed, NaN, a number past int's limit
+        raise BadJson(f"malformed JSON: {str(exc)[:200]}") from None
     if too_deep(value, limit):
         raise BadJson(f"the JSON nests deeper than {limit} levels")
     return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")

@@ -51,18 +51,38 @@ class AmbassadorMetrics(ServiceMetrics):
         self.breaker_transitions = Counter(
             "flowgate_ambassador_breaker_transitions_total", "Breaker state changes by new state.",
             ["to"], **kw)
+        self.breaker_probes = Counter(
+            "flowgate_ambassador_breaker_probes_total",
+            "Readiness probes of the engine while the breaker was open, by result "
+            "(ready: a trial followed).", ["result"], **kw)
         self.cache = Counter(
             "flowgate_ambassador_cache_total", "Cache lookups by result (hit|miss|bypass|stale).",
             ["result"], **kw)
         self.cache_errors = Counter(
             "flowgate_ambassador_cache_errors_total",
             "Cache store failures (requests still served) by operation.", ["op"], **kw)
+        self.cache_fallback = Counter(
+            "flowgate_ambassador_cache_fallback_total",
+            "Cache operations done in process memory because Redis failed (or was paused "
+            "after a failure), by operation.", ["op"], **kw)
+        self.cache_memory_bytes = Gauge(
+            "flowgate_ambassador_cache_memory_bytes",
+            "Estimated bytes of answers cached in this process (the in-memory cache, or "
+            "Redis's local fallback).", multiprocess_mode="livesum", **kw)
+        self.cache_memory_entries = Gauge(
+            "flowgate_ambassador_cache_memory_entries",
+            "Answers cached in this process (the in-memory cache, or Redis's local fallback).",
+            multiprocess_mode="livesum", **kw)
         self.ratelimited = Counter(
             "flowgate_ambassador_ratelimited_total", "Requests refused with 429, by scope.",
             ["scope"], **kw)
         self.ratelimit_errors = Counter(
             "flowgate_ambassador_ratelimit_errors_total",
             "Shared rate-limit store failures (local limits applied instead).", **kw)
+        self.redis_failures = Counter(
+            "flowgate_ambassador_redis_failures_total",
+            "Calls to Redis that failed; each starts a pause (redis_pause_s) in which the "
+            "cache and rate limits use local fallbacks without calling Redis.", **kw)
         self.auth_failures = Counter(
             "flowgate_ambassador_auth_failures_total", "Refused callers by reason.", ["reason"], **kw)
         self.upstream_up = Gauge(
@@ -83,6 +103,11 @@ class AmbassadorMetrics(ServiceMetrics):
             self.breaker_transitions.labels(state)
         for result in ("hit", "miss", "bypass", "stale"):
             self.cache.labels(result)
+        for op in ("get", "set"):
+            self.cache_errors.labels(op)
+            self.cache_fallback.labels(op)
+        for result in ("ready", "not_ready"):
+            self.breaker_probes.labels(result)
         for outcome in ("ok", "error", "connect_error", "timeout"):
             self.upstream_attempts.labels(outcome)
         for reason in ("connect_error", "unavailable", "timeout", "upstream_error"):

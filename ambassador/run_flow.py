@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from ambassador.app import Ambassador
 
 log = logging.getLogger("ambassador")
+MAX_VERSION = 2**31 - 1
+IO_TYPES = ("chat", "text", "any", "debug")  # the engine's (debug: any)
+CHOICES = {"input_type": IO_TYPES, "output_type": IO_TYPES,
+           "on_disconnect": ("cancel", "continue")}
 RUN_FLOW_FIELDS = {"flow_id", "input", "session_id", "tweaks", "version", "stream",
                    "input_type", "output_type", "on_disconnect"}
 
@@ -32,11 +36,13 @@ class RunFlowPath:
     size or content type, the in-flight gauge held until the answer (a stream: its end) is
     done."""
 
+    path, methods = "/run-flow", ("POST",)  # what it serves (and the OpenAPI document says)
+
     def __init__(self, amb: Ambassador, app) -> None:
         self.amb, self.app = amb, app
 
     def __call__(self, environ, start_response):
-        if environ.get("PATH_INFO") != "/run-flow":
+        if environ.get("PATH_INFO") != self.path:
             return self.app(environ, start_response)
         started = time.perf_counter()
         trace = tracing.from_headers(environ.get("HTTP_TRACEPARENT"),
@@ -62,10 +68,10 @@ class RunFlowPath:
 
     def _answer(self, environ, trace: tracing.TraceContext, started: float):
         method = environ.get("REQUEST_METHOD")
-        if method != "POST":
+        if method not in self.methods:
             status, headers, body, done = _refusal(
                 trace, 405, "method_not_allowed", f"{method} is not allowed here; use POST")
-            headers["Allow"] = "POST"
+            headers["Allow"] = ", ".join(self.methods)
             return status, headers, body, done
         headers = forwarded(environ)
         problem = hygiene.header_problem(headers)
@@ -80,7 +86,13 @@ class RunFlowPath:
         if length and length.isdigit() and int(length) > limit:
             return _refusal(trace, 413, "payload_too_large",
                             f"the body is larger than {limit} bytes")
-        data = environ["wsgi.input"].read(int(length) if length and length.isdigit() else limit + 1)
+        try:
+            data = environ["wsgi.input"].read(int(length) if length and length.isdigit()
+                                              else limit + 1)
+        except TimeoutError as exc:  # flowgate.serving.BodyTimeout: the body stalled
+            status, headers, body, done = _refusal(trace, 408, "request_timeout", str(exc))
+            headers["Connection"] = "close"  # the rest of the body may still come
+            return status, headers, body, done
         if len(data) > limit:
             return _refusal(trace, 413, "payload_too_large",
                             f"the body is larger than {limit} bytes")
@@ -136,6 +148,7 @@ def _refusal(trace: tracing.TraceContext, status: int, code: str, message: str):
 
 
 _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Bad Request",
+            408: "Request Timeout",
             401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
             415: "Unsupported Media Type", 422: "Unprocessable Entity",
@@ -160,8 +173,14 @@ def _check_run_body(body: Any) -> str | None:
     if body.get("tweaks") is not None and not isinstance(body["tweaks"], dict):
         return "tweaks must be an object {node_id: {param: value}}"
     version = body.get("version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
-        return "version must be a positive integer"
+    if isinstance(version, float) and version.is_integer():
+        version = body["version"] = int(version)  # 2.0 is an integer in JSON (Schema) too
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                or not 1 <= version <= MAX_VERSION):
+        return f"version must be an integer from 1 to {MAX_VERSION}"
     if body.get("stream") is not None and not isinstance(body["stream"], bool):
         return "stream must be true or false"
+    for name, allowed in CHOICES.items():  # the engine took {} or 0 for "chat"
+        if body.get(name) is not None and body[name] not in allowed:
+            return f"{name} must be one of {', '.join(allowed)}"
     return None

@@ -107,6 +107,29 @@ class Upstream:
         except ValueError:
             return None
 
+    def ready(self, path: str, timeout_s: float) -> bool:
+        """Does the engine say it is ready (``GET path`` answers 200)? The circuit breaker
+        asks before a trial. An engine without such a path (404, 405, 501) says nothing
+        against it: True. No answer, or any other status: False. A pooled connection the
+        engine dropped (it restarted) is retried once on a new one."""
+        connect_s = self.settings.timeouts.connect_s
+        for attempt in (1, 2):
+            try:
+                resp = self.pool.request("GET", path, {"Accept": "application/json"}, None,
+                                         connect_timeout=connect_s, read_timeout=timeout_s)
+                try:
+                    resp.read()
+                finally:
+                    resp.close()
+            except http1.Broken:
+                if attempt == 2:
+                    return False
+                continue
+            except http1.HttpError:
+                return False
+            return resp.status == 200 or resp.status in (404, 405, 501)
+        return False
+
     def _headers(self, request: Request) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": request.header("accept") or
                    ("text/event-stream" if request.stream else "application/json")}

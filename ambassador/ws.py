@@ -9,11 +9,14 @@ message first passing :class:`ambassador.ws_guard.Guard` (flow allowlist, rate l
 the credential still valid), and a ``run`` message may say ``input`` (as ``POST
 /run-flow`` does) for ``input_value``. A message over ``max_body_bytes`` closes the
 connection with 1009. If the engine cannot be reached the app gets ``{"type": "error",
-"code": "upstream_unavailable"}`` and the connection closes with 1011.
+"code": "upstream_unavailable"}`` and the connection closes with 1011. When the engine
+closes the connection (1013 at its connection limit, 1000 when idle, …) the app gets the
+engine's code and reason, every time; an engine gone without a close frame is 1011.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -39,11 +42,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _MAX_REASON = 120  # a close frame's reason: at most 123 bytes
 _CLOSE_WAIT_S = 2.0
+_NOT_SENDABLE = frozenset({1004, 1005, 1006, 1015})  # reserved: never in a close frame
 
 
 def admit(filters: list, request: Request) -> Response:
     """Run the handshake through the caller-facing filters; 200 means admitted."""
     return build_chain(filters, lambda r: Response(200))(request)
+
+
+def upgrade_problem(method: str, headers: Any) -> tuple[int, str] | None:
+    """Why this is not a WebSocket handshake the server can accept (RFC 6455 4.2.1), as
+    (status, message), or None. Checked before the upgrade: what the WebSocket library
+    would make of a broken handshake is not an answer in the error contract."""
+    upgrade = "this route is a WebSocket: send GET with 'Upgrade: websocket'"
+    if method != "GET" or headers.get("Upgrade", "").strip().lower() != "websocket":
+        return 400, upgrade
+    if "upgrade" not in {t.strip().lower() for t in headers.get("Connection", "").split(",")}:
+        return 400, upgrade + " and 'Connection: Upgrade'"
+    if headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        return 426, "only WebSocket version 13 is spoken here (Sec-WebSocket-Version: 13)"
+    try:
+        key = base64.b64decode(headers.get("Sec-WebSocket-Key", "").strip(), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        return 400, "Sec-WebSocket-Key must be 16 random bytes in base64"
+    return None
 
 
 def mount(app: Flask, amb: Ambassador) -> None:
@@ -54,8 +78,8 @@ def mount(app: Flask, amb: Ambassador) -> None:
 
     @app.before_request
     def _admit_websocket():
-        if request.path != ROUTE:
-            return None
+        if request.path != ROUTE or request.method not in ("GET", "HEAD"):
+            return None  # another route, or a method Flask answers 405 for
         amb.holder.maybe_reload()
         settings = amb.settings
         # read by flask-sock for each connection: the size limit in force now
@@ -68,9 +92,12 @@ def mount(app: Flask, amb: Ambassador) -> None:
             answer = error_response(403, "forbidden", refused, req)
         elif problem:
             answer = error_response(400, "bad_request", problem, req)
-        elif request.headers.get("Upgrade", "").lower() != "websocket":
-            answer = error_response(400, "bad_request", "this route is a WebSocket: send "
-                                    "'Upgrade: websocket'", req)
+        elif (bad := upgrade_problem(request.method, request.headers)) is not None:
+            status, message = bad
+            answer = error_response(status, "upgrade_required" if status == 426
+                                    else "bad_request", message, req,
+                                    headers={"Sec-WebSocket-Version": "13"} if status == 426
+                                    else None)
         else:
             answer = admit(amb.handshake_filters, req)
         if answer.status != 200:
@@ -95,76 +122,134 @@ def mount(app: Flask, amb: Ambassador) -> None:
         bridge(ws, url, headers, guard.check, guard.tick, trace_id=g.trace.trace_id)
 
 
+class EngineSocket(Client):
+    """simple-websocket's client, keeping what arrived together with the engine's 101.
+
+    Its handshake takes the first event of the first read (the 101) and leaves the rest in
+    wsproto's buffer, which is looked at again only when more bytes arrive. An engine that
+    accepts and closes at once (1013 at its connection limit) often has its close frame in
+    that same read — and after a close no more bytes come: the close was never seen, and
+    the app got 1005 (no status) when the engine dropped the TCP connection. Here the rest
+    of the read is handled at once: a close in it ends ``connect`` with ConnectionClosed
+    carrying the engine's code and reason."""
+
+    def handshake(self) -> None:
+        super().handshake()
+        self.connected = self._handle_events()  # what else the read held (a close, messages)
+        if not self.connected:
+            self.sock.close()
+            raise ConnectionClosed(self.close_reason, self.close_message)
+
+
+class AppSide:
+    """What the bridge writes to the app's socket, from two threads: messages until one
+    close, and no message after it. The first close decides the app's code and reason;
+    later ones (the other thread noticing the end too) change nothing."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def send(self, message: str | bytes | dict[str, Any]) -> bool:
+        """False when the app is gone (or closed by the bridge)."""
+        data = json.dumps(message) if isinstance(message, dict) else message
+        with self._lock:
+            if self.closed:
+                return False
+            try:
+                self.ws.send(data)
+                return True
+            except (ConnectionClosed, OSError):
+                self.closed = True
+                return False
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` and wait (briefly) for the app's answer, so the closing
+        handshake completes before the connection is dropped."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            reason = reason.encode()[:_MAX_REASON].decode(errors="ignore")
+            with contextlib.suppress(ConnectionClosed, OSError):
+                self.ws.close(code, reason)
+        reader = getattr(self.ws, "thread", None)  # simple-websocket's reader ends on the answer
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(_CLOSE_WAIT_S)
+
+
+def relayed(code: int | None, reason: str | None) -> tuple[int, str]:
+    """The engine's close as the app gets it. 1005 (no status) and 1006 (no close frame)
+    say that no code came, and may not be sent: the app gets 1011 and why."""
+    if code is None or int(code) in _NOT_SENDABLE or not 1000 <= int(code) <= 4999:
+        return 1011, "the flow engine's connection ended without a close code"
+    return int(code), reason or ""
+
+
 def bridge(ws: Any, upstream_url: str, headers: dict[str, str],
            check: Callable[[str | bytes], str | bytes | dict[str, Any] | Close],
            tick: Callable[[], Close | None], trace_id: str | None,
-           connect: Callable[..., Any] = Client.connect) -> None:
+           connect: Callable[..., Any] = EngineSocket.connect) -> None:
     """Relay between the app's socket ``ws`` and a new upstream socket until either closes.
     ``check`` decides about each app message, ``tick`` runs when a second passed without
-    one; either may close the connection."""
+    one; either may close the connection.
+
+    Two threads: this one reads the app (and writes to the engine), a pump reads the
+    engine (and writes to the app). When the engine closes, the pump relays its code and
+    reason to the app at once. Whether the engine closed is read from the upstream socket
+    itself — not from whichever thread happened to see it first — so the bridge's own end
+    (the app left, or a Close of ours) never passes for the engine's, and the engine's is
+    never lost to the bridge ending at the same moment."""
     ws.sock = WholeFrames(ws.sock)  # see flowgate/websockets.py
+    app = AppSide(ws)
     try:
         upstream = connect(upstream_url, headers=headers)
         upstream.sock = WholeFrames(upstream.sock)
-    except (OSError, ConnectionClosed, HandshakeFailed) as exc:
-        _send(ws, {"type": "error", "code": "upstream_unavailable", "trace_id": trace_id,
-                   "message": f"the flow engine's WebSocket is unreachable ({type(exc).__name__})"})
-        ws.close(1011, "upstream unavailable")
+    except ConnectionClosed as exc:  # accepted, and closed in the same breath
+        app.close(*relayed(exc.reason, exc.message))
         return
-    done = threading.Event()
-    closed_by_engine: list[tuple[int | None, str | None]] = []
+    except (OSError, HandshakeFailed) as exc:
+        app.send({"type": "error", "code": "upstream_unavailable", "trace_id": trace_id,
+                  "message": f"the flow engine's WebSocket is unreachable ({type(exc).__name__})"})
+        app.close(1011, "upstream unavailable")
+        return
+    ours = threading.Event()  # set before the bridge closes the upstream socket itself
+
+    def engine_closed() -> None:
+        if not ours.is_set():
+            app.close(*relayed(upstream.close_reason, upstream.close_message))
 
     def engine_to_app() -> None:
         try:
-            while not done.is_set():
+            while True:
                 message = upstream.receive(timeout=1)
-                if message is not None:
-                    ws.send(message)
-        except ConnectionClosed as exc:  # the engine's close code and reason go to the app
-            closed_by_engine.append((exc.reason, exc.message))
-        finally:
-            done.set()
+                if message is not None and not app.send(message):
+                    return  # the app is gone
+        except ConnectionClosed:
+            engine_closed()
 
     pump = threading.Thread(target=engine_to_app, daemon=True, name="ws-bridge")
     pump.start()
     try:
-        while not done.is_set():
+        while pump.is_alive() and not app.closed:
             message = ws.receive(timeout=1)
             verdict = tick() if message is None else check(message)
             if verdict is None:
                 continue
             if isinstance(verdict, Close):
-                closed_by_engine.clear()  # ours is the reason the app gets
-                _close(ws, verdict.code, verdict.reason)
+                app.close(verdict.code, verdict.reason)  # ours is the reason the app gets
                 break
             if isinstance(verdict, dict):
-                _send(ws, verdict)  # refused here; nothing went upstream
+                app.send(verdict)  # refused here; nothing went upstream
             else:
                 upstream.send(verdict)
-    except ConnectionClosed:
+    except (ConnectionClosed, OSError):  # the app left (receive), or the engine closed (send)
         pass
     finally:
-        done.set()
+        if not upstream.connected:
+            engine_closed()  # (the pump may not have seen it yet)
+        ours.set()
         with contextlib.suppress(Exception):  # already closed
             upstream.close()
         pump.join(timeout=2)
-        if closed_by_engine:
-            code, reason = closed_by_engine[0]
-            with contextlib.suppress(Exception):
-                ws.close(reason=code or 1000, message=reason)
-
-
-def _close(ws: Any, code: int, reason: str) -> None:
-    """Close with ``code`` and wait (briefly) for the app's answer, so the closing
-    handshake completes before the connection is dropped."""
-    reason = reason.encode()[:_MAX_REASON].decode(errors="ignore")
-    with contextlib.suppress(ConnectionClosed):
-        ws.close(code, reason)
-    reader = getattr(ws, "thread", None)  # simple-websocket's reader ends on the answer
-    if reader is not None:
-        reader.join(_CLOSE_WAIT_S)
-
-
-def _send(ws: Any, payload: dict[str, Any]) -> None:
-    with contextlib.suppress(ConnectionClosed):
-        ws.send(json.dumps(payload))

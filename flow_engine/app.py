@@ -11,18 +11,22 @@ from typing import Any
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from flow_engine.api import components, flows, health, openapi, runs, ws
-from flow_engine.api.common import Engine, authenticate
+from flow_engine.api import components, flows, health, knowledge, openapi, runs, ws
+from flow_engine.api.common import Engine, authenticate, check_host
 from flow_engine.auth import KeyRing
 from flow_engine.components import default_registry
 from flow_engine.config import Settings
 from flow_engine.errors import FlowgateError, TenantLimited
+from flow_engine.interop import api as interop
+from flow_engine.knowledge.service import KnowledgeService
+from flow_engine.maintenance import Maintenance
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs.events import MemoryEventLog, RedisEventLog, RunEventLog
 from flow_engine.runs.service import RunService
 from flow_engine.service import FlowService
 from flow_engine.signals import Signals
 from flow_engine.store import SqlFlowStore
+from flow_engine.store.engines import PoolSize
 from flow_engine.tenants import TenantLimits
 from flowgate import jsonlog, tracing
 
@@ -47,30 +51,44 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
                     "(--insecure-no-auth); never run it like this outside a developer machine")
     metrics = metrics or EngineMetrics()
     store = SqlFlowStore(settings.database_url,
-                         on_error=lambda op: metrics.store_errors.labels(op).inc())
+                         on_error=lambda op: metrics.store_errors.labels(op).inc(),
+                         on_reconnect=lambda op: metrics.store_reconnects.labels(op).inc(),
+                         pool=PoolSize(settings.db_pool_size, settings.db_max_overflow,
+                                       settings.db_pool_timeout_s))
     if migrate:
         store.migrate()
     events, signals, limits = _shared_state(settings, metrics, keys)
-    flow_service = FlowService(store, default_registry(), settings, metrics, signals=signals)
+    # knowledge bases (flow_engine/knowledge): completes its schema if it can, recovers
+    # indexing a dead engine left, and is the lookup KnowledgeRetriever nodes search with
+    knowledge_service = KnowledgeService.for_engine(settings, store)
+    flow_service = FlowService(store, default_registry(), settings, metrics, signals=signals,
+                               lookups={"knowledge": knowledge_service})
     run_service = RunService(flow_service, store, settings, metrics, events=events,
                              signals=signals, limits=limits)
     if signals is not None:
         signals.start()
+    maintenance = Maintenance(store, settings, metrics)
+    maintenance.start()  # a pass now (runs left behind by a dead process), then periodically
 
     app = Flask("flow_engine")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service, keys)
+    app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service, keys,
+                                        maintenance)
+    app.extensions[knowledge.EXTENSION] = knowledge_service
 
     _install_request_hooks(app, metrics)  # first: errors below carry the trace id
 
     @app.before_request
     def _auth():  # every /api/v1 path, known or not: unauthenticated callers learn nothing
+        if not keys and request.path.startswith(API_PREFIX + "/"):
+            check_host(request.host, settings.allowed_hosts)
         if request.path.startswith(API_PREFIX + "/"):
             authenticate()
 
     app.register_blueprint(health.bp)
-    for blueprint in (components.bp, flows.bp, runs.bp, ws.bp, openapi.bp):
+    for blueprint in (components.bp, flows.bp, runs.bp, ws.bp, openapi.bp, knowledge.bp,
+                      interop.bp):
         app.register_blueprint(blueprint, url_prefix=API_PREFIX)
     _install_error_handlers(app)
     return app
@@ -79,23 +97,37 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
 def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing):
     """The run event log and the tenant limits, plus Redis-backed sharing between
     processes when REDIS_URL is set."""
-    # This process's recent runs, for live watching and resuming: bounded so that a busy
-    # worker stays small (Redis, when configured, keeps events for event_ttl_s).
+    # This process's recent runs, for live watching and resuming: bounded in bytes so that a
+    # busy worker stays small (Redis, when configured, keeps events for event_ttl_s).
     memory = MemoryEventLog(max_runs=settings.event_memory_runs,
-                            ttl_s=min(settings.event_ttl_s, 600.0))
+                            max_bytes=settings.event_memory_bytes,
+                            ttl_s=min(settings.event_ttl_s, 600.0),
+                            on_bytes=metrics.event_memory_bytes.set)
     policy = settings.tenant_policy(keys)
     on_error = lambda op: metrics.event_log_errors.labels(op).inc()  # noqa: E731
     if not settings.redis_url:
         return RunEventLog(memory), None, TenantLimits(policy, on_error=on_error)
     import redis
 
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                  socket_connect_timeout=2, socket_timeout=30,
-                                  health_check_interval=30)
-    # admission is on every run's path: a hung Redis may cost it half a second, no more
-    quick = redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                 socket_connect_timeout=0.5, socket_timeout=0.5)
-    shared = RedisEventLog(client, ttl_s=int(settings.event_ttl_s), on_error=on_error)
+    # Every call gives up after redis_timeout_s: a hung Redis costs a request that much. A
+    # blocking XREAD waits at most as long again, on a client whose timeout allows for it.
+    # A connection Redis closed (a restart) is replaced at once, once; a timeout is final.
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.retry import Retry
+
+    def connect(timeout: float, read_timeout: float | None = None) -> redis.Redis:
+        return redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_connect_timeout=timeout,
+            socket_timeout=read_timeout or timeout, health_check_interval=30,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+
+    timeout = settings.redis_timeout_s
+    client, reader = connect(timeout), connect(timeout, 2 * timeout)
+    quick = connect(min(0.5, timeout))  # admission is on every run's path: half a second at most
+    shared = RedisEventLog(client, reader=reader, ttl_s=int(settings.event_ttl_s),
+                           block_s=timeout, retry_s=settings.event_write_retry_s,
+                           on_error=on_error, on_lost=metrics.event_log_lost.inc)
     atexit.register(shared.flush)  # a worker's last events still reach Redis on SIGTERM
     limits = TenantLimits(policy, quick if policy.limited else None, on_error=on_error)
     return RunEventLog(memory, shared), Signals(client, on_error=on_error), limits
@@ -153,6 +185,8 @@ def _install_error_handlers(app: Flask) -> None:
             headers["X-Run-ID"] = g.run_id
         if exc.status == 503:
             headers["Retry-After"] = "1"
+        if exc.status == 408:  # the body's end is unknown: this connection serves no more
+            headers["Connection"] = "close"
         if isinstance(exc, TenantLimited):
             headers["Retry-After"] = str(exc.retry_after_s)
         return _error(exc.status, exc.to_dict(), headers)

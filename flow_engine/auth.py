@@ -21,9 +21,13 @@ and ``x-flowgate-tenant`` headers; from any other key they are ignored, so an ap
 an ordinary key cannot claim to be another tenant.
 
 Tenants. A run, its events, its chat history and its idempotency key belong to the tenant
-that started it (:attr:`Principal.tenant`): the tenant a proxy forwards, else the identity
-it forwards, else the key's name. Which role each route needs is :data:`ROUTE_ROLES`, one
-table for the whole API, so the security model can be read in one place.
+that started it (:attr:`Principal.tenant`). For a proxy key it is ``<key name>/<caller>``,
+the caller being the tenant the proxy forwards, else the identity it forwards; without
+either, and for any other key, it is the key's name. The key's name comes first so that
+what one proxy forwards can never name a tenant of another proxy or key: two apps' "alice"
+are two tenants, and an app cannot reach a tenant it does not front. Which role each route
+needs is :data:`ROUTE_ROLES`, one table for the whole API, so the security model can be read
+in one place.
 """
 
 from __future__ import annotations
@@ -63,6 +67,21 @@ ROUTE_ROLES: dict[str, str] = {
     "flows.rollback": "publisher",
     "flows.set_routing": "publisher",
     "flows.delete_flow": "admin",
+    # LangFlow interop (flow_engine/interop/api.py): importing stores a flow (editor; its
+    # publish: true needs publisher, checked in the handler); exporting reads one
+    "interop.import_langflow": "editor",
+    "interop.export_langflow": "runner",
+    # knowledge bases (flow_engine/api/knowledge.py): shared like flows; runners read and
+    # search, editors add and remove documents, deleting a whole base is admin's (as a flow)
+    "knowledge.list_knowledge": "runner",
+    "knowledge.get_knowledge": "runner",
+    "knowledge.list_documents": "runner",
+    "knowledge.get_document": "runner",
+    "knowledge.search": "runner",
+    "knowledge.create_knowledge": "editor",
+    "knowledge.upload_document": "editor",
+    "knowledge.delete_document": "editor",
+    "knowledge.delete_knowledge": "admin",
 }
 
 
@@ -94,7 +113,8 @@ class Principal:
 
     def __post_init__(self) -> None:
         if not self.tenant:
-            object.__setattr__(self, "tenant", self.identity or self.key)
+            object.__setattr__(self, "tenant",
+                               f"{self.key}/{self.identity}" if self.identity else self.key)
 
     def may(self, role: str) -> bool:
         return _RANK[self.role] >= _RANK[role]
@@ -108,6 +128,11 @@ class Principal:
         """May this caller see a run (or chat, or key) of ``tenant``? Runs recorded before
         tenants existed (``None``) are visible to operators only."""
         return self.sees_every_tenant or (tenant is not None and tenant == self.tenant)
+
+    @property
+    def group(self) -> str | None:
+        """The key whose callers this tenant is one of (a proxy's), for limits on them all."""
+        return self.key if self.tenant != self.key else None
 
     @property
     def actor(self) -> str:
@@ -125,18 +150,19 @@ def parse_key(entry: str) -> ApiKey:
     parts = entry.split(":", 2)
     if len(parts) < 3:
         if ":" in entry:
-            raise KeyConfigError(
-                f"API key entry '{_hint(entry)}' has one ':'; write name:role:secret, or a bare "
-                "secret without ':'")
+            raise KeyConfigError("an API key entry has one ':'; write name:role:secret, or a "
+                                 "bare secret without ':'")
         digest = hashlib.sha256(entry.encode()).hexdigest()[:8]
         return ApiKey(f"key-{digest}", "admin", False, entry.encode())
     name, role, secret = parts
+    # Messages name a field by its position, never by its content: in an entry written in
+    # the wrong order (name:secret:role) any field may be the secret.
     if not KEY_NAME.fullmatch(name):
-        raise KeyConfigError(f"API key name '{name[:64]}' must be 1-64 letters, digits, "
-                             "'_', '.', '-' (entries are name:role:secret)")
+        raise KeyConfigError("an API key's name (the first field) must be 1-64 letters, "
+                             "digits, '_', '.', '-' (entries are name:role:secret)")
     base, _, suffix = role.partition("+")
     if base not in _RANK or suffix not in ("", "proxy"):
-        raise KeyConfigError(f"API key '{name}': unknown role '{role[:40]}'; roles are "
+        raise KeyConfigError(f"API key '{name}': the second field is not a role; roles are "
                              f"{', '.join(ROLES)}, optionally with '+proxy' (runner+proxy)")
     if len(secret) < 8:
         raise KeyConfigError(f"API key '{name}': the secret must be at least 8 characters")
@@ -194,14 +220,10 @@ def principal_for(key: ApiKey, identity: str | None, tenant: str | None) -> Prin
         if value is not None and not HEADER_VALUE.fullmatch(value):
             raise CallerHeaderError(f"{header} must be 1-200 printable ASCII characters "
                                     "without spaces")
+    caller = tenant or identity
     return Principal(key.name, key.role, proxy=True, identity=identity or None,
-                     tenant=tenant or "")
+                     tenant=f"{key.name}/{caller}" if caller else key.name)
 
 
 def required_role(endpoint: str | None) -> str:
     return ROUTE_ROLES.get(endpoint or "", "admin")
-
-
-def _hint(entry: str) -> str:
-    """The part of a key entry that may be shown (never the secret)."""
-    return entry.split(":", 1)[0][:20] + ":…"

@@ -66,11 +66,53 @@ class Settings:
     ws_max_connections: int = 500  # open WebSockets per process; more are closed with 1013
     # Origins a browser may open the WebSocket from; empty: same origin only ("*": any)
     ws_allowed_origins: tuple[str, ...] = ()
+    # With --insecure-no-auth only: Host names answered besides loopback ones (a page on a
+    # rebound DNS name would otherwise be "same origin" with an engine that checks no key)
+    allowed_hosts: tuple[str, ...] = ()
     flow_cache_ttl_s: float = 1.0
     event_ttl_s: float = 3600.0
     event_memory_runs: int = 2000
+    # estimated bytes (JSON length) of run events a process keeps in memory, all runs together
+    event_memory_bytes: int = 64 * 1024 * 1024
     shared_events_grace_s: float = 2.0
+    # every Redis call gives up after this long (a blocking read: twice this), so a hung
+    # Redis costs a request that much and no more (flow_engine/runs/redis_events.py)
+    redis_timeout_s: float = 1.5
+    # a batch of run events Redis refused is retried with backoff this long, then dropped
+    # (watchers elsewhere are told: events_lost)
+    event_write_retry_s: float = 10.0
+    # connections per database pool; each process has two pools (flows, run records), so it
+    # opens at most 2 * (pool_size + max_overflow): keep replicas * workers * that below
+    # PostgreSQL's max_connections (100 by default)
+    db_pool_size: int = 5
+    db_max_overflow: int = 5
+    db_pool_timeout_s: float = 10.0  # waiting for a free connection longer is a 503
+    # a run's end the store refused is written again in the background for this long
+    record_retry_s: float = 60.0
+    # the maintenance job (one process at a time; flow_engine/maintenance.py), every
+    # maintenance_interval_s (0 = never): it marks runs without a live owner failed —
+    # keyed runs not marked alive for run_stale_s, others running for longer than run_max_s
+    # — and deletes finished runs and chat messages older than their retention
+    maintenance_interval_s: float = 300.0
+    run_stale_s: float = 60.0
+    run_max_s: float = 24 * 3600.0
+    run_retention_s: float = 7 * 24 * 3600.0
+    chat_retention_s: float = 30 * 24 * 3600.0
     log_level: str = "INFO"
+    # knowledge bases (flow_engine/knowledge/settings.py says what each one does)
+    knowledge: str = "auto"  # auto | on | off
+    max_upload_bytes: int = 20 * 1024 * 1024
+    knowledge_ingest_concurrency: int = 2
+    knowledge_embed_batch: int = 64
+    knowledge_embed_retries: int = 4
+    knowledge_embed_timeout_s: float = 60.0
+    knowledge_max_chunks: int = 20_000
+    knowledge_max_pdf_pages: int = 2_000
+    knowledge_max_pdf_objects: int = 200_000
+    knowledge_hnsw_ef_search: int = 100
+    knowledge_stale_s: float = 30.0
+    knowledge_max_attempts: int = 3
+    knowledge_cache_bytes: int = 512 * 1024 * 1024
 
     @classmethod
     def load(
@@ -85,7 +127,7 @@ class Settings:
             if raw is not None and raw.strip() != "":
                 values[f.name] = _convert(f.name, raw.strip(), f.default)
         values.update(overrides or {})
-        for name in ("api_keys", "provider_origins", "ws_allowed_origins"):
+        for name in ("api_keys", "provider_origins", "ws_allowed_origins", "allowed_hosts"):
             if isinstance(values.get(name), str):
                 values[name] = _split(values[name])
         if "log_level" in values:
@@ -136,6 +178,12 @@ class Settings:
         keys = self.check_auth()
         self.tenant_policy(keys)
         _ = self.egress
+        from flow_engine.knowledge.settings import KnowledgeSettings
+
+        try:
+            KnowledgeSettings.from_settings(self)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         return keys
 
     @property

@@ -38,7 +38,10 @@ class EgressError(ValueError):
 
 def origin(url: str) -> str:
     """``scheme://host:port`` of an http(s) URL; ValueError when it has none."""
-    parts = urlsplit(url.strip())
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        # urlsplit drops tabs and newlines the HTTP client would refuse: judge the URL as sent
+        raise ValueError("a URL may not contain spaces or control characters")
+    parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {url[:200]!r}")

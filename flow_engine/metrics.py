@@ -69,6 +69,33 @@ class EngineMetrics(ServiceMetrics):
             "Shared (Redis) state failures by operation (event log, signals, tenant limits); "
             "local fallbacks serve.",
             ["op"], **kw)
+        self.event_log_lost = Counter(
+            "flowgate_engine_event_log_lost_total",
+            "Run events never written to the shared (Redis) log: dropped after retries or a "
+            "full queue. Watchers in other processes get an events_lost error for them.", **kw)
+        self.event_memory_bytes = Gauge(
+            "flowgate_engine_event_memory_bytes",
+            "Estimated bytes (JSON length) of run events held in memory.",
+            multiprocess_mode="livesum", **kw)
+        self.store_reconnects = Counter(
+            "flowgate_engine_store_reconnects_total",
+            "Statements run again on a fresh connection because the pooled one had died "
+            "while idle (before the statement ran), by operation.", ["op"], **kw)
+        self.record_retries = Counter(
+            "flowgate_engine_run_record_retries_total",
+            "Ends of runs the store refused at first, by outcome of the background retries "
+            "(recorded|given_up).", ["outcome"], **kw)
+        self.runs_reaped = Counter(
+            "flowgate_engine_runs_reaped_total",
+            "Run records marked failed by the maintenance job because no process owned them "
+            "any more.", **kw)
+        self.retention_deleted = Counter(
+            "flowgate_engine_retention_deleted_total",
+            "Rows deleted by the retention job, by kind (runs|chat_messages).", ["kind"], **kw)
+        self.maintenance_runs = Counter(
+            "flowgate_engine_maintenance_runs_total",
+            "Maintenance job passes by result (done|skipped: another process had it|failed).",
+            ["result"], **kw)
         self.tenant_runs = Counter(
             "flowgate_engine_tenant_runs_total",
             "Finished runs by tenant (known tenants by name, others as 'other') and status.",
@@ -96,3 +123,10 @@ class EngineMetrics(ServiceMetrics):
             self.compile_cache.labels(result)
         for op in ("read", "write"):
             self.store_errors.labels(op)
+            self.store_reconnects.labels(op)
+        for outcome in ("recorded", "given_up"):
+            self.record_retries.labels(outcome)
+        for kind in ("runs", "chat_messages"):
+            self.retention_deleted.labels(kind)
+        for result in ("done", "skipped", "failed"):
+            self.maintenance_runs.labels(result)

@@ -3,6 +3,7 @@ hand out compiled graphs from the compile cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import time
@@ -12,6 +13,7 @@ from typing import Any
 from flow_engine.auth import Principal
 from flow_engine.components import ComponentRegistry
 from flow_engine.components.base import BuildContext
+from flow_engine.components.subflows import SUBFLOWS, EngineSubflows
 from flow_engine.config import Settings
 from flow_engine.errors import BadRequest, FlowInvalid, Forbidden
 from flow_engine.flows.compile import CompileCache, CompiledFlow, compile_flow, tweaks_digest
@@ -25,14 +27,19 @@ from flow_engine.store.base import FlowRecord, FlowStore, VersionRecord
 
 class FlowService:
     def __init__(self, store: FlowStore, registry: ComponentRegistry, settings: Settings,
-                 metrics: EngineMetrics, signals: Signals | None = None) -> None:
+                 metrics: EngineMetrics, signals: Signals | None = None,
+                 lookups: Mapping[str, Any] | None = None) -> None:
         self.store = store
         self.registry = registry
         self.settings = settings
-        self.limits = settings.limits
+        # engine-side lookups components consult when validating and building (e.g.
+        # {"knowledge": KnowledgeService}: which bases exist, and how to search them)
+        lookups = dict(lookups or {})
+        self.limits = dataclasses.replace(settings.limits, extra=lookups)
         base = settings.build_context
         self.build_context = BuildContext(base.openai_base_url, base.openai_api_key,
-                                          {"chat_memory": store}, egress=base.egress)
+                                          {"chat_memory": store, SUBFLOWS: EngineSubflows(self),
+                                           **lookups}, egress=base.egress)
         hits, misses = metrics.compile_cache.labels("hit"), metrics.compile_cache.labels("miss")
         # Versions and tweaked variants are kept apart: callers choose tweaks, so however
         # many distinct ones they send, they can take at most half the budget and never

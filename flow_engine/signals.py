@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flow_engine.lograte import Throttled
+
 log = logging.getLogger(__name__)
 CHANNEL = "flowgate:signals"
 
@@ -30,6 +32,7 @@ class Signals:
         self._on_error = on_error or (lambda op: None)
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._warn = Throttled(log)
 
     def on(self, kind: str, handler: Callable[[dict[str, Any]], None]) -> None:
         self._handlers.setdefault(kind, []).append(handler)
@@ -40,7 +43,7 @@ class Signals:
             return True
         except Exception as exc:
             self._on_error("publish")
-            log.warning("signals: could not publish %s: %s", kind, type(exc).__name__)
+            self._warn.warning("signals: could not publish %s: %s", kind, type(exc).__name__)
             return False
 
     def start(self) -> None:
@@ -65,7 +68,7 @@ class Signals:
                         self._dispatch(message["data"])
             except Exception as exc:
                 self._on_error("subscribe")
-                log.warning("signals: subscription lost (%s); retrying", type(exc).__name__)
+                self._warn.warning("signals: subscription lost (%s); retrying", type(exc).__name__)
                 time.sleep(delay)
                 delay = min(delay * 2, 10)
 

@@ -8,9 +8,14 @@ Settings (0 = unlimited)::
     FLOW_ENGINE_TENANT_TOKENS_PER_MINUTE=200000    every tenant: LLM tokens (in + out) a minute
     FLOW_ENGINE_TENANT_LIMITS='{"orders-app": {"max_runs": 50, "tokens_per_minute": 0}}'
 
+A proxy's callers are tenants ``<key name>/<caller>`` (flow_engine/auth.py): the default
+quota applies to each, and an override named after the proxy key itself
+(``{"orders-app": {"max_runs": 50}}``) caps all of that key's tenants together — so a proxy
+cannot escape its limits by inventing tenant names.
+
 Tenants named in ``FLOW_ENGINE_TENANT_LIMITS`` and the names of the engine's keys are the
-*known* tenants: metrics carry their names; any other tenant is counted as ``other``, so a
-proxy forwarding arbitrary tenant names cannot grow the metrics without bound.
+*known* tenants: metrics carry their names, a proxy's unnamed tenants count under the proxy
+key's name, any other as ``other`` — so forwarded names cannot grow the metrics.
 
 Counting. Concurrent runs are leases: with ``REDIS_URL`` a sorted set per tenant
 (``flowgate:tenant:<t>:runs``, member = run id, score = lease expiry in Redis server time)
@@ -49,6 +54,12 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
+"""
+# KEYS[1] a lease set: the leases not yet expired.
+_COUNT = """
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
+return redis.call('ZCARD', KEYS[1])
 """
 # KEYS: lease sets; ARGV[1] lease_ms, then one run id per key. Renews existing leases only.
 _RENEW = """
@@ -99,7 +110,14 @@ class TenantPolicy:
         return self.overrides.get(tenant, self.default)
 
     def label(self, tenant: str) -> str:
-        return tenant if tenant in self.known else OTHER
+        if tenant in self.known:
+            return tenant
+        group = tenant.split("/", 1)[0]
+        return group if "/" in tenant and group in self.known else OTHER
+
+    def group_quota(self, group: str | None) -> Quota | None:
+        """The limit on all tenants of a proxy key together: only when configured by name."""
+        return self.overrides.get(group) if group else None
 
     @property
     def limited(self) -> bool:
@@ -134,83 +152,129 @@ class TenantLimits:
         self._lock = threading.Lock()
         self._local_runs: dict[str, set[str]] = {}
         self._local_tokens: dict[tuple[str, int], int] = {}
-        self._shared_leases: dict[str, str] = {}  # run id → tenant, leases taken in Redis
+        # run id → the scopes (tenant, proxy key) it holds a slot in, and whether in Redis
+        self._holds: dict[str, list[tuple[str, bool]]] = {}
         self._paused_until = 0.0
         if redis is not None:
             self._acquire = redis.register_script(_ACQUIRE)
             self._renew = redis.register_script(_RENEW)
+            self._count = redis.register_script(_COUNT)
 
     # -- runs ---------------------------------------------------------------------------------
 
-    def admit(self, tenant: str, run_id: str) -> None:
-        """Take a run slot for ``run_id`` or raise TenantLimited; release() gives it back."""
-        quota = self.policy.quota(tenant)
-        if quota.tokens_per_minute:
-            used = self._tokens_used(tenant)
-            if used >= quota.tokens_per_minute:
-                wait = 60 - int(self._clock()) % 60
-                raise TenantLimited(
-                    f"tenant '{tenant}' used {used} of its {quota.tokens_per_minute} LLM tokens "
-                    f"this minute; retry in {wait} s", retry_after_s=wait, limit="tokens")
-        if not quota.max_runs:
-            return
-        admitted = self._admit_shared(tenant, run_id, quota.max_runs)
-        if admitted is None:  # no Redis, or Redis failing: this process counts alone
-            with self._lock:
-                running = self._local_runs.setdefault(tenant, set())
-                admitted = len(running) < quota.max_runs
-                if admitted:
-                    running.add(run_id)
-        if not admitted:
-            raise TenantLimited(
-                f"tenant '{tenant}' already has {quota.max_runs} runs in progress (its limit); "
-                "retry when one has finished", retry_after_s=1, limit="runs")
+    def _scopes(self, tenant: str, group: str | None) -> list[tuple[str, Quota]]:
+        """The tenant's own quota, and its proxy key's when one is configured for it."""
+        scopes = [(tenant, self.policy.quota(tenant))]
+        group_quota = self.policy.group_quota(group)
+        if group_quota is not None and group != tenant:
+            scopes.append((group, group_quota))
+        return scopes
 
-    def release(self, tenant: str, run_id: str) -> None:
+    def check(self, tenant: str, group: str | None = None) -> None:
+        """Raise TenantLimited when a run of ``tenant`` would be refused now (nothing is
+        taken): lets a request be turned away before anything costly is done for it."""
+        for scope, quota in self._scopes(tenant, group):
+            self._check_tokens(scope, quota)
+            if quota.max_runs and self._running(scope) >= quota.max_runs:
+                raise _runs_limited(scope, quota)
+
+    def admit(self, tenant: str, run_id: str, group: str | None = None) -> None:
+        """Take a run slot for ``run_id`` (in the tenant's and, when configured, its proxy
+        key's count) or raise TenantLimited; release() gives them back."""
+        scopes = self._scopes(tenant, group)
+        for scope, quota in scopes:
+            self._check_tokens(scope, quota)
+        taken: list[tuple[str, bool]] = []
+        try:
+            for scope, quota in scopes:
+                if quota.max_runs:
+                    taken.append((scope, self._take(scope, run_id, quota)))
+        except TenantLimited:
+            self._give_back(run_id, taken)
+            raise
+        if taken:
+            with self._lock:
+                self._holds[run_id] = taken
+
+    def release(self, run_id: str) -> None:
         with self._lock:
-            running = self._local_runs.get(tenant)
-            if running is not None:
-                running.discard(run_id)
-                if not running:
-                    del self._local_runs[tenant]
-            shared = self._shared_leases.pop(run_id, None)
-        if shared is not None and self._redis_usable():
-            try:
-                self.redis.zrem(self._runs_key(shared), run_id)
-            except Exception as exc:  # the lease expires by itself within LEASE_S
-                self._failed("release", exc)
+            taken = self._holds.pop(run_id, [])
+        self._give_back(run_id, taken)
 
     def renew(self) -> None:
         """Extend the Redis leases of this process's running runs (the heartbeat calls it)."""
         with self._lock:
-            leases = list(self._shared_leases.items())
+            leases = [(run_id, scope) for run_id, taken in self._holds.items()
+                      for scope, shared in taken if shared]
         if not leases or not self._redis_usable():
             return
         try:
-            self._renew(keys=[self._runs_key(t) for _r, t in leases],
-                        args=[int(LEASE_S * 1000), *(r for r, _t in leases)])
+            self._renew(keys=[self._runs_key(scope) for _r, scope in leases],
+                        args=[int(LEASE_S * 1000), *(r for r, _s in leases)])
         except Exception as exc:
             self._failed("renew", exc)
 
-    def _admit_shared(self, tenant: str, run_id: str, limit: int) -> bool | None:
-        if not self._redis_usable():
-            return None
-        try:
-            admitted = bool(self._acquire(keys=[self._runs_key(tenant)],
-                                          args=[int(LEASE_S * 1000), limit, run_id]))
-        except Exception as exc:
-            self._failed("admit", exc)
-            return None
-        if admitted:
-            with self._lock:
-                self._shared_leases[run_id] = tenant
-        return admitted
+    def _take(self, scope: str, run_id: str, quota: Quota) -> bool:
+        """A slot in ``scope``; True when it is a Redis lease, False a local one."""
+        if self._redis_usable():
+            try:
+                admitted = bool(self._acquire(keys=[self._runs_key(scope)],
+                                              args=[int(LEASE_S * 1000), quota.max_runs, run_id]))
+            except Exception as exc:
+                self._failed("admit", exc)
+            else:
+                if not admitted:
+                    raise _runs_limited(scope, quota)
+                return True
+        with self._lock:  # no Redis, or Redis failing: this process counts alone
+            running = self._local_runs.setdefault(scope, set())
+            if len(running) >= quota.max_runs:
+                raise _runs_limited(scope, quota)
+            running.add(run_id)
+        return False
+
+    def _give_back(self, run_id: str, taken: list[tuple[str, bool]]) -> None:
+        for scope, shared in taken:
+            if not shared:
+                with self._lock:
+                    running = self._local_runs.get(scope)
+                    if running is not None:
+                        running.discard(run_id)
+                        if not running:
+                            del self._local_runs[scope]
+            elif self._redis_usable():
+                try:
+                    self.redis.zrem(self._runs_key(scope), run_id)
+                except Exception as exc:  # the lease expires by itself within LEASE_S
+                    self._failed("release", exc)
+
+    def _running(self, scope: str) -> int:
+        if self._redis_usable():
+            try:
+                return int(self._count(keys=[self._runs_key(scope)]))
+            except Exception as exc:
+                self._failed("count", exc)
+        with self._lock:
+            return len(self._local_runs.get(scope, ()))
 
     # -- tokens -------------------------------------------------------------------------------
 
-    def add_tokens(self, tenant: str, tokens: int) -> None:
-        if tokens <= 0 or not self.policy.quota(tenant).tokens_per_minute:
+    def add_tokens(self, tenant: str, tokens: int, group: str | None = None) -> None:
+        for scope, quota in self._scopes(tenant, group):
+            if tokens > 0 and quota.tokens_per_minute:
+                self._add_tokens(scope, tokens)
+
+    def _check_tokens(self, scope: str, quota: Quota) -> None:
+        if not quota.tokens_per_minute:
             return
+        used = self._tokens_used(scope)
+        if used >= quota.tokens_per_minute:
+            wait = 60 - int(self._clock()) % 60
+            raise TenantLimited(
+                f"tenant '{scope}' used {used} of its {quota.tokens_per_minute} LLM tokens "
+                f"this minute; retry in {wait} s", retry_after_s=wait, limit="tokens")
+
+    def _add_tokens(self, tenant: str, tokens: int) -> None:
         minute = int(self._clock() // 60)
         if self._redis_usable():
             try:
@@ -253,3 +317,9 @@ class TenantLimits:
         self._on_error("tenants")
         log.warning("tenant limits: Redis %s failed (%s); counting in this process for %.0f s",
                     op, type(exc).__name__, PAUSE_S)
+
+
+def _runs_limited(scope: str, quota: Quota) -> TenantLimited:
+    return TenantLimited(
+        f"tenant '{scope}' already has {quota.max_runs} runs in progress (its limit); retry "
+        "when one has finished", retry_after_s=1, limit="runs")

@@ -5,7 +5,9 @@
     flowgate ambassador [--port 8080]             the ambassador sidecar under gunicorn
     flowgate llm-sim [--port 9100 ...]            the OpenAI-compatible LLM simulator
     flowgate flows push|apply|export|list|versions|publish|rollback|run|validate   (flows_cli.py)
+    flowgate flows import FILE.json [--publish]   a LangFlow export as a flow (import_cli.py)
     flowgate components [TYPE] [--offline]        node types, or one type's params
+    flowgate knowledge create|upload|list|search  knowledge bases (knowledge_cli.py)
     flowgate demo [--flow FILE] [--input TEXT]    run a flow in-process, streaming its events
 
 Exit codes: 0 success, 1 the flow is invalid or the run failed, 2 bad usage or unreadable
@@ -25,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from flowgate import components_cli, flows_cli, stack
+from flowgate import components_cli, flows_cli, import_cli, knowledge_cli, stack
 
 DEMO_QUESTION = "How long does it take to get a refund?"
 
@@ -43,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.handler.__module__ in (flows_cli.__name__, components_cli.__name__):
+        if args.handler.__module__ in (flows_cli.__name__, components_cli.__name__,
+                                       knowledge_cli.__name__, import_cli.__name__):
             return flows_cli.dispatch(args)
         return args.handler(args)
     except KeyboardInterrupt:
@@ -85,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     flows = sub.add_parser("flows", help="work with flows on the engine (push, run, ...)")
     flows_cli.add_commands(flows)
     components_cli.add_command(sub)
+    knowledge = sub.add_parser("knowledge", help="knowledge bases: create, upload, list, search")
+    knowledge_cli.add_commands(knowledge)
 
     up = sub.add_parser("up", help="run llm-sim, the engine and the ambassador with the demo flows")
     stack.add_arguments(up)
@@ -103,6 +108,7 @@ def _engine(args: argparse.Namespace) -> int:
 
     from flow_engine.config import ConfigError, Settings
     from flow_engine.errors import FlowgateError
+    from flow_engine.knowledge.service import KnowledgeConfigError, preflight
     from flow_engine.store import SqlFlowStore
     from flowgate.serving import serve
 
@@ -111,8 +117,11 @@ def _engine(args: argparse.Namespace) -> int:
         settings.check()
         store = SqlFlowStore(settings.database_url)
         store.migrate()
-        store.close()
-    except (ConfigError, FlowgateError) as exc:
+        try:  # FLOW_ENGINE_KNOWLEDGE=on without pgvector stops here, with the reason
+            preflight(store, settings.knowledge)
+        finally:
+            store.close()
+    except (ConfigError, FlowgateError, KnowledgeConfigError) as exc:
         print(f"flowgate engine: {exc}", file=sys.stderr)
         return 2
     config_file = str(Path(__file__).resolve().parent.parent / "flow_engine" / "gunicorn_conf.py")

@@ -10,6 +10,8 @@
     flowgate flows rollback ID
     flowgate flows run ID --input TEXT [--session S] [--stream]
     flowgate flows validate FILE...          offline, the same messages as the API
+    flowgate flows import FILE [--publish] [--id ID] [--dry-run]
+                                             a LangFlow export as a flow (import_cli.py)
 
 Engine URL: --engine-url or FLOWGATE_ENGINE_URL (default http://127.0.0.1:8000). Key:
 --api-key, FLOWGATE_API_KEY, the admin key of FLOW_ENGINE_API_KEYS (else its highest role),
@@ -69,6 +71,9 @@ def add_commands(flows: argparse.ArgumentParser) -> None:
     validate = sub.add_parser("validate", help="validate flow files offline")
     validate.add_argument("files", nargs="+", type=Path)
     validate.set_defaults(handler=_validate, offline=True)
+    from flowgate import import_cli
+
+    import_cli.add_command(sub)
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -64,7 +64,13 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        line = json.dumps(entry, default=str, ensure_ascii=False)
+        if not line.isascii():
+            try:  # a lone surrogate (from a client's JSON) cannot be written as UTF-8:
+                line.encode()
+            except UnicodeEncodeError:  # the same JSON, escaped (\ud800), still one line
+                line = json.dumps(entry, default=str)
+        return line
 
 
 def configure(level: str = "INFO") -> None:

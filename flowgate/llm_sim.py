@@ -9,19 +9,44 @@ format so the real ``openai`` client and ``langchain_openai`` work against it un
   ``delta.role``, one chunk per token, a chunk with ``finish_reason``, a ``choices: []``
   chunk with ``usage`` if ``stream_options.include_usage``, then ``data: [DONE]``.
   ``max_tokens`` / ``max_completion_tokens`` truncate the reply (``finish_reason: "length"``).
-- ``GET /v1/models``, ``GET /v1/models/<id>``, and ``POST /v1/embeddings`` (deterministic
-  unit vectors; ``encoding_format`` ``float`` or ``base64`` as the ``openai`` client asks).
+- ``GET /v1/models``, ``GET /v1/models/<id>``, and ``POST /v1/embeddings``: deterministic
+  unit vectors that carry a little meaning (:func:`embed`: a hashed bag of words and
+  character trigrams, so texts that share words or word stems are close by cosine);
+  ``dimensions`` as OpenAI's, ``encoding_format`` ``float`` or ``base64`` as the ``openai``
+  client asks.
 - Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``.
+
+Tool calling (``tools`` in the request; :func:`plan_tool_call`), deterministic too:
+
+1. With ``tools`` and ``tool_choice`` other than ``"none"``: the tools the last user message
+   names (a tool's name appearing in it, case-insensitively, in order of appearance; the
+   first tool when it names none; the named function of a ``tool_choice`` object) are
+   called one per assistant turn, each once after that message, in that order. The answer
+   is an assistant message with one ``tool_calls`` entry (``finish_reason: "tool_calls"``;
+   streamed as a ``delta.tool_calls`` chunk with the id and name, then the arguments in
+   pieces). Arguments come from the function's ``parameters``: a property named
+   ``expression`` gets the arithmetic expression found in the message (the longest run of
+   digits, operators and parentheses holding an operator, see :func:`find_expression`),
+   every other string property the message itself, number properties its first number.
+2. Otherwise, when ``tool`` messages follow the last user message, the reply quotes them:
+   ``[simulated reply] <tool name>: "<start of its result>"`` for each, then filler.
+3. Otherwise the reply below.
+
+With ``tools`` in the request the tool protocol is checked as OpenAI checks it (400): every
+``tool_calls`` id needs a ``tool`` message answering it, and a ``tool`` message must answer one.
 
 Replies are deterministic: ``[simulated reply] you said: "<start of the last user message>"``
 followed by filler words picked from a hash of the messages. Tokens are words (every token
 but the first has a leading space). Latency (``ttft_s``, ``tokens_per_s``) and failures
-(``error_rate`` of 500 / 429 / hang-then-504) are injected from :class:`SimSettings`.
+(``error_rate`` of 500 / 429 / hang-then-504) are injected from :class:`SimSettings`;
+embeddings have their own ``embedding_latency_s`` and ``embedding_error_rate`` (same kinds).
 
 Test hooks: ``GET /sim/stats`` (counters), ``GET /sim/requests`` (the last 100 well-formed
 chat completion requests: ``body``, ``headers`` and the client's ``remote_port``, which tells
-keep-alive reuse from new connections), ``POST /sim/reset`` (zero both), ``GET|POST
-/sim/config`` (read / change settings at runtime). Both live in the worker process.
+keep-alive reuse from new connections), ``GET /sim/embedding-requests`` (the last 100
+embeddings requests: ``model``, ``inputs``, ``dimensions``, ``headers``), ``POST /sim/reset``
+(zero them all), ``GET|POST /sim/config`` (read / change settings at runtime). They live in
+the worker process.
 
 Run: ``python -m flowgate.llm_sim --port 9100`` (or ``flowgate llm-sim``).
 """
@@ -35,14 +60,15 @@ import hashlib
 import json
 import math
 import random
+import re
 import struct
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -85,14 +111,17 @@ class SimSettings:
     error_kinds: tuple[str, ...] = ("500", "429")
     hang_s: float = 30.0  # how long a "timeout" error hangs before answering 504
     embedding_dim: int = 64
+    embedding_latency_s: float = 0.0  # delay before an embeddings answer
+    embedding_error_rate: float = 0.0  # probability that an embeddings request fails
     seed: int | None = None  # salts reply filler; seeds error injection (None = random)
 
     def __post_init__(self) -> None:
-        for name in ("ttft_s", "tokens_per_s", "hang_s"):
+        for name in ("ttft_s", "tokens_per_s", "hang_s", "embedding_latency_s"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
-        if not _is_number(self.error_rate) or not 0 <= self.error_rate <= 1:
-            raise ValueError(f"error_rate must be a number in [0, 1], got {self.error_rate!r}")
+        for name in ("error_rate", "embedding_error_rate"):
+            if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {getattr(self, name)!r}")
         for name, hi in (("reply_tokens", 100_000), ("embedding_dim", 8192)):
             if not _is_int(getattr(self, name)) or not 1 <= getattr(self, name) <= hi:
                 raise ValueError(f"{name} must be an integer in [1, {hi}], got "
@@ -128,15 +157,18 @@ class _Stats:
         self._lock = threading.Lock()  # created in the worker: gevent-patched by then
         self._c: dict[str, Any] = {"active_streams": 0}
         self._requests: deque[dict[str, Any]] = deque(maxlen=100)
+        self._embedding_requests: deque[dict[str, Any]] = deque(maxlen=100)
         self.reset()
 
     def reset(self) -> None:
         with self._lock:  # active_streams is a gauge, not a counter: it survives resets
             self._requests.clear()
+            self._embedding_requests.clear()
             self._c = {
                 "requests": {}, "chat_completions_started": 0, "chat_completions_completed": 0,
                 "streams_closed_early": 0, "errors_injected": dict.fromkeys(ERROR_KINDS, 0),
-                "bad_requests": 0, "tokens_sent": 0, "active_streams": self._c["active_streams"]}
+                "bad_requests": 0, "tokens_sent": 0, "tool_calls_sent": 0, "embedding_inputs": 0,
+                "active_streams": self._c["active_streams"]}
 
     def add(self, key: str, n: int = 1, sub: str | None = None) -> None:
         with self._lock:
@@ -156,6 +188,14 @@ class _Stats:
     def requests(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._requests)
+
+    def record_embedding(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self._embedding_requests.append(entry)
+
+    def embedding_requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._embedding_requests)
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None,
@@ -208,20 +248,219 @@ def count_prompt_tokens(messages: list[tuple[str, str]]) -> int:
 def reply_tokens(messages: list[tuple[str, str]], n: int, seed: int | None = None) -> list[str]:
     """The deterministic reply for ``messages``, as ``n`` word tokens."""
     last_user = next((t for r, t in reversed(messages) if r == "user"), "").split()
-    quote = last_user[:8] or ["(nothing)"]
-    quote[0] = '"' + quote[0]
-    quote[-1] += '..."' if len(last_user) > 8 else '"'
-    words = ["[simulated", "reply]", "you", "said:", *quote]
+    words = ["[simulated", "reply]", "you", "said:", *_quote(last_user)]
     key = json.dumps([seed or 0, messages]).encode()
     words += [_FILLER[b % len(_FILLER)] for b in hashlib.shake_256(key).digest(n)]
     return [w if i == 0 else " " + w for i, w in enumerate(words[:n])]
 
 
+def _quote(words: list[str]) -> list[str]:
+    """The first 8 words in double quotes (``..."`` when there were more)."""
+    quote = words[:8] or ["(nothing)"]
+    quote[0] = '"' + quote[0]
+    quote[-1] += '..."' if len(words) > 8 else '"'
+    return quote
+
+
+# -- tool calling (the rule is in the module docstring) ---------------------------------------
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ARITHMETIC_RUN = re.compile(r"[\d.+\-*/^%()×÷\s]+")
+_OPERATOR_BETWEEN = re.compile(r"[\d)]\s*(?:\*\*|[-+*/^%×÷])\s*[-(\d.]")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+def _parse_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's function tools (``[]`` without ``tools``); 400 when malformed."""
+    tools = body.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list) or not tools:
+        raise _BadRequest("Invalid 'tools': expected a non-empty array of tools.", "tools")
+    out = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if (not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict)
+                or not isinstance(fn.get("name"), str) or not _TOOL_NAME.fullmatch(fn["name"])
+                or not isinstance(fn.get("parameters", {}), dict)):
+            raise _BadRequest(f"Invalid 'tools[{i}]': expected {{\"type\": \"function\", "
+                              "\"function\": {\"name\": \"[a-zA-Z0-9_-]{1,64}\", \"parameters\": "
+                              "{...}}}.", f"tools[{i}]")
+        out.append(fn)
+    return out
+
+
+def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]]) -> str | None:
+    """``"none"``, ``"auto"``, ``"required"`` or the name of a forced function."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return "auto"
+    if choice in ("none", "auto", "required"):
+        return choice
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str) or name not in {t["name"] for t in tools}:
+        raise _BadRequest("Invalid 'tool_choice': expected 'none', 'auto', 'required' or "
+                          '{"type": "function", "function": {"name": <one of the tools>}}.',
+                          "tool_choice")
+    return name
+
+
+def _check_tool_protocol(raw: list[dict[str, Any]]) -> None:
+    """OpenAI's rules: each tool call is answered by a ``tool`` message right after the
+    assistant message that made it, and a ``tool`` message answers a call."""
+    pending: list[str] = []
+    for i, m in enumerate(raw):
+        if m["role"] == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or call_id not in pending:
+                raise _BadRequest("Invalid parameter: messages with role 'tool' must be a response "
+                                  "to a preceding message with 'tool_calls'.", f"messages[{i}].role")
+            pending.remove(call_id)
+            continue
+        if pending:
+            raise _BadRequest("An assistant message with 'tool_calls' must be followed by tool "
+                              "messages responding to each 'tool_call_id'. The following "
+                              f"tool_call_ids did not have response messages: {', '.join(pending)}",
+                              f"messages[{i}].role")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if calls is None:
+            continue
+        if not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("id"), str)
+                and isinstance(c.get("function"), dict)
+                and isinstance(c["function"].get("name"), str)
+                and isinstance(c["function"].get("arguments"), str) for c in calls):
+            raise _BadRequest(f"Invalid 'messages[{i}].tool_calls': expected an array of "
+                              '{"id", "type": "function", "function": {"name", "arguments"}}.',
+                              f"messages[{i}].tool_calls")
+        pending = [c["id"] for c in calls]
+    if pending:
+        raise _BadRequest("An assistant message with 'tool_calls' must be followed by tool "
+                          "messages responding to each 'tool_call_id'. The following "
+                          f"tool_call_ids did not have response messages: {', '.join(pending)}",
+                          "messages")
+
+
+def find_expression(text: str) -> str | None:
+    """The longest run of digits, operators, parentheses and spaces in ``text`` that holds
+    an operator between two operands (``"what is (12 + 30) * 2?"`` → ``"(12 + 30) * 2"``)."""
+    runs = [r.group().strip() for r in _ARITHMETIC_RUN.finditer(text)]
+    runs = [r for r in runs if _OPERATOR_BETWEEN.search(r)]
+    return max(runs, key=len) if runs else None
+
+
+def _since_last_user(raw: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """The last user message's text and the messages after it."""
+    for i in range(len(raw) - 1, -1, -1):
+        if raw[i]["role"] == "user":
+            return _content_text(raw[i].get("content"), i), raw[i + 1:]
+    return "", list(raw)
+
+
+def _tool_arguments(fn: dict[str, Any], text: str) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    properties = (fn.get("parameters") or {}).get("properties") or {}
+    for name, spec in properties.items():
+        kind = spec.get("type", "string") if isinstance(spec, dict) else "string"
+        if name == "expression":
+            args[name] = find_expression(text) or text
+        elif kind == "string":
+            args[name] = text
+        elif kind in ("number", "integer") and (number := _NUMBER.search(text)):
+            value = float(number.group())
+            args[name] = int(value) if kind == "integer" or value.is_integer() else value
+    return args
+
+
+def plan_tool_call(raw: list[dict[str, Any]], tools: list[dict[str, Any]],
+                   choice: str | None) -> ToolCall | None:
+    """The tool call the simulator answers ``raw`` with, or None for a text answer."""
+    if not tools or choice == "none":
+        return None
+    text, after = _since_last_user(raw)
+    called = {c["function"]["name"] for m in after if m["role"] == "assistant"
+              for c in m.get("tool_calls") or ()}
+    by_name = {t["name"]: t for t in tools}
+    if choice not in ("auto", "required"):
+        wanted = [choice]
+    else:
+        lowered = text.lower()
+        named = sorted((lowered.find(n.lower()), n) for n in by_name if n.lower() in lowered)
+        wanted = [n for _, n in named] or [tools[0]["name"]]
+    todo = [n for n in wanted if n not in called]
+    if not todo:
+        return None
+    fn = by_name[todo[0]]
+    arguments = json.dumps(_tool_arguments(fn, text), separators=(",", ":"))
+    key = json.dumps([raw, fn["name"]], sort_keys=True, default=str).encode()
+    return ToolCall("call_" + hashlib.sha256(key).hexdigest()[:24], fn["name"], arguments)
+
+
+def tool_result_tokens(raw: list[dict[str, Any]], n: int, seed: int | None = None) -> list[str] | None:
+    """The reply quoting the tool results after the last user message (None: there are none)."""
+    _text, after = _since_last_user(raw)
+    names = {c["id"]: c["function"]["name"] for m in after if m["role"] == "assistant"
+             for c in m.get("tool_calls") or ()}
+    results = [(names.get(m.get("tool_call_id"), "tool"), _content_text(m.get("content"), 0))
+               for m in after if m["role"] == "tool"]
+    if not results:
+        return None
+    words = ["[simulated", "reply]"]
+    for name, content in results:
+        words += [f"{name}:", *_quote(content.split())]
+    key = json.dumps([seed or 0, results]).encode()
+    words += [_FILLER[b % len(_FILLER)] for b in hashlib.shake_256(key).digest(n)]
+    return [w if i == 0 else " " + w for i, w in enumerate(words[:n])]
+
+
+# Words that say little about what a text means; left out unless a text has nothing else.
+_STOPWORD_TEXT = (
+    "a an and are as at be been but by can do does for from had has have how i if in into is "
+    "it its me my no not of on or our so than that the their them then there these they this "
+    "to us was we were what when where which who why will with would you your")
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+_WORD = re.compile(r"[^\W_]+")
+_TRIGRAM_WEIGHT = 0.3  # of a word's weight, per character trigram of it
+
+
+@lru_cache(maxsize=200_000)
+def _features(word: str) -> tuple[tuple[int, float], ...]:
+    """(64-bit hash, weight with a hashed sign) of a word and of its character trigrams
+    (``<refund>`` → ``<re``, ``ref``, …): ``refund`` and ``refunds`` share most of them."""
+    padded = f"<{word}>"
+    grams = [padded[i:i + 3] for i in range(len(padded) - 2)] if len(word) > 2 else []
+    out = []
+    for feature, weight in ((f"w:{word}", 1.0), *((f"g:{g}", _TRIGRAM_WEIGHT) for g in grams)):
+        h = int.from_bytes(hashlib.blake2b(feature.encode(), digest_size=8).digest(), "little")
+        out.append((h, weight if h >> 63 else -weight))
+    return tuple(out)
+
+
 def embed(text: str, dim: int) -> list[float]:
-    """A deterministic unit vector for ``text`` (hash bytes mapped to [-1, 1])."""
-    raw = struct.unpack(f"<{dim}I", hashlib.shake_256(text.encode()).digest(4 * dim))
-    vec = [x / 2**31 - 1 for x in raw]
-    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    """A deterministic unit vector for ``text`` that carries a little meaning: a hashed bag
+    of its words (lower-cased, stopwords left out, weight 1 + log(count)) and of their
+    character trigrams, each added with a hashed sign to one of ``dim`` buckets (the
+    "hashing trick"), then normalised. Texts sharing words are close by cosine; the same
+    text always gives the same vector. A text without words falls back to hash bytes."""
+    words = _WORD.findall(text.lower())
+    counts = Counter(w for w in words if w not in _STOPWORDS) or Counter(words)
+    vec = [0.0] * dim
+    for word, n in counts.items():
+        scale = 1.0 + math.log(n)
+        for h, weight in _features(word):
+            vec[h % dim] += weight * scale
+    norm = math.sqrt(sum(v * v for v in vec))
+    if not norm:  # no words at all (or buckets that cancelled out): hash the bytes
+        raw = struct.unpack(f"<{dim}I", hashlib.shake_256(text.encode()).digest(4 * dim))
+        vec = [x / 2**31 - 1 for x in raw]
+        norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [v / norm for v in vec]
 
 
@@ -238,8 +477,9 @@ class _Sim:
         self.rng = random.Random(settings.seed)  # failure injection, not crypto
         self.settings = settings
 
-    def pick_error(self, s: SimSettings) -> str | None:
-        if s.error_rate and self.rng.random() < s.error_rate:
+    def pick_error(self, s: SimSettings, rate: float | None = None) -> str | None:
+        rate = s.error_rate if rate is None else rate
+        if rate and self.rng.random() < rate:
             return self.rng.choice(s.error_kinds)
         return None
 
@@ -255,7 +495,7 @@ class _Sim:
                       "(simulated).", "server_error", "server_error")
 
     def stream(self, s: SimSettings, base: dict[str, Any], tokens: list[str], finish: str,
-               usage: dict[str, Any] | None) -> Iterator[bytes]:
+               usage: dict[str, Any] | None, call: ToolCall | None = None) -> Iterator[bytes]:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             extra = {"usage": None} if usage else {}  # OpenAI sends usage: null until the end
@@ -268,7 +508,17 @@ class _Sim:
         try:
             yield b""  # gunicorn sends the headers now, like OpenAI, before the first token
             time.sleep(s.ttft_s)
-            yield chunk({"role": "assistant", "content": "", "refusal": None})
+            if call is not None:  # the id and name first, then the arguments in pieces
+                head = {"index": 0, "id": call.id, "type": "function",
+                        "function": {"name": call.name, "arguments": ""}}
+                yield chunk({"role": "assistant", "content": None, "refusal": None,
+                             "tool_calls": [head]})
+                for i in range(0, len(call.arguments), 10):
+                    piece = call.arguments[i:i + 10]
+                    yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                self.stats.add("tool_calls_sent")
+            else:
+                yield chunk({"role": "assistant", "content": "", "refusal": None})
             for i, token in enumerate(tokens):
                 if i and s.tokens_per_s:
                     time.sleep(1 / s.tokens_per_s)
@@ -332,6 +582,11 @@ def create_app(settings: SimSettings | None = None) -> Flask:
         limit = (_opt(body, "max_completion_tokens", is_limit, "an integer >= 1")
                  or _opt(body, "max_tokens", is_limit, "an integer >= 1"))
         _opt(body, "n", lambda v: v == 1, "1 (the simulator makes one choice)")
+        tools = _parse_tools(body)
+        tool_choice = _tool_choice(body, tools)
+        raw = body["messages"]  # well-formed: _parse_messages checked each one
+        if tools:
+            _check_tool_protocol(raw)
         sim.stats.record({"body": body, "headers": dict(request.headers),
                           "remote_port": request.environ.get("REMOTE_PORT")})
 
@@ -340,27 +595,37 @@ def create_app(settings: SimSettings | None = None) -> Flask:
         if kind:
             return sim.injected_error(kind, s)
         n = min(s.reply_tokens, limit or s.reply_tokens)
-        tokens = reply_tokens(messages, n, s.seed)
-        finish = "length" if n < s.reply_tokens else "stop"
-        usage = _usage(count_prompt_tokens(messages), n)
+        call = plan_tool_call(raw, tools, tool_choice)
+        if call is not None:
+            tokens, finish = [], "tool_calls"
+            usage = _usage(count_prompt_tokens(messages), len(call.arguments) // 4 + 1)
+        else:
+            tokens = tool_result_tokens(raw, n, s.seed) or reply_tokens(messages, n, s.seed)
+            finish = "length" if n < s.reply_tokens else "stop"
+            usage = _usage(count_prompt_tokens(messages), n)
         kind_ = "chat.completion.chunk" if stream else "chat.completion"
         base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": kind_,
                 "created": int(time.time()), "model": model, "service_tier": "default",
                 "system_fingerprint": FINGERPRINT}
         headers = {"x-request-id": f"req_{uuid.uuid4().hex}"}
         if stream:
-            body_iter = sim.stream(s, base, tokens,
-                                   finish, usage if opts.get("include_usage") else None)
+            body_iter = sim.stream(s, base, tokens, finish,
+                                   usage if opts.get("include_usage") else None, call)
             headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return Response(body_iter, mimetype="text/event-stream", headers=headers)
 
         sim.stats.add("chat_completions_started")
         # Same wall time as the streamed answer would take, so both modes compare fairly.
-        time.sleep(s.ttft_s + ((n - 1) / s.tokens_per_s if s.tokens_per_s else 0))
-        message = {"role": "assistant", "content": "".join(tokens), "refusal": None,
-                   "annotations": []}
+        time.sleep(s.ttft_s + ((len(tokens) - 1) / s.tokens_per_s if s.tokens_per_s and tokens
+                               else 0))
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(tokens) or None,
+                                   "refusal": None, "annotations": []}
+        if call is not None:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.name, "arguments": call.arguments}}]
+            sim.stats.add("tool_calls_sent")
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        sim.stats.add("tokens_sent", n)
+        sim.stats.add("tokens_sent", len(tokens))
         sim.stats.add("chat_completions_completed")
         resp = jsonify({**base, "choices": [choice], "usage": usage})
         resp.headers.update(headers)
@@ -383,6 +648,15 @@ def create_app(settings: SimSettings | None = None) -> Flask:
                    "an integer in [1, 8192]") or sim.settings.embedding_dim
         fmt = _opt(body, "encoding_format", lambda v: v in ("float", "base64"),
                    "'float' or 'base64'") or "float"
+        sim.stats.record_embedding({"model": model, "inputs": len(texts),
+                                    "dimensions": body.get("dimensions"),
+                                    "headers": dict(request.headers)})
+        s = sim.settings
+        kind = sim.pick_error(s, s.embedding_error_rate)
+        if kind:
+            return sim.injected_error(kind, s)
+        time.sleep(s.embedding_latency_s)  # cooperative under gunicorn's gevent worker
+        sim.stats.add("embedding_inputs", len(texts))
         data = []
         for i, text in enumerate(texts):
             vec: Any = embed(text, dim)
@@ -400,6 +674,10 @@ def create_app(settings: SimSettings | None = None) -> Flask:
     @app.get("/sim/requests")
     def requests_seen() -> Response:
         return jsonify(sim.stats.requests())
+
+    @app.get("/sim/embedding-requests")
+    def embedding_requests_seen() -> Response:
+        return jsonify(sim.stats.embedding_requests())
 
     @app.post("/sim/reset")
     def reset() -> Response:

@@ -168,6 +168,8 @@ def up(args: argparse.Namespace) -> int:
                     {"AMBASSADOR_UPSTREAM_URL": f"http://127.0.0.1:{args.engine_port}",
                      "AMBASSADOR_UPSTREAM_KEY": keys.ambassador, "AMBASSADOR_CONFIG": config},
                     args.ambassador_port, "/readyz")
+        _demo_knowledge(args.examples, args.engine_port, keys.admin, simulated=not os.environ.get(
+            "OPENAI_BASE_URL"))
         flows = _push_examples(args.examples, args.engine_port, keys.admin)
         _banner(args, llm_url, flows, config)
         while all(proc.poll() is None for _name, proc in stack.procs):
@@ -230,6 +232,28 @@ def _push_examples(folder: Path, engine_port: int, key: str) -> list[str]:
         flow_id, _version, _created = client.push(definition, publish=True)
         pushed.append(flow_id)
     return pushed
+
+
+def _demo_knowledge(examples: Path, engine_port: int, key: str, *, simulated: bool) -> None:
+    """The ``handbook`` knowledge base of the handbook-qa flow, from ``examples/handbook/``
+    (beside the flows pushed, else the package's own examples): created if missing, changed
+    files uploaded, indexed before the flows are pushed (a flow naming a base that does not
+    exist is invalid). A real provider gets OpenAI's small embedding model."""
+    from flowgate import knowledge_cli
+    from flowgate.client import ApiError, EngineClient
+
+    folder = examples / "handbook"
+    if not folder.is_dir():
+        folder = examples_dir() / "handbook"
+    if not folder.is_dir():
+        return
+    model = knowledge_cli.SIM_MODEL if simulated else knowledge_cli.DEFAULT_MODEL
+    try:
+        knowledge_cli.ensure_demo(EngineClient(f"http://127.0.0.1:{engine_port}", key), folder,
+                                  model=model, dimensions=256 if simulated else None)
+    except ApiError as exc:
+        print(f"flowgate up: the demo knowledge base was not set up: {exc.code}: {exc.message}",
+              file=sys.stderr)
 
 
 def _same(stored, definition) -> bool:

@@ -8,96 +8,35 @@ engine fails (unreachable, open breaker, 500/502/503/504 — a 502 is a failed L
 when an older answer helps), an entry up to ``stale_if_error_s`` past its TTL is served
 instead (``X-Cache: STALE``). ``X-Cache`` is HIT, MISS, BYPASS or STALE on every run answer.
 
-Storage is Redis when ``REDIS_URL`` is set, else an in-process LRU. A cache failure never
-fails a request: the cache is skipped and ``flowgate_ambassador_cache_errors_total`` counts it.
+Storage (:mod:`ambassador.filters.cache_stores`) is Redis when ``REDIS_URL`` is set — with
+an in-process fallback while Redis fails — else an in-process LRU bounded by entries and
+bytes. A cache failure never fails a request: the cache is skipped and
+``flowgate_ambassador_cache_errors_total`` counts it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from ambassador.chain import Handler, Request, Response
 from ambassador.config import Settings
+from ambassador.filters.cache_stores import CacheStore, MemoryCacheStore, RedisCacheStore
 
-
-class CacheStore(Protocol):
-    def get(self, key: str) -> dict[str, Any] | None: ...
-    def set(self, key: str, entry: dict[str, Any], keep_s: float) -> None: ...
-
-
-class MemoryCacheStore:
-    """LRU with per-entry expiry (the entry is kept for TTL + stale window)."""
-
-    def __init__(self, max_entries: int, clock: Callable[[], float] = time.time) -> None:
-        self.max_entries = max_entries
-        self._clock = clock
-        self._data: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        with self._lock:
-            item = self._data.get(key)
-            if item is None:
-                return None
-            if item[0] <= self._clock():
-                del self._data[key]
-                return None
-            self._data.move_to_end(key)
-            return item[1]
-
-    def set(self, key: str, entry: dict[str, Any], keep_s: float) -> None:
-        with self._lock:
-            self._data[key] = (self._clock() + keep_s, entry)
-            self._data.move_to_end(key)
-            while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
-
-
-class RedisDown(Exception):
-    """Redis failed a moment ago; not trying again yet."""
-
-
-class RedisCacheStore:
-    """Entries in Redis. After a failure Redis is left alone for ``pause_s`` so that a hung
-    Redis costs one timeout per pause, not one per request."""
-
-    def __init__(self, client: Any, prefix: str = "flowgate:cache:", pause_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.pause_s = pause_s
-        self._clock = clock
-        self._down_until = 0.0
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        if self._clock() < self._down_until:
-            raise RedisDown("redis paused after a failure")
-        try:
-            return fn()
-        except Exception:
-            self._down_until = self._clock() + self.pause_s
-            raise
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        raw = self._call(lambda: self.client.get(self.prefix + key))
-        return json.loads(raw) if raw else None
-
-    def set(self, key: str, entry: dict[str, Any], keep_s: float) -> None:
-        self._call(lambda: self.client.set(self.prefix + key, json.dumps(entry),
-                                           px=max(1, int(keep_s * 1000))))
+__all__ = ["Cache", "CacheStore", "MemoryCacheStore", "RedisCacheStore", "cache_key"]
 
 
 def cache_key(request: Request, session_in_key: bool) -> str:
     body = request.body or {}
     identity = request.ctx.get("identity")
+    # the tenant the engine keeps the caller's runs and history under: its tenant, else its
+    # identity (flow_engine/auth.py) — one caller must never get another's cached answer
+    tenant = (identity.tenant or identity.name) if identity is not None else None
     parts = [request.flow_id, body.get("version"), body.get("input_value"), body.get("tweaks"),
-             body.get("input_type"), body.get("output_type"), getattr(identity, "tenant", None),
+             body.get("input_type"), body.get("output_type"), tenant,
              body.get("session_id") if session_in_key else None]
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

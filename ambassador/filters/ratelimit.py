@@ -15,6 +15,7 @@ from typing import Any
 from ambassador.chain import Handler, Request, Response, error_response
 from ambassador.config import RateLimit as RateLimitSettings
 from ambassador.config import Settings
+from ambassador.redis_pause import RedisPause
 
 # KEYS[1] bucket; ARGV: rate, burst, now (s), cost. Returns {allowed, wait_ms}.
 _LUA = """
@@ -56,25 +57,19 @@ class LocalBuckets:
 
 class RedisBuckets:
     """Buckets in Redis, shared by every ambassador. After a failure Redis is left alone
-    for ``pause_s`` (local buckets decide meanwhile), so a hung Redis is not a timeout on
-    every request."""
+    for a while (:class:`ambassador.redis_pause.RedisPause`; local buckets decide
+    meanwhile), so a hung Redis is not a timeout on every request."""
 
-    def __init__(self, client: Any, prefix: str = "flowgate:rl:", pause_s: float = 5.0) -> None:
+    def __init__(self, client: Any, prefix: str = "flowgate:rl:",
+                 pause: RedisPause | None = None) -> None:
         self.client = client
         self.prefix = prefix
-        self.pause_s = pause_s
-        self._down_until = 0.0
+        self.pause = pause if pause is not None else RedisPause()
         self._script = client.register_script(_LUA)
 
     def take(self, key: str, limit: RateLimitSettings) -> float:
-        if time.monotonic() < self._down_until:
-            raise ConnectionError("redis paused after a failure")
-        try:
-            allowed, wait_ms = self._script(keys=[self.prefix + key],
-                                            args=[limit.requests_per_s, limit.burst, time.time()])
-        except Exception:
-            self._down_until = time.monotonic() + self.pause_s
-            raise
+        allowed, wait_ms = self.pause.call(lambda: self._script(
+            keys=[self.prefix + key], args=[limit.requests_per_s, limit.burst, time.time()]))
         return 0.0 if int(allowed) else int(wait_ms) / 1000
 
 

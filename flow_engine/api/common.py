@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app, g, request
+from werkzeug.exceptions import ClientDisconnected
 
+from flow_engine import jsontext
 from flow_engine.auth import (
     IDENTITY_HEADER,
     TENANT_HEADER,
@@ -19,7 +21,7 @@ from flow_engine.auth import (
     required_role,
 )
 from flow_engine.config import Settings
-from flow_engine.errors import BadRequest, FlowgateError, Forbidden
+from flow_engine.errors import BadRequest, FlowgateError, Forbidden, PayloadTooLarge
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs.service import RunService
 from flow_engine.service import FlowService
@@ -34,6 +36,10 @@ class UnsupportedMediaType(FlowgateError):
     status, code = 415, "unsupported_media_type"
 
 
+class RequestTimeout(FlowgateError):
+    status, code = 408, "request_timeout"
+
+
 @dataclass
 class Engine:
     """Everything a request handler may use, built once per app by create_app."""
@@ -44,6 +50,7 @@ class Engine:
     flows: FlowService
     runs: RunService
     keys: KeyRing
+    maintenance: Any = None  # flow_engine/maintenance.py (its thread runs by itself)
 
 
 def engine() -> Engine:
@@ -56,53 +63,113 @@ def principal() -> Principal:
 
 
 def json_body(*, required: bool = True) -> Any:
-    """The request's JSON body; 415 for another content type, 400 for malformed JSON."""
-    if not request.content_length and not request.data:
+    """The request's JSON body; 415 for another content type, 400 for malformed JSON, 413
+    over ``max_body_bytes`` (also for a chunked body), 408 when it does not arrive in time."""
+    data = body_bytes()
+    if not data:
         if required:
             raise BadRequest("this endpoint needs a JSON body (Content-Type: application/json)")
         return None
     if not request.is_json:
         raise UnsupportedMediaType(
             f"expected Content-Type: application/json, got {request.content_type or 'none'}")
-    return parse_json(request.get_data(cache=True))
+    return parse_json(data)
+
+
+def body_bytes() -> bytes:
+    """The whole request body, at most ``max_body_bytes``. Werkzeug refuses a Content-Length
+    over the limit (413) but reads a chunked body only up to it, and what it read parsed as
+    if it were all: here a body of unknown length is read one byte past the limit, and
+    over is 413. The server's body timeout (flowgate/serving.py) surfaces as a 408."""
+    cached = g.get("body")
+    if cached is not None:
+        return cached
+    limit = engine().settings.max_body_bytes
+    try:
+        if request.content_length is not None:
+            data = request.get_data(cache=True)  # 413 above the limit
+        else:
+            data = _read_at_most(request.environ["wsgi.input"], limit + 1)
+    except ClientDisconnected as exc:
+        if isinstance(exc.__context__, TimeoutError):
+            raise RequestTimeout(str(exc.__context__)) from None
+        raise BadRequest("the request body ended before its declared length") from None
+    except TimeoutError as exc:
+        raise RequestTimeout(str(exc)) from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"request body over the {limit} byte limit")
+    g.body = data
+    return data
+
+
+def _read_at_most(stream: Any, size: int) -> bytes:
+    parts, left = [], size
+    while left > 0:
+        part = stream.read(min(left, 1 << 20))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def parse_json(data: bytes | str) -> Any:
-    """JSON from a client: 400 when malformed, not UTF-8, or nested too deeply."""
+    """JSON from a client: 400 when malformed, not UTF-8, nested too deeply, holding NaN or
+    Infinity (not JSON), a number too long for Python's int limit, or a NUL character in
+    any string (no store can keep one: PostgreSQL refuses it in text)."""
     try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
+        value = json.loads(data, parse_constant=_refuse_constant)
     except RecursionError:
         raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    if json_depth(value) > MAX_JSON_DEPTH:
-        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, int digit limit, NaN
+        raise BadRequest(f"malformed JSON: {str(exc)[:200]}") from None
+    problem = json_problem(value)
+    if problem:
+        raise BadRequest(problem)
     return value
 
 
 MAX_JSON_DEPTH = 64  # flow definitions need about 6; deep nesting only costs (and recurses)
 
 
-def json_depth(value: Any) -> int:
-    """The nesting depth of a parsed JSON value (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(value, 1)]
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_problem(value: Any) -> str | None:
+    """Why a parsed JSON value cannot be taken (too deep, a NUL in a string), or None;
+    one pass, without recursion."""
+    stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "JSON strings may not contain NUL (\\u0000)"
+            continue
         if isinstance(item, dict):
-            children = item.values()
+            children = [*item.keys(), *item.values()]
         elif isinstance(item, list):
             children = item
         else:
             continue
-        deepest = max(deepest, depth)
         if depth > MAX_JSON_DEPTH:
-            return depth
-        stack.extend((child, depth + 1) for child in children
-                     if isinstance(child, dict | list))
-    return deepest
+            return f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 _NO_AUTH = ApiKey("anonymous", "admin", True, b"")
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def check_host(host: str, allowed: tuple[str, ...]) -> None:
+    """Without keys (--insecure-no-auth) anything that reaches the engine may use it, so only
+    loopback Host names are answered (and ``allowed``): a web page whose DNS name was
+    rebound to 127.0.0.1 is refused, though the browser thinks it is that page's origin."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name.lower() not in LOOPBACK_HOSTS and name.lower() not in {h.lower() for h in allowed}:
+        raise Forbidden(f"Host '{host[:100]}' is not answered by an engine without API keys; "
+                        "use localhost, or list the name in FLOW_ENGINE_ALLOWED_HOSTS")
 
 
 def authenticate() -> Principal:
@@ -139,15 +206,12 @@ def authenticate() -> Principal:
     return caller
 
 
-# One encoder for every event: json.dumps builds a new one per call when given options.
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
-
-
 def sse(event_id: int | None, event: str, data: Any) -> bytes:
     """One Server-Sent Event: ``id:``, ``event:``, ``data:`` lines and a blank line. Compact
-    JSON never holds a line break (JSON escapes them in strings), so ``data:`` is one line."""
+    JSON never holds a line break (JSON escapes them in strings), so ``data:`` is one line;
+    it is always valid UTF-8, even for text holding a lone surrogate (flow_engine/jsontext.py)."""
     head = f"id: {event_id}\nevent: {event}\ndata: " if event_id is not None else f"event: {event}\ndata: "
-    return (head + _encode_json(data) + "\n\n").encode()
+    return head.encode() + jsontext.dumps_utf8(data) + b"\n\n"
 
 
 KEEPALIVE = b": keep-alive\n\n"

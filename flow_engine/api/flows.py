@@ -7,7 +7,8 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from flow_engine.api.common import engine, json_body
-from flow_engine.errors import BadRequest
+from flow_engine.errors import BadRequest, NotFound
+from flow_engine.runs.request import MAX_VERSION
 from flow_engine.store.base import FlowRecord, VersionRecord
 
 bp = Blueprint("flows", __name__)
@@ -83,6 +84,8 @@ def list_versions(flow_ref: str):
 def get_version(flow_ref: str, number: int):
     store = engine().store
     flow = store.get_flow(flow_ref)
+    if number > MAX_VERSION:  # no store column holds it: no such version, never a 500
+        raise NotFound(f"flow '{flow.id}' has no version {number}")
     return jsonify(version_json(store.get_version(flow.id, number), live=flow.live_version,
                                 definition=True))
 
@@ -91,7 +94,7 @@ def get_version(flow_ref: str, number: int):
 def publish(flow_ref: str):
     body = json_body()
     number = body.get("version") if isinstance(body, dict) else None
-    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_VERSION:
         raise BadRequest('publish needs {"version": N} with N a version number')
     return jsonify(flow_json(engine().flows.publish(flow_ref, number)))
 

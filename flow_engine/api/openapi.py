@@ -10,6 +10,9 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
+from flow_engine.api import knowledge
+from flow_engine.interop import api as interop
+
 bp = Blueprint("openapi", __name__)
 
 
@@ -21,7 +24,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-ERRORS = {str(s): {"$ref": f"#/components/responses/E{s}"} for s in (400, 401, 404, 409, 413, 415, 422)}
+ERRORS = {str(s): {"$ref": f"#/components/responses/E{s}"}
+          for s in (400, 401, 404, 408, 409, 413, 415, 422, 503)}
 FLOW_REF = {"name": "flow_ref", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "flow id or unique name"}
 RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -37,6 +41,11 @@ def _op(summary: str, ok: dict[str, Any], *, status: str = "200", body: dict | N
     if params:
         op["parameters"] = params
     return op
+
+
+SERVER_REFUSALS = {414: "the request line is longer than 4094 bytes (refused by gunicorn)",
+                   431: "a header field is longer than 8190 bytes, or there are more than 100 "
+                        "(refused by gunicorn)"}
 
 
 def build_spec() -> dict[str, Any]:
@@ -102,21 +111,22 @@ def build_spec() -> dict[str, Any]:
                            "description": "answer with Server-Sent Events"},
                           {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"},
                            "description": "same key and body → the same run, not a second one"}],
-                  body=_ref("RunRequest"), errors=(400, 401, 404, 409, 413, 415, 422)),
+                  body=_ref("RunRequest"),
+                  errors=(400, 401, 404, 408, 409, 413, 415, 422, 503)),
         }},
         "/api/v1/runs/{run_id}": {"get": _op("a run record", _json(_ref("RunRecord"), "the run"),
                                              params=[RUN_ID], errors=(401, 404))},
         "/api/v1/runs/{run_id}/events": {"get": _op(
             "replay the run's events after Last-Event-ID, then follow it live (SSE)",
             {"description": "run events: id/event/data lines",
-             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+             "content": {"text/event-stream": {"schema": _ref("RunEvent")}}},
             params=[RUN_ID,
                     {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer"}},
                     {"name": "last_event_id", "in": "query", "schema": {"type": "integer"}}],
-            errors=(400, 401, 404, 409))},
+            errors=(400, 401, 404, 409, 503))},
         "/api/v1/runs/{run_id}/cancel": {"post": _op(
             "cancel a running run", _json({"type": "object"}, "cancelling"), status="202",
-            params=[RUN_ID], errors=(401, 404, 409))},
+            params=[RUN_ID], errors=(401, 404, 409, 503))},
         "/api/v1/ws/runs": {"get": {
             **_op("WebSocket: run flows and follow runs (protocol: flow_engine/api/ws.py)",
                   {"description": "WebSocket upgrade; then JSON messages: send "
@@ -129,7 +139,15 @@ def build_spec() -> dict[str, Any]:
         }},
     }
     paths["/api/v1/run/{flow_ref}"]["post"]["responses"]["200"]["content"]["text/event-stream"] = {
-        "schema": {"type": "string", "description": "run events: id/event/data lines"}}
+        "schema": _ref("RunEvent")}
+    paths.update(knowledge.openapi_paths())  # flow_engine/api/knowledge.py
+    paths.update(interop.openapi_paths())  # flow_engine/interop/api.py
+    # what gunicorn itself refuses before the app sees the request (HTML, not the contract)
+    for operations in paths.values():
+        for op in operations.values():
+            for status, what in SERVER_REFUSALS.items():
+                op["responses"].setdefault(str(status), {
+                    "description": what, "content": {"text/html": {"schema": {"type": "string"}}}})
     error_schema = {"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"},
@@ -148,8 +166,10 @@ def build_spec() -> dict[str, Any]:
                                 "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
             "responses": {f"E{s}": _json(_ref("Error"), d) for s, d in (
                 (400, "malformed request"), (401, "missing or invalid API key"),
-                (404, "unknown flow, version or run"), (409, "conflict"),
-                (413, "body too large"), (415, "not JSON"), (422, "invalid flow or tweaks"))},
+                (404, "unknown flow, version or run"), (408, "the body did not arrive in time"),
+                (409, "conflict"), (413, "body too large"), (415, "not JSON"),
+                (422, "invalid flow or tweaks"),
+                (503, "the store or the shared event log is unavailable; see Retry-After"))},
             "schemas": {
                 "Error": error_schema,
                 "FlowDefinition": {"type": "object", "required": ["nodes"], "properties": {
@@ -172,6 +192,14 @@ def build_spec() -> dict[str, Any]:
                     "canary": {"type": ["object", "null"], "properties": {
                         "version": {"type": "integer"}, "percent": {"type": "number"}}},
                     "sticky_key": {"type": ["string", "null"], "enum": ["session_id", None]}}},
+                # one Server-Sent Event (what the schema of text/event-stream describes)
+                "RunEvent": {"type": "object", "required": ["data"], "properties": {
+                    "event": {"type": "string", "description": "run_started, node_started, "
+                              "token, node_finished, error, run_finished"},
+                    "id": {"type": "string", "description": "the event's sequence number "
+                           "(for Last-Event-ID); absent on an outcome replayed from the record"},
+                    "data": {"type": "string", "contentMediaType": "application/json",
+                             "description": "the event as a JSON object"}}},
                 "RunRequest": {"type": "object", "properties": {
                     "input_value": {"type": ["string", "null"]},
                     "input_type": {"enum": ["chat", "text", "any"]},

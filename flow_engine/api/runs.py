@@ -7,7 +7,11 @@ SSE protocol (``POST /run/{flow}?stream=true`` or ``Accept: text/event-stream``,
 ``last_event_id`` query parameter) and then follows the run live, so a client that
 reconnects with its last id misses nothing and sees nothing twice. A ``: keep-alive``
 comment goes out whenever the run is quiet for ``sse_keepalive_s`` (15 s). The headers
-turn off proxy buffering, so every token is flushed as it is generated.
+turn off proxy buffering, so every token is flushed as it is generated. A stream never
+skips an id: where events of the run were lost (the shared event log failed while it ran)
+it ends with an ``error`` event ``events_lost`` naming them, and where the shared log stops
+answering, with ``event_log_unavailable`` (reconnect with ``Last-Event-ID``); neither has
+an ``id:``. Text holding a lone surrogate is sent escaped (``\\ud800``): always UTF-8.
 
 A streamed run whose client goes away is cancelled, unless the request said
 ``on_disconnect=continue`` (query parameter or body field): then it runs to the end and
@@ -130,9 +134,9 @@ def run_events(run_id: str):
     if not EVENT_ID.fullmatch(raw):
         raise BadRequest("Last-Event-ID must be the id of the last event received "
                          "(ASCII digits)")
-    g.run_id = run_id
     events = engine().runs.watch(run_id, int(raw), engine().settings.sse_keepalive_s,
-                                 principal())
+                                 principal())  # an id the engine could not have made: 404 here
+    g.run_id = run_id
     return sse_response(events, {"X-Run-ID": run_id})
 
 

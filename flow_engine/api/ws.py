@@ -35,7 +35,9 @@ Server → client: JSON text messages.
 - Run events ``{"type": <event type>, "seq": n, …event data}``: ``run_started``,
   ``node_started``, ``token``, ``node_finished``, ``error``, ``run_finished``, with the
   data of ``flow_engine/runs/runner.py``. ``seq`` is SSE's ``id`` (use it as
-  ``last_event_id``); it is ``null`` for the outcome of a run whose events have expired.
+  ``last_event_id``); it is ``null`` for the outcome of a run whose events have expired,
+  and for the ``error`` that ends a watch whose events were lost (``events_lost``) or whose
+  shared event log stopped answering (``event_log_unavailable``), as for SSE.
   Node events carry the node type as ``node_type`` (``type`` names the message). A run's
   last event is ``run_finished`` or ``error``; from then on the connection takes the next
   ``run`` or ``watch``.
@@ -73,7 +75,6 @@ followed.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import threading
@@ -86,6 +87,7 @@ from flask import Blueprint, current_app, g, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
+from flow_engine import jsontext
 from flow_engine.api.common import engine, parse_json, principal
 from flow_engine.auth import ANONYMOUS, Principal
 from flow_engine.config import Settings
@@ -338,7 +340,7 @@ class RunSocket:
             self._send(body)
 
     def _send(self, body: dict[str, Any]) -> None:
-        text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=str)
+        text = jsontext.dumps(body)  # valid UTF-8 even with a lone surrogate in it
         with self._send_lock:
             try:
                 self.ws.send(text)

@@ -47,6 +47,9 @@ class Limits:
     max_template_chars: int = 20_000
     max_definition_bytes: int = 2_000_000
     egress: ProviderOrigins | None = None
+    # engine-side lookups validation may consult (e.g. {"knowledge": ...}: which knowledge
+    # bases exist); empty offline, where such checks are skipped
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 llm-sim, Ollama, vLLM, …), spoken directly over pooled keep-alive HTTP (urllib3, which is
 cooperative under gevent). It replaces langchain-openai's ``ChatOpenAI`` in the engine:
 that client costs ~4.5 ms per call and ~300 µs per streamed token (client setup, httpx,
-pydantic parsing of every chunk). Use ``ChatOpenAI`` instead when you need tools,
-structured output, images or the Responses API: this model only sends text messages.
+pydantic parsing of every chunk). It sends text messages and function tools; use
+``ChatOpenAI`` instead when you need structured output, images or the Responses API.
 
 Wire protocol (always streamed): ``POST {base_url}/chat/completions`` with ``"stream": true``
 and ``"stream_options": {"include_usage": true}``; the answer is ``text/event-stream`` of
@@ -12,6 +12,13 @@ and ``"stream_options": {"include_usage": true}``; the answer is ``text/event-st
 ``on_llm_new_token``); ``finish_reason`` and the final ``usage`` chunk become one last
 chunk carrying ``usage_metadata``. A stream that ends without ``[DONE]`` and without a
 ``finish_reason`` was cut off and is an error.
+
+Tools (:meth:`OpenAICompatChatModel.bind_tools`): the request carries ``tools`` (and
+``tool_choice``); each ``choices[0].delta.tool_calls`` entry of the stream becomes a
+``tool_call_chunks`` entry of its chunk (keyed by ``index``: the id and name come first,
+the JSON arguments in pieces), which LangChain joins into the message's ``tool_calls``.
+Assistant messages with ``tool_calls`` and ``ToolMessage`` answers are sent back in
+OpenAI's shape. A chunk without ``tool_calls`` costs one dict lookup more than before.
 
 Errors, translated once here (``runs.runner.classify_error`` maps them to the error
 contract)::
@@ -51,12 +58,15 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.chat_models import generate_from_stream
 from langchain_core.messages import (
+    AIMessage,
     AIMessageChunk,
     BaseMessage,
     ChatMessage,
     ToolMessage,
 )
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 from urllib3.exceptions import (
     ConnectTimeoutError,
@@ -204,6 +214,19 @@ class OpenAICompatChatModel(BaseChatModel):
         params["ls_provider"] = "openai"
         return params
 
+    def bind_tools(self, tools: list[Any], *, tool_choice: str | dict | None = None,
+                   **kwargs: Any) -> Runnable:
+        """This model with ``tools`` (LangChain tools, functions or OpenAI tool dicts) sent
+        on every call; ``tool_choice``: ``"auto"``, ``"none"``, ``"required"``, a tool's name
+        or OpenAI's object. (The engine's Agent passes ``tools=`` per call instead: a bound
+        model merges callback managers through a set, which reorders their handlers.)"""
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "required"):
+            tool_choice = {"type": "function", "function": {"name": tool_choice}}
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
+        return self.bind(tools=formatted, **kwargs)
+
     def request_body(self, messages: list[BaseMessage], stop: list[str] | None = None,
                      **kwargs: Any) -> dict[str, Any]:
         """The JSON body posted for ``messages`` (``kwargs`` add or override fields)."""
@@ -287,9 +310,14 @@ class OpenAICompatChatModel(BaseChatModel):
                     raise ProviderResponseError(_error_message(event) or "error event in the stream")
                 if choices:
                     choice = choices[0]
-                    content = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    content = delta.get("content")
                     if content:
                         yield ChatGenerationChunk(message=AIMessageChunk(content=content))
+                    calls = delta.get("tool_calls")
+                    if calls:
+                        yield ChatGenerationChunk(message=AIMessageChunk(
+                            content="", tool_call_chunks=_tool_call_chunks(calls)))
                     if choice.get("finish_reason"):
                         finish = {"finish_reason": choice["finish_reason"],
                                   "model_name": event.get("model", self.model)}
@@ -318,9 +346,33 @@ def _to_openai(message: BaseMessage) -> dict[str, Any]:
         if role is None:
             raise ValueError(f"cannot send a {message.type!r} message to an OpenAI-compatible model")
     content = message.content if isinstance(message.content, str) else message.text
-    out = {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
     if isinstance(message, ToolMessage):
         out["tool_call_id"] = message.tool_call_id
+    elif isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls):
+        out["content"] = content or None  # OpenAI's own shape for a message of calls only
+        out["tool_calls"] = [
+            {"id": call["id"], "type": "function", "function": {
+                "name": call["name"], "arguments": json.dumps(call["args"])}}
+            for call in message.tool_calls] + [
+            {"id": call["id"], "type": "function", "function": {
+                "name": call["name"] or "", "arguments": call["args"] or ""}}
+            for call in message.invalid_tool_calls]
+    return out
+
+
+def _tool_call_chunks(calls: Any) -> list[dict[str, Any]]:
+    """OpenAI's ``delta.tool_calls`` as LangChain tool call chunks (merged by ``index``)."""
+    if not isinstance(calls, list):
+        raise ProviderResponseError("delta.tool_calls is not a list")
+    out = []
+    for position, call in enumerate(calls):
+        function = call.get("function") or {} if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise ProviderResponseError("a delta.tool_calls entry is not an object")
+        out.append({"name": function.get("name"), "args": function.get("arguments"),
+                    "id": call.get("id"), "index": call.get("index", position),
+                    "type": "tool_call_chunk"})
     return out
 
 

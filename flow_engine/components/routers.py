@@ -18,6 +18,10 @@ from langchain_core.runnables import Runnable
 
 from flow_engine.components.base import BuildContext, Component, NodeFunction, Port, Routed
 
+MAX_PROGRAM_SIZE = 5000  # RE2 instructions; at 100,000 characters of input a search stays
+# in the tens of milliseconds (a 95,000-instruction program took 30 s: its DFA does not fit)
+MAX_CHARS = 100_000
+
 
 def compile_pattern(pattern: str, case_sensitive: bool):
     """An RE2 pattern; ``re2.error`` with RE2's reason when it cannot compile."""
@@ -41,7 +45,7 @@ class ConditionalRouter(Component):
                          "default": "contains"},
             "pattern": {"type": "string", "minLength": 1, "maxLength": 500},
             "case_sensitive": {"type": "boolean", "default": False},
-            "max_chars": {"type": "integer", "minimum": 1, "maximum": 1_000_000,
+            "max_chars": {"type": "integer", "minimum": 1, "maximum": MAX_CHARS,
                           "default": 10_000},
         },
         "required": ["pattern"],
@@ -51,13 +55,19 @@ class ConditionalRouter(Component):
         pattern = params.get("pattern")
         if params.get("operator") != "regex" or not isinstance(pattern, str):
             return
+        case_sensitive = params.get("case_sensitive", False)  # compiled as it will run
         try:
-            compile_pattern(pattern, True)
+            compiled = compile_pattern(pattern, case_sensitive is True)
         except re2.error as exc:
             reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(
                 exc.args[0], bytes) else str(exc)
             yield ".pattern", (f"invalid regular expression for RE2: {reason} (backreferences "
                                "and lookaround are not supported)")
+            return
+        if compiled.programsize > MAX_PROGRAM_SIZE:
+            yield ".pattern", (f"the pattern compiles to {compiled.programsize} RE2 instructions; "
+                               f"the limit is {MAX_PROGRAM_SIZE} (large counted repetitions such "
+                               "as (...){1000} cost the most: use + or a smaller count)")
 
     def build(self, node_id: str, params: dict[str, Any], ctx: BuildContext) -> Runnable:
         test = _matcher(params)

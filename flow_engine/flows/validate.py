@@ -16,12 +16,15 @@ from typing import Any
 from flow_engine.components.base import Component, ComponentRegistry, Limits
 from flow_engine.errors import FlowInvalid, Problem
 from flow_engine.flows.model import Edge, FlowDefinition, Node
+from flow_engine.jsontext import encodable
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always with fullmatch
 _TOP_KEYS = {"id", "name", "description", "nodes", "edges", "tweakable"}
 _NODE_KEYS = {"id", "type", "params", "position", "label"}
 _EDGE_KEYS = {"source", "target", "source_output", "target_input", "id"}
 DEFAULT_LIMITS = Limits()
+_LONE_SURROGATE = ("must be text, but holds a lone surrogate (an escape \\ud800-\\udfff that "
+                   "is not half of a pair, so not a character)")
 
 
 def validate_flow(
@@ -59,9 +62,13 @@ def validate_flow(
     if "name" in data or id_ok:  # a missing name defaults to the id; report the id once
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             add("$.name", "name must be a non-empty string of at most 200 characters")
+        elif not encodable(name):
+            add("$.name", _LONE_SURROGATE)
     description = data.get("description", "")
     if not isinstance(description, str):
         add("$.description", "description must be a string")
+    elif not encodable(description):
+        add("$.description", _LONE_SURROGATE)
 
     nodes, seen_ids, complete = _check_nodes(data.get("nodes"), registry, limits, add)
     edges = _check_edges(data.get("edges", []), nodes, seen_ids, limits, add)

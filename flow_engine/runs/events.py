@@ -13,40 +13,40 @@ Protocol (what ``GET /runs/{id}/events`` relies on):
   belongs to (``owner(run_id)``), so that readers in any process can refuse other tenants
   before sending anything. In Redis it is the string ``flowgate:run:<id>:owner``, written
   in the same ordered queue as the events and expiring with them.
-- The in-memory log (always on) is the authority for runs of this process. With
-  ``REDIS_URL``, every event is also mirrored to a Redis Stream ``flowgate:run:<id>`` (entry
-  id ``<seq>-0``) by a background writer, and runs of other processes are read from there
-  with ``XREAD BLOCK``. If Redis fails, runs of this process are still served from memory
-  and the failure is counted (``flowgate_engine_event_log_errors_total``).
+- Readers never skip: every read is checked to continue exactly after ``after`` with no
+  hole. Where events are missing and cannot be had (the Redis mirror dropped a batch during
+  an outage, a stream trimmed or restarted, a run over its memory budget), the read ends
+  with an ``error`` event (seq 0, code ``events_lost``, naming the missing range) instead:
+  a client never sees ``run_finished`` after a silent gap.
+- The in-memory log (always on) is the authority for runs of this process, bounded in
+  bytes (``FLOW_ENGINE_EVENT_MEMORY_BYTES``, each event counted as about its JSON length;
+  gauge ``flowgate_engine_event_memory_bytes``) and in runs. With ``REDIS_URL``, every event
+  is also mirrored to a Redis Stream ``flowgate:run:<id>`` (entry id ``<seq>-0``) by a
+  background writer (``runs/redis_events.py``: retries, backoff, short timeouts), and runs
+  of other processes are read from there. If Redis fails, runs of this process are still
+  served from memory and the failure is counted (``flowgate_engine_event_log_errors_total``;
+  events never written: ``flowgate_engine_event_log_lost_total``).
 """
+
 
 from __future__ import annotations
 
 import bisect
-import json
-import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
-from flow_engine.errors import FlowgateError
+from flow_engine.runs.redis_events import TERMINAL, EventLogUnavailable, RedisEventLog
 from flow_engine.runs.runner import RunEvent
 
-log = logging.getLogger(__name__)
-TERMINAL = frozenset({"run_finished", "error"})
-
-
-class EventLogUnavailable(FlowgateError):
-    """The shared (Redis) log could not be read and this process does not know the run."""
-
-    status, code = 503, "event_log_unavailable"
+__all__ = ["TERMINAL", "EventLogUnavailable", "MemoryEventLog", "RedisEventLog", "RunEventLog",
+           "contiguous", "event_size", "lost_event"]
+_SCAN = 64  # eviction looks this far from the oldest end for a finished run
 
 
 class _RunEvents:
-    __slots__ = ("cond", "events", "finished_at", "owner", "seqs")
+    __slots__ = ("bytes", "cond", "events", "finished_at", "owner", "seqs")
 
     def __init__(self) -> None:
         self.events: list[RunEvent] = []
@@ -54,50 +54,76 @@ class _RunEvents:
         self.cond = threading.Condition()
         self.finished_at: float | None = None
         self.owner: str | None = None
+        self.bytes = 0
 
 
 class MemoryEventLog:
-    """Events of this process's runs: bounded (runs, events per run) and expiring."""
+    """Events of this process's runs: bounded in bytes (all runs; one run may hold at most a
+    quarter), runs and events per run, and expiring. Over a bound, finished runs go first,
+    oldest first; a run over its own share keeps only its last event (readers see the hole
+    as ``events_lost``)."""
 
     def __init__(self, *, max_runs: int = 10_000, max_events_per_run: int = 100_000,
-                 ttl_s: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_bytes: int = 64 * 1024 * 1024, ttl_s: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
         self.max_runs = max_runs
         self.max_events = max_events_per_run
+        self.max_bytes = max(1, max_bytes)
+        self.max_run_bytes = max(1, self.max_bytes // 4)
         self.ttl_s = ttl_s
         self._clock = clock
+        self._on_bytes = on_bytes or (lambda n: None)
         self._runs: OrderedDict[str, _RunEvents] = OrderedDict()
         self._lock = threading.Lock()
         self._next_sweep = 0.0
+        self._bytes = 0
+        self._reported = -1
+
+    @property
+    def bytes(self) -> int:
+        """Estimated bytes of the events held (about their JSON length)."""
+        return self._bytes
 
     def _get(self, run_id: str, create: bool) -> _RunEvents | None:
         with self._lock:
             run = self._runs.get(run_id)
             if run is not None and run.finished_at is not None \
                     and self._clock() - run.finished_at > self.ttl_s:
-                del self._runs[run_id]  # expired: forgotten even if no new run swept it
+                self._drop(run_id)  # expired: forgotten even if no new run swept it
                 run = None
             if run is None and create:
                 self._evict()
                 run = self._runs[run_id] = _RunEvents()
             return run
 
+    def _drop(self, run_id: str) -> None:
+        """With the lock held: forget a run and its bytes."""
+        self._bytes -= self._runs.pop(run_id).bytes
+
     def _evict(self) -> None:
         """Called with the lock held when a run is added: a full TTL sweep at most every
-        few seconds (reads drop expired runs themselves), and the capacity bound by evicting
-        from the oldest end, finished runs first."""
+        few seconds (reads drop expired runs themselves), and the capacity bound."""
         now = self._clock()
         if now >= self._next_sweep:
             self._next_sweep = now + min(5.0, self.ttl_s)
             for run_id in [r for r, v in self._runs.items()
                            if v.finished_at is not None and now - v.finished_at > self.ttl_s]:
-                del self._runs[run_id]
+                self._drop(run_id)
         while len(self._runs) >= self.max_runs:
-            victim = None
-            for i, (run_id, run) in enumerate(self._runs.items()):
-                if run.finished_at is not None or i >= 64:  # oldest first; bounded scan
-                    victim = run_id
-                    break
-            del self._runs[victim if victim is not None else next(iter(self._runs))]
+            self._drop(self._victim(None))
+
+    def _victim(self, keep: str | None) -> str:
+        """The run to evict: the oldest finished one among the oldest few, else the oldest
+        (never ``keep``, the run being written to). Lock held; at least one other run."""
+        first = None
+        for i, (run_id, run) in enumerate(self._runs.items()):
+            if run_id == keep:
+                continue
+            first = first or run_id
+            if run.finished_at is not None or i >= _SCAN:
+                return run_id
+        return first  # type: ignore[return-value]
 
     def open(self, run_id: str, owner: str) -> None:
         self._get(run_id, create=True).owner = owner
@@ -108,13 +134,35 @@ class MemoryEventLog:
 
     def append(self, run_id: str, event: RunEvent) -> None:
         run = self._get(run_id, create=True)
+        size = event_size(event)
         with run.cond:
-            if len(run.events) < self.max_events or event.type in TERMINAL:
+            kept = event.type in TERMINAL or (
+                len(run.events) < self.max_events and run.bytes + size <= self.max_run_bytes)
+            if kept:
                 run.events.append(event)
                 run.seqs.append(event.seq)
+                run.bytes += size
             if event.type in TERMINAL:
                 run.finished_at = self._clock()
             run.cond.notify_all()
+        if kept:
+            self._account(run_id, run, size)
+
+    def _account(self, run_id: str, run: _RunEvents, size: int) -> None:
+        with self._lock:
+            if self._runs.get(run_id) is not run:
+                return  # evicted meanwhile: its bytes went with it
+            self._bytes += size
+            evicted = False
+            while self._bytes > self.max_bytes and len(self._runs) > 1:
+                self._drop(self._victim(run_id))
+                evicted = True
+            total = self._bytes
+            report = evicted or abs(total - self._reported) >= 65_536
+            if report:
+                self._reported = total
+        if report:
+            self._on_bytes(total)
 
     def knows(self, run_id: str) -> bool:
         return self._get(run_id, create=False) is not None
@@ -140,131 +188,53 @@ class MemoryEventLog:
                 run.cond.wait(remaining)
 
 
-class RedisEventLog:
-    """The Redis Streams mirror. ``append`` only queues; a writer thread (a greenlet under
-    gevent) sends queued events in pipelined batches, so runs never wait for Redis."""
-
-    def __init__(self, client: Any, *, prefix: str = "flowgate:", ttl_s: int = 3600,
-                 running_ttl_s: int = 86_400, max_len: int = 100_000,
-                 on_error: Callable[[str], None] | None = None) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.ttl_s, self.running_ttl_s = max(1, int(ttl_s)), max(1, int(running_ttl_s))
-        self.max_len = max_len
-        self._on_error = on_error or (lambda op: None)
-        self._queue: queue.Queue = queue.Queue(maxsize=100_000)
-        self._pending = 0  # queued or being written
-        self._pending_lock = threading.Lock()
-        self._writer: threading.Thread | None = None
-        self._writer_lock = threading.Lock()
-
-    def key(self, run_id: str) -> str:
-        return f"{self.prefix}run:{run_id}"
-
-    def owner_key(self, run_id: str) -> str:
-        return f"{self.prefix}run:{run_id}:owner"
-
-    def open(self, run_id: str, owner: str) -> None:
-        self.append(run_id, owner)  # queued before the run's first event
-
-    def owner(self, run_id: str) -> str | None:
-        try:
-            return self.client.get(self.owner_key(run_id))
-        except Exception as exc:
-            self._on_error("read")
-            raise EventLogUnavailable(f"the shared event log is unavailable ({type(exc).__name__})") from exc
-
-    def append(self, run_id: str, event: RunEvent | str) -> None:
-        """Queue an event (or, as a str, the run's owner) for the writer."""
-        if self._writer is None:
-            self._start_writer()
-        with self._pending_lock:
-            self._pending += 1
-        try:
-            self._queue.put_nowait((run_id, event))
-        except queue.Full:
-            with self._pending_lock:
-                self._pending -= 1
-            self._on_error("append")  # memory still has it; watchers elsewhere miss it
-
-    def _start_writer(self) -> None:
-        with self._writer_lock:
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_forever, daemon=True,
-                                                name="flowgate-event-writer")
-                self._writer.start()
-
-    def _write_forever(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < 500:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self.write_batch(batch)
-            finally:
-                with self._pending_lock:
-                    self._pending -= len(batch)
-
-    def write_batch(self, batch: list[tuple[str, RunEvent | str]]) -> None:
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            touched: dict[str, bool] = {}
-            for run_id, event in batch:
-                if isinstance(event, str):
-                    pipe.set(self.owner_key(run_id), event, ex=self.running_ttl_s)
-                    continue
-                pipe.xadd(self.key(run_id), {"t": event.type, "d": json.dumps(event.data, default=str)},
-                          id=f"{event.seq}-0", maxlen=self.max_len, approximate=True)
-                touched[run_id] = touched.get(run_id, False) or event.type in TERMINAL
-            for run_id, finished in touched.items():
-                ttl = self.ttl_s if finished else self.running_ttl_s
-                pipe.expire(self.key(run_id), ttl)
-                pipe.expire(self.owner_key(run_id), ttl)
-            pipe.execute(raise_on_error=False)
-        except Exception as exc:
-            self._on_error("append")
-            log.warning("event log: could not write %d events to Redis: %s", len(batch),
-                        type(exc).__name__)
-
-    def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until every queued event is written (tests, graceful shutdown)."""
-        deadline = time.monotonic() + timeout_s
-        while self._pending > 0 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return self._pending == 0
-
-    def finished(self, run_id: str) -> bool:
-        try:
-            last = self.client.xrevrange(self.key(run_id), count=1)
-        except Exception as exc:
-            self._on_error("read")
-            raise EventLogUnavailable(f"the shared event log is unavailable ({type(exc).__name__})") from exc
-        return bool(last) and _text(last[0][1].get("t", last[0][1].get(b"t", b""))) in TERMINAL
-
-    def read(self, run_id: str, after: int, timeout_s: float) -> list[RunEvent] | None:
-        key = self.key(run_id)
-        try:
-            answer = self.client.xread({key: f"{after}-0"}, count=1000,
-                                       block=max(1, int(timeout_s * 1000)))
-            if not answer and not self.client.exists(key):
-                return None
-        except Exception as exc:
-            self._on_error("read")
-            raise EventLogUnavailable(f"the shared event log is unavailable ({type(exc).__name__})") from exc
-        events = []
-        for _key, entries in answer or ():
-            for entry_id, fields in entries:
-                seq = int(_text(entry_id).split("-", 1)[0])
-                events.append(RunEvent(seq, _text(fields[b"t"] if b"t" in fields else fields["t"]),
-                                       json.loads(fields[b"d"] if b"d" in fields else fields["d"])))
-        return events
+def event_size(event: RunEvent) -> int:
+    """About the length of the event's JSON (strings by their length, every other scalar
+    as 8, plus punctuation), walked without recursion: cheap next to encoding it."""
+    size, stack = 32 + len(event.type), [event.data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            size += len(value) + 2
+        elif isinstance(value, dict):
+            size += 2 + 4 * len(value)
+            for key, item in value.items():
+                size += len(key) if isinstance(key, str) else 8
+                stack.append(item)
+        elif isinstance(value, list | tuple):
+            size += 2 + len(value)
+            stack.extend(value)
+        else:
+            size += 8
+    return size
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def lost_event(run_id: str, first: int, last: int | None) -> RunEvent:
+    """The ``error`` that ends a read where events ``first``..``last`` are missing (``last``
+    None: up to an unknown end). Its seq is 0: it is not one of the run's events."""
+    missing = f"{first}-{last}" if last is not None and last != first else str(first)
+    return RunEvent(0, "error", {
+        "code": "events_lost", "node": None, "run_id": run_id,
+        "message": f"events {missing} of run {run_id} were lost (the shared event log failed "
+                   f"while the run went on); GET /api/v1/runs/{run_id} has its outcome",
+        "first_lost": first, "last_lost": last})
+
+
+def contiguous(run_id: str, after: int, events: list[RunEvent]) -> list[RunEvent]:
+    """``events`` if they continue exactly after ``after``; else those before the first hole
+    and then the ``events_lost`` error (see the module docstring)."""
+    if events[0].seq == after + 1 and events[-1].seq == after + len(events):
+        return events  # the usual case: one comparison per read
+    checked, expected = [], after + 1
+    for event in events:
+        if event.seq < expected:
+            continue  # already had it: not a hole
+        if event.seq != expected:
+            checked.append(lost_event(run_id, expected, event.seq - 1))
+            break
+        checked.append(event)
+        expected += 1
+    return checked
 
 
 class RunEventLog:
@@ -300,7 +270,10 @@ class RunEventLog:
 
     def read(self, run_id: str, after: int, timeout_s: float) -> list[RunEvent] | None:
         """Events after ``after``; None when no log knows the run (never ran, or expired).
-        Raises EventLogUnavailable when only Redis could know and Redis is down."""
+        Raises EventLogUnavailable when only Redis could know and Redis is down. A hole
+        after ``after`` ends the events with an ``events_lost`` error (:func:`contiguous`)."""
         if self.memory.knows(run_id) or self.shared is None:
-            return self.memory.read(run_id, after, timeout_s)
-        return self.shared.read(run_id, after, timeout_s)
+            events = self.memory.read(run_id, after, timeout_s)
+        else:
+            events = self.shared.read(run_id, after, timeout_s)
+        return contiguous(run_id, after, events) if events else events

@@ -3,13 +3,18 @@ the event log, metrics, the run record, chat memory, and the heartbeat of runnin
 
 Records: a run without an ``Idempotency-Key`` is written once, complete, when it ends
 (while it runs, this process answers for it); a keyed run was inserted when it was claimed
-(``runs/idempotency.py``) and is updated at the end. Calls go one way: the run service
+(``runs/idempotency.py``) and is updated at the end. An end the store refuses (it is down
+for a moment) is written again in the background, with backoff, for up to
+``record_retry_s``; meanwhile this process still answers for the run and keeps a keyed
+one marked alive. If it never gets written, the maintenance job marks the run failed
+(``flow_engine/maintenance.py``): no record stays ``running`` for ever. Calls go one way: the run service
 calls this module, which calls the runner (``runs/runner.py``), the event log, the store
 and the tenant limits — none of them calls back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -18,7 +23,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
-from flow_engine.errors import FlowgateError, RunFailed, TenantLimited
+from flow_engine.errors import Conflict, FlowgateError, RunFailed, TenantLimited
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs import runner
 from flow_engine.runs.events import RunEventLog
@@ -35,13 +40,17 @@ class RunExecutor:
     heartbeat_s = 5.0  # how often running keyed runs are marked alive and leases renewed
 
     def __init__(self, store: FlowStore, metrics: EngineMetrics, events: RunEventLog,
-                 limits: TenantLimits, *, clock: Callable[[], datetime]) -> None:
+                 limits: TenantLimits, *, clock: Callable[[], datetime],
+                 record_retry_s: float = 60.0) -> None:
         self.store = store
         self.metrics = metrics
         self.events = events
         self.limits = limits
+        self.record_retry_s = record_retry_s
         self._now = clock
         self._active: dict[str, PreparedRun] = {}
+        self._unrecorded: dict[str, PreparedRun] = {}  # ended; the store has not taken it yet
+        self._closed = threading.Event()
         self._series: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._heartbeats: threading.Thread | None = None
@@ -72,10 +81,13 @@ class RunExecutor:
 
     def _admit(self, prepared: PreparedRun) -> None:
         try:
-            self.limits.admit(prepared.tenant, prepared.run_id)
+            self.limits.admit(prepared.tenant, prepared.run_id, prepared.caller.group)
         except TenantLimited as exc:
             label = self.limits.policy.label(prepared.tenant)
             self.metrics.tenant_limited.labels(label, exc.details["limit"]).inc()
+            if prepared.keyed:  # it never ran: free its Idempotency-Key for the retry
+                with contextlib.suppress(FlowgateError):
+                    self.store.delete_run(prepared.run_id)
             raise
 
     def _log_event(self, prepared: PreparedRun, event: RunEvent) -> None:
@@ -97,13 +109,16 @@ class RunExecutor:
         started = prepared.started_at = time.perf_counter()
         try:
             result = runner.execute(
-                prepared.compiled, prepared.request.run_input(prepared.tenant), emit=emit,
+                prepared.compiled,
+                prepared.request.run_input(prepared.tenant, prepared.caller.identity,
+                                           prepared.record.trace_id if prepared.record else None),
+                emit=emit,
                 run_id=prepared.run_id, cancel=prepared.cancel, stream_tokens=stream_tokens)
         except FlowgateError as exc:
             exc.details.setdefault("run_id", prepared.run_id)  # so the caller can look it up
             status = "cancelled" if exc.code == "run_cancelled" else "failed"
             self._finish(prepared, status, time.perf_counter() - started, None,
-                         {"status": exc.status, **exc.to_dict()})
+                         {"status": exc.status, **exc.to_dict()}, getattr(exc, "usage", None))
             raise
         except BaseException as exc:
             self._finish(prepared, "failed", time.perf_counter() - started, None,
@@ -113,11 +128,13 @@ class RunExecutor:
         return result
 
     def _finish(self, prepared: PreparedRun, status: str, seconds: float,
-                result: RunResult | None, error: dict[str, Any] | None) -> None:
+                result: RunResult | None, error: dict[str, Any] | None,
+                spent: dict[str, int] | None = None) -> None:
+        """``spent``: the usage of a run that failed or was cancelled (it still counts)."""
         compiled = prepared.compiled
         with self._lock:
             self._active.pop(prepared.run_id, None)
-        self.limits.release(prepared.tenant, prepared.run_id)
+        self.limits.release(prepared.run_id)
         m = self.metrics
         m.active_runs.dec()
         version = str(compiled.version)
@@ -131,16 +148,17 @@ class RunExecutor:
         tenant = self.limits.policy.label(prepared.tenant)
         m.tenant_runs.labels(tenant, status).inc()
         m.run_duration.labels(compiled.flow_id).observe(seconds)
-        if result is not None:
-            for node, ms in result.nodes.items():
-                m.node_duration.labels(compiled.flow_id, compiled.node_types[node]).observe(ms / 1000)
-            usage = result.usage
+        usage = result.usage if result is not None else spent
+        if usage:
             m.llm_tokens.labels(compiled.flow_id, "input").inc(usage["input_tokens"])
             m.llm_tokens.labels(compiled.flow_id, "output").inc(usage["output_tokens"])
             m.tenant_tokens.labels(tenant, "input").inc(usage["input_tokens"])
             m.tenant_tokens.labels(tenant, "output").inc(usage["output_tokens"])
-            self.limits.add_tokens(prepared.tenant,
-                                   usage["input_tokens"] + usage["output_tokens"])
+            self.limits.add_tokens(prepared.tenant, usage["input_tokens"] + usage["output_tokens"],
+                                   prepared.caller.group)
+        if result is not None:
+            for node, ms in result.nodes.items():
+                m.node_duration.labels(compiled.flow_id, compiled.node_types[node]).observe(ms / 1000)
             self._remember_chat(prepared, result)
         duration_ms = round(seconds * 1000, 3)
         body = result.as_dict() if result else None
@@ -151,19 +169,52 @@ class RunExecutor:
 
     def _record_end(self, prepared: PreparedRun, status: str, duration_ms: float,
                     body: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
-        try:
-            record = prepared.record
+        record = prepared.record
+        if record is not None:  # what this process answers for the run until it is written
+            record.status, record.duration_ms, record.result, record.error = (
+                status, duration_ms, body, error)
+            record.finished_at = self._now()
+
+        def write() -> None:
             if record is not None and record.idempotency_key is None:
-                record.status, record.duration_ms, record.result, record.error = (
-                    status, duration_ms, body, error)
-                record.finished_at = self._now()
-                self.store.insert_run(record)
+                with contextlib.suppress(Conflict):  # an earlier attempt was committed after all
+                    self.store.insert_run(record)
             else:
                 self.store.finish_run(prepared.run_id, status=status, duration_ms=duration_ms,
                                       result=body, error=error)
-        except FlowgateError:
-            # The client still gets its answer; the record stays "running" and says so.
-            log.exception("could not record the end of run %s", prepared.run_id)
+
+        try:
+            write()
+        except FlowgateError as exc:
+            # The client has its answer; the record is written again in the background.
+            log.warning("could not record the end of run %s (%s); retrying for up to %g s",
+                        prepared.run_id, exc.code, self.record_retry_s)
+            with self._lock:
+                self._unrecorded[prepared.run_id] = prepared
+            threading.Thread(target=self._record_later, args=(prepared.run_id, write),
+                             name="flowgate-record-retry", daemon=True).start()
+
+    def _record_later(self, run_id: str, write: Callable[[], None]) -> None:
+        deadline = time.monotonic() + self.record_retry_s
+        delay = 0.25
+        try:
+            while time.monotonic() + delay <= deadline:
+                if self._closed.wait(delay):  # cooperative under gevent
+                    return
+                delay = min(delay * 2, 10.0)
+                try:
+                    write()
+                except FlowgateError:
+                    continue
+                self.metrics.record_retries.labels("recorded").inc()
+                log.info("recorded the end of run %s after all", run_id)
+                return
+            self.metrics.record_retries.labels("given_up").inc()
+            log.error("gave up recording the end of run %s after %g s; the maintenance job "
+                      "will mark it failed", run_id, self.record_retry_s)
+        finally:
+            with self._lock:
+                self._unrecorded.pop(run_id, None)
 
     def _remember_chat(self, prepared: PreparedRun, result: RunResult) -> None:
         session = prepared.request.session_id
@@ -181,6 +232,15 @@ class RunExecutor:
     def active(self, run_id: str) -> PreparedRun | None:
         with self._lock:
             return self._active.get(run_id)
+
+    def close(self) -> None:
+        """Stop retrying records (the store is going away)."""
+        self._closed.set()
+
+    def unrecorded(self, run_id: str) -> PreparedRun | None:
+        """A run of this process that has ended but whose record is still being written."""
+        with self._lock:
+            return self._unrecorded.get(run_id)
 
     def cancel_local(self, run_id: str) -> bool:
         """Cancel a run of this process (from a signal another process sent)."""
@@ -204,8 +264,9 @@ class RunExecutor:
         renew its runs' tenant leases (one Redis call)."""
         while True:
             time.sleep(self.heartbeat_s)  # cooperative under gevent
-            with self._lock:
-                keyed = [run_id for run_id, p in self._active.items() if p.keyed]
+            with self._lock:  # and the ended ones whose end is still to be written
+                keyed = [run_id for run_id, p in [*self._active.items(), *self._unrecorded.items()]
+                         if p.keyed]
             try:
                 self.store.heartbeat(keyed)
             except Exception:  # the next beat tries again; a store outage is logged there

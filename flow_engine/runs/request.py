@@ -3,6 +3,7 @@ pin), validated, and the run it became once routed and compiled."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,14 @@ from flow_engine.store.base import RunRecord
 
 _TYPES = ("chat", "text", "any")
 MAX_INPUT_CHARS = 1_000_000
+MAX_VERSION = 2**31 - 1  # what every store column (and the ambassador) takes
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: every run id the engine hands out
+
+
+def known_run_id(run_id: str) -> bool:
+    """Could the engine have made this run id? Anything else is unknown at once — before a
+    store, a Redis key or a response header ever sees the caller's string."""
+    return RUN_ID.fullmatch(run_id) is not None
 
 
 @dataclass(frozen=True)
@@ -42,10 +51,12 @@ class RunRequest:
             raise BadRequest(f"input_value is longer than {MAX_INPUT_CHARS} characters")
         kinds = {}
         for name in ("input_type", "output_type"):
-            kind = body.get(name) or "chat"
+            kind = body.get(name)
+            if kind is None or kind == "":
+                kind = "chat"
             if kind == "debug":
                 kind = "any"
-            if kind not in _TYPES:
+            if not isinstance(kind, str) or kind not in _TYPES:
                 raise BadRequest(f"{name} must be one of {', '.join(_TYPES)}")
             kinds[name] = kind
         session = body.get("session_id")
@@ -55,15 +66,18 @@ class RunRequest:
         if tweaks is not None and not isinstance(tweaks, dict):
             raise BadRequest("tweaks must be an object {node_id: {param: value}}")
         version = body.get("version")
+        if isinstance(version, float) and version.is_integer():
+            version = int(version)  # 2.0 is an integer in JSON (Schema) too
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)
-                                    or version < 1):
-            raise BadRequest("version must be a positive integer")
+                                    or not 1 <= version <= MAX_VERSION):
+            raise BadRequest(f"version must be an integer from 1 to {MAX_VERSION}")
         return cls(value, kinds["input_type"], kinds["output_type"], session, tweaks or None,
                    version)
 
-    def run_input(self, tenant: str | None = None) -> RunInput:
+    def run_input(self, tenant: str | None = None, identity: str | None = None,
+                  trace_id: str | None = None) -> RunInput:
         return RunInput(self.input_value, self.input_type, self.output_type, self.session_id,
-                        tenant)
+                        tenant, identity, trace_id)
 
 
 @dataclass

@@ -6,6 +6,10 @@ Run events (DESIGN.md), in order, each with a per-run sequence number starting a
 - ``run_started``   ``{run_id, flow_id, version, session_id}`` — before any node runs
 - ``node_started``  ``{node, node_type}``
 - ``token``         ``{node, index, text}`` — one per LLM token, index counts per node from 0
+- ``tool_call``     ``{node, tool, call_id, args}`` — an Agent runs a tool (LangChain's
+  ``on_tool_start``), between the tokens of its model calls
+- ``tool_result``   ``{node, tool, call_id, status, output}`` — what the tool answered
+  (``status: error`` when it refused; the model sees the same text)
 - ``node_finished`` ``{node, node_type, output, duration_ms}``
 - ``error``         ``{code, message, node}`` — last event of a failed or cancelled run
 - ``run_finished``  the full result, as the non-streamed call returns it — last event
@@ -15,6 +19,11 @@ its own, so the recorder maps runs to nodes by their parent. Everything is synch
 (a WSGI worker under gevent has no asyncio loop); ``stream()`` runs the flow in a thread,
 which gevent turns into a greenlet. Cancellation is checked at every node start and every
 token: the recorder raises, LangChain unwinds, and the provider's HTTP stream is closed.
+
+Every node is given the run's context (``components/subflows.py``: tenant, identity,
+session, trace, the flows enclosing it, the cancel token) in
+``config["configurable"][RUN_CONTEXT]``; an Agent's FlowTool runs another flow with it.
+Usage counts every LLM call of the run, those of flows its tools ran included.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 
 from flow_engine.components.openai_compat import ProviderError
+from flow_engine.components.subflows import RUN_CONTEXT, RunContext, add_usage, artifact_usage
 from flow_engine.errors import FlowgateError, LLMError, RunCancelled, RunFailed, RunTimeout
 from flow_engine.flows.compile import STREAM_TOKENS, CompiledFlow
 from flow_engine.flows.values import to_jsonable, to_text
@@ -39,6 +49,7 @@ Emit = Callable[[str, dict[str, Any]], None]
 _MAX_ERROR_MESSAGE = 500
 # stream_with hands these to the consumer at once; other events wait for the run to wait
 _SEND_AT_ONCE = frozenset({"token", "run_finished", "error"})
+MAX_TOOL_EVENT_CHARS = 4000  # of a tool's answer in its tool_result event
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +71,8 @@ class RunInput:
     output_type: str = "chat"
     session_id: str | None = None
     tenant: str | None = None  # whose conversation a ChatHistory node reads
+    identity: str | None = None  # the caller a proxy forwarded (carried into sub-flows)
+    trace_id: str | None = None
 
     def graph_input(self) -> dict[str, Any]:
         return {
@@ -128,9 +141,11 @@ class _RunRecorder(BaseCallbackHandler):
         self._node_of: dict[UUID, str] = {}  # every run inside a node → that node
         self._started: dict[UUID, float] = {}  # node runs → perf_counter at start
         self._token_index: dict[str, int] = {}
+        self._tools: dict[UUID, str] = {}  # tool runs in progress → the tool's name
         self.durations: dict[str, float] = {}
         self.failed_node: str | None = None
         self.usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "llm_calls": 0}
+        self._streamed: dict[UUID, int] = {}  # tokens of LLM calls that have not ended
 
     def _check_cancel(self) -> None:
         if self._cancel.cancelled:
@@ -182,6 +197,7 @@ class _RunRecorder(BaseCallbackHandler):
         self._check_cancel()
         if not token:
             return
+        self._streamed[run_id] = self._streamed.get(run_id, 0) + 1
         node = self._node_of.get(run_id)
         if node is None:
             return
@@ -204,10 +220,45 @@ class _RunRecorder(BaseCallbackHandler):
         except (IndexError, AttributeError):
             generation = None
         usage = getattr(message, "usage_metadata", None) or {}
+        streamed = self._streamed.pop(run_id, 0)
         self.usage["llm_calls"] += 1
         for key in ("input_tokens", "output_tokens", "total_tokens"):
-            self.usage[key] += int(usage.get(key) or 0)
+            self.usage[key] += max(0, int(usage.get(key) or 0))  # a provider's, not trusted
+        if not usage:  # no usage reported: what was streamed is the least it cost
+            self.usage["output_tokens"] += streamed
+            self.usage["total_tokens"] += streamed
         self._end(run_id, message if message is not None else getattr(generation, "text", None))
+
+    def spent(self) -> dict[str, int]:
+        """Usage so far, counting the tokens streamed by LLM calls that never ended (a
+        failed or cancelled run still cost them; their input is unknown, so not counted)."""
+        pending = sum(self._streamed.values())
+        return {**self.usage, "output_tokens": self.usage["output_tokens"] + pending,
+                "total_tokens": self.usage["total_tokens"] + pending}
+
+    # tools (an Agent's calls: child runs of its node)
+    def on_tool_start(self, serialized, input_str, *, run_id, parent_run_id=None, inputs=None,
+                      **kw):
+        self._start(run_id, parent_run_id, kw.get("name"))
+        node = self._node_of.get(run_id)
+        if node is None:
+            return
+        tool = self._tools[run_id] = (serialized or {}).get("name") or "tool"
+        self._emit("tool_call", {"node": node, "tool": tool, "call_id": kw.get("tool_call_id"),
+                                "args": to_jsonable(inputs if inputs is not None else input_str)})
+
+    def on_tool_end(self, output, *, run_id, parent_run_id=None, **kw):
+        add_usage(self.usage, artifact_usage(output))  # a FlowTool's flow: its LLM calls
+        node, tool = self._node_of.get(run_id), self._tools.pop(run_id, None)
+        if node is None:
+            return
+        self._emit("tool_result", {
+            "node": node, "tool": tool, "call_id": getattr(output, "tool_call_id", None),
+            "status": getattr(output, "status", "success"),
+            "output": to_text(getattr(output, "content", output))[:MAX_TOOL_EVENT_CHARS]})
+
+    def on_tool_error(self, error, *, run_id, parent_run_id=None, **kw):
+        self._tools.pop(run_id, None)
 
     def on_chain_error(self, error, *, run_id, parent_run_id=None, **kw):
         self._error(run_id)
@@ -238,15 +289,19 @@ def execute(
     emit("run_started", {"run_id": run_id, "flow_id": compiled.flow_id,
                          "version": compiled.version, "session_id": run_input.session_id})
     recorder = _RunRecorder(emit, dict(compiled.node_types), cancel)
+    context = RunContext(flow_id=compiled.flow_id, tenant=run_input.tenant,
+                         identity=run_input.identity, session_id=run_input.session_id,
+                         trace_id=run_input.trace_id, chain=(compiled.flow_id,), cancel=cancel)
     try:
         values = compiled.runnable.invoke(
             {**run_input.graph_input(), "flow_id": compiled.flow_id},
             {"callbacks": [recorder], "metadata": {"flowgate_run_id": run_id},
-             "configurable": {STREAM_TOKENS: stream_tokens}},
+             "configurable": {STREAM_TOKENS: stream_tokens, RUN_CONTEXT: context}},
         )
     except BaseException as exc:
         error = classify_error(exc, recorder.failed_node, compiled.node_types)
         error.details.setdefault("node", recorder.failed_node)  # kept on the run record too
+        error.usage = recorder.spent()  # for the tenant's token count (never sent to clients)
         emit("error", {**error.to_dict(), "node": recorder.failed_node})
         if error is exc:
             raise

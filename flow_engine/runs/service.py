@@ -24,10 +24,10 @@ from flow_engine.auth import Principal
 from flow_engine.config import Settings
 from flow_engine.errors import Conflict, RunNotFound
 from flow_engine.metrics import EngineMetrics
-from flow_engine.runs.events import MemoryEventLog, RunEventLog
+from flow_engine.runs.events import EventLogUnavailable, MemoryEventLog, RunEventLog
 from flow_engine.runs.execute import RunExecutor
 from flow_engine.runs.idempotency import Idempotency, request_hash, scoped_key
-from flow_engine.runs.request import PreparedRun, RunRequest
+from flow_engine.runs.request import PreparedRun, RunRequest, known_run_id
 from flow_engine.runs.runner import CancelToken, RunEvent
 from flow_engine.runs.watch import RunWatcher, ensure_visible, run_record_json
 from flow_engine.service import FlowService
@@ -53,7 +53,8 @@ class RunService:
         self.signals = signals
         self._now = clock or (lambda: datetime.now(UTC))
         limits = limits or TenantLimits(TenantPolicy.parse(0, 0, ""))
-        self.executor = RunExecutor(store, metrics, self.events, limits, clock=self._now)
+        self.executor = RunExecutor(store, metrics, self.events, limits, clock=self._now,
+                                    record_retry_s=settings.record_retry_s)
         self.idempotency = Idempotency(store, settings, metrics, clock=self._now)
         self.watcher = RunWatcher(store, self.events, settings)
         if signals is not None:
@@ -94,16 +95,19 @@ class RunService:
 
     def watch(self, run_id: str, after: int, keepalive_s: float,
               caller: Principal) -> Iterator[RunEvent | None]:
+        _known(run_id)
         return self.watcher.watch(run_id, after, keepalive_s, caller)
 
     def get(self, run_id: str, caller: Principal) -> dict[str, Any]:
-        active = self.executor.active(run_id)
-        if active is not None and active.record is not None:
-            ensure_visible(caller, active.tenant, run_id)
-            return run_record_json(active.record)  # still running here: status "running"
+        _known(run_id)
+        here = self.executor.active(run_id) or self.executor.unrecorded(run_id)
+        if here is not None and here.record is not None:
+            ensure_visible(caller, here.tenant, run_id)
+            return run_record_json(here.record)  # running here, or ended and being recorded
         return self.watcher.record(run_id, caller)
 
     def cancel(self, run_id: str, caller: Principal) -> dict[str, Any]:
+        _known(run_id)
         active = self.executor.active(run_id)
         if active is not None:
             ensure_visible(caller, active.tenant, run_id)
@@ -120,7 +124,17 @@ class RunService:
             ensure_visible(caller, record.tenant, run_id)
             if record.status != "running":
                 raise Conflict(f"run {run_id} already ended ({record.status})", run_id=run_id)
-        if self.signals is not None and self.signals.publish("cancel", run_id=run_id):
-            return {"run_id": run_id, "status": "cancelling"}
+        if self.signals is not None:
+            if self.signals.publish("cancel", run_id=run_id):
+                return {"run_id": run_id, "status": "cancelling"}
+            raise EventLogUnavailable(f"run {run_id} is running in another engine process, and "
+                                      "the shared Redis that would reach it is unavailable; "
+                                      "retry shortly", run_id=run_id)
         raise Conflict(f"run {run_id} is running in another engine process; cancelling it "
                        "there needs REDIS_URL", run_id=run_id)
+
+
+def _known(run_id: str) -> None:
+    if not known_run_id(run_id):
+        raise RunNotFound(f"no run '{run_id[:64]}'" if run_id.isprintable() and run_id.isascii()
+                          else "no such run")

@@ -46,20 +46,30 @@ class RunWatcher:
             yield from self._missing_events(run_id, caller)
             return
         ensure_visible(caller, self._owner(run_id), run_id)
-        pending = first
+        pending: list[RunEvent] | None = first
         while True:
             for event in pending:
                 yield event
-                after = event.seq
+                after = event.seq or after
                 if event.type in TERMINAL:
                     return
-            if not pending and self.events.finished(run_id):
-                return  # resumed at or past the last event: nothing more will come
-            pending = self.events.read(run_id, after, keepalive_s)
-            if pending is None:  # expired while we watched
+            try:
+                if not pending and self.events.finished(run_id):
+                    # The last event is logged — but it may have landed after the read that
+                    # came back empty: read once more before concluding the watcher is at
+                    # or past the end (else a resume could miss the run's last events).
+                    pending = self.events.read(run_id, after, 0)
+                    if not pending:
+                        return
+                    continue
+                pending = self.events.read(run_id, after, keepalive_s)
+                if pending is None:  # expired while we watched
+                    return
+                if not pending and not self.events.finished(run_id):
+                    yield None
+            except EventLogUnavailable:  # mid-stream: say so, never just stop
+                yield log_unavailable_event(run_id, after)
                 return
-            if not pending and not self.events.finished(run_id):
-                yield None
 
     def _owner(self, run_id: str) -> str | None:
         """The run's tenant: from the event log, else from its record (None: unknown)."""
@@ -92,6 +102,11 @@ class RunWatcher:
     def _missing_events(self, run_id: str, caller: Principal) -> Iterator[RunEvent]:
         record = self.store.get_run(run_id)  # RunNotFound for a run that never existed
         ensure_visible(caller, record.tenant, run_id)
+        if record.status == "running" and self.events.shared is not None:
+            raise EventLogUnavailable(
+                f"run {run_id} is running in another engine process, but the shared event log "
+                "(Redis) has none of its events: they were lost or have not arrived yet; "
+                "retry shortly", run_id=run_id)
         if record.status == "running":
             raise Conflict(f"run {run_id} is running in another engine process and its events "
                            "are not shared; set REDIS_URL to watch runs from any process",
@@ -115,17 +130,25 @@ class RunWatcher:
 
     def started_elsewhere(self, run_id: str) -> tuple[dict[str, Any], str | None] | None:
         """A run of another process that is not on record yet (plain runs are written when
-        they end) but whose events are in the shared log: its summary and its tenant."""
-        try:
-            events = self.events.read(run_id, 0, 0)
-            owner = self.events.owner(run_id) if events else None
-        except EventLogUnavailable:
-            return None
+        they end) but whose events are in the shared log: its summary and its tenant.
+        Raises EventLogUnavailable when that log cannot be asked: "no such run" would be
+        a guess."""
+        events = self.events.read(run_id, 0, 0)
+        owner = self.events.owner(run_id) if events else None
         if not events or events[0].type != "run_started":
             return None
         head = events[0].data
         return ({"run_id": run_id, "flow_id": head.get("flow_id"), "version": head.get("version"),
                  "status": "running", "session_id": head.get("session_id")}, owner)
+
+
+def log_unavailable_event(run_id: str, after: int) -> RunEvent:
+    """The ``error`` that ends a watch whose shared event log stopped answering mid-stream;
+    the run itself may go on, so the message says how to resume. Seq 0: not a run event."""
+    return RunEvent(0, "error", {
+        "code": "event_log_unavailable", "node": None, "run_id": run_id, "last_event_id": after,
+        "message": f"the shared event log (Redis) stopped answering while run {run_id} was "
+                   f"followed; reconnect with Last-Event-ID: {after} to resume"})
 
 
 def final_event(record: RunRecord) -> RunEvent:

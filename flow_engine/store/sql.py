@@ -14,243 +14,97 @@ they go through a second connection pool whose sessions commit with
 constraint still holds at once (an idempotency key is claimed atomically), and only a crash of
 the database server itself can lose the last few hundred milliseconds of them. Flows and
 versions always commit synchronously.
+
+Around it: ``store/schema.py`` (tables, migrations), ``store/engines.py`` (pools, their sizes,
+transactions, a connection that died while idle replaced without failing its caller) and
+``store/upkeep.py`` (what the maintenance job asks: orphaned runs, retention, job claims).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from flow_engine.errors import Conflict, FlowNotFound, NotFound, RunNotFound
 from flow_engine.store.base import ChatMessage, FlowRecord, RunRecord, StoreError, VersionRecord
+from flow_engine.store.engines import (
+    PoolSize,
+    postgres_engine,
+    postgres_transaction,
+    sqlite_engine,
+    sqlite_transaction,
+)
+from flow_engine.store.schema import FINISH_RUN as _FINISH_RUN
+from flow_engine.store.schema import (
+    MIGRATIONS,
+    TS,
+    aware,
+    chat_messages,
+    flow_versions,
+    flows,
+    normalise_url,
+    now,
+    runs,
+    schema_version,
+)
+from flow_engine.store.upkeep import Upkeep
 
+__all__ = ["MIGRATIONS", "PING_IDLE_S", "TS", "PoolSize", "SqlFlowStore", "normalise_url", "now",
+           "runs", "schema_version"]
 log = logging.getLogger(__name__)
 PING_IDLE_S = 2.0  # a pooled PostgreSQL connection idle longer than this is pinged before use
 _VANISHED = object()  # insert_run: the idempotency key's holder disappeared mid-insert
-T = TypeVar("T")
-
-metadata = sa.MetaData()
+_aware = aware
 
 
-class UTCDateTime(sa.TypeDecorator):
-    """Timestamps go in and come out as aware UTC, whatever the backend or session zone
-    (SQLite keeps no zone; PostgreSQL answers in the session's TimeZone)."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        return _utc(value)
-
-    def process_result_value(self, value, dialect):
-        return _utc(value)
-
-
-TS = UTCDateTime()
-
-flows = sa.Table(
-    "flows", metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("name", sa.String(200), nullable=False, unique=True),
-    sa.Column("description", sa.Text, nullable=False, default=""),
-    sa.Column("latest_version", sa.Integer, nullable=False),
-    sa.Column("live_version", sa.Integer, nullable=True),
-    sa.Column("live_history", sa.JSON, nullable=False),
-    sa.Column("routing", sa.JSON, nullable=True),
-    sa.Column("created_at", TS, nullable=False),
-    sa.Column("updated_at", TS, nullable=False),
-)
-flow_versions = sa.Table(
-    "flow_versions", metadata,
-    sa.Column("flow_id", sa.String(64), sa.ForeignKey("flows.id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("definition", sa.JSON, nullable=False),
-    sa.Column("created_at", TS, nullable=False),
-)
-runs = sa.Table(
-    "runs", metadata,
-    sa.Column("run_id", sa.String(64), primary_key=True),
-    sa.Column("flow_id", sa.String(64), nullable=False, index=True),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("session_id", sa.String(200), nullable=True),
-    sa.Column("trace_id", sa.String(64), nullable=True),
-    sa.Column("idempotency_key", sa.String(300), nullable=True, unique=True),
-    sa.Column("request_hash", sa.String(64), nullable=True),
-    sa.Column("created_at", TS, nullable=False),
-    sa.Column("finished_at", TS, nullable=True),
-    sa.Column("duration_ms", sa.Float, nullable=True),
-    sa.Column("result", sa.JSON, nullable=True),
-    sa.Column("error", sa.JSON, nullable=True),
-    # a running keyed run's owner refreshes this; a stale one means its engine stopped
-    sa.Column("heartbeat_at", TS, nullable=True),
-    sa.Column("tenant", sa.String(200), nullable=True),  # who may see it (flow_engine/auth.py)
-)
-chat_messages = sa.Table(
-    "chat_messages", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("session_id", sa.String(200), nullable=False),
-    sa.Column("flow_id", sa.String(64), nullable=False),
-    sa.Column("role", sa.String(16), nullable=False),
-    sa.Column("content", sa.Text, nullable=False),
-    sa.Column("created_at", TS, nullable=False),
-    # one conversation per (tenant, session, flow): the same session id in two tenants is
-    # two conversations; rows from before tenants (NULL) are never read
-    sa.Column("tenant", sa.String(200), nullable=True),
-    sa.Index("ix_chat_tenant_session", "tenant", "session_id", "flow_id", "id"),
-)
-schema_version = sa.Table(
-    "flowgate_schema", metadata,
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("applied_at", TS, nullable=False),
-)
-
-# one statement, built once: a run's end (status, result, ...) by run id
-_FINISH_RUN = runs.update().where(runs.c.run_id == sa.bindparam("key_run_id")).values(
-    status=sa.bindparam("status"), duration_ms=sa.bindparam("duration_ms"),
-    result=sa.bindparam("result"), error=sa.bindparam("error"),
-    finished_at=sa.bindparam("finished_at"))
-
-# Each migration brings the schema from version i to i + 1. Append, never edit.
-def _add_run_heartbeat(conn: Connection) -> None:
-    """runs.heartbeat_at (a schema from before it; a new one already has it)."""
-    if "heartbeat_at" not in {c["name"] for c in sa.inspect(conn).get_columns("runs")}:
-        conn.execute(sa.text("ALTER TABLE runs ADD COLUMN heartbeat_at "
-                             + runs.c.heartbeat_at.type.compile(dialect=conn.dialect)))
-
-
-def _add_tenants(conn: Connection) -> None:
-    """runs.tenant and chat_messages.tenant, and the index chat history is read by."""
-    for table in (runs, chat_messages):
-        if "tenant" not in {c["name"] for c in sa.inspect(conn).get_columns(table.name)}:
-            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN tenant "
-                                 + table.c.tenant.type.compile(dialect=conn.dialect)))
-    for index in chat_messages.indexes:
-        if index.name == "ix_chat_tenant_session":
-            index.create(conn, checkfirst=True)
-    conn.execute(sa.text("DROP INDEX IF EXISTS ix_chat_session"))  # replaced by the one above
-
-
-MIGRATIONS: list[Callable[[Connection], None]] = [
-    lambda conn: metadata.create_all(conn, tables=[flows, flow_versions, runs, chat_messages]),
-    _add_run_heartbeat,
-    _add_tenants,
-]
-
-
-def normalise_url(url: str) -> str:
-    """``postgres://`` and ``postgresql://`` use psycopg 3 (the driver this package installs)."""
-    for prefix in ("postgres://", "postgresql://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
-    return url
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)  # stored by us, always in UTC
-    return value.astimezone(UTC)
-
-
-_aware = _utc
-
-
-class SqlFlowStore:
+class SqlFlowStore(Upkeep):
     """The one FlowStore implementation (see the module docstring)."""
 
     def __init__(self, url: str, *, echo: bool = False,
-                 on_error: Callable[[str], None] | None = None, lock_timeout_s: float = 30.0) -> None:
+                 on_error: Callable[[str], None] | None = None,
+                 on_reconnect: Callable[[str], None] | None = None,
+                 lock_timeout_s: float = 30.0, pool: PoolSize | None = None) -> None:
         self.url = normalise_url(url)
         self.lock_timeout_s = lock_timeout_s
         self.is_sqlite = self.url.startswith("sqlite")
         self._on_error = on_error
-        self.engine = self._make_engine(echo)
+        self._on_reconnect = on_reconnect or (lambda op: None)
+        if self.is_sqlite:
+            self.engine = self.log_engine = sqlite_engine(self.url, echo=echo,
+                                                          lock_timeout_s=lock_timeout_s)
+            return
+        pool = pool or PoolSize()
+        self.engine = postgres_engine(self.url, pool, echo=echo, ping_idle_s=PING_IDLE_S)
         # run records and chat messages (see the module docstring)
-        self.log_engine = self.engine if self.is_sqlite else self._make_engine(
-            echo, synchronous_commit=False)
-
-    def _make_engine(self, echo: bool, *, synchronous_commit: bool = True) -> Engine:
-        if not self.is_sqlite:
-            engine = sa.create_engine(self.url, echo=echo, pool_size=10, max_overflow=20,
-                                      pool_recycle=1800)
-            _ping_when_idle(engine, PING_IDLE_S)
-            if not synchronous_commit:
-                @sa.event.listens_for(engine, "connect")
-                def _async_commit(dbapi_conn, _record) -> None:
-                    with dbapi_conn.cursor() as cursor:
-                        cursor.execute("SET synchronous_commit TO off")
-                    dbapi_conn.commit()
-            return engine
-        engine = sa.create_engine(
-            self.url, echo=echo,
-            connect_args={"check_same_thread": False, "timeout": 0.002, "isolation_level": None},
-        )
-
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # WAL: readers never block the writer
-            cursor = dbapi_conn.cursor()
-            # A short busy timeout: SQLite's own busy wait blocks the whole gevent worker, so
-            # waiting for locks happens here and in _begin_write, cooperatively.
-            cursor.execute("PRAGMA busy_timeout=2")
-            _retry_locked(lambda: cursor.execute("PRAGMA journal_mode=WAL"), self.lock_timeout_s)
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _begin(conn):  # take the write lock up front so read-then-write never deadlocks
-            mode = "IMMEDIATE" if conn.get_execution_options().get("flowgate_write") else "DEFERRED"
-            conn.exec_driver_sql(f"BEGIN {mode}")
-
-        return engine
+        self.log_engine = postgres_engine(self.url, pool, echo=echo, ping_idle_s=PING_IDLE_S,
+                                          synchronous_commit=False)
 
     # -- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
-    def _write(self, *, log: bool = False) -> Iterator[Connection]:
+    def _write(self, *, log: bool = False) -> Iterator[Any]:
         """A write transaction; ``log``: a run record or chat message (see the docstring)."""
-        with self._guard("write"), (self.log_engine if log else self.engine).connect() as conn:
-            conn = conn.execution_options(flowgate_write=True)
-            with self._begin_write(conn):
-                yield conn
-
-    def _begin_write(self, conn: Connection):
-        """Begin a write transaction; on SQLite, wait for the write lock with a cooperative
-        sleep (other greenlets keep running) instead of SQLite's blocking busy handler."""
-        if not self.is_sqlite:
-            return conn.begin()
-
-        def begin():
-            try:
-                return conn.begin()
-            except OperationalError:
-                if conn.in_transaction():
-                    conn.rollback()
-                raise
-
-        return _retry_locked(begin, self.lock_timeout_s)
+        with self._guard("write"), self._transaction(self.log_engine if log else self.engine,
+                                                     "write") as conn:
+            yield conn
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._guard("read"), self.engine.connect() as conn, conn.begin():
+    def _read(self) -> Iterator[Any]:
+        with self._guard("read"), self._transaction(self.engine, "read") as conn:
             yield conn
+
+    def _transaction(self, engine: sa.Engine, op: str):
+        if self.is_sqlite:
+            return sqlite_transaction(engine, write=op == "write",
+                                      lock_timeout_s=self.lock_timeout_s)
+        return postgres_transaction(engine, lambda: self._on_reconnect(op))
 
     @contextmanager
     def _guard(self, op: str) -> Iterator[None]:
@@ -265,7 +119,7 @@ class SqlFlowStore:
                       extra={"error": str(exc.orig) if hasattr(exc, "orig") else str(exc)})
             raise StoreError("the flow store is unavailable; retry shortly") from exc
 
-    def _lock_flow(self, conn: Connection, flow_id: str) -> sa.Row:
+    def _lock_flow(self, conn: Any, flow_id: str) -> sa.Row:
         query = sa.select(flows).where(flows.c.id == flow_id)
         if not self.is_sqlite:
             query = query.with_for_update()
@@ -291,6 +145,7 @@ class SqlFlowStore:
         with self._write() as conn:
             if not self.is_sqlite:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(727272)"))
+            conn = getattr(conn, "sa_connection", conn)  # DDL and inspection need the real one
             schema_version.create(conn, checkfirst=True)
             current = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.max(schema_version.c.version), 0))
@@ -316,10 +171,13 @@ class SqlFlowStore:
         stamp = now()
         try:
             with self._write() as conn:
-                taken = conn.execute(sa.select(flows.c.id).where(
-                    sa.or_(flows.c.id == flow_id, flows.c.name == name))).first()
+                # ids and names share one namespace (runs address a flow by either, the id
+                # first): a new id may not be another flow's name, nor its name another's id
+                taken = conn.execute(sa.select(flows.c.id, flows.c.name).where(sa.or_(
+                    flows.c.id == flow_id, flows.c.name == name, flows.c.name == flow_id,
+                    flows.c.id == name))).first()
                 if taken is not None:
-                    raise Conflict(_taken_message(taken.id, flow_id, name))
+                    raise Conflict(_taken_message(taken.id, taken.name, flow_id, name))
                 conn.execute(flows.insert().values(
                     id=flow_id, name=name, description=description, latest_version=1,
                     live_version=1, live_history=[], routing=None, created_at=stamp,
@@ -337,9 +195,11 @@ class SqlFlowStore:
             with self._write() as conn:
                 row = self._lock_flow(conn, flow_id)
                 clash = conn.execute(sa.select(flows.c.id).where(
-                    flows.c.name == name, flows.c.id != flow_id)).first()
+                    sa.or_(flows.c.name == name, flows.c.id == name),
+                    flows.c.id != flow_id)).first()
                 if clash is not None:
-                    raise Conflict(f"another flow ('{clash.id}') is already named '{name}'")
+                    raise Conflict(f"another flow ('{clash.id}') is already called '{name}' "
+                                   "(by its id or its name)")
                 version = row.latest_version + 1
                 conn.execute(flow_versions.insert().values(
                     flow_id=flow_id, version=version, definition=definition, created_at=stamp))
@@ -529,50 +389,15 @@ class SqlFlowStore:
                  "role": m.role, "content": m.content, "created_at": stamp} for m in messages])
 
 
-def _ping_when_idle(engine: Engine, idle_s: float) -> None:
-    """Like ``pool_pre_ping``, but only for connections idle longer than ``idle_s``: a ping is
-    a round trip (0.15 ms here) that a connection in steady use does not need, while one that
-    sat idle may have been closed by a database restart or a proxy. A failed ping makes the
-    pool open a new connection instead."""
-
-    @sa.event.listens_for(engine, "checkin")
-    def _checkin(_dbapi_conn, record) -> None:
-        record.info["flowgate_idle_since"] = time.monotonic()
-
-    @sa.event.listens_for(engine, "checkout")
-    def _checkout(dbapi_conn, record, _proxy) -> None:
-        since = record.info.get("flowgate_idle_since")
-        if since is None or time.monotonic() - since <= idle_s:
-            return
-        try:
-            with dbapi_conn.cursor() as cursor:
-                cursor.execute("SELECT 1")
-        except Exception as exc:  # any failure: the connection is not usable
-            raise sa.exc.DisconnectionError(str(exc)) from exc
-        finally:
-            with contextlib.suppress(Exception):
-                dbapi_conn.rollback()  # end the ping's implicit transaction
-
-
-def _retry_locked(action: Callable[[], T], timeout_s: float) -> T:
-    """Run ``action`` until SQLite stops answering "database is locked" (bounded), sleeping
-    in between with time.sleep, which gevent makes cooperative."""
-    deadline = time.monotonic() + timeout_s
-    delay = 0.0005
-    while True:
-        try:
-            return action()
-        except (OperationalError, sqlite3.OperationalError) as exc:
-            message = str(getattr(exc, "orig", exc))
-            if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-
-
-def _taken_message(existing_id: str, flow_id: str, name: str) -> str:
+def _taken_message(existing_id: str, existing_name: str, flow_id: str, name: str) -> str:
     if existing_id == flow_id:
         return f"a flow with id '{flow_id}' already exists; PUT /flows/{flow_id} adds a version"
+    if existing_name == flow_id:
+        return (f"flow '{existing_id}' is named '{flow_id}'; a flow's id may not be another "
+                "flow's name (runs address flows by either)")
+    if existing_id == name:
+        return (f"a flow's id is '{name}'; a flow's name may not be another flow's id (runs "
+                "address flows by either)")
     return f"flow '{existing_id}' is already named '{name}'; flow names are unique"
 
 

@@ -144,11 +144,21 @@ def redis_prefix(redis_client: redis.Redis) -> Iterator[str]:
 
 
 @pytest.fixture
-def dead_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
+def dead_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where connections are refused, for the whole test: bound but not
+    listening. (Bound once and released, as before, another process could take it before
+    the test connects — and answer.)"""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that accepts connections (the kernel's backlog) and never
+    answers: a hung engine, without waiting for a clock."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        yield s.getsockname()[1]
 
 
 @pytest.fixture

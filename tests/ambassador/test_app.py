@@ -60,6 +60,14 @@ from flowgate.jsonlog import JsonFormatter
                  "version", id="version-zero"),
     pytest.param({"json": {"flow_id": "faq", "input": "x", "version": True}}, 400, "bad_request",
                  "version", id="version-a-bool"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "version": 2**31}}, 400,
+                 "bad_request", "version", id="version-beyond-a-32-bit-integer"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "output_type": {}}}, 400,
+                 "bad_request", "output_type", id="output-type-an-object"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "input_type": "voice"}}, 400,
+                 "bad_request", "input_type", id="input-type-unknown"),
+    pytest.param({"json": {"flow_id": "faq", "input": "x", "on_disconnect": 0}}, 400,
+                 "bad_request", "on_disconnect", id="on-disconnect-a-number"),
     pytest.param({"json": {"flow_id": "faq", "input": "x", "stream": "yes"}}, 400, "bad_request",
                  "stream", id="stream-a-string"),
     pytest.param({"json": {"flow_id": "faq", "input": "x", "session_id": ""}}, 400, "bad_request",
@@ -130,6 +138,29 @@ def test_without_a_service_key_the_callers_token_is_not_forwarded(make_app, engi
     assert "authorization" not in engine.requests[0]["headers"]
 
 
+def test_an_integral_number_is_an_integer_version(make_app, engine) -> None:
+    """JSON (and JSON Schema) make no difference between 2 and 2.0; the engine gets 2."""
+    client, _ = make_app()
+    response = run_flow(client, {"flow_id": "faq", "input": "x", "version": 2.0})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    sent = engine.requests[0]["body"]["version"]
+    assert sent == 2 and isinstance(sent, int)
+    fraction = run_flow(client, {"flow_id": "faq", "input": "x", "version": 2.5})
+    assert "version" in assert_error_contract(fraction, 400, "bad_request")["message"]
+    assert len(engine.requests) == 1
+
+
+@pytest.mark.parametrize("key", ["", "order 77", "k" * 201])
+def test_an_idempotency_key_the_engine_would_not_take_is_a_400_here(make_app, engine,
+                                                                    key) -> None:
+    """An empty key was dropped on the way upstream while the retry filter counted on it:
+    a run that timed out was retried without a key, and ran twice."""
+    client, _ = make_app()
+    response = run_flow(client, headers={"Idempotency-Key": key})
+    assert "Idempotency-Key" in assert_error_contract(response, 400, "bad_request")["message"]
+    assert engine.requests == []
+
+
 def test_callers_idempotency_key_is_forwarded(make_app, engine) -> None:
     client, _ = make_app()
     run_flow(client, headers={"Idempotency-Key": "order-77"})
@@ -168,6 +199,19 @@ def test_cache_miss_then_hit(make_app, engine) -> None:
     assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
     assert second.get_json() == ENGINE_ANSWER and len(engine.requests) == 1
     assert second.headers["X-Trace-ID"] != first.headers["X-Trace-ID"]
+
+
+def test_the_memory_cache_is_bounded_by_bytes_and_says_what_it_holds(make_app, engine) -> None:
+    """cache.max_bytes bounds the in-process cache whatever max_entries allows: 1 KiB holds
+    one answer here, so the second evicts the first; the gauges say what is held."""
+    client, amb = make_app({"flows.faq.cache": {"ttl_s": 60}, "cache.max_bytes": 1024,
+                            "cache.max_entries": 1000})
+    ask = [run_flow(client, {"flow_id": "faq", "input": text}) for text in ("a", "b", "a")]
+    assert [r.headers["X-Cache"] for r in ask] == ["MISS", "MISS", "MISS"]
+    assert len(engine.requests) == 3
+    held = amb.metrics.cache_memory_bytes._value.get()
+    assert 0 < held <= 1024
+    assert amb.metrics.cache_memory_entries._value.get() == 1
 
 
 SSE = (b'event: token\ndata: {"node": "llm", "index": 0, "text": "hi"}\n\n'
@@ -290,17 +334,27 @@ def test_metrics(make_app) -> None:
     assert states == {"closed": 1, "open": 0, "half_open": 0}
 
 
-def test_redis_down_still_serves(make_app, dead_port) -> None:
+def test_redis_down_still_serves(make_app, engine, dead_port) -> None:
+    """Redis down: rate limits and the cache go on locally (the second answer is a HIT from
+    the in-memory fallback), and Redis is called once, then left alone for redis_pause_s —
+    counted, not timed."""
     client, _ = make_app({"redis_url": f"redis://127.0.0.1:{dead_port}/0",
+                          "redis_pause_s": 3600,
                           "ratelimit": {"requests_per_s": 100, "burst": 100},
                           "flows.faq.cache": {"ttl_s": 60}})
-    started = time.perf_counter()
     first, second = run_flow(client), run_flow(client)
-    assert time.perf_counter() - started < 2
     assert (first.status_code, second.status_code) == (200, 200)
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert len(engine.requests) == 1
     text = client.get("/metrics").get_data(as_text=True)
     assert re.search(r"^flowgate_ambassador_ratelimit_errors_total 2\.0$", text, re.M), text
     assert re.search(r'^flowgate_ambassador_cache_errors_total\{op="get"\} 2\.0$', text, re.M)
+    assert re.search(r'^flowgate_ambassador_cache_fallback_total\{op="get"\} 2\.0$', text, re.M)
+    assert re.search(r'^flowgate_ambassador_cache_fallback_total\{op="set"\} 1\.0$', text, re.M)
+    assert re.search(r"^flowgate_ambassador_redis_failures_total 1\.0$", text, re.M)
+    held = re.search(r"^flowgate_ambassador_cache_memory_bytes (\S+)$", text, re.M)
+    assert held and float(held[1]) > len(first.data)
+    assert re.search(r"^flowgate_ambassador_cache_memory_entries 1\.0$", text, re.M)
 
 
 # -- unknown routes -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and ConfigHolder's hot reload (fake clock, explicit mtimes)."""
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -400,3 +401,33 @@ def test_a_reload_the_rebuild_refuses_keeps_the_last_good_config(holder, cfg_fil
     assert holder.settings is good
     assert rec.errors and "jwks_file" in rec.errors[0]
     assert "jwks_file" in holder.last_error
+
+
+# -- issue #11: when breaker trials go, the cache's bytes, Redis's pause -----------------------
+
+def test_reliability_keys_and_their_defaults() -> None:
+    s = load(None, environ={})
+    b = s.breaker
+    assert (b.open_s, b.backoff_base_s, b.readiness_path, b.probe_interval_s,
+            b.probe_timeout_s) == (10.0, 0.5, "/readyz", 0.5, 1.0)
+    assert (s.cache.max_entries, s.cache.max_bytes) == (10_000, 64 * 1_048_576)
+    assert s.redis_pause_s == 5.0
+    off = load(None, environ={}, overrides={"breaker.readiness_path": None})
+    assert off.breaker.readiness_path is None  # trials go without asking
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    pytest.param({"breaker.readiness_path": "readyz"}, "breaker.readiness_path", id="not-a-path"),
+    pytest.param({"breaker.readiness_path": "/ready z"}, "breaker.readiness_path",
+                 id="path-with-a-space"),
+    pytest.param({"breaker.backoff_base_s": 0}, "breaker.backoff_base_s", id="no-backoff"),
+    pytest.param({"breaker.probe_interval_s": -1}, "breaker.probe_interval_s",
+                 id="negative-interval"),
+    pytest.param({"breaker.probe_timeout_s": 0}, "breaker.probe_timeout_s", id="no-timeout"),
+    pytest.param({"cache.max_bytes": 100}, "cache.max_bytes", id="max-bytes-under-1-kib"),
+    pytest.param({"redis_pause_s": 0}, "redis_pause_s", id="no-pause"),
+])
+def test_reliability_keys_are_validated(overrides, key) -> None:
+    with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(key)}: ") as info:
+        load(None, environ={}, overrides=overrides)
+    assert "unknown key" not in str(info.value)  # a known key, with a bad value

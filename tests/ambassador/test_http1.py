@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from support.procs import free_port
 
 from ambassador import http1
 
@@ -27,6 +25,7 @@ class ScriptedServer:
         self.scripts: list[Script] = []
         self.requests: list[tuple[int, bytes]] = []  # (connection number, raw request)
         self.connections = 0
+        self.release = threading.Event()  # what ``hold`` scripts wait for (set on close)
         self._stop = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
@@ -71,6 +70,7 @@ class ScriptedServer:
 
     def close(self) -> None:
         self._stop = True
+        self.release.set()
         self.listener.close()
         self._thread.join(2)
 
@@ -85,6 +85,16 @@ def send_and_close(data: bytes) -> Script:
     def script(conn: socket.socket, _request: bytes) -> bool:
         conn.sendall(data)
         conn.shutdown(socket.SHUT_RDWR)
+        return False
+    return script
+
+
+def hold(server: ScriptedServer, data: bytes = b"") -> Script:
+    """Send ``data``, then neither answer more nor close until the test ends: the client's
+    timeout is the only way out, whatever the machine's load (no sleep to outlast)."""
+    def script(conn: socket.socket, _request: bytes) -> bool:
+        conn.sendall(data)
+        server.release.wait(30)
         return False
     return script
 
@@ -197,12 +207,15 @@ def test_an_abandoned_stream_closes_its_connection(server, pool) -> None:
     assert server.connections == 2
 
 
-def test_idle_connections_older_than_max_idle_are_not_reused(server) -> None:
-    pool = http1.Pool("http", "127.0.0.1", server.port, max_idle_s=0.05)
+def test_idle_connections_older_than_max_idle_are_not_reused(server, clock) -> None:
+    pool = http1.Pool("http", "127.0.0.1", server.port, max_idle_s=3, clock=clock)
     try:
-        server.scripts += [send(OK), send(OK)]
+        server.scripts += [send(OK), send(OK), send(OK)]
         get(pool).read()
-        time.sleep(0.1)
+        clock.advance(3)
+        get(pool).read()  # idle exactly max_idle_s: reused
+        assert server.connections == 1
+        clock.advance(3.01)
         get(pool).read()
         assert server.connections == 2
     finally:
@@ -222,26 +235,21 @@ def test_a_reused_connection_the_server_reset_is_written_again_on_a_new_one(serv
     assert server.connections == 2
 
 
-def test_connection_refused_is_connect_failed() -> None:
-    pool = http1.Pool("http", "127.0.0.1", free_port())
+def test_connection_refused_is_connect_failed(dead_port) -> None:
+    pool = http1.Pool("http", "127.0.0.1", dead_port)
     with pytest.raises(http1.ConnectFailed):
         get(pool)
 
 
 def test_no_answer_within_the_read_timeout_is_timeout(server, pool) -> None:
-    server.scripts.append(lambda conn, request: time.sleep(0.5))
-    started = time.monotonic()
+    server.scripts.append(hold(server))
     with pytest.raises(http1.Timeout):
         get(pool, read=0.1)
-    assert time.monotonic() - started < 0.4
 
 
 def test_a_stream_idle_past_its_timeout_is_timeout(server, pool) -> None:
-    def script(conn: socket.socket, _request: bytes) -> None:
-        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n")
-        time.sleep(0.5)
-
-    server.scripts.append(script)
+    server.scripts.append(hold(server, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                       b"1\r\na\r\n"))
     response = get(pool)
     response.set_read_timeout(0.1)
     pieces = response.stream()

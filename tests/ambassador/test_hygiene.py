@@ -72,6 +72,12 @@ def test_valid_last_event_id(value, ok) -> None:
     pytest.param({"last-event-id": "\u00b2"}, "Last-Event-ID", id="last-event-id-superscript"),
     pytest.param({"last-event-id": "\u0663"}, "Last-Event-ID", id="last-event-id-arabic-indic"),
     pytest.param({"last-event-id": "abc"}, "Last-Event-ID", id="last-event-id-letters"),
+    # the engine's rule for keys: an empty one was dropped upstream while retries relied on it
+    pytest.param({"idempotency-key": ""}, "Idempotency-Key", id="idempotency-key-empty"),
+    pytest.param({"idempotency-key": "order 77"}, "Idempotency-Key",
+                 id="idempotency-key-with-a-space"),
+    pytest.param({"idempotency-key": "k" * 201}, "Idempotency-Key",
+                 id="idempotency-key-over-200"),
 ])
 def test_header_problem(headers, words) -> None:
     problem = hygiene.header_problem(headers)
@@ -101,6 +107,9 @@ def test_too_deep(value, limit, deep) -> None:
     pytest.param("[" * 1_000_000 + "]" * 1_000_000, "deeper than 64", id="million-brackets"),
     pytest.param(b"\xff\xfe", "malformed", id="not-utf8"),
     pytest.param("{", "malformed", id="truncated"),
+    pytest.param('{"version": ' + "9" * 5000 + "}", "malformed", id="a-5000-digit-number"),
+    pytest.param('{"version": NaN}', "malformed", id="nan"),
+    pytest.param('{"version": -Infinity}', "malformed", id="infinity"),
 ])
 def test_loads_refuses(data, words) -> None:
     with pytest.raises(hygiene.BadJson, match=words):

@@ -69,3 +69,25 @@ def test_what_the_engine_answered_is_marked(upstream, engine, dead_port) -> None
     finally:
         down.close()
     assert failed.status == 503 and "engine_answered" not in failed.meta
+
+
+@pytest.mark.parametrize(("status", "ready"), [
+    pytest.param(200, True, id="200-ready"),
+    pytest.param(503, False, id="503-not-ready"),
+    pytest.param(500, False, id="500"),
+    pytest.param(404, True, id="no-such-path-says-nothing-against-it"),
+])
+def test_readiness_is_what_the_engine_says(upstream, engine, status, ready) -> None:
+    engine.answer(status, {"status": "whatever"})
+    assert upstream.ready("/readyz", 1.0) is ready
+    [probe] = engine.requests
+    assert (probe["method"], probe["path"]) == ("GET", "/readyz")
+    assert "authorization" not in probe["headers"]  # the probe needs no key, sends none
+
+
+def test_an_unreachable_engine_is_not_ready(dead_port) -> None:
+    down = Upstream(UpstreamSettings(url=f"http://127.0.0.1:{dead_port}"), None)
+    try:
+        assert down.ready("/readyz", 1.0) is False
+    finally:
+        down.close()

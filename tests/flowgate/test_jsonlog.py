@@ -41,3 +41,11 @@ def test_timestamps_follow_the_record_across_seconds() -> None:
               for t in (1_700_000_000.75, 1_700_000_001.25, 1_700_000_000.5)]
     assert stamps == ["2023-11-14T22:13:20.750Z", "2023-11-14T22:13:21.250Z",
                       "2023-11-14T22:13:20.500Z"]
+
+
+def test_a_lone_surrogate_in_a_field_still_makes_a_utf8_line() -> None:
+    """``"caf\\ud800"`` from a client's JSON cannot be encoded as UTF-8: the line escapes it."""
+    line = JsonFormatter().format(record(1_700_000_000.0, flow_id="caf\ud800", note="naïve"))
+
+    decoded = json.loads(line.encode("utf-8"))
+    assert (decoded["flow_id"], decoded["note"]) == ("caf\ud800", "naïve")

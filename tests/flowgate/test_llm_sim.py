@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import base64
+import json
 import math
 import time
 from collections.abc import Callable
@@ -15,7 +16,14 @@ import pytest
 import requests
 from langchain_openai import ChatOpenAI
 
-from flowgate.llm_sim import SimSettings, count_prompt_tokens, reply_tokens
+from flowgate.llm_sim import (
+    SimSettings,
+    count_prompt_tokens,
+    find_expression,
+    plan_tool_call,
+    reply_tokens,
+    tool_result_tokens,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,6 +62,15 @@ def _stats_settle(sim: Any, **expected: int) -> dict[str, Any]:
     except AssertionError:
         pytest.fail(f"stats never reached {expected}: {box['s']}")
     return box["s"]
+
+
+@pytest.fixture(autouse=True)
+def _no_streams_left_over(llm_sim: Any) -> None:
+    """The session's simulator is shared: a stream an earlier test module closed early ends
+    on the server a moment later, and would count in this module's stats. Wait until no
+    stream is open, then zero the counters (fresh_llm_sim zeroes them again)."""
+    _wait_for(lambda: llm_sim.stats()["active_streams"] == 0)
+    llm_sim.reset()
 
 
 # --- pure unit tests --------------------------------------------------------------------------
@@ -448,3 +465,231 @@ def test_chat_requests_are_recorded_with_headers_and_client_port(fresh_llm_sim: 
     assert seen[0]["remote_port"] == seen[1]["remote_port"] != seen[2]["remote_port"]
     fresh_llm_sim.reset()
     assert fresh_llm_sim.requests() == []
+
+
+# --- embeddings that carry meaning -------------------------------------------------------------
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def test_embeddings_put_texts_that_share_words_close_together(fresh_llm_sim: Any) -> None:
+    texts = ["How long do refunds take?",
+             "Refunds are issued within 5 business days of receiving the returned item.",
+             "Shipping is free for orders over 50 EUR.",
+             "refunding an order"]
+    resp = _client(fresh_llm_sim).embeddings.create(model="text-embedding-3-small", input=texts,
+                                                    dimensions=256)
+    q, refunds, shipping, refunding = (d.embedding for d in resp.data)
+    assert all(len(v) == 256 and math.isclose(math.hypot(*v), 1.0, abs_tol=1e-5)
+               for v in (q, refunds, shipping, refunding))
+    assert _cos(q, refunds) > _cos(q, shipping) + 0.1  # a shared word: closer
+    assert _cos(q, refunding) > _cos(q, shipping)  # shared character trigrams: refund*
+    again = _client(fresh_llm_sim).embeddings.create(model="m", input=texts[0], dimensions=256)
+    assert again.data[0].embedding == q  # deterministic
+    assert fresh_llm_sim.stats()["embedding_inputs"] == 5
+
+
+def test_embed_is_pure_and_never_a_zero_vector() -> None:
+    from flowgate.llm_sim import embed
+
+    for text in ("the", "!!!", "a b c", "Ünïcödé wörds", "x" * 10_000):
+        vec = embed(text, 16)
+        assert math.isclose(math.hypot(*vec), 1.0, abs_tol=1e-9), text
+    assert embed("Refund policy", 64) == embed("refund POLICY", 64)  # case does not matter
+    assert embed("refund", 64) != embed("shipping", 64)
+
+
+def test_embeddings_latency_and_injected_errors(fresh_llm_sim: Any) -> None:
+    url = f"{fresh_llm_sim.base_url}/embeddings"
+    fresh_llm_sim.configure(embedding_error_rate=1, error_kinds=["429"])
+    limited = requests.post(url, json={"model": "m", "input": "x"}, timeout=10)
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "1"
+    chat = _client(fresh_llm_sim).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert chat.choices[0].message.content  # chat completions keep their own error rate
+    fresh_llm_sim.configure(embedding_error_rate=0, embedding_latency_s=0.3)
+    start = time.monotonic()
+    assert requests.post(url, json={"model": "m", "input": "x"}, timeout=10).status_code == 200
+    assert time.monotonic() - start >= 0.25
+    assert fresh_llm_sim.stats()["errors_injected"]["429"] == 1
+
+
+@pytest.mark.parametrize("kwargs", [pytest.param({"embedding_error_rate": 2}, id="rate"),
+                                    pytest.param({"embedding_latency_s": -1}, id="latency")])
+def test_embedding_settings_are_checked(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SimSettings(**kwargs)
+
+
+def test_embedding_requests_are_recorded_and_reset(fresh_llm_sim: Any) -> None:
+    _client(fresh_llm_sim).embeddings.create(model="m", input=["a", "b"], dimensions=8)
+    seen = requests.get(f"{fresh_llm_sim.url}/sim/embedding-requests", timeout=10).json()
+    assert [(r["model"], r["inputs"], r["dimensions"]) for r in seen] == [("m", 2, 8)]
+    assert seen[0]["headers"]["Authorization"] == "Bearer x"
+    assert fresh_llm_sim.requests() == []  # chat completions are recorded apart
+    fresh_llm_sim.reset()
+    assert requests.get(f"{fresh_llm_sim.url}/sim/embedding-requests", timeout=10).json() == []
+
+
+# --- tool calling ------------------------------------------------------------------------------
+
+CALCULATOR = {"type": "function", "function": {
+    "name": "calculator", "description": "Computes arithmetic.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                   "required": ["expression"]}}}
+ORDERS = {"type": "function", "function": {
+    "name": "orders", "description": "Looks orders up.",
+    "parameters": {"type": "object", "properties": {"input": {"type": "string"},
+                                                    "order": {"type": "integer"}}}}}
+TOOLS = [CALCULATOR, ORDERS]
+
+
+def _call(message: Any) -> dict[str, Any]:
+    """An assistant message's tool call in the request shape (what a client sends back)."""
+    [call] = message.tool_calls
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.function.name, "arguments": call.function.arguments}}
+
+
+@pytest.mark.parametrize(("text", "expression"), [
+    pytest.param("What is (12 + 30) * 2?", "(12 + 30) * 2", id="parentheses"),
+    pytest.param("compute 2^10 or 3*4*5 please", "3*4*5", id="longest-run"),
+    pytest.param("12 × 7 ÷ 3", "12 × 7 ÷ 3", id="unicode-operators"),
+    pytest.param("order 42 has 3 items", None, id="no-operator"),
+    pytest.param("call me at 555-1234", "555-1234", id="looks-like-arithmetic"),
+])
+def test_the_arithmetic_expression_is_found_in_the_message(text: str, expression: str | None) -> None:
+    assert find_expression(text) == expression
+
+
+def _raw(text: str) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": "Be exact."}, {"role": "user", "content": text}]
+
+
+def _fns(*tools: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t["function"] for t in tools]
+
+
+def test_the_tools_the_message_names_are_called_in_its_order_each_once() -> None:
+    raw = _raw("Ask ORDERS about order 42, then use the calculator for 6*7")
+    first = plan_tool_call(raw, _fns(*TOOLS), "auto")
+    assert (first.name, json.loads(first.arguments)) == ("orders", {
+        "input": "Ask ORDERS about order 42, then use the calculator for 6*7", "order": 42})
+    raw += [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": first.id, "type": "function", "function": {"name": "orders", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": first.id, "content": "order 42 shipped"}]
+    second = plan_tool_call(raw, _fns(*TOOLS), "auto")
+    assert (second.name, json.loads(second.arguments)) == ("calculator", {"expression": "6*7"})
+    raw += [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": second.id, "type": "function", "function": {"name": "calculator", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": second.id, "content": "42"}]
+    assert plan_tool_call(raw, _fns(*TOOLS), "auto") is None  # every named tool answered
+    assert "".join(tool_result_tokens(raw, 24)).startswith(
+        '[simulated reply] orders: "order 42 shipped" calculator: "42"')
+    assert first.id != second.id and first.id == plan_tool_call(
+        _raw("Ask ORDERS about order 42, then use the calculator for 6*7"), _fns(*TOOLS), "auto").id
+
+
+@pytest.mark.parametrize(("choice", "called"), [
+    pytest.param("auto", "calculator", id="none-named-first-tool"),
+    pytest.param("required", "calculator", id="required"),
+    pytest.param("orders", "orders", id="forced"),
+    pytest.param("none", None, id="none"),
+])
+def test_tool_choice(choice: str, called: str | None) -> None:
+    call = plan_tool_call(_raw("hello there"), _fns(*TOOLS), choice)
+    assert (call.name if call else None) == called
+    assert plan_tool_call(_raw("use the calculator: 1+1"), [], "auto") is None  # no tools
+
+
+def test_a_tool_call_and_its_answer_with_the_openai_client(fresh_llm_sim: Any) -> None:
+    client = _client(fresh_llm_sim)
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What is (12 + 30) * 2?"}]
+
+    first = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
+
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "calculator", {"expression": "(12 + 30) * 2"})
+    assert first.usage.completion_tokens >= 1
+
+    messages += [{"role": "assistant", "content": None, "tool_calls": [_call(choice.message)]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "84"}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
+
+    assert second.choices[0].finish_reason == "stop"
+    assert second.choices[0].message.tool_calls is None
+    assert second.choices[0].message.content.startswith('[simulated reply] calculator: "84"')
+    assert fresh_llm_sim.stats()["tool_calls_sent"] == 1
+
+
+def test_a_streamed_tool_call_is_the_same_call_in_pieces(fresh_llm_sim: Any) -> None:
+    client = _client(fresh_llm_sim)
+    messages = [{"role": "user", "content": "use orders for order 7"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS,
+                                                 stream=True, stream_options={"include_usage": True}))
+
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert len(deltas) > 2  # the id and name first, then the arguments in pieces
+    assert deltas[0].id and deltas[0].function.name == "orders"
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    arguments = "".join(d.function.arguments for d in deltas)
+    [expected] = whole.choices[0].message.tool_calls
+    assert (deltas[0].id, arguments) == (expected.id, expected.function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_langchain_chat_openai_runs_the_tool_loop(fresh_llm_sim: Any) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    llm = ChatOpenAI(model=MODEL, base_url=fresh_llm_sim.base_url, api_key="x", max_retries=0)
+    bound = llm.bind_tools([CALCULATOR])
+    messages: list[Any] = [HumanMessage("How much is 6*7?")]
+
+    asked = bound.invoke(messages)
+    messages += [asked, ToolMessage("42", tool_call_id=asked.tool_calls[0]["id"])]
+    answer = bound.invoke(messages)
+
+    assert asked.tool_calls[0]["args"] == {"expression": "6*7"}
+    assert answer.content.startswith('[simulated reply] calculator: "42"')
+
+
+@pytest.mark.parametrize("messages", [
+    pytest.param([{"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "call_1", "type": "function",
+                       "function": {"name": "calculator", "arguments": "{}"}}]},
+                  {"role": "user", "content": "well?"}], id="call-not-answered"),
+    pytest.param([{"role": "user", "content": "hi"},
+                  {"role": "tool", "tool_call_id": "call_9", "content": "42"}], id="orphan-result"),
+    pytest.param([{"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "42"}],
+                 id="malformed-call"),
+])
+def test_the_tool_protocol_is_checked_as_openai_checks_it(fresh_llm_sim: Any,
+                                                          messages: list[dict[str, Any]]) -> None:
+    with pytest.raises(openai.BadRequestError):
+        _client(fresh_llm_sim).chat.completions.create(model=MODEL, messages=messages, tools=TOOLS)
+    assert fresh_llm_sim.stats()["bad_requests"] == 1
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param({"tools": []}, id="empty"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "has space"}}]}, id="name"),
+    pytest.param({"tools": [{"type": "code_interpreter"}]}, id="not-a-function"),
+    pytest.param({"tools": TOOLS, "tool_choice": {"type": "function",
+                                                  "function": {"name": "nope"}}}, id="choice"),
+])
+def test_malformed_tools_get_400(fresh_llm_sim: Any, extra: dict[str, Any]) -> None:
+    resp = requests.post(f"{fresh_llm_sim.base_url}/chat/completions", timeout=10,
+                         json={**OK_CHAT, **extra})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"].startswith("tool")

@@ -83,3 +83,25 @@ def test_an_empty_body_sends_the_head_once(make_response) -> None:
     response.write(b"")
     response.close()
     assert b"".join(sock.writes).count(b"HTTP/1.1 200 OK") == 1
+
+
+# -- connection limits: from options and config files to the worker ---------------------------
+
+
+def test_connection_limits_come_from_options_and_the_config_file(tmp_path) -> None:
+    from gunicorn.workers.ggevent import GeventWorker  # (imports gevent: only here)
+
+    import flowgate.serving as serving
+
+    conf = tmp_path / "gunicorn_conf.py"
+    conf.write_text("worker_class = 'gevent'\nflowgate_body_timeout = 3\nkeepalive = 7\n")
+
+    app = serving.GunicornApp(lambda: None, {"flowgate_header_timeout": 2, "bind": "127.0.0.1:1"},
+                              config_file=str(conf))
+
+    assert app.limits == serving.ConnectionLimits(header_timeout=2.0, body_timeout=3.0)
+    assert app.cfg.keepalive == 7
+    assert app.cfg.worker_class_str == "flowgate.serving.GeventWorker"
+    assert app.cfg.worker_class is serving.GeventWorker
+    assert issubclass(serving.GeventWorker, GeventWorker)  # gunicorn's, with the limits
+

@@ -6,6 +6,11 @@ One engine serves the whole module; tests that kill or stop the engine get their
 (`private_engine`). Each test starts the ambassadors it needs with its own config file,
 except the auth tests, which share one ambassador per auth mode (their answers keep no
 state). Processes are SIGKILLed at teardown: no test here is about graceful shutdown.
+
+Nothing here depends on timing: waits are bounded loops on a condition, a server counts as
+started only once a process of its own listens on its port (`start_owned`: free_port() only
+says the port was free a moment ago), ports meant to refuse stay bound for the whole test,
+and what a test proves is read from event order and metrics, not from a stopwatch.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import hmac
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +44,8 @@ import requests
 import sseclient
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support.procs import ServerProcess, free_port
+from support.needs import missing
+from support.procs import ServerNotReady, ServerProcess, free_port
 
 from flowgate.llm_sim import reply_tokens
 
@@ -129,7 +136,68 @@ def sse_events(resp: requests.Response) -> Iterator[tuple[float, Any]]:
 # -- processes ----------------------------------------------------------------------------------
 
 
-def engine_process(workdir: Path, sim, port: int | None = None) -> ServerProcess:
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on TCP ``port`` (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def listens_on(session: int, port: int) -> bool:
+    """Does a process of ``session`` (a ServerProcess's pid: it leads its own session) hold
+    a socket listening on ``port``? Without /proc (not Linux), assumed so."""
+    if not Path("/proc/net/tcp").exists():
+        return True
+    targets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) != session:
+                continue
+            if any(os.readlink(fd) in targets for fd in (entry / "fd").iterdir()):
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
+def start_owned(make: Callable[[int], ServerProcess], port: int | None = None,
+                attempts: int = 5) -> ServerProcess:
+    """``make(port).start()`` on a port from free_port(), made sure to be ours: the port was
+    free when free_port() looked, but another process (another test run on this machine) may
+    bind it before the server does. Then the server fails to bind (gunicorn retries for
+    seconds first) while its readiness check may even be answered by the other process. So
+    the server counts as started only once a process of its own listens there; otherwise it
+    is stopped and started again on another port. A ``port`` given (a restart on the same
+    address) is not changed: taken by another process, it is an error saying so."""
+    for attempt in range(1, attempts + 1):
+        chosen = port or free_port()
+        proc = make(chosen)
+        try:
+            proc.start()
+        except ServerNotReady as exc:
+            if port is None and "in use" in str(exc) and attempt < attempts:
+                continue
+            raise
+        assert proc.proc is not None
+        if listens_on(proc.proc.pid, chosen):
+            return proc
+        quick_stop(proc)
+        if port is not None:
+            raise AssertionError(f"port {port} is held by another process; cannot restart there")
+    raise AssertionError(f"no port of our own after {attempts} attempts")
+
+
+def engine_process(workdir: Path, sim, port: int | None = None,
+                   env: dict[str, str] | None = None) -> ServerProcess:
+    """An engine on ``port`` (not started; ``start_owned`` starts one on a port of its own)."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "flowgate.cli", "engine", "--port", str(port)]
     return ServerProcess(cmd, port=port, ready_path="/readyz", name="engine", ready_timeout=30,
@@ -140,7 +208,13 @@ def engine_process(workdir: Path, sim, port: int | None = None) -> ServerProcess
                              "REDIS_URL": "",
                              "FLOW_ENGINE_WORKERS": "1",  # in-memory event log: one process
                              "FLOW_ENGINE_GRACEFUL_TIMEOUT": "2",
-                             "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{port}")})
+                             "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{port}"),
+                             **(env or {})})
+
+
+def start_engine(workdir: Path, sim, port: int | None = None,
+                 env: dict[str, str] | None = None) -> ServerProcess:
+    return start_owned(lambda chosen: engine_process(workdir, sim, chosen, env), port)
 
 
 def ensure_flow(engine_url: str) -> None:
@@ -176,7 +250,7 @@ def quick_stop(proc: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, llm_sim) -> Iterator[ServerProcess]:
     """The engine most tests share (never stopped by a test)."""
-    proc = engine_process(tmp_path_factory.mktemp("engine"), llm_sim).start()
+    proc = start_engine(tmp_path_factory.mktemp("engine"), llm_sim)
     try:
         ensure_flow(proc.url)
         warm_up(proc.url, llm_sim)
@@ -192,10 +266,14 @@ class PrivateEngines:
         self.workdir, self.sim = workdir, sim
         self.procs: list[ServerProcess] = []
 
-    def start(self, port: int | None = None, *, warm: bool = True) -> ServerProcess:
-        proc = engine_process(self.workdir, self.sim, port)
-        self.procs.append(proc)
-        proc.start()
+    def start(self, port: int | None = None, *, warm: bool = True,
+              env: dict[str, str] | None = None) -> ServerProcess:
+        def make(chosen: int) -> ServerProcess:
+            proc = engine_process(self.workdir, self.sim, chosen, env)
+            self.procs.append(proc)  # stopped at the end, whatever happens
+            return proc
+
+        proc = start_owned(make, port)
         ensure_flow(proc.url)
         if warm:
             warm_up(proc.url, self.sim)
@@ -256,22 +334,26 @@ class Ambassadors:
         self.started: list[ServerProcess] = []
 
     def start(self, config: dict[str, Any], upstream_url: str, *, redis_url: str | None = None,
-              upstream_key: str = ENGINE_KEY) -> Ambassador:
+              upstream_key: str = ENGINE_KEY, env: dict[str, str] | None = None) -> Ambassador:
         n = len(self.started)
         path = self.workdir / f"ambassador-{n}.yaml"
         path.write_text(yaml.safe_dump(merged(BASE_CONFIG, config)), encoding="utf-8")
-        port = free_port()
-        cmd = [sys.executable, "-m", "flowgate.cli", "ambassador", "--port", str(port)]
-        proc = ServerProcess(cmd, port=port, ready_path="/readyz", name="ambassador",
-                             ready_timeout=30, cwd=self.workdir, stop_timeout=5, env={
-                                 "AMBASSADOR_CONFIG": str(path),
-                                 "AMBASSADOR_UPSTREAM_URL": upstream_url,
-                                 "AMBASSADOR_UPSTREAM_KEY": upstream_key,
-                                 "REDIS_URL": redis_url or "",
-                                 "PROMETHEUS_MULTIPROC_DIR": str(self.workdir / f"amb-metrics-{n}")})
-        self.started.append(proc)
-        proc.start()
-        return Ambassador(proc, path)
+
+        def make(port: int) -> ServerProcess:
+            cmd = [sys.executable, "-m", "flowgate.cli", "ambassador", "--port", str(port)]
+            proc = ServerProcess(cmd, port=port, ready_path="/readyz", name="ambassador",
+                                 ready_timeout=30, cwd=self.workdir, stop_timeout=5, env={
+                                     "AMBASSADOR_CONFIG": str(path),
+                                     "AMBASSADOR_UPSTREAM_URL": upstream_url,
+                                     "AMBASSADOR_UPSTREAM_KEY": upstream_key,
+                                     "REDIS_URL": redis_url or "",
+                                     "PROMETHEUS_MULTIPROC_DIR": str(
+                                         self.workdir / f"amb-metrics-{n}-{port}"),
+                                     **(env or {})})
+            self.started.append(proc)  # stopped at the end, whatever happens
+            return proc
+
+        return Ambassador(start_owned(make), path)
 
     def stop_all(self) -> None:
         for proc in self.started:
@@ -299,27 +381,49 @@ def module_ambassadors(tmp_path_factory) -> Iterator[Ambassadors]:
         ambassadors.stop_all()
 
 
+def _redis_started(proc: subprocess.Popen, url: str) -> bool:
+    """Wait (bounded) until the redis-server answers PING (True) or exits (False)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        def answered() -> str | None:
+            if proc.poll() is not None:
+                return "exited"
+            try:
+                return "up" if client.ping() else None
+            except redis.RedisError:
+                return None
+
+        return wait_for(answered, 10, what="throwaway redis-server answers PING") == "up"
+    finally:
+        client.close()
+
+
 @contextlib.contextmanager
 def redis_server(workdir: Path, port: int | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
-    """A throwaway redis-server on a free loopback port (never the shared one on 6379)."""
-    port = port or free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"redis://127.0.0.1:{port}/0"
+    """A throwaway redis-server on a loopback port of its own (never the shared one on 6379):
+    like ``start_owned``, started again on another port when the one free_port() gave was
+    taken meanwhile. A ``port`` given (Redis back on the same address) is kept."""
+    if shutil.which("redis-server") is None:
+        missing("redis-server is not installed (tests that stop Redis start their own)")
+    for attempt in range(1, 6):
+        chosen = port or free_port()
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(chosen), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        url = f"redis://127.0.0.1:{chosen}/0"
+        try:
+            if _redis_started(proc, url) and listens_on(proc.pid, chosen):
+                break
+        except BaseException:
+            proc.kill()
+            proc.wait(5)
+            raise
+        proc.kill()
+        proc.wait(5)
+        if port is not None or attempt == 5:
+            raise AssertionError(f"no redis-server of our own on port {chosen}")
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-
-        def ping() -> bool:
-            assert proc.poll() is None, "redis-server exited"
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        wait_for(ping, 10, what="throwaway redis-server answers PING")
-        client.close()
         yield proc, url
     finally:
         if proc.poll() is None:
@@ -413,7 +517,7 @@ def test_streamed_requests_are_logged_with_their_trace_id(engine, start_ambassad
                  if line.startswith("{") and '"ambassador.access"' in line]
         return [line for line in lines if line.get("stream")]
 
-    [line] = wait_for(access_lines, 5, what="the streamed request is logged")
+    [line] = wait_for(access_lines, 15, what="the streamed request is logged")
     assert line.get("trace_id") == resp.headers["X-Trace-ID"], line
 
 
@@ -518,9 +622,7 @@ def test_engine_killed_mid_load_breaker_opens_then_recovers(private_engine, star
 
     before = [r for r in results if r[0] + r[1] < killed_at]
     assert before and all(r[2] == 200 for r in before), [r for r in before if r[2] != 200][:3]
-    # No request hung past its deadline (plus scheduling margin), whatever it got.
-    slowest = max(r[1] for r in results)
-    assert slowest < total_s + 1.0, sorted(r[1] for r in results)[-5:]
+    # No request hung (each had total_s + 10 s before the client gave up), whatever it got.
     assert all(r[2] is not None for r in results), [r for r in results if r[2] is None][:3]
     after = [r for r in results if r[0] > killed_at]
     assert {r[2] for r in after} <= {200, 502, 503, 504}, {r[2] for r in after}
@@ -531,32 +633,29 @@ def test_engine_killed_mid_load_breaker_opens_then_recovers(private_engine, star
         return r.status_code == 503 and r.json()["error"]["code"] == "circuit_open"
 
     wait_for(trip, 10, interval_s=0.01, what="the breaker is open")
-    fast: list[float] = []
-    for _ in range(30):  # the breaker half-opens after open_s: keep the circuit_open answers
-        started = time.monotonic()
+    attempts = amb.metric("flowgate_ambassador_upstream_attempts_total")
+    for _ in range(30):  # the engine is down: its /readyz never answers, no trial goes
         resp = amb.run("probe", timeout=total_s + 5)
-        seconds = time.monotonic() - started
-        if resp.status_code == 503 and resp.json()["error"]["code"] == "circuit_open":
-            assert_error_contract(resp, 503, "circuit_open")
-            assert int(resp.headers["Retry-After"]) >= 1
-            fast.append(seconds)
-    assert len(fast) >= 5, fast
-    assert max(fast) < 0.05, fast
+        assert_error_contract(resp, 503, "circuit_open")
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert "X-Upstream-Attempts" not in resp.headers  # answered before the retry filter
+    # fast because nothing waited on the engine: not one attempt was made
+    assert amb.metric("flowgate_ambassador_upstream_attempts_total") == attempts
 
     ready = requests.get(amb.url + "/readyz?verbose=1", timeout=5)
     assert ready.status_code == 200
     assert ready.json()["upstream"]["breaker"] in ("open", "half_open")
     assert amb.metric("flowgate_ambassador_breaker_transitions_total", to="open") >= 1
 
-    # Same port, same store: the ambassador recovers once open_s has passed.
+    # Same port, same store: the ambassador recovers once the engine says it is ready.
     private_engine.start(eng.port, warm=False)
 
     def recovered() -> bool:
         return amb.run("after restart", timeout=total_s + 5).status_code == 200
 
     # The restarted engine's first run may be slow on a loaded machine (it compiles the flow
-    # and opens its connections), so the first half-open trial may time out and re-open the
-    # breaker for another open_s.
+    # and opens its connections), so the first trial may time out (per_try_s is 1 s here)
+    # and re-open the breaker for a backoff.
     wait_for(recovered, 15, interval_s=0.1, what="requests succeed after the engine restarts")
     ok = amb.run("after restart 2")
     assert ok.status_code == 200 and ok.headers["X-Upstream-Attempts"] == "1"
@@ -569,12 +668,10 @@ def test_slow_engine_is_a_504_within_the_deadline(engine, start_ambassador, fres
     amb = start_ambassador({"upstream": {"timeouts": {"per_try_s": 0.4, "total_s": total_s}}},
                            engine.url)
 
-    started = time.monotonic()
     resp = amb.run("too slow", timeout=10)
-    seconds = time.monotonic() - started
 
+    # the deadline's answer: without it the engine would answer 200 after the LLM's 3 s
     assert_error_contract(resp, 504, ("upstream_timeout", "timeout"))
-    assert seconds < total_s + 0.5, seconds
     assert int(resp.headers["X-Upstream-Attempts"]) >= 1
     # the timed-out attempts were retried with one Idempotency-Key: one LLM call
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
@@ -633,19 +730,21 @@ def test_a_callers_idempotency_key_is_honoured_end_to_end(engine, start_ambassad
 class PortGate:
     """A loopback port that refuses connections until :meth:`open`, then relays each one to
     ``target_port``. Opening it takes microseconds, where starting an engine on the port
-    takes seconds: a test can open it at the very moment it chooses."""
+    takes seconds: a test can open it at the very moment it chooses. The port is bound from
+    the start (refusing, as nothing listens yet), so no other process can take it meanwhile."""
 
-    def __init__(self, port: int, target_port: int) -> None:
-        self.port, self.target_port = port, target_port
-        self.listener: socket.socket | None = None
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
         self.relayed = 0
 
     def open(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.listener.listen()
         threading.Thread(target=self._accept, daemon=True, name="gate-accept").start()
 
     def _accept(self) -> None:
-        assert self.listener is not None
         while True:
             try:
                 conn, _ = self.listener.accept()
@@ -665,8 +764,7 @@ class PortGate:
             dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
+        self.listener.close()
 
 
 def test_connection_refused_is_retried_until_the_engine_listens(private_engine, start_ambassador,
@@ -677,14 +775,13 @@ def test_connection_refused_is_retried_until_the_engine_listens(private_engine, 
     there instead raced its boot time against the retries: sometimes every request came
     after the engine was up, with one attempt each.)"""
     eng = private_engine.start()
-    port = free_port()  # nothing listens here until the gate opens
+    gate = PortGate(eng.port)  # refuses until it opens
     amb = start_ambassador({
-        "upstream": {"timeouts": {"per_try_s": 5, "total_s": 10}},
-        "retry": {"max_attempts": 10, "backoff_base_s": 0.1, "backoff_max_s": 0.3,
+        "upstream": {"timeouts": {"per_try_s": 5, "total_s": 30}},
+        "retry": {"max_attempts": 10, "backoff_base_s": 0.5, "backoff_max_s": 1.0,
                   "budget_ratio": 1.0, "budget_min_per_s": 100},
         "breaker": {"consecutive_failures": 1000, "min_requests": 100_000},
-    }, f"http://127.0.0.1:{port}")
-    gate = PortGate(port, eng.port)
+    }, f"http://127.0.0.1:{gate.port}")
 
     refused = amb.run("nobody home")
     assert_error_contract(refused, 503, "upstream_unavailable")
@@ -694,14 +791,14 @@ def test_connection_refused_is_retried_until_the_engine_listens(private_engine, 
     retries = "flowgate_ambassador_retries_total"
     before = amb.metric(retries, reason="connect_error")
     answers: list[requests.Response] = []
-    thread = threading.Thread(target=lambda: answers.append(amb.run("retry me", timeout=20)),
+    thread = threading.Thread(target=lambda: answers.append(amb.run("retry me", timeout=40)),
                               daemon=True)
     thread.start()
     try:
         wait_for(lambda: amb.metric(retries, reason="connect_error") > before, 10, interval_s=0.01,
                  what="the request is being retried against the closed port")
         gate.open()  # at least 8 of its 10 attempts are still to come
-        thread.join(20)
+        thread.join(40)
         assert not thread.is_alive()
         [retried] = answers
         assert retried.status_code == 200, retried.text
@@ -744,7 +841,6 @@ def test_stream_passes_tokens_through_as_they_are_generated(engine, start_ambass
     assert len(tokens) == 12
     first_token_at, finished_at = tokens[0][0], events[-1][0]
     assert finished_at - first_token_at > 0.7, "tokens were buffered until the end"
-    assert first_token_at - started < 1.0
     output = json.loads(events[-1][1].data)["output"]
     assert "".join(t["text"] for _, t in tokens) == output == expected_output("stream it", 12)
     assert [int(e.id) for _, e in events] == list(range(1, len(events) + 1))
@@ -755,8 +851,8 @@ def test_stream_passes_tokens_through_as_they_are_generated(engine, start_ambass
     assert metric(text, count, route="/run-flow") == 1
     whole = metric(text, "flowgate_ambassador_stream_duration_seconds_sum", route="/run-flow")
     to_answer = metric(text, "flowgate_ambassador_request_duration_seconds_sum", route="/run-flow")
-    assert whole >= finished_at - first_token_at > 0.7
-    assert 0 < to_answer < first_token_at - started + 0.05
+    assert whole > 1.0  # 12 tokens at 10 a second, paced by the llm-sim
+    assert 0 < to_answer < first_token_at - started + 0.05  # its first event came first
 
 
 def test_run_events_resume_exactly_from_last_event_id(engine, start_ambassador, fresh_llm_sim):
@@ -807,7 +903,6 @@ def test_a_silent_stream_ends_with_an_error_event_after_the_idle_limit(engine, s
                                                                        fresh_llm_sim):
     fresh_llm_sim.configure(ttft_s=3.0)
     amb = start_ambassador({"upstream": {"timeouts": {"stream_idle_s": 0.8}}}, engine.url)
-    started = time.monotonic()
     resp = requests.post(amb.url + "/run-flow",
                          json={"flow_id": FLOW_ID, "input": "say nothing", "stream": True},
                          stream=True, timeout=30)
@@ -815,13 +910,13 @@ def test_a_silent_stream_ends_with_an_error_event_after_the_idle_limit(engine, s
 
     events = list(sse_events(resp))
 
-    ended = time.monotonic() - started
+    # the idle limit's error, not the tokens the LLM sends after 3 s
     assert events[0][1].event == "run_started"
     assert events[-1][1].event == "error", [e.event for _, e in events]
     assert json.loads(events[-1][1].data)["code"] == "upstream_timeout"
-    assert ended < 0.8 + 1.0, ended  # the idle limit, not the 3 s the LLM takes
-    time.sleep(0.3)
-    assert fresh_llm_sim.stats()["chat_completions_started"] == 1  # not retried
+    # not retried: a retry is made before an answer starts, and this one has ended
+    assert amb.metric("flowgate_ambassador_upstream_attempts_total") == 1
+    assert fresh_llm_sim.stats()["chat_completions_started"] == 1
 
 
 def test_a_client_leaving_mid_stream_cancels_the_run(engine, start_ambassador, fresh_llm_sim):
@@ -841,10 +936,10 @@ def test_a_client_leaving_mid_stream_cancels_the_run(engine, start_ambassador, f
                               timeout=10).json()
         return record if record["status"] != "running" else None
 
-    # 40 tokens take 4 s: the run must end well before that
-    assert wait_for(ended, 3, what="the engine ends the abandoned run")["status"] == "cancelled"
-    stats = wait_for(lambda: (st := fresh_llm_sim.stats())["streams_closed_early"] == 1 and st, 2,
-                     what="the engine closes its LLM stream")
+    # cancelled, not finished: it ended before its 40 tokens were generated
+    assert wait_for(ended, 15, what="the engine ends the abandoned run")["status"] == "cancelled"
+    stats = wait_for(lambda: (st := fresh_llm_sim.stats())["streams_closed_early"] == 1 and st,
+                     15, what="the engine closes its LLM stream")
     assert stats["tokens_sent"] < 40, stats
     # the abandoned upstream connection is not reused: the next answer is clean
     unknown = requests.get(amb.url + "/runs/no-such-run/events", timeout=10)
@@ -875,15 +970,14 @@ def test_engine_killed_mid_stream_is_not_retried(private_engine, start_ambassado
                 kill_group(eng)
     except requests.RequestException:
         truncated = True
-    ended_at = time.monotonic()
 
     assert killed_at is not None, names
     assert "run_finished" not in names
     assert truncated or errors, names
     if errors:
         assert errors[-1]["code"] in ("bad_upstream", "upstream_timeout"), errors
-    assert ended_at - killed_at < 3 + 1.0  # at most the idle limit
-    time.sleep(0.5)  # a (wrong) retry would have reached the LLM by now
+    # not retried: a retry is made before an answer starts, and this one has ended
+    assert amb.metric("flowgate_ambassador_upstream_attempts_total") == 1
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
 
 
@@ -1015,6 +1109,9 @@ def test_redis_cache_is_shared_by_two_ambassadors(engine, start_ambassador, fres
 
 
 def test_requests_keep_working_when_redis_stops(engine, start_ambassador, fresh_llm_sim, tmp_path):
+    """Redis down: the cache goes on in process memory (README: "Redis down: both services
+    keep serving with local fallbacks") and the metrics say so; Redis back on the same
+    address: the cache uses it again, without a restart."""
     with redis_server(tmp_path) as (proc, url):
         amb = start_ambassador({**CACHED, "ratelimit": {"requests_per_s": 1000, "burst": 1000}},
                                engine.url, redis_url=url)
@@ -1024,25 +1121,35 @@ def test_requests_keep_working_when_redis_stops(engine, start_ambassador, fresh_
         proc.kill()
         proc.wait(5)
 
-        started = time.monotonic()
-        answers = [amb.run("before"), amb.run("after")]
-        seconds = time.monotonic() - started
+        answers = [amb.run("before"), amb.run("after"), amb.run("after")]
 
-    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
-    assert [a.headers["X-Cache"] for a in answers] == ["MISS", "MISS"]  # cache skipped
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    # "before" was cached in Redis, out of reach now; "after" is cached in memory
+    assert [a.headers["X-Cache"] for a in answers] == ["MISS", "MISS", "HIT"]
+    assert answers[2].json() == answers[1].json()
     assert answers[1].json()["output"] == expected_output("after")
-    assert seconds < 3, seconds
     text = amb.metrics()
-    assert metric(text, "flowgate_ambassador_cache_errors_total", op="get") >= 2
-    assert metric(text, "flowgate_ambassador_cache_errors_total", op="set") >= 2
-    assert metric(text, "flowgate_ambassador_ratelimit_errors_total") >= 2
+    assert metric(text, "flowgate_ambassador_cache_errors_total", op="get") >= 3
+    assert metric(text, "flowgate_ambassador_cache_fallback_total", op="get") >= 3
+    assert metric(text, "flowgate_ambassador_cache_fallback_total", op="set") >= 2
+    assert metric(text, "flowgate_ambassador_cache_memory_entries") == 2
+    assert metric(text, "flowgate_ambassador_cache_memory_bytes") > 0
+    assert metric(text, "flowgate_ambassador_redis_failures_total") >= 1
+    assert metric(text, "flowgate_ambassador_ratelimit_errors_total") >= 3
     assert fresh_llm_sim.stats()["chat_completions_started"] == 3
 
-    # Redis back on the same address: the cache works again without a restart.
-    with redis_server(tmp_path, port=int(url.rsplit(":", 1)[1].split("/")[0])):
-        again = wait_for(lambda: amb.run("back").headers["X-Cache"] == "HIT", 15, interval_s=0.2,
-                         what="the cache works again once Redis is back")
-    assert again
+    # Redis back on the same address: after its pause the cache writes to it again.
+    with redis_server(tmp_path, port=int(url.rsplit(":", 1)[1].split("/")[0])) as (_, again):
+        client = redis.Redis.from_url(again, socket_timeout=5)
+
+        def cached_in_redis() -> bool:
+            assert amb.run("back").status_code == 200
+            return any(client.scan_iter(match="flowgate:cache:*"))
+
+        try:
+            wait_for(cached_in_redis, 15, interval_s=0.2, what="the cache uses Redis again")
+        finally:
+            client.close()
 
 
 # -- inbound auth -------------------------------------------------------------------------------
@@ -1328,10 +1435,8 @@ def test_config_hot_reload_and_a_bad_edit_keeps_the_last_good_config(engine, sta
     assert amb.run("reload").headers["X-Cache"] == "BYPASS"
 
     amb.write_config(yaml.safe_dump(merged(BASE_CONFIG, CACHED)))
-    changed_at = time.monotonic()
-    wait_for(lambda: amb.run("reload").headers["X-Cache"] != "BYPASS", 8, interval_s=0.2,
+    wait_for(lambda: amb.run("reload").headers["X-Cache"] != "BYPASS", 15, interval_s=0.2,
              what="the edited config is in force")
-    assert time.monotonic() - changed_at < 5
     assert amb.run("reload").headers["X-Cache"] == "HIT"
     assert amb.metric("flowgate_ambassador_config_reload_errors_total") == 0
 
@@ -1343,7 +1448,7 @@ def test_config_hot_reload_and_a_bad_edit_keeps_the_last_good_config(engine, sta
         assert resp.headers["X-Cache"] == "HIT"  # the last good config: caching on
         return amb.metric("flowgate_ambassador_config_reload_errors_total") >= 1
 
-    wait_for(rejected, 8, interval_s=0.2, what="the bad edit is counted")
+    wait_for(rejected, 15, interval_s=0.2, what="the bad edit is counted")
     verbose = requests.get(amb.url + "/readyz?verbose=1", timeout=5)
     assert verbose.status_code == 200
     assert "retry.max_attempts" in verbose.json()["config"]["last_reload_error"]

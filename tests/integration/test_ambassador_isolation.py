@@ -25,7 +25,7 @@ import pytest
 import requests
 import websocket
 from prometheus_client.parser import text_string_to_metric_families
-from support.procs import ServerProcess, free_port
+from support.procs import ServerProcess
 from test_ambassador import (
     BASE_CONFIG,
     ENGINE_AUTH,
@@ -38,11 +38,11 @@ from test_ambassador import (
     Ambassador,
     Ambassadors,
     assert_error_contract,
-    engine_process,
     ensure_flow,
     expected_output,
     merged,
     quick_stop,
+    start_engine,
     wait_for,
     warm_up,
 )
@@ -59,13 +59,22 @@ JWT = {"inbound_auth": {"mode": "jwt", "jwt": {
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, llm_sim) -> Iterator[ServerProcess]:
-    proc = engine_process(tmp_path_factory.mktemp("engine"), llm_sim).start()
+    proc = start_engine(tmp_path_factory.mktemp("engine"), llm_sim)
     try:
         ensure_flow(proc.url)
         warm_up(proc.url, llm_sim)
         yield proc
     finally:
         quick_stop(proc)
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test: bound, not listening
+    (a port from free_port() could be taken, and answered on, by another process)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as reserved:
+        reserved.bind(("127.0.0.1", 0))
+        yield reserved.getsockname()[1]
 
 
 @pytest.fixture
@@ -357,9 +366,10 @@ def flow_labels(amb: Ambassador) -> set[str]:
     pytest.param({"breaker": {"consecutive_failures": 5}}, 503, id="engine-down-503"),
     pytest.param({"ratelimit": {"requests_per_s": 0.001, "burst": 1}}, 429, id="rate-limited-429"),
 ])
-def test_a_thousand_made_up_flow_ids_add_no_metric_series(start_ambassador, config, status):
+def test_a_thousand_made_up_flow_ids_add_no_metric_series(start_ambassador, dead_port, config,
+                                                          status):
     amb = start_ambassador({**config, "flows": {FLOW_ID: {"fallback": {"output": "busy"}}}},
-                           f"http://127.0.0.1:{free_port()}")
+                           f"http://127.0.0.1:{dead_port}")
     assert amb.run("configured").status_code == 200  # the fallback, under its own label
     before = flow_labels(amb)
     statuses = set()

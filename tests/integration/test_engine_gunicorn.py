@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -79,19 +80,19 @@ def test_engine_refuses_to_start_without_a_key(tmp_path, fresh_llm_sim):
 
 
 def test_tokens_stream_over_sse_while_the_llm_generates(engine, fresh_llm_sim):
-    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=20)
-    started = time.monotonic()
+    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=200)  # ~10 s of generation
     resp = requests.post(engine.url + "/api/v1/run/sim-chat?stream=true",
                          json={"input_value": "stream it"}, headers=AUTH, stream=True, timeout=30)
     assert resp.headers["Content-Type"].startswith("text/event-stream")
-    arrivals, names = [], []
-    for event in sseclient.SSEClient(resp).events():
-        names.append(event.event)
-        if event.event == "token":
-            arrivals.append(time.monotonic() - started)
-    assert names[0] == "run_started" and names[-1] == "run_finished"
-    assert len(arrivals) == 20
-    assert arrivals[-1] - arrivals[0] > 0.6  # ~0.95 s of generation: not buffered to the end
+    names = []
+    with resp:
+        for event in sseclient.SSEClient(resp.iter_content(chunk_size=None)).events():
+            names.append(event.event)
+            if event.event == "token":
+                stats = fresh_llm_sim.stats()  # buffered, it would come after the answer
+                break
+    assert names[0] == "run_started" and names[-1] == "token"
+    assert stats["chat_completions_completed"] == 0 and stats["tokens_sent"] < 200
 
 
 def test_concurrent_requests_with_one_idempotency_key_make_one_llm_call(engine, fresh_llm_sim):
@@ -163,3 +164,132 @@ def test_store_survives_restart(tmp_path, fresh_llm_sim):
         flow = requests.get(proc.url + "/api/v1/flows/sim-chat", headers=AUTH, timeout=10).json()
         assert (flow["live_version"], flow["name"]) == (2, "Chat v2")
         assert json.loads(json.dumps(flow["definition"]))["nodes"] == FLOW["nodes"]
+
+
+# -- what one connection may cost (flowgate/serving.py ConnectionLimits) --------------------------
+
+ECHO = {"id": "echo", "nodes": [{"id": "in", "type": "ChatInput"},
+                                {"id": "llm", "type": "ChatModel", "params": {"provider": "echo"}},
+                                {"id": "out", "type": "ChatOutput"}],
+        "edges": [{"source": "in", "target": "llm"}, {"source": "llm", "target": "out"}]}
+LIMIT = 65_536
+HEAD = ("POST /api/v1/run/echo HTTP/1.1\r\nHost: engine\r\nAuthorization: Bearer " + KEY +
+        "\r\nContent-Type: application/json\r\n").encode()
+
+
+@pytest.fixture
+def limited(tmp_path, fresh_llm_sim):
+    """``limited(**env)``: an engine of this test's own (one worker, a 64 KiB body limit)
+    with the echo flow."""
+    started = []
+
+    def start(**env):
+        proc = start_engine(tmp_path, fresh_llm_sim, FLOW_ENGINE_WORKERS="1",
+                            FLOW_ENGINE_GRACEFUL_TIMEOUT="1",
+                            FLOW_ENGINE_MAX_BODY_BYTES=str(LIMIT), **env).start()
+        started.append(proc)
+        assert requests.post(proc.url + "/api/v1/flows", json=ECHO, headers=AUTH,
+                             timeout=10).status_code == 201
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def raw(proc, data: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", proc.port), timeout=10)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict]:
+    """Read one whole HTTP answer (and the close that follows): status and JSON body."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def closed_by_server(sock: socket.socket, trickle: bytes, within_s: float) -> bool:
+    """Send ``trickle`` a byte every 0.1 s; True when the server closes the connection
+    before ``within_s`` is over."""
+    deadline = time.monotonic() + within_s
+    sock.settimeout(0.1)
+    for byte in trickle:
+        if time.monotonic() > deadline:
+            return False
+        try:
+            sock.send(bytes([byte]))
+            if sock.recv(1) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_a_chunked_body_over_the_limit_is_413_not_its_first_part(limited):
+    proc = limited()
+    valid = json.dumps({"input_value": "x" * (LIMIT - 100)}).encode()
+    body = valid + b" " * (LIMIT - len(valid)) + b"and then some more" * 1000  # valid up to LIMIT
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 8192]), body[i:i + 8192])
+                      for i in range(0, len(body), 8192))
+    sock = raw(proc, HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+               + chunks + b"0\r\n\r\n")
+
+    status, answer = read_answer(sock)
+
+    assert status == 413, answer
+    assert answer["error"]["code"] == "payload_too_large"
+
+
+def test_a_client_sending_a_body_over_the_limit_reads_the_413(limited):
+    """The engine answers 413 from Content-Length before reading the body; a client that
+    sends its whole body first must still get to read that answer, not a reset."""
+    proc = limited()
+    body = b"x" * (4 * 1024 * 1024)
+    sock = raw(proc)
+    sock.sendall(HEAD + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+    sock.sendall(body)  # a reset would fail this
+
+    status, answer = read_answer(sock)
+
+    assert status == 413
+    assert answer["error"]["code"] == "payload_too_large"
+
+
+def test_a_stalled_body_is_408_after_the_body_timeout(limited):
+    proc = limited(FLOW_ENGINE_BODY_TIMEOUT_S="1")
+    sock = raw(proc, HEAD + b'Content-Length: 100\r\n\r\n{"input_value": "')
+
+    status, answer = read_answer(sock)  # the server closes after answering
+
+    assert status == 408
+    assert answer["error"]["code"] == "request_timeout"
+    assert requests.get(proc.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_a_slow_request_head_is_closed_after_the_header_timeout(limited):
+    proc = limited(FLOW_ENGINE_HEADER_TIMEOUT_S="1", FLOW_ENGINE_KEEPALIVE="60")
+    sock = raw(proc)
+
+    assert closed_by_server(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200,
+                            within_s=10)
+
+
+def test_idle_connections_over_the_worker_limit_do_not_lock_probes_out(limited):
+    proc = limited(FLOW_ENGINE_WORKER_CONNECTIONS="20", FLOW_ENGINE_KEEPALIVE="60",
+                   FLOW_ENGINE_HEADER_TIMEOUT_S="60")
+    idle = [raw(proc) for _ in range(40)]  # twice what the worker takes, none says a word
+    try:
+        assert requests.get(proc.url + "/healthz", timeout=5).status_code == 200
+        answer = requests.post(proc.url + "/api/v1/run/echo", json={"input_value": "hi"},
+                               headers=AUTH, timeout=5)
+        assert answer.status_code == 200
+    finally:
+        for sock in idle:
+            sock.close()

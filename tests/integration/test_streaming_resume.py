@@ -274,30 +274,27 @@ def deployment(request: pytest.FixtureRequest) -> Deployment:
 
 
 def test_events_come_in_order_and_tokens_arrive_while_the_llm_generates(local, fresh_llm_sim):
-    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=20)  # ~1 s of generation
+    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=40)  # ~2 s of generation
     ttft_before = metric(local.url, "flowgate_engine_time_to_first_token_seconds_count")
     body = question("order")
-    started = time.monotonic()
-    events, token_times, sent_at_first_token = [], [], None
+    events, at_first_token = [], None
     with open_run(local.url, body) as resp:
         for event in events_of(resp):
             events.append(event)
-            if event[1] == "token":
-                token_times.append(time.monotonic() - started)
-                if sent_at_first_token is None:
-                    sent_at_first_token = fresh_llm_sim.stats()["tokens_sent"]
+            if event[1] == "token" and at_first_token is None:
+                at_first_token = fresh_llm_sim.stats()
 
-    assert_full_run(events, body, 20)
-    assert sent_at_first_token is not None and sent_at_first_token <= 5, (
-        f"the first token reached the client only after the LLM had sent {sent_at_first_token}")
-    assert token_times[-1] - token_times[0] > 0.6, token_times  # not buffered to the end
+    assert_full_run(events, body, 40)
+    assert at_first_token["chat_completions_completed"] == 0, (
+        "the first token reached the client only after the LLM had answered: buffered")
     assert record(local.url, events[0][2]["run_id"])["status"] == "succeeded"
     assert metric(local.url, "flowgate_engine_time_to_first_token_seconds_count") == ttft_before + 1
 
 
 @pytest.mark.parametrize("k", [3, 9])  # inside the first nodes; in the middle of the tokens
 def test_a_dropped_stream_resumes_exactly_with_last_event_id(deployment, fresh_llm_sim, k):
-    fresh_llm_sim.configure(tokens_per_s=40, reply_tokens=20)  # ~0.5 s of generation
+    # ~2 s of generation: still running when resumed, however slow the machine is today
+    fresh_llm_sim.configure(tokens_per_s=10, reply_tokens=20)
     body = question("resume")
     resp = open_run(deployment.start_url, body, "&on_disconnect=continue")
     run_id = resp.headers["X-Run-ID"]
@@ -425,10 +422,10 @@ def test_cancel_from_the_other_process_stops_the_run(pair, pair_run_ids, fresh_l
 
 
 def test_keep_alive_comments_arrive_while_the_run_is_quiet(local, fresh_llm_sim):
-    fresh_llm_sim.configure(ttft_s=1.2, reply_tokens=3)  # silent for 1.2 s; keep-alive 0.3 s
+    fresh_llm_sim.configure(ttft_s=3, reply_tokens=3)  # silent for 3 s; keep-alive 0.3 s
     with open_run(local.url, question("quiet")) as resp:
         raw = b"".join(resp.iter_content(chunk_size=None))
 
-    assert raw.count(b": keep-alive\n\n") >= 3
-    assert raw.index(b": keep-alive") < raw.index(b"event: token")
+    # at least three before the first token (ten fit in the silence: no race with it)
+    assert raw[:raw.index(b"event: token")].count(b": keep-alive\n\n") >= 3
     assert raw.rstrip().splitlines()[-2].startswith(b"event: run_finished")

@@ -1,9 +1,12 @@
 """Circuit breaker: closed → open (consecutive failures or failure ratio), open answers 503
 circuit_open with a counting-down Retry-After, half-open trials, what counts as a failure,
-and the transitions reported (fake clock throughout)."""
+and the transitions reported; when trials go — a backoff from backoff_base_s doubling up to
+open_s, and only once the engine's readiness probe says ready (fake clock and a fake probe
+throughout)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -19,6 +22,13 @@ OK = Response(200, {}, b"{}")
 def failure(status: int = 503, **meta: Any) -> Response:
     response = error_response(status, "x", "failed")
     response.meta.update(meta)
+    return response
+
+
+def _run_outcome(status: int) -> Response:
+    """An engine answer about a run (it names the run): that run's outcome."""
+    response = failure(status, engine_answered=True)
+    response.headers["X-Run-ID"] = "0" * 32
     return response
 
 
@@ -62,6 +72,10 @@ def test_failures(answer) -> None:
     pytest.param(failure(422), id="422"),
     pytest.param(failure(429), id="429"),
     pytest.param(failure(502), id="engine-502-flow-failed"),
+    # a run's own outcome: an LLM that timed out, an earlier run's error replayed by its key
+    pytest.param(_run_outcome(504), id="engine-504-run-timeout"),
+    pytest.param(_run_outcome(503), id="engine-503-replayed-run-abandoned"),
+    pytest.param(_run_outcome(500), id="engine-500-of-a-run"),
 ])
 def test_not_failures(make_breaker, request_for, downstream, answer) -> None:
     assert not is_failure(answer)
@@ -125,7 +139,7 @@ def test_ratio_only_counts_the_window(make_breaker, request_for, downstream, clo
 
 def test_open_answers_503_with_a_retry_after_counting_down(make_breaker, request_for, downstream,
                                                            clock) -> None:
-    cb, _ = make_breaker(consecutive_failures=1, open_s=10)
+    cb, _ = make_breaker(consecutive_failures=1, open_s=10, backoff_base_s=10)
     f = Breaker(cb)
     send(f, request_for, downstream, CONNECT_ERROR)
     trace = tracing.from_headers(None, None)
@@ -142,7 +156,8 @@ def test_open_answers_503_with_a_retry_after_counting_down(make_breaker, request
 
 
 def test_half_open_after_open_s_allows_half_open_max_trials(make_breaker, clock) -> None:
-    cb, transitions = make_breaker(consecutive_failures=1, open_s=10, half_open_max=2)
+    cb, transitions = make_breaker(consecutive_failures=1, open_s=10, backoff_base_s=10,
+                                   half_open_max=2)
     cb.record(True)
     clock.advance(9.99)
     assert cb.allow() is False
@@ -192,7 +207,7 @@ def test_half_open_success_closes(make_breaker, request_for, downstream, clock) 
 
 def test_half_open_failure_reopens_for_another_open_s(make_breaker, request_for, downstream,
                                                       clock) -> None:
-    cb, transitions = make_breaker(consecutive_failures=1, open_s=10)
+    cb, transitions = make_breaker(consecutive_failures=1, open_s=10, backoff_base_s=10)
     f = Breaker(cb)
     send(f, request_for, downstream, CONNECT_ERROR)
     clock.advance(12)
@@ -285,3 +300,210 @@ def test_exceptions_on_the_ambassador_side_never_open_the_circuit(make_breaker, 
         with pytest.raises(type(error)):
             f(request_for(), downstream(boom))
     assert cb.state == "closed" and transitions == []
+
+
+# -- when trials go: backoff, and the engine's readiness (issue #11) ---------------------------
+
+class Engine:
+    """An engine as the breaker sees it: down, booting (refuses runs; /readyz not 200) or
+    ready; ``probe`` is its readiness as asked by the breaker."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.state = "ready"
+        self.runs: list[tuple[float, str]] = []  # (time, state) of each request it got
+        self.probes: list[tuple[float, str]] = []
+
+    def probe(self) -> bool:
+        self.probes.append((self.clock(), self.state))
+        return self.state == "ready"
+
+    def handler(self, request) -> Response:
+        self.runs.append((self.clock(), self.state))
+        return Response(200, {}, b"{}") if self.state == "ready" else CONNECT_ERROR
+
+
+def first_success_after(f, request_for, downstream, clock, engine, *, restart_at: float,
+                        ready_at: float, every_s: float = 0.125) -> float:
+    """Requests every ``every_s`` (exact in binary: no drift) from t=0 (the engine just
+    died) until one succeeds; the engine restarts (booting) at ``restart_at`` and is ready
+    at ``ready_at``."""
+    start = clock()
+    engine.state = "down"
+    for _ in range(100_000):
+        elapsed = clock() - start
+        engine.state = "ready" if elapsed >= ready_at else "booting" if elapsed >= restart_at \
+            else "down"
+        if f(request_for(), downstream(engine.handler)).status == 200:
+            return elapsed
+        clock.advance(every_s)
+    raise AssertionError("never recovered")
+
+
+def test_recovery_follows_the_engines_readiness(make_breaker, request_for, downstream,
+                                                clock) -> None:
+    """The finding: the engine came back just before open_s ended, the trial hit it while
+    it booted and the circuit stayed open another open_s — the first success came 7.6 s
+    after the engine was ready. Now a trial goes only once /readyz says ready."""
+    engine = Engine(clock)
+    settings = {"consecutive_failures": 1, "open_s": 10, "backoff_base_s": 0.5,
+                "probe_interval_s": 0.5}
+    cb = CircuitBreaker(BreakerSettings(**settings), clock=clock, probe=engine.probe)
+    f = Breaker(cb)
+
+    recovered = first_success_after(f, request_for, downstream, clock, engine,
+                                    restart_at=9.9, ready_at=12.7)
+
+    assert 12.7 <= recovered <= 12.7 + 0.5 + 0.125, recovered
+    # no run reached the engine while it was down or booting, but the one that opened it
+    assert [state for _, state in engine.runs] == ["down", "ready"]
+    assert engine.probes and all(b - a >= 0.5 for (a, _), (b, _) in itertools.pairwise(engine.probes))
+    assert cb.state == "closed"
+
+
+def test_without_a_probe_a_failed_trial_backs_off_from_the_base(make_breaker, request_for,
+                                                                downstream, clock) -> None:
+    engine = Engine(clock)
+    cb, _ = make_breaker(consecutive_failures=1, open_s=10, backoff_base_s=0.5)
+    f = Breaker(cb)
+
+    recovered = first_success_after(f, request_for, downstream, clock, engine,
+                                    restart_at=9.9, ready_at=12.7)
+
+    # trials at 0.5, 1.5, 3.5, 7.5, 15.5 s: the first after 12.7 s is 15.5 s
+    trials = [t - engine.runs[0][0] for t, _ in engine.runs[1:]]
+    assert trials == [0.5, 1.5, 3.5, 7.5, 15.5]
+    assert recovered == 15.5
+
+
+def test_an_engine_ready_but_failing_gets_ever_fewer_trials(request_for, downstream,
+                                                           clock) -> None:
+    """/readyz says ready, every run fails: trials back off 0.5, 1, 2, 4, 8, then open_s."""
+    cb = CircuitBreaker(BreakerSettings(consecutive_failures=1, open_s=10, backoff_base_s=0.5,
+                                        probe_interval_s=0.5), clock=clock, probe=lambda: True)
+    f = Breaker(cb)
+    sent: list[float] = []
+
+    def failing(request) -> Response:
+        sent.append(clock())
+        return CONNECT_ERROR
+
+    for _ in range(560):  # 70 s, a request every 0.125 s
+        f(request_for(), downstream(failing))
+        clock.advance(0.125)
+
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert gaps == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0, 10.0], gaps
+
+
+def test_a_closed_circuit_starts_again_from_the_base(request_for, downstream, clock) -> None:
+    cb = CircuitBreaker(BreakerSettings(consecutive_failures=1, open_s=10, backoff_base_s=0.5),
+                        clock=clock)
+    f = Breaker(cb)
+    send(f, request_for, downstream, CONNECT_ERROR)
+    for wait in (0.5, 1.0, 2.0):  # three failed trials
+        clock.advance(wait)
+        send(f, request_for, downstream, CONNECT_ERROR)
+    clock.advance(4.0)
+    send(f, request_for, downstream, OK)
+    assert cb.state == "closed"
+    send(f, request_for, downstream, CONNECT_ERROR)  # opens again: the base, not 8 s
+    assert f(request_for(), downstream(OK)).headers["Retry-After"] == "1"
+    clock.advance(0.5)
+    assert send(f, request_for, downstream, OK)[0].status == 200
+
+
+def test_while_the_engine_is_not_ready_nothing_goes_and_readiness_is_asked_at_intervals(
+        request_for, downstream, clock) -> None:
+    asked: list[float] = []
+
+    def not_ready() -> bool:
+        asked.append(clock())
+        return False
+
+    cb = CircuitBreaker(BreakerSettings(consecutive_failures=1, open_s=10, backoff_base_s=1,
+                                        probe_interval_s=2), clock=clock, probe=not_ready)
+    f = Breaker(cb)
+    send(f, request_for, downstream, CONNECT_ERROR)
+    down = downstream(OK)
+    answers = []
+    for _ in range(48):  # 6 s, a request every 0.125 s
+        answers.append(f(request_for(), down))
+        clock.advance(0.125)
+
+    assert down.count == 0
+    assert {(a.status, a.json()["error"]["code"]) for a in answers} == {(503, "circuit_open")}
+    start = asked[0] - 1.0
+    assert [t - start for t in asked] == [1.0, 3.0, 5.0]
+    assert cb.state == "open"
+    # Retry-After says when readiness is asked next (5 + 2 = 7 s; now 6 s)
+    assert f(request_for(), down).headers["Retry-After"] == "1"
+
+
+def test_one_request_asks_the_others_are_answered_meanwhile(request_for, downstream,
+                                                            clock) -> None:
+    inner: list[Response] = []
+    f: Breaker
+
+    def slow_probe() -> bool:  # another request arrives while this one is asking
+        inner.append(f(request_for(), downstream(OK)))
+        return True
+
+    cb = CircuitBreaker(BreakerSettings(consecutive_failures=1, backoff_base_s=1,
+                                        half_open_max=1), clock=clock, probe=slow_probe)
+    f = Breaker(cb)
+    send(f, request_for, downstream, CONNECT_ERROR)
+    clock.advance(1)
+    down = downstream(OK)
+
+    outer = f(request_for(), down)
+
+    assert [r.status for r in inner] == [503]  # it did not ask again, nor get through
+    assert outer.status == 200 and down.count == 1
+    assert cb.state == "closed"
+
+
+@pytest.mark.parametrize("error", [ConnectionError("refused"), RuntimeError("bug")])
+def test_a_probe_that_raises_is_not_ready(request_for, downstream, clock, error) -> None:
+    calls: list[float] = []
+
+    def probe() -> bool:
+        calls.append(clock())
+        raise error
+
+    probes: list[bool] = []
+    cb = CircuitBreaker(BreakerSettings(consecutive_failures=1, backoff_base_s=1,
+                                        probe_interval_s=1), clock=clock, probe=probe,
+                        on_probe=probes.append)
+    f = Breaker(cb)
+    send(f, request_for, downstream, CONNECT_ERROR)
+    clock.advance(1)
+    assert send(f, request_for, downstream, OK)[0].status == 503
+    assert send(f, request_for, downstream, OK)[0].status == 503  # not asked again yet
+    clock.advance(1)
+    assert send(f, request_for, downstream, OK)[0].status == 503
+    assert len(calls) == 2 and probes == [False, False]
+    assert cb.state == "open"
+
+
+def test_a_probe_interrupted_does_not_wedge_the_breaker(request_for, downstream, clock) -> None:
+    """A BaseException in the probe (a gevent Timeout, a killed greenlet) leaves the next
+    request free to ask again."""
+    answers = iter([KeyboardInterrupt, True])
+
+    def probe() -> bool:
+        answer = next(answers)
+        if answer is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return answer
+
+    cb = CircuitBreaker(BreakerSettings(consecutive_failures=1, backoff_base_s=1,
+                                        probe_interval_s=1), clock=clock, probe=probe)
+    f = Breaker(cb)
+    send(f, request_for, downstream, CONNECT_ERROR)
+    clock.advance(1)
+    with pytest.raises(KeyboardInterrupt):
+        f(request_for(), downstream(OK))
+    clock.advance(1)
+    assert send(f, request_for, downstream, OK)[0].status == 200
+    assert cb.state == "closed"

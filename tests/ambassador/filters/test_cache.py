@@ -1,6 +1,7 @@
 """Cache filter: opted-in /run-flow answers only; MISS → HIT; what the key holds; no-cache /
 no-store; errors and streams never stored; stale-if-error; Redis and memory stores; a failing
-store never fails a request."""
+store never fails a request; the memory store bounded by bytes as well as entries; Redis's
+in-memory fallback while it fails."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 from typing import Any
 
 import pytest
+import redis
 
 from ambassador.chain import Response, error_response
 from ambassador.filters.auth import Identity
 from ambassador.filters.cache import Cache, MemoryCacheStore, RedisCacheStore, cache_key
+from ambassador.filters.cache_stores import entry_bytes
+from ambassador.redis_pause import RedisPause
 
 FLOWS = {
     "flows.faq.cache": {"ttl_s": 60, "stale_if_error_s": 300},
@@ -35,7 +39,8 @@ class Hooks:
 def make_cache(settings_with, clock):
     def build(store=None, **dotted: Any) -> tuple[Cache, Hooks, Any]:
         settings = settings_with({**FLOWS, **dotted})
-        store = store if store is not None else MemoryCacheStore(settings.cache.max_entries, clock=clock)
+        store = store if store is not None else MemoryCacheStore(
+            settings.cache.max_entries, settings.cache.max_bytes, clock=clock)
         hooks = Hooks()
         return Cache(settings, store, on_result=hooks.results.append, on_error=hooks.errors.append,
                      clock=clock), hooks, store
@@ -122,6 +127,14 @@ def test_session_in_key(make_cache, request_for, downstream, second, x_cache) ->
     down = downstream(answer())
     assert ask(cache, request_for, down, flow="sess").headers["X-Cache"] == "MISS"
     assert ask(cache, request_for, down, flow="sess", req_body=second).headers["X-Cache"] == x_cache
+
+
+def test_identities_without_a_tenant_never_share_an_entry(request_for) -> None:
+    """The engine keeps a caller without a tenant apart by its identity: so does the cache
+    (else one identity got another's cached answer, built from the other's chat history)."""
+    alice = request_for(body=body(), ctx={"identity": Identity("alice")})
+    mallory = request_for(body=body(), ctx={"identity": Identity("mallory")})
+    assert cache_key(alice, False) != cache_key(mallory, False)
 
 
 def test_key_ignores_tweak_order_and_identity_name(request_for) -> None:
@@ -312,3 +325,144 @@ def test_memory_store_expires_entries(clock) -> None:
     assert store.get("a") == {"v": 1}
     clock.advance(0.1)
     assert store.get("a") is None
+
+
+# -- memory bounded by bytes (issue #11) ---------------------------------------------------------
+
+def sized(n: int) -> dict[str, Any]:
+    return {"stored_at": 1.0, "body": "x" * n, "content_type": "application/json"}
+
+
+def test_entry_size_counts_the_body(clock) -> None:
+    small, large = entry_bytes("k", sized(10)), entry_bytes("k", sized(10_010))
+    assert large - small == 10_000
+    assert small > 100  # the key, the dict and the LRU's bookkeeping count too
+
+
+def test_memory_store_is_bounded_by_bytes(clock) -> None:
+    one = entry_bytes("a", sized(1000))
+    sizes: list[tuple[int, int]] = []
+    store = MemoryCacheStore(1000, max_bytes=3 * one, clock=clock,
+                             on_size=lambda held, n: sizes.append((held, n)))
+    for key in "abc":
+        store.set(key, sized(1000), 100)
+    assert store.get("a") is not None  # a is now the most recently used
+    store.set("d", sized(1000), 100)  # over the bytes bound: b (least recently used) goes
+
+    assert store.get("b") is None
+    assert all(store.get(k) is not None for k in "acd")
+    assert store.bytes == 3 * one and len(store) == 3
+    assert sizes[0] == (0, 0) and sizes[-1] == (3 * one, 3)
+    assert max(held for held, _ in sizes) <= 3 * one
+
+
+def test_one_large_entry_evicts_as_many_small_ones_as_it_needs(clock) -> None:
+    small = entry_bytes("s0", sized(100))
+    store = MemoryCacheStore(1000, max_bytes=10 * small, clock=clock)
+    for i in range(10):
+        store.set(f"s{i}", sized(100), 100)
+    store.set("bg", sized(100 + 4 * small), 100)  # five smalls' worth
+    assert [store.get(f"s{i}") is None for i in range(10)] == [True] * 5 + [False] * 5
+    assert store.get("bg") is not None and store.bytes == 10 * small
+
+
+def test_an_entry_larger_than_max_bytes_is_not_kept(clock) -> None:
+    store = MemoryCacheStore(10, max_bytes=5000, clock=clock)
+    store.set("k", sized(100), 100)
+    store.set("k", sized(10_000), 100)  # a newer answer too large: the older one goes too
+    assert store.get("k") is None and store.bytes == 0 and len(store) == 0
+
+
+def test_replacing_an_entry_counts_its_bytes_once(clock) -> None:
+    store = MemoryCacheStore(10, clock=clock)
+    for _ in range(5):
+        store.set("k", sized(1000), 100)
+    assert store.bytes == entry_bytes("k", sized(1000)) and len(store) == 1
+
+
+def test_expired_entries_give_their_bytes_back(clock) -> None:
+    store = MemoryCacheStore(10, clock=clock)
+    store.set("old", sized(1000), 10)
+    clock.advance(11)
+    store.set("new", sized(10), 100)  # expired entries at the cold end go on a set
+    assert len(store) == 1 and store.bytes == entry_bytes("new", sized(10))
+    store.set("short", sized(10), 1)
+    clock.advance(2)
+    assert store.get("short") is None  # ... and on a get
+    assert store.bytes == entry_bytes("new", sized(10))
+
+
+def test_max_bytes_default_and_validation(settings_with) -> None:
+    assert settings_with().cache.max_bytes == 64 * 1_048_576
+    with pytest.raises(ValueError, match=r"cache\.max_bytes"):
+        settings_with(**{"cache.max_bytes": 10})
+
+
+# -- Redis with a local fallback (issue #11) -----------------------------------------------------
+
+@pytest.fixture
+def dead_redis(dead_port):
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{dead_port}/0", socket_connect_timeout=0.2,
+                                  socket_timeout=0.2, decode_responses=True)
+    yield client
+    client.close()
+
+
+def test_redis_down_the_cache_keeps_its_hits_in_memory(make_cache, request_for, downstream,
+                                                       dead_redis, clock) -> None:
+    fallbacks: list[str] = []
+    store = RedisCacheStore(dead_redis, MemoryCacheStore(10, clock=clock),
+                            pause=RedisPause(5.0, clock), on_fallback=fallbacks.append)
+    cache, hooks, _ = make_cache(store=store)
+    down = downstream(answer("first"), answer("second"))
+
+    first = ask(cache, request_for, down)
+    second = ask(cache, request_for, down)
+
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert second.json() == {"output": "first"} and down.count == 1
+    assert fallbacks == ["get", "set", "get"]
+    assert hooks.errors == []  # the store coped: the filter saw no failure
+    assert store.pause.failures == 1  # Redis was called once, then left alone
+
+
+def test_stale_answers_survive_a_redis_outage_too(make_cache, request_for, downstream,
+                                                  dead_redis, clock) -> None:
+    store = RedisCacheStore(dead_redis, MemoryCacheStore(10, clock=clock),
+                            pause=RedisPause(3600, clock))
+    cache, _, _ = make_cache(store=store)
+    down = downstream(answer("cached"), upstream_failure(503, upstream_error="connect_error"))
+    ask(cache, request_for, down)
+    clock.advance(61)
+    response = ask(cache, request_for, down)
+    assert response.headers["X-Cache"] == "STALE" and response.json() == {"output": "cached"}
+
+
+def test_redis_back_after_the_pause_is_used_again(make_cache, request_for, downstream,
+                                                  redis_client, redis_prefix, clock) -> None:
+    pause = RedisPause(5.0, clock)
+    fallbacks: list[str] = []
+    store = RedisCacheStore(redis_client, MemoryCacheStore(10, clock=clock), prefix=redis_prefix,
+                            pause=pause, on_fallback=fallbacks.append)
+    cache, _, _ = make_cache(store=store)
+    with pytest.raises(ConnectionError):
+        pause.call(lambda: (_ for _ in ()).throw(ConnectionError("a failure a moment ago")))
+    down = downstream(answer("during"), answer("after"))
+
+    assert ask(cache, request_for, down).headers["X-Cache"] == "MISS"  # stored in memory
+    assert list(redis_client.scan_iter(match=redis_prefix + "*")) == []
+    clock.advance(5)
+    after = ask(cache, request_for, down)  # Redis again: not in it yet
+
+    assert after.headers["X-Cache"] == "MISS" and after.json() == {"output": "after"}
+    assert len(list(redis_client.scan_iter(match=redis_prefix + "*"))) == 1
+    assert fallbacks == ["get", "set"]
+
+
+def test_without_a_fallback_a_redis_failure_is_the_filters_to_count(make_cache, request_for,
+                                                                     downstream, dead_redis,
+                                                                     clock) -> None:
+    cache, hooks, _ = make_cache(store=RedisCacheStore(dead_redis, pause=RedisPause(5.0, clock)))
+    down = downstream(answer("a"), answer("b"))
+    assert [ask(cache, request_for, down).headers["X-Cache"] for _ in range(2)] == ["MISS"] * 2
+    assert hooks.errors == ["get", "set", "get", "set"]

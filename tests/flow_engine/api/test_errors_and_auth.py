@@ -36,7 +36,8 @@ def api_routes(app) -> list[tuple[str, str]]:
         if not rule.rule.startswith("/api/v1/"):
             continue
         path = (rule.rule.replace("<flow_ref>", "some-flow").replace("<int:number>", "1")
-                .replace("<run_id>", "some-run"))
+                .replace("<run_id>", "some-run").replace("<kb_ref>", "some-kb")
+                .replace("<doc_ref>", "some-doc"))
         assert "<" not in path, f"a new route parameter in {rule.rule}: name a value for it here"
         routes += [(method, path) for method in sorted(rule.methods - {"HEAD", "OPTIONS"})]
     return routes

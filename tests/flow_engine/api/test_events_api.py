@@ -347,8 +347,9 @@ def test_expired_events_of_a_recorded_run_give_its_final_event_without_an_id(
     failed = api.client.post("/api/v1/run/j", json={"input_value": "not json"}, headers=auth)
     assert failed.status_code == 502
     failed_id = failed.headers["X-Run-ID"]
-    time.sleep(1.2)
-    api.run("f")  # a new run sweeps the expired ones out of memory
+    for run_id in (succeeded["run_id"], failed_id):  # gone from memory (and Redis) after 1 s
+        wait_until(lambda run_id=run_id: api.runs.events.read(run_id, 0, 0) is None,
+                   "the events to expire")
 
     assert api.watch(succeeded["run_id"]) == [(None, "run_finished", succeeded)]
     replay = api.watch(failed_id)
@@ -362,8 +363,7 @@ def test_the_final_event_of_an_expired_failed_run_is_the_error_it_sent(make_engi
     api = Api(make_engine(event_ttl_s=0.05), auth)
     api.create(defs.json_parser(id="j"))
     run_id, live = api.stream("j", {"input_value": "not json"})
-    time.sleep(0.1)
-    api.stream("j", {"input_value": "[1]"})  # sweeps the expired run
+    wait_until(lambda: api.runs.events.read(run_id, 0, 0) is None, "the events to expire")
 
     replay = api.watch(run_id)
 
@@ -415,6 +415,7 @@ def test_on_disconnect_continue_lets_the_run_finish_and_replay(make_engine, shar
 
 @pytest.mark.parametrize("query", ["?stream=true", "?stream=true&on_disconnect=cancel"])
 def test_a_client_going_away_cancels_the_run_by_default(make_engine, slow_llm, auth, defs, query):
+    slow_llm.configure(tokens_per_s=50, reply_tokens=500)  # ~10 s: the cancel comes first
     api = Api(make_engine(openai_base_url=slow_llm.base_url), auth)
     api.create(defs.openai(id="llm"))
     resp = api.open_stream("llm", query=query)
@@ -428,7 +429,7 @@ def test_a_client_going_away_cancels_the_run_by_default(make_engine, slow_llm, a
     events = api.watch(run_id)
     assert_well_formed(events)
     assert events[-1][1] == "error" and events[-1][2]["code"] == "run_cancelled"
-    assert sum(1 for e in events if e[1] == "token") < 40
+    assert sum(1 for e in events if e[1] == "token") < 500
 
 
 @pytest.mark.parametrize(("query", "body"), [
@@ -536,21 +537,32 @@ def test_resuming_on_b_before_a_has_mirrored_the_run_follows_it_instead_of_404(p
     assert full[:1] + resumed == full
 
 
-def test_b_follows_a_run_in_progress_on_a_live(pair, slow_llm, defs):
+def test_b_follows_a_run_in_progress_on_a_live(pair, slow_llm, defs, auth):
+    slow_llm.configure(tokens_per_s=50, reply_tokens=10_000)  # goes on until cancelled
     a, b = pair(openai_base_url=slow_llm.base_url)
     a.create(defs.openai(id="llm"))
     on_a = StreamInThread(a, "llm")
     run_id = on_a.run_id
     wait_until(lambda: b.client.get(f"/api/v1/runs/{run_id}", headers=b.auth).status_code
                == 200, "B to know the run")
-    started = time.monotonic()
-    seen_on_b = b.watch(run_id, header=2)
-    following = time.monotonic() - started
+    resp = b.client.get(f"/api/v1/runs/{run_id}/events", buffered=False,
+                        headers={**auth, "Last-Event-ID": "2"})
+    events = iter(sseclient.SSEClient(resp.response).events())
+    seen_on_b: list[Event] = []
+    try:
+        while sum(e[1] == "token" for e in seen_on_b) < 3:
+            e = next(events)
+            seen_on_b.append((e.id, e.event, json.loads(e.data)))
+        running_then = a.runs.executor.active(run_id) is not None
+    finally:
+        a.runs.executor.cancel_local(run_id)
+    seen_on_b += [(e.id, e.event, json.loads(e.data)) for e in events]
     full = on_a.join()
 
-    assert following > 0.3, "B followed the run while it ran"
+    assert running_then, "B had tokens while the run was still going on A"
     assert_well_formed(full)
     assert full[:2] + seen_on_b == full
+    assert (full[-1][1], full[-1][2]["code"]) == ("error", "run_cancelled")
 
 
 def test_get_run_on_b_says_running_for_a_plain_run_in_progress_on_a(pair, slow_llm, defs):
@@ -649,13 +661,10 @@ def test_a_publish_on_a_is_seen_on_b_at_once_with_redis(request, make_engine, au
 
     published = a.client.post("/api/v1/flows/f/publish", json={"version": 2}, headers=a.auth)
     assert published.status_code == 200
-    started = time.monotonic()
 
-    if with_redis:
+    if with_redis:  # at once: well within WAIT_S, where the cache TTL is an hour
         result = wait_until(lambda: (r := b.run("f"))["version"] == 2 and r, "B to see v2")
-        assert time.monotonic() - started < 1.0
         assert result["output"] == "[echo: not an LLM] V2 resume me please"
     else:  # the control: without the signal B keeps its cached copy until the TTL
-        time.sleep(0.3)
         assert b.run("f")["version"] == 1
     assert a.run("f")["version"] == 2

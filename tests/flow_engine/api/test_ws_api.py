@@ -244,20 +244,26 @@ def test_an_unexpected_failure_is_an_internal_error_without_details(app, defs, c
 
 def test_a_second_run_while_one_runs_is_busy_and_the_first_goes_on(slow_app, fresh_llm_sim,
                                                                    connect):
-    fresh_llm_sim.configure(tokens_per_s=100, reply_tokens=40)
+    fresh_llm_sim.configure(tokens_per_s=50, reply_tokens=500)  # ~10 s: it is still running
     session = connect(slow_app)
     session.ws.feed({"type": "run", "flow_id": "slow", "input_value": "first"})
     started = session.ws.next_message()
 
     session.ws.feed({"type": "run", "flow_id": "slow", "input_value": "second"})
     session.ws.feed({"type": "watch", "run_id": started["run_id"]})
-    rest = session.ws.until_last_event()
+    rest = [session.ws.next_message()]
+    while sum(m["type"] == "busy" or m.get("code") == "busy" for m in rest) < 2:
+        rest.append(session.ws.next_message())
+    rest += until_tokens(session.ws, 1)  # the first run goes on after both refusals
+    session.ws.feed({"type": "cancel"})
+    rest += session.ws.until_last_event()
 
     busy = [m for m in rest if m["type"] == "error" and "seq" not in m]
     assert [b["code"] for b in busy] == ["busy", "busy"]
     assert busy[0]["run_id"] == started["run_id"]
-    assert rest[-1]["type"] == "run_finished"
-    assert rest[-1]["run_id"] == started["run_id"]
+    assert {m["run_id"] for m in rest if m["type"] in ("run_started", "run_finished")} <= {
+        started["run_id"]}
+    assert (rest[-1]["type"], rest[-1]["code"]) == ("error", "run_cancelled")
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
 
 

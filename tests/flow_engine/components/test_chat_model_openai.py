@@ -76,15 +76,15 @@ def test_max_tokens_param_reaches_the_provider(fresh_llm_sim):
 
 
 def test_first_token_arrives_long_before_generation_ends(fresh_llm_sim):
-    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=20)  # ~1 s of generation
-    arrivals = []
-    started = time.monotonic()
-    for event in stream(compiled_for(fresh_llm_sim), RunInput("slow")):
-        if event.type == "token":
-            arrivals.append(time.monotonic() - started)
-    assert len(arrivals) == 20
-    # Generation takes ~0.95 s after the first token; buffering would put them together.
-    assert arrivals[-1] - arrivals[0] > 0.6
+    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=200)  # ~10 s of generation
+    events = stream(compiled_for(fresh_llm_sim), RunInput("slow"))
+    try:
+        first = next(e for e in events if e.type == "token")
+        stats = fresh_llm_sim.stats()  # buffering would hold the token until the answer ended
+    finally:
+        events.close()  # cancels the run
+    assert first.data["index"] == 0
+    assert stats["chat_completions_completed"] == 0 and stats["tokens_sent"] < 200
 
 
 @pytest.mark.parametrize(
@@ -111,30 +111,34 @@ def test_cancel_mid_answer_closes_the_upstream_stream(fresh_llm_sim):
             if len(tokens) == 5:
                 cancel.cancel("client went away")
 
-    started = time.monotonic()
     with pytest.raises(RunCancelled):  # a plain run: the openai provider streams anyway
         execute(compiled_for(fresh_llm_sim), RunInput("long answer"), emit=emit, cancel=cancel)
-    assert time.monotonic() - started < 3
     assert len(tokens) == 5
     # the simulator sees its stream closed before the end (bounded poll)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and fresh_llm_sim.stats()["streams_closed_early"] < 1:
         time.sleep(0.05)
     stats = fresh_llm_sim.stats()
-    assert stats["streams_closed_early"] == 1
+    # at least ours: a stream an earlier test cancelled may close after the counters were reset
+    assert stats["streams_closed_early"] >= 1
     assert stats["chat_completions_completed"] == 0
     assert stats["tokens_sent"] < 200
 
 
 def test_cancel_from_another_thread_stops_a_streaming_run(fresh_llm_sim):
     fresh_llm_sim.configure(tokens_per_s=40, reply_tokens=400)
-    cancel = CancelToken()
-    timer = threading.Timer(0.5, cancel.cancel, args=("api cancel",))
-    timer.start()
+    cancel, streaming = CancelToken(), threading.Event()
+    canceller = threading.Thread(target=lambda: streaming.wait(30) and cancel.cancel("api cancel"))
+    canceller.start()
+    events = []
     try:
-        events = list(stream(compiled_for(fresh_llm_sim), RunInput("x"), cancel=cancel))
+        for event in stream(compiled_for(fresh_llm_sim), RunInput("x"), cancel=cancel):
+            events.append(event)
+            if event.type == "token":
+                streaming.set()  # the other thread cancels once tokens flow
     finally:
-        timer.cancel()
+        streaming.set()
+        canceller.join(30)
     assert events[-1].type == "error"
     assert events[-1].data["code"] == "run_cancelled"
     assert 0 < sum(e.type == "token" for e in events) < 400

@@ -183,13 +183,12 @@ def test_provider_statuses_are_status_errors(fresh_llm_sim, kind, status):
 def test_a_read_timeout_is_a_timeout_and_not_retried(fresh_llm_sim):
     fresh_llm_sim.configure(ttft_s=2.0)
     sleeps = Sleeps()
-    started = time.monotonic()
 
     with pytest.raises(ProviderTimeout):
         model_for(fresh_llm_sim.base_url, timeout=0.3, max_retries=3,
                   retry_sleep=sleeps).invoke("x")
 
-    assert time.monotonic() - started < 1.5
+    assert fresh_llm_sim.stats()["chat_completions_completed"] == 0, "it did not wait 2 s"
     assert sleeps.delays == []
     assert fresh_llm_sim.stats()["requests"]["/v1/chat/completions"] == 1
 

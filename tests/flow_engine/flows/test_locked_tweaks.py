@@ -43,8 +43,8 @@ def test_run_with_a_base_url_tweak_is_refused_over_http(tmp_path):
     from flow_engine.app import create_app
     from flow_engine.metrics import EngineMetrics
 
-    app = create_app({"database_url": f"sqlite:///{tmp_path}/t.db", "api_keys": "k" * 16},
-                     metrics=EngineMetrics(CollectorRegistry()))
+    app = create_app({"database_url": f"sqlite:///{tmp_path}/t.db", "api_keys": "k" * 16,
+                      "maintenance_interval_s": 0}, metrics=EngineMetrics(CollectorRegistry()))
     client = app.test_client()
     auth = {"x-api-key": "k" * 16}
     assert client.post("/api/v1/flows", json=FLOW, headers=auth).status_code == 201

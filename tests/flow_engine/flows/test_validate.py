@@ -235,7 +235,7 @@ INVALID = [
                    "unknown node type \"ChatModle\"; did you mean 'ChatModel'? (known types: ")],
                  id="unknown-type-suggestion"),
     pytest.param(around(node("x", "os.system")),
-                 [("$.nodes[1].type", 'unknown node type "os.system" (known types: BM25Retriever,')],
+                 [("$.nodes[1].type", 'unknown node type "os.system" (known types: Agent, BM25Retriever,')],
                  id="unknown-type-import-path"),
     pytest.param(around({"id": "x"}), [("$.nodes[1].type", "unknown node type null")],
                  id="missing-type"),

@@ -647,6 +647,37 @@ def test_postgres_connections_killed_while_idle_are_replaced_not_failed(
         store.close()
 
 
+@pytest.mark.parametrize(("op", "call"), [
+    pytest.param("read", lambda store: store.get_flow("rag").id == "rag", id="read"),
+    pytest.param("write", lambda store: store.add_version("rag", {"v": 2}, "rag flow", "")
+                 .version == 2, id="write-flows"),
+    pytest.param("write", lambda store: store.insert_run(make_run("run-2", key="key-2")) is None,
+                 id="write-run-records"),
+])
+def test_postgres_a_connection_killed_while_idle_costs_the_caller_nothing(
+        postgres_url, postgres_admin, op, call):
+    """A backend terminated less than PING_IDLE_S ago is not pinged at checkout: its first
+    statement fails, and runs again on a fresh connection — for a write too, since nothing
+    had run on the dead one. The caller sees no error."""
+    reconnects: list[str] = []
+    store = SqlFlowStore(postgres_url + "%20-capplication_name%3Dflowgate-first-use",
+                         on_reconnect=reconnects.append)
+    try:
+        store.migrate()
+        make_flow(store)
+        store.insert_run(make_run(key="key-1"))  # each pool holds an idle connection now
+        killed = postgres_admin.execute(  # (the timeout: wait until they are gone)
+            "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+            "WHERE application_name = 'flowgate-first-use'").fetchone()[0]
+        assert killed >= 2
+
+        assert call(store)
+        assert reconnects == [op]
+        assert store.get_run("run-1").idempotency_key == "key-1"
+    finally:
+        store.close()
+
+
 # -- keyed runs: heartbeats and abandoning a run whose engine stopped ----------------------------
 
 
@@ -655,6 +686,7 @@ def test_a_schema_from_before_heartbeats_is_upgraded(open_store, db_url):
     old = open_store()
     old.migrate()
     with old.engine.begin() as conn:
+        conn.execute(sa.text("DROP INDEX ix_runs_running"))  # (from migration 4, on heartbeat_at)
         conn.execute(sa.text("ALTER TABLE runs DROP COLUMN heartbeat_at"))
         conn.execute(schema_version.delete().where(schema_version.c.version > 1))
     fresh = open_store()  # a new process: its own connections see the old shape

@@ -5,6 +5,7 @@ newline, arbitrary HTTP methods and paths to mint metric series. Every one is a 
 
 from __future__ import annotations
 
+import json
 import random
 import string
 import threading
@@ -110,3 +111,76 @@ def test_an_unknown_method_is_labelled_other(api):
     api.open("/api/v1/flows", method="BREW", headers=as_("runner"))
     text = api.get("/metrics").get_data(as_text=True)
     assert 'method="other"' in text and "BREW" not in text
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    pytest.param('{"input_value": "x", "session_id": "a\\u0000b"}', "NUL", id="nul-in-session"),
+    pytest.param('{"input_value": "x\\u0000"}', "NUL", id="nul-in-input"),
+    pytest.param('{"input_value": "x", "tweaks": {"p": {"\\u0000": 1}}}', "NUL", id="nul-in-a-key"),
+    pytest.param('{"input_value": NaN}', "malformed JSON", id="nan"),
+    pytest.param('{"input_value": "x", "version": Infinity}', "malformed JSON", id="infinity"),
+    pytest.param('{"input_value": "x", "version": ' + "9" * 5000 + "}", "malformed JSON",
+                 id="a-5000-digit-number"),
+    pytest.param('{"input_value": "x", "input_type": {}}', "input_type", id="input-type-object"),
+    pytest.param('{"input_value": "x", "output_type": 0}', "output_type", id="output-type-zero"),
+    pytest.param('{"input_value": "x", "version": 1180591620717411303424}', "version",
+                 id="version-past-any-column"),
+])
+def test_values_no_store_could_keep_are_a_400(api, defs, body, fragment):
+    api.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin"))
+
+    resp = api.post("/api/v1/run/f", data=body, content_type="application/json",
+                    headers=as_("runner"))
+
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert fragment in resp.get_json()["error"]["message"]
+
+
+def test_a_nul_in_a_flow_name_is_a_400(api, defs):
+    flow = json.dumps(defs.echo(id="f", name="name\x00"))
+    resp = api.post("/api/v1/flows", data=flow, content_type="application/json",
+                    headers=as_("admin"))
+    assert resp.status_code == 400
+
+
+def test_versions_past_any_column_are_not_found_or_refused(api, defs):
+    api.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin"))
+    huge = "9" * 25
+    assert api.get(f"/api/v1/flows/f/versions/{huge}", headers=as_("runner")).status_code == 404
+    resp = api.post("/api/v1/flows/f/publish", json={"version": int(huge)}, headers=as_("admin"))
+    assert resp.status_code == 400
+
+
+@pytest.mark.parametrize("run_id", [
+    pytest.param("r1", id="too-short"),
+    pytest.param("0" * 31 + "G", id="not-hex"),
+    pytest.param("%00" + "0" * 31, id="nul"),
+    pytest.param("%0d%0aSet-Cookie:x=1", id="crlf"),
+    pytest.param("%C3%A9" * 16, id="non-ascii"),
+    pytest.param("abc:owner", id="a-redis-key-suffix"),
+])
+@pytest.mark.parametrize("route", ["", "/events", "/cancel"])
+def test_a_run_id_the_engine_could_not_have_made_is_404_at_once(api, run_id, route):
+    method = "POST" if route == "/cancel" else "GET"
+    resp = api.open(f"/api/v1/runs/{run_id}{route}", method=method, headers=as_("runner"))
+
+    assert resp.status_code == 404, resp.get_data(as_text=True)
+    assert resp.get_json()["error"]["code"] == "run_not_found"
+    assert "X-Run-ID" not in resp.headers
+
+
+@pytest.mark.parametrize(("host", "allowed", "status"), [
+    pytest.param("localhost", "", 200, id="localhost"),
+    pytest.param("127.0.0.1:8000", "", 200, id="loopback-ip"),
+    pytest.param("[::1]:8000", "", 200, id="loopback-v6"),
+    pytest.param("rebind.attacker.example:8000", "", 403, id="a-rebound-name"),
+    pytest.param("flow-engine:8000", "flow-engine", 200, id="listed"),
+])
+def test_an_engine_without_keys_answers_loopback_host_names_only(make_app, host, allowed, status):
+    """With --insecure-no-auth, a page whose DNS name was rebound to 127.0.0.1 is the
+    browser's "same origin": only the Host header tells the engine it is not local."""
+    client = make_app(api_keys="", insecure_no_auth=True, allowed_hosts=allowed).test_client()
+
+    resp = client.get("/api/v1/flows", headers={"Host": host})
+
+    assert resp.status_code == status, resp.get_data(as_text=True)

@@ -102,6 +102,8 @@ def test_a_stored_flow_aimed_elsewhere_does_not_run(keyed_app, trap, fresh_llm_s
     pytest.param("https://{host}:{port}/v1", id="other-scheme"),
     pytest.param("http://{host}:1/v1", id="other-port"),
     pytest.param("http://[::1]:{port}/v1", id="other-spelling-of-loopback"),
+    pytest.param("http://{host}:{port}/v1\t", id="a-tab-the-client-would-refuse"),
+    pytest.param("http://{host}:{port}\n.evil.example/v1", id="a-newline"),
 ])
 def test_near_misses_of_an_allowed_origin_are_refused(keyed_app, fresh_llm_sim, url):
     parts = urlsplit(fresh_llm_sim.base_url)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 from support.keys import as_
 
+from flow_engine.components.routers import MAX_CHARS
+
 EVIL_INPUTS = [
     pytest.param("(a|a)+$", "a" * 5000 + "b", id="ambiguous-alternation"),
     pytest.param("(a+)+$", "a" * 5000 + "!", id="nested-plus"),
@@ -24,7 +26,7 @@ def router_flow(pattern: str) -> dict:
         "nodes": [
             {"id": "in", "type": "ChatInput"},
             {"id": "route", "type": "ConditionalRouter",
-             "params": {"operator": "regex", "pattern": pattern, "max_chars": 100_000}},
+             "params": {"operator": "regex", "pattern": pattern, "max_chars": MAX_CHARS}},
             {"id": "yes", "type": "TextOutput"}, {"id": "no", "type": "TextOutput"}],
         "edges": [{"source": "in", "target": "route"},
                   {"source": "route", "target": "yes", "source_output": "true"},
@@ -58,3 +60,19 @@ def test_a_catastrophic_pattern_in_a_definition_answers_at_once(api, pattern, te
                     json={"input_value": text, "output_type": "text"})
 
     assert resp.status_code == 200
+
+
+@pytest.mark.parametrize(("pattern", "case_sensitive"), [
+    pytest.param("(?:" + "[a-z]" * 95 + "){1000}", True, id="huge-counted-repetition"),
+    pytest.param("(?:[Ā-ɏ][ɐ-ʯ][Ͱ-Ͽ][Ⴀ-ჿ]){300}", False, id="large-only-case-insensitively"),
+])
+def test_a_pattern_too_costly_to_run_is_refused_at_validation(api, pattern, case_sensitive):
+    flow = router_flow("x")
+    flow["nodes"][1]["params"].update(pattern=pattern, case_sensitive=case_sensitive)
+
+    resp = api.post("/api/v1/flows", json=flow, headers=as_("admin"))
+
+    assert resp.status_code == 422, resp.get_data(as_text=True)
+    [problem] = resp.get_json()["error"]["problems"]
+    assert problem["path"] == "$.nodes[1].params.pattern"
+    assert "RE2" in problem["message"]

@@ -110,10 +110,11 @@ def test_key_entries(entry, name, role, proxy):
 
 
 @pytest.mark.parametrize(("entries", "fragment"), [
-    pytest.param(["app:root:secret-1234"], "unknown role 'root'", id="unknown-role"),
-    pytest.param(["app:runner+sudo:secret-1234"], "unknown role", id="unknown-suffix"),
+    pytest.param(["app:root:secret-1234"], "the second field is not a role", id="unknown-role"),
+    pytest.param(["app:runner+sudo:secret-1234"], "not a role", id="unknown-suffix"),
     pytest.param(["app:runner:short"], "at least 8", id="short-secret"),
-    pytest.param(["bad name:runner:secret-1234"], "must be 1-64", id="bad-name"),
+    pytest.param(["bad name:runner:secret-1234"], "the first field", id="bad-name"),
+    pytest.param(["app:secret-5678:runner"], "not a role", id="fields-out-of-order"),
     pytest.param(["a:runner:secret-1234", "b:admin:secret-1234"], "configured twice",
                  id="same-secret"),
     pytest.param(["a:runner:secret-1234", "a:admin:secret-5678"], "configured twice",
@@ -130,5 +131,5 @@ def test_bad_key_entries_stop_the_engine_with_a_message(entries, fragment):
 def test_a_bad_key_entry_refuses_to_start(make_app):
     from flow_engine.config import ConfigError
 
-    with pytest.raises(ConfigError, match="FLOW_ENGINE_API_KEYS: API key 'app': unknown role"):
+    with pytest.raises(ConfigError, match="FLOW_ENGINE_API_KEYS: API key 'app': the second"):
         make_app(api_keys="app:superuser:secret-1234")

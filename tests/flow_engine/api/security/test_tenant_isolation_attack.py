@@ -184,3 +184,31 @@ def test_runs_of_a_tenant_across_processes_stay_its_own(keyed_app, defs, redis_u
         assert b"run_finished" in watched.get_data()
     finally:
         stream.close()
+
+
+def test_two_proxies_forwarding_the_same_tenant_are_two_tenants(make_app, defs):
+    """Each app's ambassador holds its own proxy key: its callers are its own, whatever name
+    it forwards — one app cannot read (or bill) another's "alice", nor a plain key's tenant."""
+    keys = ("orders-amb:runner+proxy:orders-proxy-secret,billing-amb:runner+proxy:"
+            "billing-proxy-secret,orders-app:runner:runner-secret-0001")
+    client = make_app(api_keys=keys + ",ops:admin:admin-secret-0005").test_client()
+    assert client.post("/api/v1/flows", json=HISTORY_ECHO, headers=as_("admin")).status_code == 201
+
+    def via(secret: str, who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {secret}", "x-flowgate-tenant": who}
+
+    orders, billing = via("orders-proxy-secret", "alice"), via("billing-proxy-secret", "alice")
+    key = {"Idempotency-Key": "k-1"}
+    first = client.post("/api/v1/run/chat", json=BODY, headers={**orders, **key})
+    run_id = first.get_json()["run_id"]
+
+    _not_found(client.get(f"/api/v1/runs/{run_id}", headers=billing), run_id)
+    other = client.post("/api/v1/run/chat", json={**BODY, "input_value": "history?"},
+                        headers={**billing, **key})
+    assert "Idempotent-Replayed" not in other.headers
+    assert "4242" not in other.get_json()["output"]
+    # and a proxy cannot name a plain key's tenant to reach its runs
+    mine = client.post("/api/v1/run/chat", json=BODY,
+                       headers={"Authorization": "Bearer runner-secret-0001"}).get_json()["run_id"]
+    _not_found(client.get(f"/api/v1/runs/{mine}", headers=via("orders-proxy-secret", "orders-app")),
+               mine)

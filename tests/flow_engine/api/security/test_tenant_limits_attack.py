@@ -79,7 +79,9 @@ def test_concurrent_runs_over_the_tenant_limit_are_429(keyed_app, defs, fresh_ll
     finally:
         busy.stop()
     assert client.post("/api/v1/run/llm", json=BODY, headers=tenant("shop-a")).status_code == 200
-    assert metric(client, "flowgate_engine_tenant_limited_total", tenant="other", limit="runs") == 2
+    # a proxy's tenants are counted under the proxy key's name (bounded labels)
+    assert metric(client, "flowgate_engine_tenant_limited_total", tenant="ambassador",
+                  limit="runs") == 2
 
 
 def test_tokens_per_minute_over_the_limit_are_429(keyed_app, defs):
@@ -106,8 +108,9 @@ def test_the_run_limit_holds_across_processes_with_redis(keyed_app, defs, fresh_
     finally:
         busy.stop()
     assert b.post("/api/v1/run/llm", json=BODY, headers=tenant(shop)).status_code == 200
-    leases = redis_lib.Redis.from_url(redis_url).zcard(f"flowgate:tenant:{shop}:runs")
-    assert leases == 0  # every slot was given back
+    leases = redis_lib.Redis.from_url(redis_url)
+    assert leases.exists(f"flowgate:tenant:ambassador/{shop}:runs") in (0, 1)  # the real key
+    assert leases.zcard(f"flowgate:tenant:ambassador/{shop}:runs") == 0  # every slot back
 
 
 def test_with_redis_down_each_process_still_limits(keyed_app, defs, fresh_llm_sim, slow_run):
@@ -124,16 +127,66 @@ def test_with_redis_down_each_process_still_limits(keyed_app, defs, fresh_llm_si
 
 
 def test_tenant_labels_are_bounded(keyed_app, defs):
-    client = keyed_app(tenant_limits=json.dumps({"shop-a": {}})).test_client()
+    client = keyed_app(tenant_limits=json.dumps({"ambassador/shop-a": {}})).test_client()
     assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin")).status_code == 201
     for i in range(50):
         assert client.post("/api/v1/run/f", json=BODY, headers=tenant(f"random-{i}")).status_code == 200
     client.post("/api/v1/run/f", json=BODY, headers=tenant("shop-a"))
+    client.post("/api/v1/run/f", json=BODY, headers=as_("runner"))
 
     text = client.get("/metrics").get_data(as_text=True)
     tenants = {s.labels["tenant"] for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == "flowgate_engine_tenant_runs_total"}
-    assert tenants == {"other", "shop-a"}
+    # configured tenants by name, a proxy's others under the proxy key, keys by their name
+    assert tenants == {"ambassador/shop-a", "ambassador", "orders-app"}
+
+
+def test_a_proxy_cannot_escape_its_limit_by_inventing_tenants(keyed_app, defs, fresh_llm_sim,
+                                                              slow_run):
+    client = keyed_app(openai_base_url=fresh_llm_sim.base_url,
+                       tenant_limits=json.dumps({"ambassador": {"max_runs": 1}})).test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=as_("admin")).status_code == 201
+    busy = slow_run(client, tenant("shop-a"))
+    try:
+        for name in ("shop-b", "made-up-1", "made-up-2"):
+            error = refused(client.post("/api/v1/run/llm", json=BODY, headers=tenant(name)), "runs")
+            assert "'ambassador'" in error["message"]
+        # another key's callers are not this proxy's
+        assert client.post("/api/v1/run/llm", json=BODY, headers=as_("runner")).status_code == 200
+    finally:
+        busy.stop()
+
+
+def test_failed_runs_count_their_tokens(keyed_app, defs, fresh_llm_sim):
+    """A run that fails after its LLM call (its parser refuses the answer) still spent the
+    tokens: without counting them a tenant could burn tokens for free."""
+    client = keyed_app(openai_base_url=fresh_llm_sim.base_url,
+                       tenant_tokens_per_minute=20).test_client()
+    flow = defs.openai(id="f")
+    flow["nodes"].insert(2, {"id": "parse", "type": "JsonOutputParser"})
+    flow["edges"] = [{"source": "in", "target": "llm"}, {"source": "llm", "target": "parse"},
+                     {"source": "parse", "target": "out"}]
+    assert client.post("/api/v1/flows", json=flow, headers=as_("admin")).status_code == 201
+
+    assert client.post("/api/v1/run/f", json=BODY, headers=as_("runner")).status_code == 502
+    refused(client.post("/api/v1/run/f", json=BODY, headers=as_("runner")), "tokens")
+
+
+def test_a_keyed_run_refused_by_the_limit_leaves_its_key_free(keyed_app, defs, fresh_llm_sim,
+                                                               slow_run):
+    client = keyed_app(openai_base_url=fresh_llm_sim.base_url, tenant_max_runs=1).test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=as_("admin")).status_code == 201
+    keyed = {**tenant("shop-a"), "Idempotency-Key": "order-77"}
+    busy = slow_run(client, tenant("shop-a"))
+    try:
+        refused(client.post("/api/v1/run/llm", json=BODY, headers=keyed), "runs")
+    finally:
+        busy.stop()
+
+    retry = client.post("/api/v1/run/llm", json=BODY, headers=keyed)
+
+    assert retry.status_code == 200  # runs now, instead of waiting on a record that never ran
+    assert "Idempotent-Replayed" not in retry.headers
 
 
 @pytest.mark.parametrize(("raw", "fragment"), [

@@ -1,0 +1,269 @@
+"""Soak: a steady mixed load through the ambassador for --minutes (30), with a fault every
+--fault-every seconds (60) rotating through the chaos drills of tests/chaos.
+
+    .venv/bin/python bench/soak.py [--minutes 30] [--fault-every 60] [--rate 10]
+
+The deployment is the drills' (tests/support/chaos.py): its own llm-sim, the engine with two
+gevent workers on PostgreSQL (a fresh schema of FLOWGATE_TEST_POSTGRES_URL, default the
+local server) and a private redis-server, the ambassador in front. The load is runs, streams
+and cache hits (60/20/20), each run with its own Idempotency-Key. Faults, in turn:
+
+    engine-kill      SIGKILL of the engine (master and workers), restart
+    redis-kill       SIGKILL of Redis; back after 40 answers
+    pg-terminate     pg_terminate_backend of every engine connection
+    publish          10 publishes, canaries and rollbacks of the flow being run
+    stream-resume    5 streamed runs, each dropped and resumed 5 times with Last-Event-ID
+    publish-kill     kill -9 of the engine during a burst of publishes; store checked after
+    slow-loris       200 slow-loris connections for 15 s
+
+Each minute a progress line; at the end requests, failures by kind, p50/p99, the RSS of
+every process at start and end (the engine's since its last restart), and as the last line
+one JSON object: ``lost`` (requests without an answer), ``duplicated`` (LLM calls made twice
+for one request), ``bad_5xx`` (5xx outside 502/503/504), ``late`` (answers past the
+ambassador's deadline), ``rss_growth_mb`` and the rest. Targets: lost, duplicated, bad_5xx,
+late all 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from support.chaos import (
+    FLOW_ID,
+    LlmCalls,
+    Load,
+    Outcome,
+    Outcomes,
+    Publisher,
+    Sim,
+    SlowLoris,
+    Stack,
+    admin,
+    dropped_and_resumed,
+    flow,
+    group_rss_mb,
+    missing_tools,
+    new_tag,
+    start_llm_sim,
+    store_inconsistencies,
+    verdict,
+    wait_for,
+)
+
+
+class Soak:
+    def __init__(self, stack: Stack, load: Load, outcomes: Outcomes) -> None:
+        self.stack, self.load, self.outcomes = stack, load, outcomes
+        self.notes: list[dict[str, Any]] = []
+        self.extra: list[Outcome] = []  # resumed streams
+        self.latest_version = 1
+        self.rss_base: dict[str, float] = {}
+        self.burst = 0
+
+    def note(self, fault: str, **what: Any) -> None:
+        self.notes.append({"fault": fault, **what})
+        print(f"  fault {fault}: {what}", flush=True)
+
+    def rss_engine_base(self) -> None:
+        self.rss_base["engine"] = self.stack.rss_mb().get("engine", 0.0)
+
+    # -- faults
+    def engine_kill(self) -> None:
+        self.stack.kill_engine()
+        self.load.wait_done(self.outcomes.done() + 10)
+        self.stack.restart_engine()
+        self.rss_engine_base()
+        self.note("engine-kill", recovery_s=round(self.stack.wait_recovered(), 1))
+
+    def redis_kill(self) -> None:
+        self.stack.redis.kill()
+        self.load.wait_done(self.outcomes.done() + 40)
+        self.stack.redis.start()
+        self.note("redis-kill", recovery_s=round(self.stack.wait_recovered(), 1))
+
+    def pg_terminate(self) -> None:
+        wait_for(self.stack.pg.backends, 10, "engine connections")
+        n = self.stack.pg.terminate_backends()
+        self.load.wait_done(self.outcomes.done() + 10)
+        self.note("pg-terminate", terminated=n, recovery_s=round(self.stack.wait_recovered(), 1))
+
+    def publish(self) -> None:
+        base = f"{self.stack.engine_url}/api/v1/flows/{FLOW_ID}"
+        failed = []
+        for i in range(10):
+            self.load.wait_done(self.outcomes.done() + 3)
+            if i % 4 == 3:
+                resp = admin("POST", base + "/rollback")
+            else:
+                created = admin("PUT", base, flow(FLOW_ID, f"v{self.latest_version + 1}"))
+                if created.status_code != 201:
+                    failed.append(created.status_code)
+                    continue
+                self.latest_version = created.json()["version"]
+                if i % 4 == 1:
+                    resp = admin("PUT", base + "/routing",
+                                 {"canary": {"version": self.latest_version, "percent": 50}})
+                else:
+                    resp = admin("POST", base + "/publish", {"version": self.latest_version})
+            if resp.status_code != 200:
+                failed.append(resp.status_code)
+        self.note("publish", changes=10, failed=failed, latest_version=self.latest_version)
+
+    def stream_resume(self) -> None:
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(
+                lambda i: dropped_and_resumed(self.stack.url, new_tag(800_000 + len(self.extra) + i),
+                                              [2, 5, 8, 11, 14]), range(5)))
+        self.extra += results
+        self.note("stream-resume", ok=sum(r.ok for r in results),
+                  resumes=sum(r.detail.get("resumes", 0) for r in results),
+                  errors=[r.error for r in results if not r.ok][:3])
+
+    def publish_kill(self) -> None:
+        self.burst += 1
+        flows = [f"soak-burst-{self.burst}-{c}" for c in "ab"]
+        for flow_id in flows:
+            admin("POST", self.stack.engine_url + "/api/v1/flows", flow(flow_id, "v1"))
+        publishers = [Publisher(self.stack.engine_url, f) for f in flows]
+        threads = [threading.Thread(target=p.run, daemon=True) for p in publishers]
+        for t in threads:
+            t.start()
+        wait_for(lambda: all(p.acked() >= 3 for p in publishers), 60, "a burst of publishes")
+        self.stack.kill_engine()
+        for t in threads:
+            t.join(30)
+        self.stack.restart_engine()
+        self.rss_engine_base()
+        recovery = self.stack.wait_recovered()
+        self.note("publish-kill", recovery_s=round(recovery, 1),
+                  acked=[p.acked() for p in publishers], inconsistent=store_inconsistencies(publishers))
+
+    def slow_loris(self) -> None:
+        assert self.stack.ambassador is not None
+        loris = SlowLoris(self.stack.ambassador.port, 200).start()
+        try:
+            self.load.wait_done(self.outcomes.done() + 160, timeout_s=60)  # ~15 s at 10/s
+        finally:
+            kinds = {k: dict(loris.status_of(k)) for k in ("slow_headers", "slow_body", "oversize_body")}
+            loris.stop()
+        self.note("slow-loris", loris=kinds)
+
+
+FAULTS = ["engine_kill", "redis_kill", "pg_terminate", "publish", "stream_resume", "publish_kill",
+          "slow_loris"]
+
+
+def rss_all(stack: Stack, sim_proc: Any) -> dict[str, float]:
+    out = stack.rss_mb()
+    out["llm-sim"] = group_rss_mb(sim_proc.proc.pid)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--fault-every", type=float, default=60.0, help="seconds between faults")
+    p.add_argument("--rate", type=float, default=10.0, help="requests per second")
+    args = p.parse_args()
+    problems = missing_tools()
+    if problems:
+        sys.exit("soak needs: " + "; ".join(problems))
+
+    duration = args.minutes * 60
+    sim_proc = start_llm_sim()
+    sim = Sim(sim_proc.url)
+    sim.configure(ttft_s=0.1, tokens_per_s=50, reply_tokens=8)
+    workdir = Path(tempfile.mkdtemp(prefix="flowgate-soak-"))
+    stack = Stack(workdir, sim)
+    outcomes = Outcomes()
+    try:
+        stack.start()
+        rss_start = rss_all(stack, sim_proc)
+        print(f"soak: {args.minutes:g} min at {args.rate:g} req/s, a fault every "
+              f"{args.fault_every:g} s; RSS at start (MB): {rss_start}", flush=True)
+        calls = LlmCalls(sim).start()
+        load = Load(stack, outcomes, threads=6, rate_per_s=args.rate,
+                    max_requests=int(duration * args.rate * 1.2) + 100,
+                    mix={"run": 0.6, "stream": 0.2, "cached": 0.2}).start()
+        soak = Soak(stack, load, outcomes)
+        soak.rss_base = dict(rss_start)
+        started = time.monotonic()
+        next_fault, turn, last_report = args.fault_every, 0, 0
+        while (elapsed := time.monotonic() - started) < duration:
+            if elapsed >= next_fault:
+                name = FAULTS[turn % len(FAULTS)]
+                turn += 1
+                try:
+                    getattr(soak, name)()
+                except Exception as exc:  # a fault that could not be healed is a result too
+                    soak.note(name, error=f"{type(exc).__name__}: {exc}"[:300])
+                    if stack.engine is None or not stack.engine.alive():
+                        stack.restart_engine()
+                    if not stack.redis.alive():
+                        stack.redis.start()
+                next_fault += args.fault_every
+            if int(elapsed // 60) > last_report:
+                last_report = int(elapsed // 60)
+                done = outcomes.all()
+                print(f"  {elapsed / 60:4.1f} min: {len(done)} requests, "
+                      f"{sum(o.ok for o in done)} ok, "
+                      f"{dict(Counter(str(o.status) for o in done if not o.ok))} failed", flush=True)
+            time.sleep(0.2)
+        load.finish_after(0)
+        load.join(120)
+        calls.stop()
+        rss_end = rss_all(stack, sim_proc)
+    finally:
+        stack.stop()
+        sim_proc.stop()
+
+    everything = outcomes.all() + soak.extra
+    v = verdict(everything, calls)
+    by_kind = Counter(f"{o.kind} {o.status} {o.code or o.error or ''}".strip()
+                      for o in everything if not o.ok)
+    times = {kind: [o.seconds for o in everything if o.kind == kind and o.ok]
+             for kind in ("run", "stream", "cached")}
+    growth = {name: round(rss_end.get(name, 0.0) - soak.rss_base.get(name, 0.0), 1) for name in rss_end}
+    print(f"requests: {v.requests} ({dict(Counter(o.kind for o in everything))}), "
+          f"ok {v.successes}")
+    print(f"failures by kind: {dict(by_kind.most_common())}")
+    for kind, values in times.items():
+        print(f"{kind}: p50 {percentile(values, 0.5) * 1000:.0f} ms, "
+              f"p99 {percentile(values, 0.99) * 1000:.0f} ms")
+    print(f"RSS at start (MB): {rss_start}")
+    print(f"RSS at end (MB): {rss_end} (growth: {growth}; the engine's since its last restart)")
+    for problem in v.problems():
+        print("problem:", problem)
+    print(json.dumps({
+        "minutes": args.minutes, "faults": len(soak.notes), "requests": v.requests,
+        "successes": v.successes, "lost": len(v.lost), "duplicated": v.duplicated,
+        "bad_5xx": len(v.bad_5xx), "late": len(v.late), "broken": len(v.broken),
+        "failed": v.requests - v.successes, "failures_by_kind": dict(by_kind.most_common()),
+        "llm_calls": v.llm_calls, "llm_log_overflowed": v.llm_overflowed,
+        "p50_ms": round(v.p50_s * 1000, 1), "p99_ms": round(v.p99_s * 1000, 1),
+        "p50_ms_by_kind": {k: round(percentile(t, 0.5) * 1000, 1) for k, t in times.items()},
+        "p99_ms_by_kind": {k: round(percentile(t, 0.99) * 1000, 1) for k, t in times.items()},
+        "rss_mb_start": rss_start, "rss_mb_end": rss_end, "rss_growth_mb_by_process": growth,
+        "rss_growth_mb": round(sum(growth.values()), 1),
+        "fault_notes": soak.notes,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Running one flow from inside another (the ``FlowTool``), and what a run tells the nodes
+it runs about itself (:class:`RunContext`).
+
+A run's context travels in LangChain's config, ``config["configurable"][RUN_CONTEXT]``,
+which the compiled graph hands to every node and every node hands to what it calls (the
+runner puts it there; see the hook patch). It says whose run it is — tenant, identity,
+session, trace — and which flows enclose it (``chain``), so that a flow calling flows can be
+held to :data:`MAX_DEPTH` and can never call a flow already running above it.
+
+A sub-flow is part of the run that called it, not a run of its own: it runs in the same
+greenlet, with the same cancel token (cancelling the parent stops it at its next node or
+token), the same tenant and session (its ChatHistory nodes read that conversation), and
+takes no second tenant run slot — a tenant allowed one run at a time could otherwise never
+finish a run that calls a flow. It has no run record or events of its own, and its turn is
+not added to the chat history; the caller's ``tool_result`` event carries its answer, and
+its LLM usage is added to the caller's (the tool's artifact, which the runner counts).
+
+:class:`EngineSubflows` is what the engine puts in ``BuildContext.extra[SUBFLOWS]``: it finds
+the flow's live version and its compiled graph through the flow service (cached like any
+run's) and invokes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from flow_engine.errors import RunCancelled
+
+log = logging.getLogger(__name__)
+
+RUN_CONTEXT = "flowgate_run_context"  # the key in config["configurable"]
+SUBFLOWS = "subflows"  # the key in BuildContext.extra
+MAX_DEPTH = 4  # flows in a chain: the top flow and three nested below it
+
+
+class SubflowRefused(Exception):
+    """The flow cannot be run from here (unknown, not live, a cycle, too deep)."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who a run is for and which flows enclose it (see the module docstring)."""
+
+    flow_id: str | None = None
+    tenant: str | None = None
+    identity: str | None = None
+    session_id: str | None = None
+    trace_id: str | None = None
+    chain: tuple[str, ...] = ()  # the flows of this run, outermost first (its own last)
+    cancel: Any = field(default=None, compare=False)  # has .cancelled (runs.runner.CancelToken)
+
+    def child(self, flow_id: str) -> RunContext:
+        return replace(self, flow_id=flow_id, chain=(*self.chain, flow_id))
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.cancel is not None and self.cancel.cancelled)
+
+
+def run_context(config: Mapping[str, Any] | None) -> RunContext:
+    """The context of the run ``config`` belongs to (an empty one outside the engine)."""
+    found = ((config or {}).get("configurable") or {}).get(RUN_CONTEXT)
+    return found if isinstance(found, RunContext) else RunContext()
+
+
+@dataclass(frozen=True)
+class SubflowResult:
+    flow_id: str
+    version: int
+    output: str
+    usage: dict[str, int]
+
+
+class Subflows(Protocol):
+    def run(self, flow_ref: str, input_value: str, parent: RunContext) -> SubflowResult: ...
+
+
+class _FlowService(Protocol):  # flow_engine.service.FlowService, as far as it is used here
+    def resolve(self, id_or_name: str, *, pinned: int | None, sticky_value: str | None,
+                caller: Any = None) -> tuple[Any, int]: ...
+
+    def compiled(self, flow: Any, version: int, tweaks: Any = None) -> Any: ...
+
+
+class EngineSubflows:
+    """Runs a flow's live version inside the calling run (see the module docstring)."""
+
+    def __init__(self, flows: _FlowService) -> None:
+        self.flows = flows
+
+    def run(self, flow_ref: str, input_value: str, parent: RunContext) -> SubflowResult:
+        from flow_engine.errors import Conflict, NotFound
+        from flow_engine.flows.values import to_text
+
+        if len(parent.chain) >= MAX_DEPTH:
+            raise SubflowRefused(f"flows may nest {MAX_DEPTH} deep at most: "
+                                 f"{' → '.join((*parent.chain, flow_ref))}")
+        try:
+            flow, _ = self.flows.resolve(flow_ref, pinned=None, sticky_value=None)
+        except NotFound:
+            raise SubflowRefused(f"there is no flow '{flow_ref}'") from None
+        if flow.id in parent.chain:
+            raise SubflowRefused("a flow may not call a flow that is already running above it: "
+                                 f"{' → '.join((*parent.chain, flow.id))}")
+        if flow.live_version is None:
+            raise SubflowRefused(f"flow '{flow.id}' has no live version")
+        try:
+            compiled = self.flows.compiled(flow, flow.live_version)
+        except Conflict as exc:
+            raise SubflowRefused(str(exc)) from None
+        context = parent.child(flow.id)
+        watch = _SubflowWatch(parent)
+        log.info("subflow", extra={"flow_id": flow.id, "version": flow.live_version,
+                                   "parent_flow_id": parent.flow_id, "tenant": parent.tenant,
+                                   "trace_id": parent.trace_id, "depth": len(context.chain)})
+        values = compiled.runnable.invoke(
+            {"input_value": input_value, "input_type": "chat", "session_id": parent.session_id,
+             "tenant": parent.tenant, "flow_id": flow.id},
+            {"callbacks": [watch], "configurable": {RUN_CONTEXT: context},
+             "metadata": {"flowgate_trace_id": parent.trace_id,
+                          "flowgate_parent_flow": parent.flow_id}})
+        ran = [nid for nid in compiled.output_ids if nid in values]
+        chat = [nid for nid in ran if compiled.node_types[nid] == "ChatOutput"]
+        first = (chat or ran or [None])[0]
+        output = to_text(values[first]) if first is not None else ""
+        return SubflowResult(flow.id, flow.live_version, output, watch.usage)
+
+
+class _SubflowWatch(BaseCallbackHandler):
+    """Stops the sub-flow when the calling run is cancelled, and counts its LLM usage."""
+
+    raise_error = True
+    run_inline = True
+
+    def __init__(self, parent: RunContext) -> None:
+        self.parent = parent
+        self.usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "llm_calls": 0}
+
+    def _check(self) -> None:
+        if self.parent.cancelled:
+            raise RunCancelled(f"run cancelled: {self.parent.cancel.reason}")
+
+    def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
+        self._check()
+
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        self._check()
+
+    def on_tool_start(self, *args: Any, **kwargs: Any) -> None:
+        self._check()
+
+    def on_llm_new_token(self, *args: Any, **kwargs: Any) -> None:
+        self._check()
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        try:
+            message = response.generations[0][0].message
+        except (IndexError, AttributeError):
+            return
+        add_usage(self.usage, getattr(message, "usage_metadata", None) or {}, calls=1)
+
+    def on_tool_end(self, output: Any, **kwargs: Any) -> None:
+        add_usage(self.usage, artifact_usage(output))  # a flow this sub-flow called
+
+
+USAGE_KEYS = ("input_tokens", "output_tokens", "total_tokens")
+
+
+def add_usage(total: dict[str, int], usage: Mapping[str, Any], calls: int | None = None) -> None:
+    """Add LLM ``usage`` (LangChain's usage_metadata, or a run's usage) into ``total``."""
+    for key in USAGE_KEYS:
+        total[key] += int(usage.get(key) or 0)
+    total["llm_calls"] += calls if calls is not None else int(usage.get("llm_calls") or 0)
+
+
+def artifact_usage(output: Any) -> Mapping[str, Any]:
+    """The LLM usage a tool reports in its ToolMessage's artifact (a FlowTool: its flow's)."""
+    artifact = getattr(output, "artifact", None)
+    usage = artifact.get("usage") if isinstance(artifact, dict) else None
+    return usage if isinstance(usage, dict) else {}

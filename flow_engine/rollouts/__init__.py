@@ -1,0 +1,1 @@
+"""Guarded rollouts: canary analysis, canary steps and automatic rollback."""

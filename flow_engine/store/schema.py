@@ -1,0 +1,194 @@
+"""The store's schema: tables, column types, and the migrations that bring any earlier
+schema up to date (``SqlFlowStore.migrate``). Migrations are appended, never edited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from flow_engine import jsontext
+
+metadata = sa.MetaData()
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """Timestamps go in and come out as aware UTC, whatever the backend or session zone
+    (SQLite keeps no zone; PostgreSQL answers in the session's TimeZone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return _utc(value)
+
+    def process_result_value(self, value, dialect):
+        return _utc(value)
+
+
+TS = UTCDateTime()
+
+
+class Text(sa.TypeDecorator):
+    """A text column whose values never hold a lone surrogate (flow_engine/jsontext.py):
+    the driver cannot encode one, so a session id or chat message from a client's JSON
+    would fail its write (and a flow or run id from a WebSocket message its lookup). Each
+    becomes U+FFFD, in writes and in lookups alike."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return jsontext.scrub(value) if isinstance(value, str) else value
+
+
+class String(Text):
+    impl = sa.String
+    cache_ok = True
+
+flows = sa.Table(
+    "flows", metadata,
+    sa.Column("id", String(64), primary_key=True),
+    sa.Column("name", String(200), nullable=False, unique=True),
+    sa.Column("description", Text, nullable=False, default=""),
+    sa.Column("latest_version", sa.Integer, nullable=False),
+    sa.Column("live_version", sa.Integer, nullable=True),
+    sa.Column("live_history", sa.JSON, nullable=False),
+    sa.Column("routing", sa.JSON, nullable=True),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+flow_versions = sa.Table(
+    "flow_versions", metadata,
+    sa.Column("flow_id", String(64), sa.ForeignKey("flows.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("definition", sa.JSON, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+)
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("run_id", String(64), primary_key=True),
+    sa.Column("flow_id", String(64), nullable=False, index=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("status", String(16), nullable=False),
+    sa.Column("session_id", String(200), nullable=True),
+    sa.Column("trace_id", String(64), nullable=True),
+    sa.Column("idempotency_key", String(300), nullable=True, unique=True),
+    sa.Column("request_hash", String(64), nullable=True),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("finished_at", TS, nullable=True),
+    sa.Column("duration_ms", sa.Float, nullable=True),
+    sa.Column("result", sa.JSON, nullable=True),
+    sa.Column("error", sa.JSON, nullable=True),
+    # a running keyed run's owner refreshes this; a stale one means its engine stopped
+    sa.Column("heartbeat_at", TS, nullable=True),
+    sa.Column("tenant", String(200), nullable=True),  # who may see it (flow_engine/auth.py)
+    sa.Index("ix_runs_created_at", "created_at"),  # retention deletes by age
+    sa.Index("ix_runs_running", "status", "heartbeat_at"),  # the reaper finds the running
+)
+chat_messages = sa.Table(
+    "chat_messages", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("session_id", String(200), nullable=False),
+    sa.Column("flow_id", String(64), nullable=False),
+    sa.Column("role", String(16), nullable=False),
+    sa.Column("content", Text, nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    # one conversation per (tenant, session, flow): the same session id in two tenants is
+    # two conversations; rows from before tenants (NULL) are never read
+    sa.Column("tenant", String(200), nullable=True),
+    sa.Index("ix_chat_tenant_session", "tenant", "session_id", "flow_id", "id"),
+    sa.Index("ix_chat_created_at", "created_at"),  # retention deletes by age
+)
+# when each periodic job (flow_engine/maintenance.py) last ran: one process claims a run
+jobs = sa.Table(
+    "flowgate_jobs", metadata,
+    sa.Column("name", String(64), primary_key=True),
+    sa.Column("last_run_at", TS, nullable=False),
+)
+schema_version = sa.Table(
+    "flowgate_schema", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", TS, nullable=False),
+)
+
+# one statement, built once: a run's end (status, result, ...) by run id
+FINISH_RUN = runs.update().where(runs.c.run_id == sa.bindparam("key_run_id")).values(
+    status=sa.bindparam("status"), duration_ms=sa.bindparam("duration_ms"),
+    result=sa.bindparam("result"), error=sa.bindparam("error"),
+    finished_at=sa.bindparam("finished_at"))
+
+# Each migration brings the schema from version i to i + 1. Append, never edit.
+def _add_run_heartbeat(conn: Connection) -> None:
+    """runs.heartbeat_at (a schema from before it; a new one already has it)."""
+    if "heartbeat_at" not in {c["name"] for c in sa.inspect(conn).get_columns("runs")}:
+        conn.execute(sa.text("ALTER TABLE runs ADD COLUMN heartbeat_at "
+                             + runs.c.heartbeat_at.type.compile(dialect=conn.dialect)))
+
+
+def _add_tenants(conn: Connection) -> None:
+    """runs.tenant and chat_messages.tenant, and the index chat history is read by."""
+    for table in (runs, chat_messages):
+        if "tenant" not in {c["name"] for c in sa.inspect(conn).get_columns(table.name)}:
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN tenant "
+                                 + table.c.tenant.type.compile(dialect=conn.dialect)))
+    for index in chat_messages.indexes:
+        if index.name == "ix_chat_tenant_session":
+            index.create(conn, checkfirst=True)
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_chat_session"))  # replaced by the one above
+
+
+def _add_upkeep(conn: Connection) -> None:
+    """The jobs table and the indexes the reaper and the retention job read by."""
+    jobs.create(conn, checkfirst=True)
+    for table, names in ((runs, ("ix_runs_created_at", "ix_runs_running")),
+                         (chat_messages, ("ix_chat_created_at",))):
+        for index in table.indexes:
+            if index.name in names:
+                index.create(conn, checkfirst=True)
+
+
+def _add_knowledge(conn: Connection) -> None:
+    """The knowledge tables (flow_engine/knowledge/schema.py): on SQLite always; on
+    PostgreSQL with the ``vector`` extension (pgvector) when the server has it. Without it
+    nothing is created here; the engine then says so at start (FLOW_ENGINE_KNOWLEDGE=on
+    refuses to start) and completes the schema at a later start once pgvector is there."""
+    from flow_engine.knowledge import schema as knowledge_schema
+
+    knowledge_schema.ensure(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    lambda conn: metadata.create_all(conn, tables=[flows, flow_versions, runs, chat_messages]),
+    _add_run_heartbeat,
+    _add_tenants,
+    _add_upkeep,
+    _add_knowledge,
+]
+
+
+def normalise_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` use psycopg 3 (the driver this package installs)."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)  # stored by us, always in UTC
+    return value.astimezone(UTC)
+
+
+aware = _utc

@@ -1,0 +1,104 @@
+"""Run records when the store falters: an end of run the store refused is written again in
+the background (and answered from memory meanwhile), and runs that no process will finish
+are marked failed by the maintenance job when an engine starts — no record says
+``running`` for ever.
+
+SQLite, so that the test can hold the database's write lock from another connection (as a
+long migration or another process's stuck transaction would) and let it go again."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flow_engine.errors import RunNotFound
+from flow_engine.runs.request import RunRequest
+from flow_engine.store.base import RunRecord
+
+WAIT_S = 10.0
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'engine.db'}"
+
+
+def hold_write_lock(path: Path) -> sqlite3.Connection:
+    """Another connection holding the database's write lock until it rolls back."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def wait_until(predicate: Callable[[], Any], what: str) -> Any:
+    deadline = time.monotonic() + WAIT_S
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def get_run_or_none(store: Any, run_id: str) -> RunRecord | None:
+    try:
+        return store.get_run(run_id)
+    except RunNotFound:
+        return None
+
+
+def sample(app: Any, name: str, **labels: str) -> float:
+    return app.extensions["flowgate"].metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.parametrize("key", [pytest.param(None, id="plain"),
+                                 pytest.param("end-1", id="keyed")])
+def test_an_end_the_store_refused_is_recorded_in_the_background(make_app, auth, defs, caller,
+                                                                 tmp_path, key):
+    app = make_app(record_retry_s=30)
+    client = app.test_client()
+    assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=auth).status_code == 201
+    runs, store = app.extensions["flowgate"].runs, app.extensions["flowgate"].store
+    prepared = runs.prepare("f", RunRequest.from_body({"input_value": "hi"}), caller=caller,
+                            idempotency_key=key, trace_id=None)  # a keyed record is inserted
+    store.lock_timeout_s = 0.2  # a write waits this long for the lock, then fails (503)
+    holder = hold_write_lock(tmp_path / "engine.db")
+    try:
+        result, _ = runs.run(prepared)  # its end cannot be written now
+        meanwhile = client.get(f"/api/v1/runs/{prepared.run_id}", headers=auth).get_json()
+        assert (meanwhile["status"], meanwhile["output"]) == ("succeeded", result["output"])
+    finally:
+        holder.rollback()
+        holder.close()
+
+    record = wait_until(lambda: (r := get_run_or_none(store, prepared.run_id)) is not None
+                        and r.status != "running" and r, "the end of the run to be recorded")
+    assert (record.status, record.result["output"]) == ("succeeded", result["output"])
+    assert sample(app, "flowgate_engine_run_record_retries_total", outcome="recorded") == 1
+
+
+ORPHAN = "0fa1" * 8  # a run id as the engine makes them (32 hex digits)
+
+
+def test_an_engine_starting_marks_runs_nobody_owns_failed(make_app, auth):
+    first = make_app()  # a process that died with a keyed run in progress
+    long_ago = datetime.now(UTC) - timedelta(minutes=10)
+    first.extensions["flowgate"].store.insert_run(RunRecord(
+        run_id=ORPHAN, flow_id="f", version=1, status="running", created_at=long_ago,
+        idempotency_key="x:orphan", request_hash="h" * 64, heartbeat_at=long_ago,
+        tenant=None))
+
+    app = make_app(maintenance_interval_s=300)  # the next engine to start
+    client = app.test_client()
+
+    record = wait_until(lambda: (r := client.get(f"/api/v1/runs/{ORPHAN}", headers=auth)
+                                 .get_json())["status"] != "running" and r, "the reaper")
+    assert (record["status"], record["error"]["code"]) == ("failed", "run_abandoned")
+    events = client.get(f"/api/v1/runs/{ORPHAN}/events", headers=auth)
+    assert events.status_code == 200
+    assert b"event: error" in events.get_data() and b"run_abandoned" in events.get_data()
+    assert sample(app, "flowgate_engine_runs_reaped_total") == 1
