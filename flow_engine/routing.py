@@ -45,7 +45,12 @@ def choose_version(
 
 
 def parse_routing(body: Any, latest_version: int) -> tuple[int | None, dict[str, Any] | None]:
-    """Validate a ``PUT /routing`` body; returns ``(new live version or None, routing)``."""
+    """Validate a ``PUT /routing`` body; returns ``(new live version or None, routing)``.
+
+    A canary may carry a ``guard`` (flow_engine/rollouts/analysis.py) and ``steps``
+    (``[5, 25, 50, 100]``, increasing, ending at 100) with ``step_after_s``: the engine then
+    walks the steps by itself and promotes the canary at 100 %, or aborts it on a breach.
+    ``percent`` defaults to the first step."""
     if not isinstance(body, dict):
         raise BadRequest("routing must be a JSON object like "
                          '{"live": 3, "canary": {"version": 4, "percent": 10}, '
@@ -58,19 +63,52 @@ def parse_routing(body: Any, latest_version: int) -> tuple[int | None, dict[str,
         _check_version("live", live, latest_version)
     canary = body.get("canary")
     if canary is not None:
-        if not isinstance(canary, dict) or set(canary) - {"version", "percent"}:
-            raise BadRequest('canary must be {"version": N, "percent": 0-100}')
-        _check_version("canary.version", canary.get("version"), latest_version)
-        percent = canary.get("percent")
-        if isinstance(percent, bool) or not isinstance(percent, int | float) or not 0 <= percent <= 100:
-            raise BadRequest("canary.percent must be a number from 0 to 100")
-        canary = {"version": canary["version"], "percent": percent}
+        canary = _parse_canary(canary, latest_version)
     sticky = body.get("sticky_key")
     if sticky is not None and sticky not in STICKY_KEYS:
         raise BadRequest(f"sticky_key must be one of {', '.join(STICKY_KEYS)} or null")
     if canary is None and sticky is None:
         return live, None
     return live, {"canary": canary, "sticky_key": sticky}
+
+
+_CANARY_KEYS = {"version", "percent", "guard", "steps", "step_after_s"}
+
+
+def _parse_canary(raw: Any, latest_version: int) -> dict[str, Any]:
+    from flow_engine.rollouts.analysis import Guard
+
+    if not isinstance(raw, dict) or set(raw) - _CANARY_KEYS:
+        raise BadRequest('canary must be {"version": N, "percent": 0-100} (optionally with '
+                         '"guard", "steps" and "step_after_s")')
+    _check_version("canary.version", raw.get("version"), latest_version)
+    canary: dict[str, Any] = {"version": raw["version"]}
+    steps = raw.get("steps")
+    if steps is not None:
+        if (not isinstance(steps, list) or not steps or len(steps) > 20
+                or any(isinstance(x, bool) or not isinstance(x, int | float) for x in steps)
+                or any(not 0 < x <= 100 for x in steps) or steps != sorted(set(steps))
+                or steps[-1] != 100):
+            raise BadRequest("canary.steps must be increasing percents ending at 100, like "
+                             "[5, 25, 50, 100]")
+        after = raw.get("step_after_s", 60)
+        if isinstance(after, bool) or not isinstance(after, int | float) or not 1 <= after <= 86_400:
+            raise BadRequest("canary.step_after_s must be a number of seconds from 1 to 86400")
+        canary.update(steps=steps, step_after_s=after)
+    elif "step_after_s" in raw:
+        raise BadRequest("canary.step_after_s needs canary.steps")
+    percent = raw.get("percent", steps[0] if steps else None)
+    if isinstance(percent, bool) or not isinstance(percent, int | float) or not 0 <= percent <= 100:
+        raise BadRequest("canary.percent must be a number from 0 to 100")
+    canary["percent"] = percent
+    if "guard" in raw:
+        try:
+            canary["guard"] = Guard.parse(raw["guard"], "canary.guard").as_dict()
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+    elif steps is not None:
+        canary["guard"] = Guard().as_dict()  # steps walk only while someone watches them
+    return canary
 
 
 def _check_version(name: str, value: Any, latest: int) -> None:

@@ -15,14 +15,17 @@ from flow_engine.components import ComponentRegistry
 from flow_engine.components.base import BuildContext
 from flow_engine.components.subflows import SUBFLOWS, EngineSubflows
 from flow_engine.config import Settings
-from flow_engine.errors import BadRequest, FlowInvalid, Forbidden
+from flow_engine.errors import BadRequest, FlowInvalid, Forbidden, NotFound, Problem
 from flow_engine.flows.compile import CompileCache, CompiledFlow, compile_flow, tweaks_digest
+from flow_engine.flows.diff import diff_definitions
 from flow_engine.flows.model import FlowDefinition, FlowVersion
 from flow_engine.flows.validate import apply_tweaks, tweak_problems, validate_flow
 from flow_engine.metrics import EngineMetrics
 from flow_engine.routing import choose_version, parse_routing
 from flow_engine.signals import Signals
-from flow_engine.store.base import FlowRecord, FlowStore, VersionRecord
+from flow_engine.store.base import Change, FlowRecord, FlowStore, VersionRecord
+
+SYSTEM = Change()
 
 
 class FlowService:
@@ -63,15 +66,16 @@ class FlowService:
     def validate(self, data: Any, flow_id: str | None = None) -> FlowDefinition:
         return validate_flow(data, self.registry, self.limits, flow_id=flow_id)
 
-    def create(self, data: Any) -> FlowRecord:
+    def create(self, data: Any, change: Change = SYSTEM) -> FlowRecord:
         flow_id = None
         if isinstance(data, dict) and "id" not in data:
             flow_id = _new_id(data.get("name"))
         definition = self.validate(data, flow_id)
         raw = {**definition.raw, "id": definition.id, "name": definition.name}
-        return self.store.create_flow(definition.id, definition.name, definition.description, raw)
+        return self.store.create_flow(definition.id, definition.name, definition.description,
+                                      raw, change)
 
-    def new_version(self, flow_id: str, data: Any) -> VersionRecord:
+    def new_version(self, flow_id: str, data: Any, change: Change = SYSTEM) -> VersionRecord:
         flow = self.store.get_flow(flow_id)
         if isinstance(data, dict) and data.get("id", flow.id) != flow.id:
             raise BadRequest(f"the body's id '{data.get('id')}' does not match the flow '{flow.id}'")
@@ -79,38 +83,88 @@ class FlowService:
             data = {**data, "name": flow.name}
         definition = self.validate(data, flow.id)
         raw = {**definition.raw, "id": flow.id, "name": definition.name}
-        return self.store.add_version(flow.id, raw, definition.name, definition.description)
+        return self.store.add_version(flow.id, raw, definition.name, definition.description,
+                                      change)
 
-    def set_routing(self, flow_ref: str, body: Any) -> FlowRecord:
+    def set_routing(self, flow_ref: str, body: Any, change: Change = SYSTEM, *,
+                    dry_run: bool = False) -> FlowRecord | None:
+        """Route (a canary, a new live version): every version it would send runs to is
+        built first (422 if one cannot be); ``dry_run`` checks and changes nothing."""
         flow = self.store.get_flow(flow_ref)
         live, routing = parse_routing(body, flow.latest_version)
+        canary = (routing or {}).get("canary")
+        for version in {live, canary and canary["version"]} - {None}:
+            self.check_builds(flow, version)
+        if dry_run:
+            return None
+        if canary and canary.get("steps"):
+            canary["step_started_at"] = time.time()  # the rollout controller walks from here
         try:
-            if live is not None and live != flow.live_version:
-                self.store.publish(flow.id, live)
-            return self.store.set_routing(flow.id, routing)
+            return self.store.set_routing(flow.id, routing, change, live=live)
         finally:
             self._forget(flow)
 
-    def publish(self, flow_ref: str, version: int) -> FlowRecord:
+    def publish(self, flow_ref: str, version: int, change: Change = SYSTEM, *,
+                dry_run: bool = False, guard: dict[str, Any] | None = None) -> FlowRecord | None:
+        """Make ``version`` live once it builds (422 otherwise). With ``guard``, the new live
+        version is watched against the previous one and rolled back on a breach."""
         flow = self.store.get_flow(flow_ref)
+        self.check_builds(flow, version)
+        if dry_run:
+            return None
+        watch = None
+        if guard is not None and flow.live_version not in (None, version):
+            watch = {"watch": {"guard": guard, "previous": flow.live_version,
+                               "started_at": time.time()}}
         try:
-            return self.store.publish(flow.id, version)
+            return self.store.publish(flow.id, version, change, routing=watch)
         finally:
             self._forget(flow)
 
-    def rollback(self, flow_ref: str) -> FlowRecord:
+    def rollback(self, flow_ref: str, change: Change = SYSTEM) -> FlowRecord:
         flow = self.store.get_flow(flow_ref)
+        if flow.live_history:
+            self.check_builds(flow, flow.live_history[-1])
         try:
-            return self.store.rollback(flow.id)
+            return self.store.rollback(flow.id, change)
         finally:
             self._forget(flow)
 
-    def delete(self, flow_ref: str) -> None:
+    def delete(self, flow_ref: str, change: Change = SYSTEM) -> None:
         flow = self.store.get_flow(flow_ref)
         try:
-            self.store.delete_flow(flow.id)
+            self.store.delete_flow(flow.id, change)
         finally:
             self._forget(flow)
+
+    def check_builds(self, flow: FlowRecord, version: int) -> None:
+        """Build ``version`` as a run would (validate with this engine's settings, compile,
+        build every component) — 422 when it cannot go live. Cached: the run after a
+        publish finds it compiled."""
+        try:
+            self.compiled(flow, version)
+        except FlowInvalid as exc:
+            raise FlowInvalid(exc.problems, f"version {version} cannot go live: {exc.message}"
+                              ) from None
+        except (ValueError, TypeError) as exc:  # a component refused its params at build
+            raise FlowInvalid([Problem("$", f"version {version} does not build: "
+                                            f"{str(exc)[:300]}")]) from None
+
+    # -- history -------------------------------------------------------------------------------
+
+    def audit(self, flow_ref: str, limit: int, before: int | None) -> tuple[FlowRecord | None, list]:
+        """A flow's audit entries, newest first (also of a flow deleted since)."""
+        try:
+            flow = self.store.get_flow(flow_ref)
+        except NotFound:
+            flow = None
+        return flow, self.store.list_audit(flow.id if flow else flow_ref, limit, before)
+
+    def diff(self, flow_ref: str, a: int, b: int) -> dict[str, Any]:
+        flow = self.store.get_flow(flow_ref)
+        before, after = self.store.get_version(flow.id, a), self.store.get_version(flow.id, b)
+        return {"flow_id": flow.id, "from": a, "to": b,
+                **diff_definitions(before.definition, after.definition)}
 
     def _forget(self, flow: FlowRecord) -> None:
         """Drop the cached flow row here, and (with Redis) in every other process."""

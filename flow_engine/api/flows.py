@@ -1,15 +1,26 @@
-"""Flow CRUD, versions, publish, rollback and routing (DESIGN.md "Engine HTTP API")."""
+"""Flow CRUD, versions, publish, rollback, routing, and their history: the audit log and
+version diffs (docs/design.md "Engine HTTP API").
+
+Every change carries who made it (the key's name; ``key/identity`` through a proxy), an
+optional message — ``"message"`` in a JSON body that is not a definition, else the
+``X-Flowgate-Message`` header — and the trace id; the store writes them to the audit log
+in the change's own transaction. Publish, rollback and routing build every version they
+would make live first (422 if one cannot be built) and accept ``"dry_run": true`` to check
+without changing anything."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
-from flow_engine.api.common import engine, json_body
+from flow_engine.api.common import engine, json_body, principal
 from flow_engine.errors import BadRequest, NotFound
+from flow_engine.rollouts.analysis import Guard
 from flow_engine.runs.request import MAX_VERSION
-from flow_engine.store.base import FlowRecord, VersionRecord
+from flow_engine.store.base import Change, FlowRecord, VersionRecord
+
+MAX_MESSAGE = 2000
 
 bp = Blueprint("flows", __name__)
 
@@ -34,9 +45,37 @@ def version_json(v: VersionRecord, *, live: int | None, definition: bool) -> dic
     return body
 
 
+def change(body: Any = None) -> Change:
+    """Who makes this change, with what message (see the module docstring)."""
+    message = request.headers.get("X-Flowgate-Message")
+    if isinstance(body, dict) and "message" in body:
+        message = body["message"]
+    if message is not None and (not isinstance(message, str) or len(message) > MAX_MESSAGE
+                                or not message.replace("\n", " ").replace("\t", " ").isprintable()):
+        raise BadRequest(f"message must be text of at most {MAX_MESSAGE} characters")
+    trace = g.get("trace")
+    return Change(actor=principal().actor, message=message or None,
+                  trace_id=trace.trace_id if trace else None)
+
+
+def _options(body: Any, allowed: set[str], example: str) -> dict[str, Any]:
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a JSON object like {example}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; allowed: "
+                         f"{', '.join(sorted(allowed))}")
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise BadRequest("dry_run must be true or false")
+    return body
+
+
 @bp.post("/flows")
 def create_flow():
-    flow = engine().flows.create(json_body())
+    flow = engine().flows.create(json_body(), change())
     version = engine().store.get_version(flow.id, 1)
     return jsonify(flow_json(flow, version.definition)), 201, {"Location": f"/api/v1/flows/{flow.id}"}
 
@@ -59,14 +98,14 @@ def get_flow(flow_ref: str):
 
 @bp.put("/flows/<flow_ref>")
 def new_version(flow_ref: str):
-    version = engine().flows.new_version(flow_ref, json_body())
+    version = engine().flows.new_version(flow_ref, json_body(), change())
     flow = engine().store.get_flow(version.flow_id)
     return jsonify(version_json(version, live=flow.live_version, definition=True)), 201
 
 
 @bp.delete("/flows/<flow_ref>")
 def delete_flow(flow_ref: str):
-    engine().flows.delete(flow_ref)
+    engine().flows.delete(flow_ref, change())
     return "", 204
 
 
@@ -92,22 +131,76 @@ def get_version(flow_ref: str, number: int):
 
 @bp.post("/flows/<flow_ref>/publish")
 def publish(flow_ref: str):
-    body = json_body()
-    number = body.get("version") if isinstance(body, dict) else None
+    body = _options(json_body(), {"version", "message", "dry_run", "guard"},
+                    '{"version": 3, "message": "…"}')
+    number = body.get("version")
     if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_VERSION:
         raise BadRequest('publish needs {"version": N} with N a version number')
-    return jsonify(flow_json(engine().flows.publish(flow_ref, number)))
+    guard = None
+    if "guard" in body:
+        try:
+            guard = Guard.parse(body["guard"], "guard").as_dict()
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+    flows = engine().flows
+    flow = flows.publish(flow_ref, number, change(body), dry_run=body.get("dry_run", False),
+                         guard=guard)
+    if flow is None:
+        return jsonify({"dry_run": True, "ok": True, "version": number})
+    return jsonify(flow_json(flow))
 
 
 @bp.post("/flows/<flow_ref>/rollback")
 def rollback(flow_ref: str):
-    return jsonify(flow_json(engine().flows.rollback(flow_ref)))
+    body = _options(json_body(required=False), {"message"}, '{"message": "…"}')
+    return jsonify(flow_json(engine().flows.rollback(flow_ref, change(body))))
 
 
 @bp.put("/flows/<flow_ref>/routing")
 def set_routing(flow_ref: str):
-    flow = engine().flows.set_routing(flow_ref, json_body())
+    body = json_body()
+    made = change(body)
+    dry_run = body.get("dry_run", False) if isinstance(body, dict) else False
+    if not isinstance(dry_run, bool):
+        raise BadRequest("dry_run must be true or false")
+    if isinstance(body, dict):  # the rest is the routing itself
+        body = {k: v for k, v in body.items() if k not in ("message", "dry_run")}
+    flow = engine().flows.set_routing(flow_ref, body, made, dry_run=dry_run)
+    if flow is None:
+        return jsonify({"dry_run": True, "ok": True})
     return jsonify(flow_json(flow))
+
+
+@bp.get("/flows/<flow_ref>/audit")
+def flow_audit(flow_ref: str):
+    """A flow's changes, newest first (``?limit``, ``?before=seq`` for the next page)."""
+    limit = _int_arg("limit", 100, 1, 1000)
+    before = _int_arg("before", None, 1, 2**62)
+    flow, entries = engine().flows.audit(flow_ref, limit, before)
+    if flow is None and not entries:
+        raise NotFound(f"no flow with id or name '{flow_ref}', nor a history of one")
+    return jsonify({"flow_id": flow.id if flow else flow_ref,
+                    "entries": [e.as_dict() for e in entries]})
+
+
+@bp.get("/audit")
+def audit_all():
+    """Every flow's changes after ``?since=seq``, oldest first (tail it with the last seq)."""
+    since = _int_arg("since", 0, 0, 2**62)
+    limit = _int_arg("limit", 1000, 1, 10_000)
+    entries = engine().store.audit_since(since, limit)
+    return jsonify({"entries": [e.as_dict() for e in entries],
+                    "next_since": entries[-1].seq if entries else since})
+
+
+@bp.get("/flows/<flow_ref>/diff")
+def diff(flow_ref: str):
+    """What changed between versions ``?from=A`` and ``?to=B``."""
+    if "from" not in request.args or "to" not in request.args:
+        raise BadRequest("diff needs ?from=A&to=B (version numbers)")
+    a = _int_arg("from", 1, 1, MAX_VERSION)
+    b = _int_arg("to", 1, 1, MAX_VERSION)
+    return jsonify(engine().flows.diff(flow_ref, a, b))
 
 
 @bp.post("/flows/validate")
@@ -117,7 +210,7 @@ def validate():
     return jsonify({"valid": True, "nodes": len(definition.nodes), "edges": len(definition.edges)})
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
+def _int_arg(name: str, default: Any, low: int, high: int) -> Any:
     raw = request.args.get(name)
     if raw is None:
         return default

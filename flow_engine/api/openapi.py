@@ -24,6 +24,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+MESSAGE = {"type": "string", "maxLength": 2000,
+           "description": "why (kept in the audit log, like a commit message)"}
 ERRORS = {str(s): {"$ref": f"#/components/responses/E{s}"}
           for s in (400, 401, 404, 408, 409, 413, 415, 422, 503)}
 FLOW_REF = {"name": "flow_ref", "in": "path", "required": True, "schema": {"type": "string"},
@@ -94,16 +96,37 @@ def build_spec() -> dict[str, Any]:
             _ref("Version"), "the version"), params=[FLOW_REF, {
                 "name": "number", "in": "path", "required": True, "schema": {"type": "integer"}}])},
         "/api/v1/flows/{flow_ref}/publish": {"post": _op(
-            "make a version live", flow, params=[FLOW_REF],
-            body={"type": "object", "required": ["version"],
-                  "properties": {"version": {"type": "integer", "minimum": 1}}},
-            errors=(400, 401, 404, 415))},
+            "make a version live (built first: 422 if it cannot be)", flow, params=[FLOW_REF],
+            body={"type": "object", "required": ["version"], "properties": {
+                "version": {"type": "integer", "minimum": 1}, "message": MESSAGE,
+                "dry_run": {"type": "boolean"}, "guard": _ref("Guard")}},
+            errors=(400, 401, 404, 415, 422))},
         "/api/v1/flows/{flow_ref}/rollback": {"post": _op(
             "move the live pointer back to the previously live version", flow, params=[FLOW_REF],
-            errors=(401, 404, 409))},
+            errors=(400, 401, 404, 409, 415, 422))},
         "/api/v1/flows/{flow_ref}/routing": {"put": _op(
             "set live version, canary and sticky key", flow, params=[FLOW_REF],
-            body=_ref("Routing"), errors=(400, 401, 404, 415))},
+            body=_ref("Routing"), errors=(400, 401, 404, 415, 422))},
+        "/api/v1/flows/{flow_ref}/audit": {"get": _op(
+            "the flow's changes, newest first", _json({"type": "object", "properties": {
+                "flow_id": {"type": "string"},
+                "entries": {"type": "array", "items": _ref("AuditEntry")}}}, "its history"),
+            params=[FLOW_REF, {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "before", "in": "query", "schema": {"type": "integer"}}])},
+        "/api/v1/audit": {"get": _op(
+            "every flow's changes after ?since=seq, oldest first",
+            _json({"type": "object", "properties": {
+                "entries": {"type": "array", "items": _ref("AuditEntry")},
+                "next_since": {"type": "integer"}}}, "changes"),
+            params=[{"name": "since", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}}],
+            errors=(400, 401))},
+        "/api/v1/flows/{flow_ref}/diff": {"get": _op(
+            "what changed between two versions", _json({"type": "object"}, "the diff"),
+            params=[FLOW_REF, {"name": "from", "in": "query", "required": True,
+                               "schema": {"type": "integer"}},
+                    {"name": "to", "in": "query", "required": True,
+                     "schema": {"type": "integer"}}])},
         "/api/v1/run/{flow_ref}": {"post": {
             **_op("run the live (or pinned / canary) version", _json(_ref("RunResult"), "result"),
                   params=[FLOW_REF,
@@ -190,8 +213,25 @@ def build_spec() -> dict[str, Any]:
                 "Routing": {"type": "object", "properties": {
                     "live": {"type": "integer"},
                     "canary": {"type": ["object", "null"], "properties": {
-                        "version": {"type": "integer"}, "percent": {"type": "number"}}},
-                    "sticky_key": {"type": ["string", "null"], "enum": ["session_id", None]}}},
+                        "version": {"type": "integer"}, "percent": {"type": "number"},
+                        "guard": _ref("Guard"),
+                        "steps": {"type": "array", "items": {"type": "number"}},
+                        "step_after_s": {"type": "number"}}},
+                    "sticky_key": {"type": ["string", "null"], "enum": ["session_id", None]},
+                    "message": MESSAGE, "dry_run": {"type": "boolean"}}},
+                "Guard": {"type": "object", "properties": {
+                    "max_error_rate": {"type": "number"}, "max_latency_ratio": {"type": "number"},
+                    "min_runs": {"type": "integer"}, "window_s": {"type": "number"}}},
+                "AuditEntry": {"type": "object", "required": ["seq", "at", "actor", "action",
+                                                              "flow_id"], "properties": {
+                    "seq": {"type": "integer"}, "at": {"type": "string"},
+                    "actor": {"type": "string"}, "action": {"type": "string"},
+                    "flow_id": {"type": "string"},
+                    "from_version": {"type": ["integer", "null"]},
+                    "to_version": {"type": ["integer", "null"]},
+                    "routing": {"type": ["object", "null"]}, "reason": {"type": ["object", "null"]},
+                    "message": {"type": ["string", "null"]},
+                    "trace_id": {"type": ["string", "null"]}}},
                 # one Server-Sent Event (what the schema of text/event-stream describes)
                 "RunEvent": {"type": "object", "required": ["data"], "properties": {
                     "event": {"type": "string", "description": "run_started, node_started, "

@@ -99,7 +99,9 @@ def run_flow(flow_ref: str):
                             trace_id=trace.trace_id if trace else None)
     run_id = prepared.replay.run_id if prepared.replay else prepared.run_id
     g.flow_id, g.run_id = prepared.compiled.flow_id, run_id
-    headers = {"X-Run-ID": run_id}
+    # the version that answers: a cache in front (the ambassador's) keys answers by it
+    version = prepared.replay.version if prepared.replay else prepared.compiled.version
+    headers = {"X-Run-ID": run_id, "X-Flow-Version": str(version)}
     if prepared.replay:
         headers["Idempotent-Replayed"] = "true"
     if wants_stream():

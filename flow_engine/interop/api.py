@@ -23,7 +23,9 @@ bp = Blueprint("interop", __name__)
 
 @bp.post("/flows/import")
 def import_langflow():
-    result = import_flow(engine().flows, ImportRequest.from_body(json_body()), principal())
+    trace = g.get("trace")
+    result = import_flow(engine().flows, ImportRequest.from_body(json_body()), principal(),
+                         trace.trace_id if trace else None)
     g.flow_id = result["flow"]["id"]
     return jsonify(result), 201, {"Location": f"/api/v1/flows/{g.flow_id}"}
 

@@ -20,6 +20,7 @@ from flow_engine.errors import BadRequest, FlowInvalid, FlowNotFound, Forbidden
 from flow_engine.interop.langflow import LangFlowImportError, translate
 from flow_engine.interop.langflow.export import to_langflow
 from flow_engine.service import FlowService
+from flow_engine.store.base import Change
 
 log = logging.getLogger(__name__)
 FORMATS = ("langflow",)
@@ -62,7 +63,8 @@ class ImportRequest:
         return cls(fmt, body["flow"], flow_id, publish, message)
 
 
-def import_flow(flows: FlowService, request: ImportRequest, caller: Principal) -> dict[str, Any]:
+def import_flow(flows: FlowService, request: ImportRequest, caller: Principal,
+                trace_id: str | None = None) -> dict[str, Any]:
     """Translate, validate, store (and publish); the flow, its version and the report."""
     from flow_engine.api.flows import flow_json  # the flows API's own shape of a flow
 
@@ -84,13 +86,14 @@ def import_flow(flows: FlowService, request: ImportRequest, caller: Principal) -
                        flow_id=existing.id if existing else "imported-flow")
     except FlowInvalid as exc:
         raise LangFlowImportError(translation.locate(exc.problems), []) from None
+    made = Change(actor=caller.actor, message=request.message, trace_id=trace_id)
     if existing is not None:
-        record = flows.new_version(existing.id, definition)
+        record = flows.new_version(existing.id, definition, made)
         number = record.version
-        flow = flows.publish(existing.id, number) if request.publish else (
+        flow = flows.publish(existing.id, number, made) if request.publish else (
             flows.store.get_flow(existing.id))
     else:
-        flow = flows.create(definition)
+        flow = flows.create(definition, made)
         number = 1
     stored = flows.store.get_version(flow.id, number).definition
     log.info("flow imported", extra={"flow_id": flow.id, "version": number, "format": request.format,

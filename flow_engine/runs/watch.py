@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from flow_engine.auth import Principal
@@ -43,7 +44,7 @@ class RunWatcher:
         if first is None:
             first = self._await_shared_events(run_id, after)
         if first is None:
-            yield from self._missing_events(run_id, caller)
+            yield from self._missing_events(run_id, after, caller)
             return
         ensure_visible(caller, self._owner(run_id), run_id)
         pending: list[RunEvent] | None = first
@@ -99,9 +100,18 @@ class RunWatcher:
                 return events
         return None
 
-    def _missing_events(self, run_id: str, caller: Principal) -> Iterator[RunEvent]:
+    def _missing_events(self, run_id: str, after: int, caller: Principal) -> Iterator[RunEvent]:
         record = self.store.get_run(run_id)  # RunNotFound for a run that never existed
         ensure_visible(caller, record.tenant, run_id)
+        if (after > 0 and record.status != "running" and self.events.shared is not None
+                and record.finished_at is not None and self._recent(record.finished_at)):
+            # A resumer already has events of a run that ended moments ago, yet Redis has
+            # none: they are still queued in the writer of the process that ran it (Redis
+            # was away a moment ago). "Retry shortly" gets them all; the outcome alone
+            # now would skip the ones in between.
+            raise EventLogUnavailable(
+                f"the events of run {run_id} after {after} have not reached the shared event "
+                "log yet; retry shortly", run_id=run_id)
         if record.status == "running" and self.events.shared is not None:
             raise EventLogUnavailable(
                 f"run {run_id} is running in another engine process, but the shared event log "
@@ -112,6 +122,11 @@ class RunWatcher:
                            "are not shared; set REDIS_URL to watch runs from any process",
                            run_id=run_id)
         yield final_event(record)  # the events expired; the outcome is still on record
+
+    def _recent(self, finished_at: datetime) -> bool:
+        """Ended within the time a writer keeps retrying events (plus a margin)?"""
+        window = self.settings.event_write_retry_s + 5.0
+        return (datetime.now(UTC) - finished_at).total_seconds() < window
 
     # -- records --------------------------------------------------------------------------------
 

@@ -57,6 +57,42 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class Change:
+    """Who makes a change to a flow, and why: the store writes it to the audit log in the
+    transaction of the change. ``action`` overrides the operation's own name (a routing
+    change made by the rollout controller is a ``canary_step``, …); ``reason`` holds the
+    measured figures of an automatic action."""
+
+    actor: str = "system"
+    message: str | None = None
+    trace_id: str | None = None
+    action: str | None = None
+    reason: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    at: datetime
+    actor: str
+    action: str  # create | new_version | publish | rollback | routing | delete | canary_* | auto_rollback
+    flow_id: str
+    from_version: int | None
+    to_version: int | None
+    routing: dict[str, Any] | None
+    reason: dict[str, Any] | None
+    message: str | None
+    trace_id: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "at": self.at.isoformat(), "actor": self.actor,
+                "action": self.action, "flow_id": self.flow_id,
+                "from_version": self.from_version, "to_version": self.to_version,
+                "routing": self.routing, "reason": self.reason, "message": self.message,
+                "trace_id": self.trace_id}
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str  # human | ai
     content: str
@@ -70,17 +106,25 @@ class FlowStore(Protocol):
 
     # flows and versions
     def create_flow(self, flow_id: str, name: str, description: str,
-                    definition: dict[str, Any]) -> FlowRecord: ...
+                    definition: dict[str, Any], change: Change = ...) -> FlowRecord: ...
     def add_version(self, flow_id: str, definition: dict[str, Any], name: str,
-                    description: str) -> VersionRecord: ...
+                    description: str, change: Change = ...) -> VersionRecord: ...
     def get_flow(self, id_or_name: str) -> FlowRecord: ...
     def list_flows(self, limit: int = 100, offset: int = 0) -> list[FlowRecord]: ...
-    def delete_flow(self, flow_id: str) -> None: ...
+    def delete_flow(self, flow_id: str, change: Change = ...) -> None: ...
     def get_version(self, flow_id: str, version: int) -> VersionRecord: ...
     def list_versions(self, flow_id: str) -> list[VersionRecord]: ...
-    def publish(self, flow_id: str, version: int) -> FlowRecord: ...
-    def rollback(self, flow_id: str) -> FlowRecord: ...
-    def set_routing(self, flow_id: str, routing: dict[str, Any] | None) -> FlowRecord: ...
+    def publish(self, flow_id: str, version: int, change: Change = ...,
+                routing: dict[str, Any] | None = None) -> FlowRecord: ...
+    def rollback(self, flow_id: str, change: Change = ...) -> FlowRecord: ...
+    def set_routing(self, flow_id: str, routing: dict[str, Any] | None, change: Change = ..., *,
+                    live: int | None = None, expect: dict[str, Any] | None = None
+                    ) -> FlowRecord: ...
+
+    # every change to a flow, written with it (store/audit.py)
+    def list_audit(self, flow_id: str, limit: int = 100,
+                   before: int | None = None) -> list[AuditEntry]: ...
+    def audit_since(self, seq: int, limit: int = 1000) -> list[AuditEntry]: ...
 
     # runs
     def insert_run(self, record: RunRecord) -> RunRecord | None:

@@ -110,6 +110,22 @@ jobs = sa.Table(
     sa.Column("name", String(64), primary_key=True),
     sa.Column("last_run_at", TS, nullable=False),
 )
+# Every change to a flow, written in the transaction of the change (flow_engine/store/audit.py)
+audit_log = sa.Table(
+    "audit_log", metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", TS, nullable=False),
+    sa.Column("actor", String(300), nullable=False),
+    sa.Column("action", String(32), nullable=False),
+    sa.Column("flow_id", String(64), nullable=False),
+    sa.Column("from_version", sa.Integer, nullable=True),
+    sa.Column("to_version", sa.Integer, nullable=True),
+    sa.Column("routing", sa.JSON, nullable=True),
+    sa.Column("reason", sa.JSON, nullable=True),
+    sa.Column("message", Text, nullable=True),
+    sa.Column("trace_id", String(64), nullable=True),
+    sa.Index("ix_audit_flow_seq", "flow_id", "seq"),
+)
 schema_version = sa.Table(
     "flowgate_schema", metadata,
     sa.Column("version", sa.Integer, primary_key=True),
@@ -162,12 +178,18 @@ def _add_knowledge(conn: Connection) -> None:
     knowledge_schema.ensure(conn)
 
 
+def _add_audit(conn: Connection) -> None:
+    """The audit log (every flow change) and its index by flow."""
+    audit_log.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     lambda conn: metadata.create_all(conn, tables=[flows, flow_versions, runs, chat_messages]),
     _add_run_heartbeat,
     _add_tenants,
     _add_upkeep,
     _add_knowledge,
+    _add_audit,
 ]
 
 

@@ -32,8 +32,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from flow_engine.errors import Conflict, FlowNotFound, NotFound, RunNotFound
-from flow_engine.store.base import ChatMessage, FlowRecord, RunRecord, StoreError, VersionRecord
+from flow_engine.errors import Conflict, FlowNotFound, RunNotFound
+from flow_engine.store.base import ChatMessage, RunRecord, StoreError
 from flow_engine.store.engines import (
     PoolSize,
     postgres_engine,
@@ -41,13 +41,13 @@ from flow_engine.store.engines import (
     sqlite_engine,
     sqlite_transaction,
 )
+from flow_engine.store.flow_tables import FlowTables
 from flow_engine.store.schema import FINISH_RUN as _FINISH_RUN
 from flow_engine.store.schema import (
     MIGRATIONS,
     TS,
     aware,
     chat_messages,
-    flow_versions,
     flows,
     normalise_url,
     now,
@@ -64,7 +64,7 @@ _VANISHED = object()  # insert_run: the idempotency key's holder disappeared mid
 _aware = aware
 
 
-class SqlFlowStore(Upkeep):
+class SqlFlowStore(FlowTables, Upkeep):
     """The one FlowStore implementation (see the module docstring)."""
 
     def __init__(self, url: str, *, echo: bool = False,
@@ -163,125 +163,6 @@ class SqlFlowStore(Upkeep):
         if self.log_engine is not self.engine:
             self.log_engine.dispose()
         self.engine.dispose()
-
-    # -- flows and versions -------------------------------------------------------------------
-
-    def create_flow(self, flow_id: str, name: str, description: str,
-                    definition: dict[str, Any]) -> FlowRecord:
-        stamp = now()
-        try:
-            with self._write() as conn:
-                # ids and names share one namespace (runs address a flow by either, the id
-                # first): a new id may not be another flow's name, nor its name another's id
-                taken = conn.execute(sa.select(flows.c.id, flows.c.name).where(sa.or_(
-                    flows.c.id == flow_id, flows.c.name == name, flows.c.name == flow_id,
-                    flows.c.id == name))).first()
-                if taken is not None:
-                    raise Conflict(_taken_message(taken.id, taken.name, flow_id, name))
-                conn.execute(flows.insert().values(
-                    id=flow_id, name=name, description=description, latest_version=1,
-                    live_version=1, live_history=[], routing=None, created_at=stamp,
-                    updated_at=stamp))
-                conn.execute(flow_versions.insert().values(
-                    flow_id=flow_id, version=1, definition=definition, created_at=stamp))
-        except IntegrityError:  # lost a race with a concurrent create of the same id/name
-            raise Conflict(f"a flow with id '{flow_id}' or name '{name}' already exists") from None
-        return self.get_flow(flow_id)
-
-    def add_version(self, flow_id: str, definition: dict[str, Any], name: str,
-                    description: str) -> VersionRecord:
-        stamp = now()
-        try:
-            with self._write() as conn:
-                row = self._lock_flow(conn, flow_id)
-                clash = conn.execute(sa.select(flows.c.id).where(
-                    sa.or_(flows.c.name == name, flows.c.id == name),
-                    flows.c.id != flow_id)).first()
-                if clash is not None:
-                    raise Conflict(f"another flow ('{clash.id}') is already called '{name}' "
-                                   "(by its id or its name)")
-                version = row.latest_version + 1
-                conn.execute(flow_versions.insert().values(
-                    flow_id=flow_id, version=version, definition=definition, created_at=stamp))
-                conn.execute(flows.update().where(flows.c.id == flow_id).values(
-                    latest_version=version, name=name, description=description,
-                    updated_at=stamp))
-        except IntegrityError:
-            raise Conflict("the flow changed concurrently; retry") from None
-        return VersionRecord(flow_id, version, definition, stamp)
-
-    def get_flow(self, id_or_name: str) -> FlowRecord:
-        with self._read() as conn:
-            row = conn.execute(sa.select(flows).where(flows.c.id == id_or_name)).first()
-            if row is None:
-                row = conn.execute(sa.select(flows).where(flows.c.name == id_or_name)).first()
-        if row is None:
-            raise FlowNotFound(f"no flow with id or name '{id_or_name}'")
-        return _flow(row)
-
-    def list_flows(self, limit: int = 100, offset: int = 0) -> list[FlowRecord]:
-        with self._read() as conn:
-            rows = conn.execute(
-                sa.select(flows).order_by(flows.c.created_at, flows.c.id).limit(limit).offset(offset)
-            ).all()
-        return [_flow(r) for r in rows]
-
-    def delete_flow(self, flow_id: str) -> None:
-        with self._write() as conn:
-            self._lock_flow(conn, flow_id)
-            conn.execute(flow_versions.delete().where(flow_versions.c.flow_id == flow_id))
-            conn.execute(chat_messages.delete().where(chat_messages.c.flow_id == flow_id))
-            conn.execute(flows.delete().where(flows.c.id == flow_id))
-
-    def get_version(self, flow_id: str, version: int) -> VersionRecord:
-        with self._read() as conn:
-            row = conn.execute(sa.select(flow_versions).where(
-                flow_versions.c.flow_id == flow_id, flow_versions.c.version == version)).first()
-        if row is None:
-            raise NotFound(f"flow '{flow_id}' has no version {version}")
-        return VersionRecord(row.flow_id, row.version, row.definition, _aware(row.created_at))
-
-    def list_versions(self, flow_id: str) -> list[VersionRecord]:
-        with self._read() as conn:
-            if conn.execute(sa.select(flows.c.id).where(flows.c.id == flow_id)).first() is None:
-                raise FlowNotFound(f"no flow '{flow_id}'")
-            rows = conn.execute(sa.select(flow_versions).where(
-                flow_versions.c.flow_id == flow_id).order_by(flow_versions.c.version)).all()
-        return [VersionRecord(r.flow_id, r.version, r.definition, _aware(r.created_at)) for r in rows]
-
-    def publish(self, flow_id: str, version: int) -> FlowRecord:
-        with self._write() as conn:
-            row = self._lock_flow(conn, flow_id)
-            exists = conn.execute(sa.select(flow_versions.c.version).where(
-                flow_versions.c.flow_id == flow_id, flow_versions.c.version == version)).first()
-            if exists is None:
-                raise NotFound(f"flow '{flow_id}' has no version {version}; "
-                               f"its versions are 1..{row.latest_version}")
-            history = list(row.live_history or [])
-            if row.live_version is not None and row.live_version != version:
-                history.append(row.live_version)
-            conn.execute(flows.update().where(flows.c.id == flow_id).values(
-                live_version=version, live_history=history[-100:], routing=None,
-                updated_at=now()))
-        return self.get_flow(flow_id)
-
-    def rollback(self, flow_id: str) -> FlowRecord:
-        with self._write() as conn:
-            row = self._lock_flow(conn, flow_id)
-            history = list(row.live_history or [])
-            if not history:
-                raise Conflict(f"flow '{flow_id}' has no earlier live version to roll back to")
-            previous = history.pop()
-            conn.execute(flows.update().where(flows.c.id == flow_id).values(
-                live_version=previous, live_history=history, routing=None, updated_at=now()))
-        return self.get_flow(flow_id)
-
-    def set_routing(self, flow_id: str, routing: dict[str, Any] | None) -> FlowRecord:
-        with self._write() as conn:
-            self._lock_flow(conn, flow_id)
-            conn.execute(flows.update().where(flows.c.id == flow_id).values(
-                routing=routing, updated_at=now()))
-        return self.get_flow(flow_id)
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -387,27 +268,6 @@ class SqlFlowStore(Upkeep):
             conn.execute(chat_messages.insert(), [
                 {"tenant": tenant, "session_id": session_id, "flow_id": flow_id,
                  "role": m.role, "content": m.content, "created_at": stamp} for m in messages])
-
-
-def _taken_message(existing_id: str, existing_name: str, flow_id: str, name: str) -> str:
-    if existing_id == flow_id:
-        return f"a flow with id '{flow_id}' already exists; PUT /flows/{flow_id} adds a version"
-    if existing_name == flow_id:
-        return (f"flow '{existing_id}' is named '{flow_id}'; a flow's id may not be another "
-                "flow's name (runs address flows by either)")
-    if existing_id == name:
-        return (f"a flow's id is '{name}'; a flow's name may not be another flow's id (runs "
-                "address flows by either)")
-    return f"flow '{existing_id}' is already named '{name}'; flow names are unique"
-
-
-def _flow(row: sa.Row) -> FlowRecord:
-    return FlowRecord(
-        id=row.id, name=row.name, description=row.description or "",
-        latest_version=row.latest_version, live_version=row.live_version,
-        live_history=tuple(row.live_history or ()), routing=row.routing,
-        created_at=_aware(row.created_at), updated_at=_aware(row.updated_at),
-    )
 
 
 def _run(row: sa.Row) -> RunRecord:

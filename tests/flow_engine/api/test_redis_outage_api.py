@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,31 @@ def test_a_running_run_whose_events_redis_lost_is_a_503_not_set_redis_url(pair, 
     error = resp.get_json()["error"]
     assert error["code"] == "event_log_unavailable"
     assert "REDIS_URL" not in error["message"]
+
+
+@pytest.mark.parametrize(("ended_s_ago", "status"), [
+    pytest.param(1, 503, id="ended-moments-ago-its-events-are-still-coming"),
+    pytest.param(3600, 200, id="ended-long-ago-the-outcome-is-what-is-left"),
+])
+def test_a_resume_of_a_run_whose_events_have_not_reached_redis(pair, private_redis, ended_s_ago,
+                                                              status):
+    """A resumer holding events 1-4 of a run that ended a moment ago in another process,
+    whose writer is still catching up after a Redis outage: 'retry shortly' (it then gets
+    every event), not the outcome alone (which would skip events 5 and on)."""
+    a, b = pair()
+    ended = b.runs._now() - timedelta(seconds=ended_s_ago)
+    record = RunRecord(run_id="e2" * 16, flow_id="llm", version=1, status="succeeded",
+                       created_at=ended, finished_at=ended, tenant=CALLER.tenant,
+                       result={"run_id": "e2" * 16, "output": "done"})
+    a.runs.store.insert_run(record)
+
+    resp = b.events("e2" * 16, after=4)
+
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    if status == 503:
+        assert resp.get_json()["error"]["code"] == "event_log_unavailable"
+    else:
+        assert b"event: run_finished" in resp.get_data()
 
 
 def test_redis_down_is_logged_once_per_interval_not_once_per_write(pair, private_redis,
