@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test chaos fuzz soak lint bench clean
+LOCK := requirements.lock
 
-$(BIN)/flowgate: pyproject.toml
+.PHONY: run test chaos fuzz soak lint bench clean lock
+
+# the exact versions of requirements.lock (what the tests and benches ran with)
+$(BIN)/flowgate: pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Flowgate needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --constraint $(LOCK) -e '.[dev]'
 	@touch $@
 
 run: $(BIN)/flowgate
@@ -36,3 +39,14 @@ bench: $(BIN)/flowgate
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# refresh requirements.lock deliberately: the newest versions pyproject.toml allows, in a
+# scratch venv; then run `make test` and the benches before committing it
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet '.[dev]'
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/pip freeze --exclude-editable | grep -iv '^flowgate\b'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lock-venv

@@ -39,11 +39,14 @@ from ambassador.host_guard import HostGuard, local_host
 from ambassador.labels import FlowLabels
 from ambassador.metrics import BREAKER_STATES, AmbassadorMetrics
 from ambassador.redis_pause import RedisPause
+from ambassador.routing_view import RoutingView
 from ambassador.run_flow import RunFlowPath
 from ambassador.upstream import Upstream
 from flowgate import jsonlog, tracing
+from flowgate.signals import Signals
 
 log = logging.getLogger("ambassador")
+ROUTING_READ_S = 1.0  # reading a flow's routing gives up after this (the last view stands)
 PROBES = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})  # not in in-flight
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 415: "unsupported_media_type"}
@@ -57,11 +60,15 @@ class Ambassador:
         self.metrics = metrics
         self.labels = FlowLabels()  # outlives reloads: the flows seen stay label values
         refuse = os.environ.get(config_module.REFUSE_NO_AUTH_ENV) == "1"
+        # which version answers a request, for the cache (outlives reloads; asks whichever
+        # upstream is in force)
+        self.routing = RoutingView(lambda ref: self.upstream.flow(ref, ROUTING_READ_S))
         self.holder = config_module.ConfigHolder(
             settings, path, overrides=overrides, on_change=self.rebuild,
             on_reload_error=lambda _msg: metrics.config_reload_errors.inc(),
             check=config_module.refuse_no_auth if refuse else None)
         self.rebuild(settings)
+        self.signals = _follow_flow_changes(settings.redis_url, self.routing)
 
     def rebuild(self, settings: config_module.Settings) -> None:
         """Build everything ``settings`` needs, then put it in force all at once: a part
@@ -100,7 +107,7 @@ class Ambassador:
             "fallback": Fallback(settings, on_fallback=lambda flow: m.fallbacks.labels(
                 self.labels.of(flow)).inc()),
             "cache": Cache(settings, self._cache_store(settings, redis_client, redis_pause),
-                           on_result=lambda r: m.cache.labels(r).inc(),
+                           self.routing, on_result=lambda r: m.cache.labels(r).inc(),
                            on_error=lambda op: m.cache_errors.labels(op).inc()),
             "breaker": Breaker(breaker),
             "retry": Retry(settings.retry, RetryBudget(settings.retry.budget_ratio,
@@ -166,13 +173,24 @@ def _loopback(address: str | None) -> bool:
     return (mapped or ip).is_loopback
 
 
-def _redis(url: str | None):
+def _follow_flow_changes(redis_url: str | None, routing: RoutingView) -> Signals | None:
+    """With Redis (the engine's), the engine's flow_changed signals drop the cache's view
+    of a flow's routing at once; without, the view is re-read every 2 s."""
+    if not redis_url:
+        return None
+    signals = Signals(_redis(redis_url, timeout_s=5.0), on_subscribe=routing.forget_all)
+    signals.on("flow_changed", lambda m: routing.forget(m.get("flow_id"), m.get("name")))
+    signals.start()
+    return signals
+
+
+def _redis(url: str | None, timeout_s: float = 0.5):
     if not url:
         return None
     import redis
 
-    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=0.5,
-                                socket_timeout=0.5, health_check_interval=30)
+    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout_s,
+                                socket_timeout=timeout_s, health_check_interval=30)
 
 
 def create_app(config: Mapping[str, Any] | None = None, *, path: str | None = None,

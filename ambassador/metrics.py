@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from flowgate import gc_pauses
 from flowgate.prometheus import ServiceMetrics
 
 STREAM = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -17,6 +18,14 @@ class AmbassadorMetrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         super().__init__(registry)
         kw = self.options
+        self.gc_pause = Histogram(
+            "flowgate_ambassador_gc_pause_seconds", "Garbage-collection pauses by generation.",
+            ["generation"], buckets=gc_pauses.BUCKETS, **kw)
+        self.gc_pause_max = Gauge(
+            "flowgate_ambassador_gc_pause_max_seconds",
+            "The longest garbage-collection pause since the process started.",
+            multiprocess_mode="max", **kw)
+        gc_pauses.watch(self.gc_pause, self.gc_pause_max)
         self.requests = Counter(
             "flowgate_ambassador_requests_total", "Requests by route, flow, status and cache result.",
             ["route", "flow", "status", "cache"], **kw)

@@ -89,7 +89,7 @@ def build_spec() -> dict[str, Any]:
                    "marked X-Fallback: true and \"fallback\": true)")
     run_ok["headers"] = {**_ANSWER_HEADERS, **{name: {"$ref": f"#/components/headers/{name}"}
                                                for name in ("X-Cache", "X-Upstream-Attempts",
-                                                            "X-Run-ID")}}
+                                                            "X-Run-ID", "X-Flow-Version")}}
     run_ok["content"][SSE] = {"schema": _ref("RunEvent")}
     paths: dict[str, Any] = {
         "/run-flow": {"post": {
@@ -209,6 +209,8 @@ def _components() -> dict[str, Any]:
                         "schema": {"type": "string", "enum": ["HIT", "MISS", "BYPASS", "STALE"]}},
             "X-Upstream-Attempts": text_header("attempts made to reach the engine"),
             "X-Run-ID": text_header("the run's id"),
+            "X-Flow-Version": text_header("the flow version that answered (a cached answer: "
+                                          "the one it was stored from)"),
         },
         "responses": responses,
         "schemas": {

@@ -22,9 +22,12 @@ total deadline, so long generations are never cut while tokens keep flowing.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from ambassador import http1
 from ambassador.chain import Request, Response, error_response
@@ -32,8 +35,32 @@ from ambassador.config import Upstream as UpstreamSettings
 
 # engine response headers passed to the app: lower-case name → the name filters look up
 PASS_HEADERS = {name.lower(): name for name in (
-    "Content-Type", "X-Run-ID", "Idempotent-Replayed", "Retry-After", "Cache-Control",
-    "X-Accel-Buffering", "Location")}
+    "Content-Type", "X-Run-ID", "X-Flow-Version", "Idempotent-Replayed", "Retry-After",
+    "Cache-Control", "X-Accel-Buffering", "Location")}
+
+
+def engine_timing(headers: list[tuple[str, str]], attempt_s: float) -> dict[str, float]:
+    """``hop_s``: of this attempt's time, what the engine did not spend on the run itself —
+    the extra hop (both sockets, the engine's HTTP parsing and writing) and claiming the
+    Idempotency-Key the retry filter added — from the engine's ``Server-Timing`` (``app``,
+    ``idem``); empty when the engine sent none. Part of X-Ambassador-Overhead-Ms."""
+    timing = next((v for k, v in headers if k == "server-timing"), None)
+    if timing is None:
+        return {}
+    spent = {}
+    for metric in timing.split(","):
+        name, _, params = metric.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur":
+                with contextlib.suppress(ValueError):
+                    seconds = float(value) / 1000
+                    if math.isfinite(seconds) and seconds >= 0:
+                        spent[name] = seconds
+    if "app" not in spent:
+        return {}
+    run_s = spent["app"] - spent.get("idem", 0.0)
+    return {"hop_s": max(0.0, attempt_s - run_s)}
 
 
 class Upstream:
@@ -64,11 +91,12 @@ class Upstream:
             resp = self.pool.request(request.method, request.path, headers, body,
                                      connect_timeout=t.connect_s, read_timeout=read)
             out_headers = {PASS_HEADERS[k]: v for k, v in resp.headers if k in PASS_HEADERS}
+            timing = engine_timing(resp.headers, time.perf_counter() - started)
             if request.stream and resp.status == 200:
                 self._ok(started, "ok")
                 return Response(resp.status, out_headers, chunks=self._chunks(resp),
                                 meta={"upstream_s": self._spent(request, started),
-                                      "engine_answered": True})
+                                      "engine_answered": True, **timing})
             try:
                 data = resp.read()
             finally:
@@ -89,7 +117,8 @@ class Upstream:
                                 f"the flow engine answered something that is not HTTP ({exc})")
         self._ok(started, "ok" if resp.status < 500 else "error")
         return Response(resp.status, out_headers, data,
-                        meta={"upstream_s": self._spent(request, started), "engine_answered": True})
+                        meta={"upstream_s": self._spent(request, started), "engine_answered": True,
+                              **timing})
 
     def flow_of_run(self, run_id: str, request: Request) -> str | None:
         """The flow a run belongs to (from the engine's run record), None when unknown.
@@ -106,6 +135,25 @@ class Upstream:
             return answer.json().get("flow_id")
         except ValueError:
             return None
+
+    def flow(self, flow_ref: str, timeout_s: float) -> dict[str, Any] | None:
+        """The engine's record of a flow (its routing: ambassador/routing_view.py); None
+        when the engine has no such flow. Raises when the engine did not say."""
+        resp = self.pool.request("GET", f"/api/v1/flows/{flow_ref}", self._headers(
+            Request("GET", "", {}, "routing")), None,
+            connect_timeout=self.settings.timeouts.connect_s, read_timeout=timeout_s)
+        try:
+            data = resp.read()
+        finally:
+            resp.close()
+        if resp.status == 404:
+            return None
+        if resp.status != 200:
+            raise http1.HttpError(f"GET /api/v1/flows/{flow_ref} answered {resp.status}")
+        flow = json.loads(data)
+        if not isinstance(flow, dict) or not isinstance(flow.get("id"), str):
+            raise ValueError("the engine's flow record has no id")
+        return flow
 
     def ready(self, path: str, timeout_s: float) -> bool:
         """Does the engine say it is ready (``GET path`` answers 200)? The circuit breaker

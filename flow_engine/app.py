@@ -21,14 +21,16 @@ from flow_engine.interop import api as interop
 from flow_engine.knowledge.service import KnowledgeService
 from flow_engine.maintenance import Maintenance
 from flow_engine.metrics import EngineMetrics
+from flow_engine.rollouts.controller import RolloutController
+from flow_engine.rollouts.outcomes import OutcomeRecorder, RedisWindow, StoreWindow
 from flow_engine.runs.events import MemoryEventLog, RedisEventLog, RunEventLog
 from flow_engine.runs.service import RunService
 from flow_engine.service import FlowService
-from flow_engine.signals import Signals
 from flow_engine.store import SqlFlowStore
 from flow_engine.store.engines import PoolSize
 from flow_engine.tenants import TenantLimits
 from flowgate import jsonlog, tracing
+from flowgate.signals import Signals
 
 log = logging.getLogger("flow_engine")
 access_log = logging.getLogger("flow_engine.access")
@@ -53,28 +55,39 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     store = SqlFlowStore(settings.database_url,
                          on_error=lambda op: metrics.store_errors.labels(op).inc(),
                          on_reconnect=lambda op: metrics.store_reconnects.labels(op).inc(),
+                         on_audit=lambda e: metrics.flow_changes.labels(e.flow_id, e.action).inc(),
                          pool=PoolSize(settings.db_pool_size, settings.db_max_overflow,
                                        settings.db_pool_timeout_s))
     if migrate:
         store.migrate()
-    events, signals, limits = _shared_state(settings, metrics, keys)
+    events, signals, limits, window = _shared_state(settings, metrics, keys, store)
     # knowledge bases (flow_engine/knowledge): completes its schema if it can, recovers
     # indexing a dead engine left, and is the lookup KnowledgeRetriever nodes search with
     knowledge_service = KnowledgeService.for_engine(settings, store)
     flow_service = FlowService(store, default_registry(), settings, metrics, signals=signals,
                                lookups={"knowledge": knowledge_service})
+    # guarded rollouts (flow_engine/rollouts/): every run's outcome into the shared window,
+    # and the controller that judges guarded canaries and publishes from it
+    outcomes = OutcomeRecorder(window, flush_s=settings.outcome_flush_s,
+                               on_error=metrics.outcome_flush_errors.inc)
     run_service = RunService(flow_service, store, settings, metrics, events=events,
-                             signals=signals, limits=limits)
+                             signals=signals, limits=limits, outcomes=outcomes)
     if signals is not None:
         signals.start()
     maintenance = Maintenance(store, settings, metrics)
     maintenance.start()  # a pass now (runs left behind by a dead process), then periodically
+    rollouts = RolloutController(store, outcomes, metrics, interval_s=settings.rollout_interval_s,
+                                 on_change=flow_service.forget)
+    outcomes.start()
+    rollouts.start()
+    atexit.register(outcomes.flush)
+    atexit.register(run_service.executor.flush)  # ended runs still queued reach the store
 
     app = Flask("flow_engine")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service, keys,
-                                        maintenance)
+                                        maintenance, rollouts)
     app.extensions[knowledge.EXTENSION] = knowledge_service
 
     _install_request_hooks(app, metrics)  # first: errors below carry the trace id
@@ -94,9 +107,10 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     return app
 
 
-def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing):
-    """The run event log and the tenant limits, plus Redis-backed sharing between
-    processes when REDIS_URL is set."""
+def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing, store: Any):
+    """The run event log, the signals, the tenant limits and the window of run outcomes:
+    shared between processes through Redis when REDIS_URL is set (the outcomes through the
+    store otherwise)."""
     # This process's recent runs, for live watching and resuming: bounded in bytes so that a
     # busy worker stays small (Redis, when configured, keeps events for event_ttl_s).
     memory = MemoryEventLog(max_runs=settings.event_memory_runs,
@@ -106,7 +120,8 @@ def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing):
     policy = settings.tenant_policy(keys)
     on_error = lambda op: metrics.event_log_errors.labels(op).inc()  # noqa: E731
     if not settings.redis_url:
-        return RunEventLog(memory), None, TenantLimits(policy, on_error=on_error)
+        return (RunEventLog(memory), None, TenantLimits(policy, on_error=on_error),
+                StoreWindow(store))
     import redis
 
     # Every call gives up after redis_timeout_s: a hung Redis costs a request that much. A
@@ -130,7 +145,8 @@ def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing):
                            on_error=on_error, on_lost=metrics.event_log_lost.inc)
     atexit.register(shared.flush)  # a worker's last events still reach Redis on SIGTERM
     limits = TenantLimits(policy, quick if policy.limited else None, on_error=on_error)
-    return RunEventLog(memory, shared), Signals(client, on_error=on_error), limits
+    return (RunEventLog(memory, shared), Signals(client, on_error=on_error), limits,
+            RedisWindow(client))
 
 
 def _install_request_hooks(app: Flask, metrics: EngineMetrics) -> None:
@@ -150,6 +166,12 @@ def _install_request_hooks(app: Flask, metrics: EngineMetrics) -> None:
             response.headers["traceparent"] = trace.traceparent
         route = request.url_rule.rule if request.url_rule else "unmatched"
         elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        # the time spent in the engine, so a proxy can tell its own share of the latency
+        # (the ambassador's X-Ambassador-Overhead-Ms); idem: claiming an Idempotency-Key
+        timing = f"app;dur={elapsed * 1000:.3f}"
+        if g.get("claim_s"):
+            timing += f", idem;dur={g.claim_s * 1000:.3f}"
+        response.headers["Server-Timing"] = timing
         # labels never take a caller's string: methods outside a fixed set are "other"
         method = request.method if request.method in _METHODS else "other"
         metrics.http_requests.labels(route, method, str(response.status_code)).inc()
@@ -183,6 +205,8 @@ def _install_error_handlers(app: Flask) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
         if g.get("run_id"):
             headers["X-Run-ID"] = g.run_id
+        if g.get("flow_version") is not None:
+            headers["X-Flow-Version"] = str(g.flow_version)
         if exc.status == 503:
             headers["Retry-After"] = "1"
         if exc.status == 408:  # the body's end is unknown: this connection serves no more

@@ -69,7 +69,7 @@ class Settings:
     # With --insecure-no-auth only: Host names answered besides loopback ones (a page on a
     # rebound DNS name would otherwise be "same origin" with an engine that checks no key)
     allowed_hosts: tuple[str, ...] = ()
-    flow_cache_ttl_s: float = 1.0
+    flow_cache_ttl_s: float = 0.5
     event_ttl_s: float = 3600.0
     event_memory_runs: int = 2000
     # estimated bytes (JSON length) of run events a process keeps in memory, all runs together
@@ -89,6 +89,9 @@ class Settings:
     db_pool_timeout_s: float = 10.0  # waiting for a free connection longer is a 503
     # a run's end the store refused is written again in the background for this long
     record_retry_s: float = 60.0
+    # runs' ends are written in batches off the request path, one transaction per batch:
+    # the writer waits this long for more ends to join one (runs/record_writer.py)
+    record_batch_s: float = 0.002
     # the maintenance job (one process at a time; flow_engine/maintenance.py), every
     # maintenance_interval_s (0 = never): it marks runs without a live owner failed —
     # keyed runs not marked alive for run_stale_s, others running for longer than run_max_s
@@ -98,6 +101,11 @@ class Settings:
     run_max_s: float = 24 * 3600.0
     run_retention_s: float = 7 * 24 * 3600.0
     chat_retention_s: float = 30 * 24 * 3600.0
+    # guarded rollouts (flow_engine/rollouts/): run outcomes reach the shared window every
+    # outcome_flush_s; one process at a time judges guarded flows every rollout_interval_s
+    # (0 = never: guards are stored but nothing acts on them)
+    outcome_flush_s: float = 1.0
+    rollout_interval_s: float = 2.0
     log_level: str = "INFO"
     # knowledge bases (flow_engine/knowledge/settings.py says what each one does)
     knowledge: str = "auto"  # auto | on | off

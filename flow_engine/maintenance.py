@@ -8,7 +8,8 @@ Each pass, in this order:
    become ``failed`` with code ``run_abandoned`` and their ``Idempotency-Key`` is freed, so
    readers get an outcome instead of "running" (or a 409) for ever.
 2. **Retention**: delete finished runs older than ``run_retention_s`` (but never before their
-   ``Idempotency-Key`` expires) and chat messages older than ``chat_retention_s``.
+   ``Idempotency-Key`` expires), chat messages older than ``chat_retention_s``, and run
+   outcomes (canary analysis, flow_engine/rollouts/outcomes.py) older than the longest window.
 
 Every process starts the job (at start, then every ``maintenance_interval_s``; 0 turns it
 off), but a pass runs in one process at a time: it first claims the job in the store
@@ -29,6 +30,7 @@ from typing import Any
 from flow_engine.config import Settings
 from flow_engine.errors import FlowgateError
 from flow_engine.metrics import EngineMetrics
+from flow_engine.rollouts.outcomes import KEEP_S, slot_of
 
 log = logging.getLogger(__name__)
 JOB = "maintenance"
@@ -59,6 +61,8 @@ class Maintenance:
                                     at - timedelta(seconds=runs_kept))
         done["chat_messages"] = self._delete("chat_messages", self.store.delete_chat_before,
                                              at - timedelta(seconds=self.settings.chat_retention_s))
+        done["outcomes"] = self._delete("outcomes", self.store.delete_outcomes_before,
+                                        slot_of(at.timestamp() - KEEP_S))
         self.metrics.maintenance_runs.labels("done").inc()
         if any(done.values()):
             log.info("maintenance: %d runs marked failed, %d runs and %d chat messages deleted",

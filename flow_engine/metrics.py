@@ -4,12 +4,23 @@ Under gunicorn each worker is a process, so the engine uses prometheus_client's
 multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set (``flowgate engine`` sets it):
 ``/metrics`` then aggregates all workers. Gauges sum over live workers. Tests pass their
 own ``CollectorRegistry``.
+
+Per-version figures (runs, duration, time to first token, tokens) carry a ``version`` label
+kept bounded by :class:`VersionLabels`: a flow's versions that served in the last hour, at
+most ``MAX_VERSIONS`` of them by number, any more as ``other``. A version idle for an hour
+loses its series (in multiprocess mode a worker's files keep them until it restarts).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from flowgate import gc_pauses
 from flowgate.prometheus import ServiceMetrics
 
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -22,6 +33,14 @@ class EngineMetrics(ServiceMetrics):
         super().__init__(registry)
         kw = self.options
 
+        self.gc_pause = Histogram(
+            "flowgate_engine_gc_pause_seconds", "Garbage-collection pauses by generation.",
+            ["generation"], buckets=gc_pauses.BUCKETS, **kw)
+        self.gc_pause_max = Gauge(
+            "flowgate_engine_gc_pause_max_seconds",
+            "The longest garbage-collection pause since the process started.",
+            multiprocess_mode="max", **kw)
+        gc_pauses.watch(self.gc_pause, self.gc_pause_max)
         self.http_requests = Counter(
             "flowgate_engine_http_requests_total", "HTTP requests by route, method and status.",
             ["route", "method", "status"], **kw)
@@ -32,14 +51,15 @@ class EngineMetrics(ServiceMetrics):
             "flowgate_engine_runs_total", "Finished runs by flow, version and status.",
             ["flow", "version", "status"], **kw)
         self.run_duration = Histogram(
-            "flowgate_engine_run_duration_seconds", "Run duration by flow.",
-            ["flow"], buckets=RUN_BUCKETS, **kw)
+            "flowgate_engine_run_duration_seconds", "Run duration by flow and version.",
+            ["flow", "version"], buckets=RUN_BUCKETS, **kw)
         self.node_duration = Histogram(
             "flowgate_engine_node_duration_seconds", "Node duration by flow and node type.",
             ["flow", "node_type"], buckets=NODE_BUCKETS, **kw)
         self.llm_tokens = Counter(
-            "flowgate_engine_llm_tokens_total", "LLM tokens by flow and direction (input|output).",
-            ["flow", "direction"], **kw)
+            "flowgate_engine_llm_tokens_total",
+            "LLM tokens by flow, version and direction (input|output).",
+            ["flow", "version", "direction"], **kw)
         self.active_runs = Gauge(
             "flowgate_engine_active_runs", "Runs in progress.", multiprocess_mode="livesum", **kw)
         self.compile_cache = Counter(
@@ -53,8 +73,8 @@ class EngineMetrics(ServiceMetrics):
             "Run requests answered from an earlier run with the same Idempotency-Key.", **kw)
         self.ttft = Histogram(
             "flowgate_engine_time_to_first_token_seconds",
-            "Time from a run's start to its first LLM token, by flow.",
-            ["flow"], buckets=RUN_BUCKETS, **kw)
+            "Time from a run's start to its first LLM token, by flow and version.",
+            ["flow", "version"], buckets=RUN_BUCKETS, **kw)
         self.active_streams = Gauge(
             "flowgate_engine_active_streams", "Open event streams by transport (sse|ws).",
             ["transport"], multiprocess_mode="livesum", **kw)
@@ -91,7 +111,7 @@ class EngineMetrics(ServiceMetrics):
             "any more.", **kw)
         self.retention_deleted = Counter(
             "flowgate_engine_retention_deleted_total",
-            "Rows deleted by the retention job, by kind (runs|chat_messages).", ["kind"], **kw)
+            "Rows deleted by the retention job, by kind (runs|chat_messages|outcomes).", ["kind"], **kw)
         self.maintenance_runs = Counter(
             "flowgate_engine_maintenance_runs_total",
             "Maintenance job passes by result (done|skipped: another process had it|failed).",
@@ -111,6 +131,19 @@ class EngineMetrics(ServiceMetrics):
         self.ws_rejected = Counter(
             "flowgate_engine_ws_rejected_total", "WebSocket connections refused, by reason.",
             ["reason"], **kw)
+        self.rollout_actions = Counter(
+            "flowgate_engine_rollout_actions_total",
+            "Changes the rollout controller made, by flow and action (canary_step|"
+            "canary_promoted|canary_aborted|auto_rollback|publish_verified).",
+            ["flow", "action"], **kw)
+        self.flow_changes = Counter(
+            "flowgate_engine_flow_changes_total",
+            "Changes to flows (audit log entries) made through this process, by flow and "
+            "action: Grafana's annotations of the Rollouts row.", ["flow", "action"], **kw)
+        self.outcome_flush_errors = Counter(
+            "flowgate_engine_outcome_flush_errors_total",
+            "Failed additions of run outcomes to the shared window (kept for the next try).",
+            **kw)
         for transport in ("sse", "ws"):
             self.active_streams.labels(transport)
             self.events_sent.labels(transport)
@@ -126,7 +159,56 @@ class EngineMetrics(ServiceMetrics):
             self.store_reconnects.labels(op)
         for outcome in ("recorded", "given_up"):
             self.record_retries.labels(outcome)
-        for kind in ("runs", "chat_messages"):
+        for kind in ("runs", "chat_messages", "outcomes"):
             self.retention_deleted.labels(kind)
         for result in ("done", "skipped", "failed"):
             self.maintenance_runs.labels(result)
+
+
+MAX_VERSIONS = 10  # per flow, within VERSION_TTL_S
+VERSION_TTL_S = 3600.0
+
+
+class VersionLabels:
+    """The ``version`` label of a run's figures: its number while the flow has served at
+    most ``MAX_VERSIONS`` versions in the last hour, else ``other``. ``on_expire(flow,
+    version)`` is called for a version that has not served for an hour."""
+
+    def __init__(self, on_expire: Callable[[str, str], None], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._seen: dict[str, dict[int, float]] = {}
+        self._on_expire = on_expire
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def __call__(self, flow_id: str, version: int) -> str:
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.setdefault(flow_id, {})
+            if version in seen:
+                seen[version] = now
+                return str(version)
+            expired = [v for v, at in seen.items() if now - at > VERSION_TTL_S]
+            for old in expired:
+                del seen[old]
+            if len(seen) >= MAX_VERSIONS:
+                label = "other"
+            else:
+                seen[version] = now
+                label = str(version)
+        for old in expired:
+            self._on_expire(flow_id, str(old))
+        return label
+
+
+def forget_version(metrics: EngineMetrics, flow_id: str, version: str) -> None:
+    """Drop a version's series from this process's registry (not in multiprocess mode,
+    where prometheus_client cannot: the worker's files keep them until it restarts)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    for metric, extra in ((metrics.runs, ("succeeded", "failed", "cancelled")),
+                          (metrics.llm_tokens, ("input", "output")),
+                          (metrics.run_duration, None), (metrics.ttft, None)):
+        for last in extra or (None,):
+            labels = (flow_id, version) if last is None else (flow_id, version, last)
+            metric.remove(*labels)

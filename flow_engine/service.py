@@ -22,8 +22,8 @@ from flow_engine.flows.model import FlowDefinition, FlowVersion
 from flow_engine.flows.validate import apply_tweaks, tweak_problems, validate_flow
 from flow_engine.metrics import EngineMetrics
 from flow_engine.routing import choose_version, parse_routing
-from flow_engine.signals import Signals
 from flow_engine.store.base import Change, FlowRecord, FlowStore, VersionRecord
+from flowgate.signals import Signals
 
 SYSTEM = Change()
 
@@ -97,12 +97,14 @@ class FlowService:
             self.check_builds(flow, version)
         if dry_run:
             return None
-        if canary and canary.get("steps"):
-            canary["step_started_at"] = time.time()  # the rollout controller walks from here
+        if canary and canary.get("guard"):  # the rollout controller judges from here
+            canary["started_at"] = time.time()
+            if canary.get("steps"):
+                canary["step_started_at"] = canary["started_at"]
         try:
             return self.store.set_routing(flow.id, routing, change, live=live)
         finally:
-            self._forget(flow)
+            self.forget(flow)
 
     def publish(self, flow_ref: str, version: int, change: Change = SYSTEM, *,
                 dry_run: bool = False, guard: dict[str, Any] | None = None) -> FlowRecord | None:
@@ -119,7 +121,7 @@ class FlowService:
         try:
             return self.store.publish(flow.id, version, change, routing=watch)
         finally:
-            self._forget(flow)
+            self.forget(flow)
 
     def rollback(self, flow_ref: str, change: Change = SYSTEM) -> FlowRecord:
         flow = self.store.get_flow(flow_ref)
@@ -128,14 +130,14 @@ class FlowService:
         try:
             return self.store.rollback(flow.id, change)
         finally:
-            self._forget(flow)
+            self.forget(flow)
 
     def delete(self, flow_ref: str, change: Change = SYSTEM) -> None:
         flow = self.store.get_flow(flow_ref)
         try:
             self.store.delete_flow(flow.id, change)
         finally:
-            self._forget(flow)
+            self.forget(flow)
 
     def check_builds(self, flow: FlowRecord, version: int) -> None:
         """Build ``version`` as a run would (validate with this engine's settings, compile,
@@ -166,7 +168,7 @@ class FlowService:
         return {"flow_id": flow.id, "from": a, "to": b,
                 **diff_definitions(before.definition, after.definition)}
 
-    def _forget(self, flow: FlowRecord) -> None:
+    def forget(self, flow: FlowRecord) -> None:
         """Drop the cached flow row here, and (with Redis) in every other process."""
         self._forget_local(flow.id, flow.name)
         if self.signals is not None:

@@ -5,6 +5,7 @@
     flowgate ambassador [--port 8080]             the ambassador sidecar under gunicorn
     flowgate llm-sim [--port 9100 ...]            the OpenAI-compatible LLM simulator
     flowgate flows push|apply|export|list|versions|publish|rollback|run|validate   (flows_cli.py)
+    flowgate flows history ID | diff ID A B       who changed a flow and why; what changed
     flowgate flows import FILE.json [--publish]   a LangFlow export as a flow (import_cli.py)
     flowgate components [TYPE] [--offline]        node types, or one type's params
     flowgate knowledge create|upload|list|search  knowledge bases (knowledge_cli.py)
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from flowgate import components_cli, flows_cli, import_cli, knowledge_cli, stack
+from flowgate import components_cli, flows_cli, history_cli, import_cli, knowledge_cli, stack
 
 DEMO_QUESTION = "How long does it take to get a refund?"
 
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.handler.__module__ in (flows_cli.__name__, components_cli.__name__,
-                                       knowledge_cli.__name__, import_cli.__name__):
+                                       knowledge_cli.__name__, import_cli.__name__,
+                                       history_cli.__name__):
             return flows_cli.dispatch(args)
         return args.handler(args)
     except KeyboardInterrupt:

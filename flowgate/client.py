@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -56,12 +57,17 @@ def engine_key_secret(entries: list[str]) -> str:
 
 
 class EngineClient:
-    def __init__(self, url: str | None = None, key: str | None = None, timeout: float = 120.0):
+    def __init__(self, url: str | None = None, key: str | None = None, timeout: float = 120.0,
+                 message: str | None = None):
+        """``message``: why — sent with every change (``X-Flowgate-Message``) for the
+        audit log."""
         self.url = (url or os.environ.get("FLOWGATE_ENGINE_URL") or DEFAULT_ENGINE_URL).rstrip("/")
         self.session = requests.Session()
         self.timeout = timeout
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
+        if message:  # percent-encoded UTF-8: a header holds ASCII
+            self.session.headers["X-Flowgate-Message"] = quote(message, safe=" ")
 
     def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
         try:

@@ -8,6 +8,8 @@
     flowgate flows versions ID
     flowgate flows publish ID [VERSION]      (default: the latest version)
     flowgate flows rollback ID
+    flowgate flows history ID [--limit N]    who changed the flow, when, what, why (history_cli.py)
+    flowgate flows diff ID A B               what changed between versions A and B
     flowgate flows run ID --input TEXT [--session S] [--stream]
     flowgate flows validate FILE...          offline, the same messages as the API
     flowgate flows import FILE [--publish] [--id ID] [--dry-run]
@@ -16,6 +18,8 @@
 Engine URL: --engine-url or FLOWGATE_ENGINE_URL (default http://127.0.0.1:8000). Key:
 --api-key, FLOWGATE_API_KEY, the admin key of FLOW_ENGINE_API_KEYS (else its highest role),
 or the admin key `flowgate up` wrote to .flowgate/engine.key.
+Commands that change a flow (push, apply, publish, rollback, import) take ``-m/--message
+TEXT``: why, kept with the change in the audit log (``flowgate flows history``).
 Exit codes: 0 ok; 1 the engine refused (invalid flow, unknown id, run failed); 2 usage or
 unreadable file; 3 the engine is unreachable; 4 ``apply --dry-run`` found changes to make.
 """
@@ -36,6 +40,7 @@ def add_commands(flows: argparse.ArgumentParser) -> None:
     push = sub.add_parser("push", help="create a flow, or add a version to it")
     push.add_argument("files", nargs="+", type=Path)
     push.add_argument("--publish", action="store_true", help="make the new version live")
+    _message_option(push)
     push.set_defaults(handler=_push)
     apply = sub.add_parser("apply", help="make the engine hold the flows of files or "
                                          "directories (idempotent)")
@@ -46,6 +51,7 @@ def add_commands(flows: argparse.ArgumentParser) -> None:
     apply.add_argument("--prune", action="store_true",
                        help="delete engine flows no file defines (admin key; needs --yes)")
     apply.add_argument("--yes", action="store_true", help="confirm --prune")
+    _message_option(apply)
     apply.set_defaults(handler=_apply)
     export = sub.add_parser("export", help="write every flow's latest version to DIR/<id>.json")
     export.add_argument("folder", type=Path, metavar="DIR")
@@ -57,10 +63,15 @@ def add_commands(flows: argparse.ArgumentParser) -> None:
     publish = sub.add_parser("publish", help="make a version live (default: the latest)")
     publish.add_argument("flow")
     publish.add_argument("version", type=int, nargs="?", default=None)
+    _message_option(publish)
     publish.set_defaults(handler=_publish)
     rollback = sub.add_parser("rollback", help="go back to the previously live version")
     rollback.add_argument("flow")
+    _message_option(rollback)
     rollback.set_defaults(handler=_rollback)
+    from flowgate import history_cli
+
+    history_cli.add_commands(sub)
     run = sub.add_parser("run", help="run a flow")
     run.add_argument("flow")
     run.add_argument("--input", required=True)
@@ -74,6 +85,11 @@ def add_commands(flows: argparse.ArgumentParser) -> None:
     from flowgate import import_cli
 
     import_cli.add_command(sub)
+
+
+def _message_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--message", default=None,
+                        help="why: kept with the change in the audit log")
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -106,7 +122,7 @@ def _client(args: argparse.Namespace):
         print(f"flowgate: FLOW_ENGINE_API_KEYS: {exc}; or give the key with --api-key or "
               "FLOWGATE_API_KEY", file=sys.stderr)
         raise SystemExit(2) from None
-    return EngineClient(args.engine_url, key)
+    return EngineClient(args.engine_url, key, message=getattr(args, "message", None))
 
 
 def load_json(path: Path) -> Any:

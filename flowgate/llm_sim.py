@@ -38,7 +38,8 @@ With ``tools`` in the request the tool protocol is checked as OpenAI checks it (
 Replies are deterministic: ``[simulated reply] you said: "<start of the last user message>"``
 followed by filler words picked from a hash of the messages. Tokens are words (every token
 but the first has a leading space). Latency (``ttft_s``, ``tokens_per_s``) and failures
-(``error_rate`` of 500 / 429 / hang-then-504) are injected from :class:`SimSettings`;
+(``error_rate`` of 500 / 429 / hang-then-504, or ``model_error_rates`` per model name) are
+injected from :class:`SimSettings`;
 embeddings have their own ``embedding_latency_s`` and ``embedding_error_rate`` (same kinds).
 
 Test hooks: ``GET /sim/stats`` (counters), ``GET /sim/requests`` (the last 100 well-formed
@@ -107,6 +108,8 @@ class SimSettings:
     tokens_per_s: float = 0.0  # 0 = no delay between tokens
     reply_tokens: int = 24
     error_rate: float = 0.0  # probability that a chat completion fails
+    # per model, overriding error_rate for requests naming it: {"canary-model": 0.5}
+    model_error_rates: dict[str, float] = dataclasses.field(default_factory=dict)
     # "timeout" is opt-in because it holds a connection for hang_s seconds.
     error_kinds: tuple[str, ...] = ("500", "429")
     hang_s: float = 30.0  # how long a "timeout" error hangs before answering 504
@@ -126,6 +129,11 @@ class SimSettings:
             if not _is_int(getattr(self, name)) or not 1 <= getattr(self, name) <= hi:
                 raise ValueError(f"{name} must be an integer in [1, {hi}], got "
                                  f"{getattr(self, name)!r}")
+        rates = self.model_error_rates
+        if not isinstance(rates, dict) or len(rates) > 100 or any(
+                not _is_name(k) or not _is_number(v) or not 0 <= v <= 1 for k, v in rates.items()):
+            raise ValueError("model_error_rates must map model names to numbers in [0, 1], "
+                             f"got {rates!r}")
         kinds = self.error_kinds
         if isinstance(kinds, str):  # CLI style: "500,429"
             kinds = [k.strip() for k in kinds.split(",") if k.strip()]
@@ -591,7 +599,7 @@ def create_app(settings: SimSettings | None = None) -> Flask:
                           "remote_port": request.environ.get("REMOTE_PORT")})
 
         s = sim.settings
-        kind = sim.pick_error(s)
+        kind = sim.pick_error(s, s.model_error_rates.get(model))
         if kind:
             return sim.injected_error(kind, s)
         n = min(s.reply_tokens, limit or s.reply_tokens)

@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from flowgate import gc_pauses
+
 
 class ServiceMetrics:
     """Base of a service's metrics class: subclasses create their metrics with
@@ -25,6 +27,7 @@ class ServiceMetrics:
         self.options: dict[str, Any] = {"registry": None if self.multiprocess else self.registry}
 
     def render(self) -> tuple[bytes, str]:
+        gc_pauses.drain()
         if self.multiprocess:
             from prometheus_client import multiprocess
 

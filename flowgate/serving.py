@@ -33,6 +33,8 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from flowgate import gc_pauses
+
 WSGIApp = Callable[..., Any]
 
 #: Defaults applied unless the caller overrides them.  ``accesslog=None`` keeps
@@ -87,6 +89,7 @@ class GunicornApp(BaseApplication):
         # Runs in the worker process after the worker class has monkey-patched.
         use_one_write_responses()
         app = self._app_factory()
+        gc_pauses.freeze()  # what start-up built stays: full collections skip it
         if "gevent" in str(self.cfg.worker_class_str).lower():
             return YieldFirst(app)
         return app
@@ -209,15 +212,23 @@ def use_one_write_responses() -> None:
     wsgi.Response = cls
 
 
+YIELD_S = 1e-6  # > 0: after the hub's next poll (see YieldFirst)
+
+
 class YieldFirst:
     """WSGI middleware for gevent workers: yield to the hub once per request, after it.
 
     A keep-alive connection whose next request is already buffered is read without
     blocking, so its greenlet would serve request after request while other connections
     starve (seen: p75 of 200 ms at 8 connections against a median of 4 ms). One cooperative
-    yield per request restores round-robin fairness for a few microseconds. It happens when
-    the response has been written (as the WSGI iterable is closed), so it never delays an
-    answer.
+    yield per request restores round-robin fairness. It happens when the response has been
+    written (as the WSGI iterable is closed), so it never delays an answer.
+
+    The yield is a sleep of a positive time, not ``sleep(0)``: a zero sleep is a loop
+    callback, and gevent runs callbacks back to back, polling its sockets only every 50 of
+    them, so busy connections still kept new ones and socket events waiting for hundreds of
+    requests (c16 p99 1.5–2 s against a p50 of 47 ms). A timer resumes the greenlet only
+    after the loop's next poll (tests/integration/test_engine_fairness.py).
     """
 
     def __init__(self, app: WSGIApp) -> None:
@@ -247,7 +258,8 @@ class _ThenYield:
             if close is not None:
                 close()
         finally:
-            self._sleep(0)
+            gc_pauses.drain()  # the collections during the request, into the metrics
+            self._sleep(YIELD_S)
 
 
 def read_config_file(path: str) -> dict[str, Any]:

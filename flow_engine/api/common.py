@@ -51,6 +51,7 @@ class Engine:
     runs: RunService
     keys: KeyRing
     maintenance: Any = None  # flow_engine/maintenance.py (its thread runs by itself)
+    rollouts: Any = None  # flow_engine/rollouts/controller.py (likewise)
 
 
 def engine() -> Engine:

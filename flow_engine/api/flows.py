@@ -3,14 +3,15 @@ version diffs (docs/design.md "Engine HTTP API").
 
 Every change carries who made it (the key's name; ``key/identity`` through a proxy), an
 optional message — ``"message"`` in a JSON body that is not a definition, else the
-``X-Flowgate-Message`` header — and the trace id; the store writes them to the audit log
-in the change's own transaction. Publish, rollback and routing build every version they
+``X-Flowgate-Message`` header (percent-encoded UTF-8) — and the trace id; the store writes
+them to the audit log in the change's own transaction. Publish, rollback and routing build every version they
 would make live first (422 if one cannot be built) and accept ``"dry_run": true`` to check
 without changing anything."""
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote
 
 from flask import Blueprint, g, jsonify, request
 
@@ -48,6 +49,11 @@ def version_json(v: VersionRecord, *, live: int | None, definition: bool) -> dic
 def change(body: Any = None) -> Change:
     """Who makes this change, with what message (see the module docstring)."""
     message = request.headers.get("X-Flowgate-Message")
+    if message is not None:  # percent-encoded UTF-8 (a header holds ASCII)
+        try:
+            message = unquote(message, errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest("X-Flowgate-Message must be percent-encoded UTF-8") from None
     if isinstance(body, dict) and "message" in body:
         message = body["message"]
     if message is not None and (not isinstance(message, str) or len(message) > MAX_MESSAGE

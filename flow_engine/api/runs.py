@@ -24,7 +24,7 @@ import itertools
 import re
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, after_this_request, g, jsonify, request, stream_with_context
+from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 
 from flow_engine.api.common import KEEPALIVE, engine, json_body, principal, sse
 from flow_engine.errors import BadRequest
@@ -101,6 +101,8 @@ def run_flow(flow_ref: str):
     g.flow_id, g.run_id = prepared.compiled.flow_id, run_id
     # the version that answers: a cache in front (the ambassador's) keys answers by it
     version = prepared.replay.version if prepared.replay else prepared.compiled.version
+    g.flow_version = version  # failed answers say it too (app.py's error handler)
+    g.claim_s = prepared.claim_s  # Server-Timing (app.py)
     headers = {"X-Run-ID": run_id, "X-Flow-Version": str(version)}
     if prepared.replay:
         headers["Idempotent-Replayed"] = "true"
@@ -108,16 +110,7 @@ def run_flow(flow_ref: str):
         events = runs.stream(prepared, engine().settings.sse_keepalive_s,
                              cancel_on_disconnect=on_disconnect == "cancel")
         return sse_response(events, headers)
-    deferred: list = []
-    prepared.defer = deferred.append  # record the run after the answer has gone out
-    try:
-        result, replayed = runs.run(prepared)
-    finally:
-        @after_this_request
-        def _write_record_after_response(response):
-            for write in deferred:
-                response.call_on_close(write)
-            return response
+    result, replayed = runs.run(prepared)  # its record is written in the background
     # the run that answered: a duplicate may have taken over an abandoned run meanwhile
     headers["X-Run-ID"] = g.run_id = result.get("run_id", run_id)
     if not replayed:

@@ -99,7 +99,7 @@ class Guard:
         for name, low, high, kind in (("max_error_rate", 0.0, 1.0, float),
                                       ("max_latency_ratio", 1.0, 100.0, float),
                                       ("min_runs", 1, 1_000_000, int),
-                                      ("window_s", 10.0, 86_400.0, float)):
+                                      ("window_s", 10.0, 3600.0, float)):
             if name not in raw:
                 continue
             value = raw[name]

@@ -24,9 +24,11 @@ from datetime import datetime
 from typing import Any
 
 from flow_engine.errors import Conflict, FlowgateError, RunFailed, TenantLimited
-from flow_engine.metrics import EngineMetrics
+from flow_engine.metrics import EngineMetrics, VersionLabels, forget_version
+from flow_engine.rollouts.outcomes import OutcomeRecorder, counts_failure
 from flow_engine.runs import runner
 from flow_engine.runs.events import RunEventLog
+from flow_engine.runs.record_writer import RecordWriter, RunEnd
 from flow_engine.runs.request import PreparedRun
 from flow_engine.runs.runner import RunEvent, RunResult
 from flow_engine.store.base import ChatMessage, FlowStore
@@ -41,8 +43,11 @@ class RunExecutor:
 
     def __init__(self, store: FlowStore, metrics: EngineMetrics, events: RunEventLog,
                  limits: TenantLimits, *, clock: Callable[[], datetime],
-                 record_retry_s: float = 60.0) -> None:
+                 record_retry_s: float = 60.0, record_batch_s: float = 0.002,
+                 outcomes: OutcomeRecorder | None = None) -> None:
         self.store = store
+        self.outcomes = outcomes  # per-version outcomes for canary analysis (rollouts/)
+        self.version_label = VersionLabels(self._forget_version)
         self.metrics = metrics
         self.events = events
         self.limits = limits
@@ -54,6 +59,7 @@ class RunExecutor:
         self._series: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._heartbeats: threading.Thread | None = None
+        self.records = RecordWriter(store, on_written=self._recorded, batch_s=record_batch_s)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -95,8 +101,10 @@ class RunExecutor:
         run is its time to first token."""
         if event.type == "token" and prepared.first_token_at is None:
             prepared.first_token_at = time.perf_counter()
-            self.metrics.ttft.labels(prepared.compiled.flow_id).observe(
-                prepared.first_token_at - prepared.started_at)
+            compiled = prepared.compiled
+            self.metrics.ttft.labels(
+                compiled.flow_id, self.version_label(compiled.flow_id, compiled.version)
+            ).observe(prepared.first_token_at - prepared.started_at)
         self.events.append(prepared.run_id, event)
 
     def _execute(self, prepared: PreparedRun, emit, *, stream_tokens: bool) -> RunResult:
@@ -137,21 +145,25 @@ class RunExecutor:
         self.limits.release(prepared.run_id)
         m = self.metrics
         m.active_runs.dec()
-        version = str(compiled.version)
-        if (compiled.flow_id, version) not in self._series:
+        flow_id, version = compiled.flow_id, self.version_label(compiled.flow_id, compiled.version)
+        if (flow_id, version) not in self._series:
             # every outcome's series exists from a version's first run, so rate() sees the
             # first failure too (a series born at 1 has no increase to show)
-            self._series.add((compiled.flow_id, version))
+            self._series.add((flow_id, version))
             for outcome in OUTCOMES:
-                m.runs.labels(compiled.flow_id, version, outcome)
-        m.runs.labels(compiled.flow_id, version, status).inc()
+                m.runs.labels(flow_id, version, outcome)
+        m.runs.labels(flow_id, version, status).inc()
         tenant = self.limits.policy.label(prepared.tenant)
         m.tenant_runs.labels(tenant, status).inc()
-        m.run_duration.labels(compiled.flow_id).observe(seconds)
+        m.run_duration.labels(flow_id, version).observe(seconds)
+        if self.outcomes is not None:
+            failed = counts_failure(status, error)
+            if failed is not None:
+                self.outcomes.record(flow_id, compiled.version, failed, seconds)
         usage = result.usage if result is not None else spent
         if usage:
-            m.llm_tokens.labels(compiled.flow_id, "input").inc(usage["input_tokens"])
-            m.llm_tokens.labels(compiled.flow_id, "output").inc(usage["output_tokens"])
+            m.llm_tokens.labels(flow_id, version, "input").inc(usage["input_tokens"])
+            m.llm_tokens.labels(flow_id, version, "output").inc(usage["output_tokens"])
             m.tenant_tokens.labels(tenant, "input").inc(usage["input_tokens"])
             m.tenant_tokens.labels(tenant, "output").inc(usage["output_tokens"])
             self.limits.add_tokens(prepared.tenant, usage["input_tokens"] + usage["output_tokens"],
@@ -161,38 +173,51 @@ class RunExecutor:
                 m.node_duration.labels(compiled.flow_id, compiled.node_types[node]).observe(ms / 1000)
             self._remember_chat(prepared, result)
         duration_ms = round(seconds * 1000, 3)
-        body = result.as_dict() if result else None
-        if prepared.defer is not None:
-            prepared.defer(lambda: self._record_end(prepared, status, duration_ms, body, error))
-        else:
-            self._record_end(prepared, status, duration_ms, body, error)
+        self._record_end(prepared, status, duration_ms, result.as_dict() if result else None,
+                         error)
 
     def _record_end(self, prepared: PreparedRun, status: str, duration_ms: float,
                     body: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
+        """Hand the run's end to the batch writer (runs/record_writer.py); until the store
+        has it, this process answers for the run from ``unrecorded``."""
         record = prepared.record
         if record is not None:  # what this process answers for the run until it is written
             record.status, record.duration_ms, record.result, record.error = (
                 status, duration_ms, body, error)
             record.finished_at = self._now()
+        whole = record is not None and record.idempotency_key is None
+        finish = {"run_id": prepared.run_id, "status": status, "duration_ms": duration_ms,
+                  "result": body, "error": error}
 
         def write() -> None:
-            if record is not None and record.idempotency_key is None:
+            if whole:
                 with contextlib.suppress(Conflict):  # an earlier attempt was committed after all
                     self.store.insert_run(record)
             else:
                 self.store.finish_run(prepared.run_id, status=status, duration_ms=duration_ms,
                                       result=body, error=error)
 
-        try:
-            write()
-        except FlowgateError as exc:
-            # The client has its answer; the record is written again in the background.
-            log.warning("could not record the end of run %s (%s); retrying for up to %g s",
-                        prepared.run_id, exc.code, self.record_retry_s)
-            with self._lock:
-                self._unrecorded[prepared.run_id] = prepared
-            threading.Thread(target=self._record_later, args=(prepared.run_id, write),
-                             name="flowgate-record-retry", daemon=True).start()
+        def write_alone() -> None:
+            try:
+                write()
+            except FlowgateError as exc:
+                # The client has its answer; the record is written again in the background.
+                log.warning("could not record the end of run %s (%s); retrying for up to %g s",
+                            prepared.run_id, exc.code, self.record_retry_s)
+                threading.Thread(target=self._record_later, args=(prepared.run_id, write),
+                                 name="flowgate-record-retry", daemon=True).start()
+            else:
+                self._recorded([prepared.run_id])
+
+        with self._lock:
+            self._unrecorded[prepared.run_id] = prepared
+        self.records.submit(RunEnd(prepared.run_id, record if whole else None,
+                                   None if whole else finish, write_alone))
+
+    def _recorded(self, run_ids: list[str]) -> None:
+        with self._lock:
+            for run_id in run_ids:
+                self._unrecorded.pop(run_id, None)
 
     def _record_later(self, run_id: str, write: Callable[[], None]) -> None:
         deadline = time.monotonic() + self.record_retry_s
@@ -227,14 +252,24 @@ class RunExecutor:
         except FlowgateError:
             log.exception("could not store chat history for session %s", session)
 
+    def _forget_version(self, flow_id: str, version: str) -> None:
+        """A version that has not run here for an hour: its series go."""
+        self._series.discard((flow_id, version))
+        forget_version(self.metrics, flow_id, version)
+
     # -- runs in progress here ------------------------------------------------------------------
 
     def active(self, run_id: str) -> PreparedRun | None:
         with self._lock:
             return self._active.get(run_id)
 
+    def flush(self) -> None:
+        """Write the ends of runs still queued (at exit, and by tests that read the store)."""
+        self.records.flush()
+
     def close(self) -> None:
-        """Stop retrying records (the store is going away)."""
+        """Write what is queued, then stop retrying records (the store is going away)."""
+        self.flush()
         self._closed.set()
 
     def unrecorded(self, run_id: str) -> PreparedRun | None:

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 from flow_engine.errors import FlowgateError
-from flow_engine.lograte import Throttled
 from flow_engine.runs.runner import RunEvent
+from flowgate.lograte import Throttled
 
 log = logging.getLogger("flow_engine.runs.events")
 TERMINAL = frozenset({"run_finished", "error"})

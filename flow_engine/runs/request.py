@@ -4,7 +4,6 @@ pin), validated, and the run it became once routed and compiled."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,10 +90,8 @@ class PreparedRun:
     caller: Principal
     replay: RunRecord | None = None  # set when an earlier run with this key answers
     record: RunRecord | None = None
-    # When set, the end-of-run store write is handed to this (the API passes the response's
-    # call_on_close, so the client has its answer before the write happens).
-    defer: Callable[[Callable[[], None]], None] | None = None
     started_at: float = 0.0
+    claim_s: float = 0.0  # spent claiming the idempotency key (Server-Timing: idem)
     first_token_at: float | None = None
 
     @property

@@ -15,6 +15,7 @@ chat history and its idempotency key belong to the tenant that started it.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from flow_engine.auth import Principal
 from flow_engine.config import Settings
 from flow_engine.errors import Conflict, RunNotFound
 from flow_engine.metrics import EngineMetrics
+from flow_engine.rollouts.outcomes import OutcomeRecorder
 from flow_engine.runs.events import EventLogUnavailable, MemoryEventLog, RunEventLog
 from flow_engine.runs.execute import RunExecutor
 from flow_engine.runs.idempotency import Idempotency, request_hash, scoped_key
@@ -31,9 +33,9 @@ from flow_engine.runs.request import PreparedRun, RunRequest, known_run_id
 from flow_engine.runs.runner import CancelToken, RunEvent
 from flow_engine.runs.watch import RunWatcher, ensure_visible, run_record_json
 from flow_engine.service import FlowService
-from flow_engine.signals import Signals
 from flow_engine.store.base import FlowStore, RunRecord
 from flow_engine.tenants import TenantLimits, TenantPolicy
+from flowgate.signals import Signals
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ class RunService:
     def __init__(self, flows: FlowService, store: FlowStore, settings: Settings,
                  metrics: EngineMetrics, events: RunEventLog | None = None,
                  signals: Signals | None = None, limits: TenantLimits | None = None,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None,
+                 outcomes: OutcomeRecorder | None = None) -> None:
         self.flows = flows
         self.store = store
         self.settings = settings
@@ -54,7 +57,8 @@ class RunService:
         self._now = clock or (lambda: datetime.now(UTC))
         limits = limits or TenantLimits(TenantPolicy.parse(0, 0, ""))
         self.executor = RunExecutor(store, metrics, self.events, limits, clock=self._now,
-                                    record_retry_s=settings.record_retry_s)
+                                    record_retry_s=settings.record_retry_s,
+                                    record_batch_s=settings.record_batch_s, outcomes=outcomes)
         self.idempotency = Idempotency(store, settings, metrics, clock=self._now)
         self.watcher = RunWatcher(store, self.events, settings)
         if signals is not None:
@@ -75,7 +79,9 @@ class RunService:
             heartbeat_at=self._now() if keyed else None, tenant=caller.tenant,
         )
         if keyed:  # plain runs are recorded once, complete, when they end: one write per run
+            claiming = time.perf_counter()
             self.idempotency.claim(prepared)
+            prepared.claim_s = time.perf_counter() - claiming
         return prepared
 
     def run(self, prepared: PreparedRun) -> tuple[dict[str, Any], bool]:

@@ -24,7 +24,12 @@ SYSTEM = Change()  # changes made without a caller (tests, migrations)
 
 
 class FlowTables:
-    """Flow and version methods; needs ``_write``, ``_read`` and ``_lock_flow``."""
+    """Flow and version methods; needs ``_write``, ``_read``, ``_lock_flow`` and
+    ``_on_audit`` (called with each entry once its change is committed)."""
+
+    def _audited(self, entry: AuditEntry) -> None:
+        audit.log(entry)
+        self._on_audit(entry)
 
     def create_flow(self, flow_id: str, name: str, description: str,
                     definition: dict[str, Any], change: Change = SYSTEM) -> FlowRecord:
@@ -47,7 +52,7 @@ class FlowTables:
                 entry = audit.write(conn, change, "create", flow_id, to_version=1)
         except IntegrityError:  # lost a race with a concurrent create of the same id/name
             raise Conflict(f"a flow with id '{flow_id}' or name '{name}' already exists") from None
-        audit.log(entry)
+        self._audited(entry)
         return self.get_flow(flow_id)
 
     def add_version(self, flow_id: str, definition: dict[str, Any], name: str,
@@ -72,7 +77,7 @@ class FlowTables:
                                     from_version=row.latest_version, to_version=version)
         except IntegrityError:
             raise Conflict("the flow changed concurrently; retry") from None
-        audit.log(entry)
+        self._audited(entry)
         return VersionRecord(flow_id, version, definition, stamp)
 
     def get_flow(self, id_or_name: str) -> FlowRecord:
@@ -98,7 +103,7 @@ class FlowTables:
             conn.execute(chat_messages.delete().where(chat_messages.c.flow_id == flow_id))
             conn.execute(flows.delete().where(flows.c.id == flow_id))
             entry = audit.write(conn, change, "delete", flow_id, from_version=row.live_version)
-        audit.log(entry)
+        self._audited(entry)
 
     def get_version(self, flow_id: str, version: int) -> VersionRecord:
         with self._read() as conn:
@@ -130,12 +135,17 @@ class FlowTables:
                 updated_at=now()))
             entry = audit.write(conn, change, "publish", flow_id, from_version=row.live_version,
                                 to_version=version, routing=routing)
-        audit.log(entry)
+        self._audited(entry)
         return self.get_flow(flow_id)
 
-    def rollback(self, flow_id: str, change: Change = SYSTEM) -> FlowRecord:
+    def rollback(self, flow_id: str, change: Change = SYSTEM, *,
+                 expect: dict[str, Any] | None = None) -> FlowRecord:
+        """Back to the previous live version; with ``expect``, only while the routing is
+        still ``expect`` (the rollout controller's automatic rollback)."""
         with self._write() as conn:
             row = self._lock_flow(conn, flow_id)
+            if expect is not None and row.routing != expect:
+                raise Conflict(f"flow '{flow_id}' was re-routed meanwhile")
             history = list(row.live_history or [])
             if not history:
                 raise Conflict(f"flow '{flow_id}' has no earlier live version to roll back to")
@@ -144,7 +154,7 @@ class FlowTables:
                 live_version=previous, live_history=history, routing=None, updated_at=now()))
             entry = audit.write(conn, change, "rollback", flow_id,
                                 from_version=row.live_version, to_version=previous)
-        audit.log(entry)
+        self._audited(entry)
         return self.get_flow(flow_id)
 
     def set_routing(self, flow_id: str, routing: dict[str, Any] | None, change: Change = SYSTEM,
@@ -170,7 +180,7 @@ class FlowTables:
                 conn, change, "routing", flow_id, from_version=row.live_version,
                 to_version=canary.get("version") or values.get("live_version", row.live_version),
                 routing=routing)
-        audit.log(entry)
+        self._audited(entry)
         return self.get_flow(flow_id)
 
     def list_audit(self, flow_id: str, limit: int = 100, before: int | None = None

@@ -110,6 +110,19 @@ jobs = sa.Table(
     sa.Column("name", String(64), primary_key=True),
     sa.Column("last_run_at", TS, nullable=False),
 )
+# Run outcomes per flow version and 5-second slot, summed over every engine process: canary
+# analysis reads them when the engine has no Redis (flow_engine/rollouts/outcomes.py)
+OUTCOME_BUCKETS = 12  # len(flow_engine.rollouts.analysis.BUCKETS)
+run_outcomes = sa.Table(
+    "run_outcomes", metadata,
+    sa.Column("flow_id", String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("slot", sa.BigInteger, primary_key=True),
+    sa.Column("ok", sa.Integer, nullable=False),
+    sa.Column("failed", sa.Integer, nullable=False),
+    *(sa.Column(f"h{i}", sa.Integer, nullable=False) for i in range(OUTCOME_BUCKETS)),
+    sa.Index("ix_run_outcomes_slot", "slot"),  # retention deletes by age
+)
 # Every change to a flow, written in the transaction of the change (flow_engine/store/audit.py)
 audit_log = sa.Table(
     "audit_log", metadata,
@@ -183,6 +196,11 @@ def _add_audit(conn: Connection) -> None:
     audit_log.create(conn, checkfirst=True)
 
 
+def _add_outcomes(conn: Connection) -> None:
+    """Per-version run outcomes (canary analysis without Redis)."""
+    run_outcomes.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     lambda conn: metadata.create_all(conn, tables=[flows, flow_versions, runs, chat_messages]),
     _add_run_heartbeat,
@@ -190,6 +208,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _add_upkeep,
     _add_knowledge,
     _add_audit,
+    _add_outcomes,
 ]
 
 

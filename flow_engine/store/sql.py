@@ -42,6 +42,7 @@ from flow_engine.store.engines import (
     sqlite_transaction,
 )
 from flow_engine.store.flow_tables import FlowTables
+from flow_engine.store.outcome_tables import OutcomeTables
 from flow_engine.store.schema import FINISH_RUN as _FINISH_RUN
 from flow_engine.store.schema import (
     MIGRATIONS,
@@ -64,18 +65,20 @@ _VANISHED = object()  # insert_run: the idempotency key's holder disappeared mid
 _aware = aware
 
 
-class SqlFlowStore(FlowTables, Upkeep):
+class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
     """The one FlowStore implementation (see the module docstring)."""
 
     def __init__(self, url: str, *, echo: bool = False,
                  on_error: Callable[[str], None] | None = None,
                  on_reconnect: Callable[[str], None] | None = None,
+                 on_audit: Callable[[Any], None] | None = None,
                  lock_timeout_s: float = 30.0, pool: PoolSize | None = None) -> None:
         self.url = normalise_url(url)
         self.lock_timeout_s = lock_timeout_s
         self.is_sqlite = self.url.startswith("sqlite")
         self._on_error = on_error
         self._on_reconnect = on_reconnect or (lambda op: None)
+        self._on_audit = on_audit or (lambda entry: None)  # each committed change
         if self.is_sqlite:
             self.engine = self.log_engine = sqlite_engine(self.url, echo=echo,
                                                           lock_timeout_s=lock_timeout_s)
@@ -175,18 +178,9 @@ class SqlFlowStore(FlowTables, Upkeep):
         return existing
 
     def _insert_run_once(self, record: RunRecord):
-        values = {
-            "run_id": record.run_id, "flow_id": record.flow_id, "version": record.version,
-            "status": record.status, "session_id": record.session_id,
-            "trace_id": record.trace_id, "idempotency_key": record.idempotency_key,
-            "request_hash": record.request_hash, "created_at": record.created_at,
-            "finished_at": record.finished_at, "duration_ms": record.duration_ms,
-            "result": record.result, "error": record.error, "heartbeat_at": record.heartbeat_at,
-            "tenant": record.tenant,
-        }
         try:
             with self._write(log=True) as conn:
-                conn.execute(runs.insert(), values)
+                conn.execute(runs.insert(), _run_values(record))
         except IntegrityError:
             existing = (self.find_run_by_key(record.idempotency_key)
                         if record.idempotency_key is not None else None)
@@ -207,6 +201,21 @@ class SqlFlowStore(FlowTables, Upkeep):
             conn.execute(_FINISH_RUN, {"key_run_id": run_id, "status": status,
                                        "duration_ms": duration_ms, "result": result,
                                        "error": error, "finished_at": now()})
+
+    def record_run_ends(self, inserts: list[RunRecord], finishes: list[dict[str, Any]]) -> None:
+        """Many runs' ends in one transaction: ``inserts`` are whole records of unkeyed runs,
+        ``finishes`` the ends (``run_id``, ``status``, ``duration_ms``, ``result``,
+        ``error``) of keyed runs whose claim is stored. All or nothing: on any error nothing
+        is written (runs/record_writer.py then writes them one by one)."""
+        with self._write(log=True) as conn:
+            if inserts:
+                conn.execute(runs.insert(), [_run_values(r) for r in inserts])
+            if finishes:
+                at = now()
+                conn.execute(_FINISH_RUN, [{"key_run_id": f["run_id"], "status": f["status"],
+                                            "duration_ms": f["duration_ms"], "result": f["result"],
+                                            "error": f["error"], "finished_at": at}
+                                           for f in finishes])
 
     def heartbeat(self, run_ids: list[str]) -> None:
         """Mark these running runs as alive now (one statement for all of them)."""
@@ -278,3 +287,15 @@ def _run(row: sa.Row) -> RunRecord:
         finished_at=_aware(row.finished_at), duration_ms=row.duration_ms, result=row.result,
         error=row.error, heartbeat_at=_aware(row.heartbeat_at), tenant=row.tenant,
     )
+
+
+def _run_values(record: RunRecord) -> dict[str, Any]:
+    return {
+        "run_id": record.run_id, "flow_id": record.flow_id, "version": record.version,
+        "status": record.status, "session_id": record.session_id,
+        "trace_id": record.trace_id, "idempotency_key": record.idempotency_key,
+        "request_hash": record.request_hash, "created_at": record.created_at,
+        "finished_at": record.finished_at, "duration_ms": record.duration_ms,
+        "result": record.result, "error": record.error, "heartbeat_at": record.heartbeat_at,
+        "tenant": record.tenant,
+    }

@@ -25,16 +25,21 @@ ENGINE_ANSWER = {"run_id": "run-1", "flow_id": "faq", "version": 1, "output": "h
 
 
 class FakeEngine:
-    """Records each request and answers from a script (then with ENGINE_ANSWER)."""
+    """Records each request and answers from a script (then with ENGINE_ANSWER, version 1);
+    ``GET /api/v1/flows/{id}`` (the cache's routing view) answers a flow with live version 1."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.flow_reads = 0
+        self.routing: dict[str, Any] = {}  # flow id → routing of its record
         self.script: list[tuple[int, dict[str, str], bytes]] = []
         self._lock = threading.Lock()
         engine = self
 
         class Handler(BaseHTTPRequestHandler):
             def _serve(self) -> None:
+                if self.command == "GET" and self.path.startswith("/api/v1/flows/"):
+                    return self._flow(self.path.rsplit("/", 1)[1])
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 with engine._lock:
@@ -43,7 +48,7 @@ class FakeEngine:
                         "headers": {k.lower(): v for k, v in self.headers.items()},
                         "body": json.loads(raw) if raw else None})
                     status, headers, body = (engine.script.pop(0) if engine.script else
-                                             (200, {"X-Run-ID": "run-1"},
+                                             (200, {"X-Run-ID": "run-1", "X-Flow-Version": "1"},
                                               json.dumps(ENGINE_ANSWER).encode()))
                 self.send_response(status)
                 self.send_header("Content-Type", headers.get("Content-Type", "application/json"))
@@ -51,6 +56,18 @@ class FakeEngine:
                     if name == "Content-Type":
                         continue
                     self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _flow(self, flow_id: str) -> None:
+                """A flow's record, as the cache's routing view reads it (not recorded)."""
+                with engine._lock:
+                    engine.flow_reads += 1
+                    body = json.dumps({"id": flow_id, "name": flow_id, "live_version": 1,
+                                       "routing": engine.routing.get(flow_id)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

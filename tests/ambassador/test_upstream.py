@@ -9,7 +9,7 @@ import pytest
 from ambassador.chain import Request
 from ambassador.config import Upstream as UpstreamSettings
 from ambassador.filters.auth import Identity
-from ambassador.upstream import Upstream
+from ambassador.upstream import Upstream, engine_timing
 from flowgate import tracing
 
 
@@ -91,3 +91,24 @@ def test_an_unreachable_engine_is_not_ready(dead_port) -> None:
         assert down.ready("/readyz", 1.0) is False
     finally:
         down.close()
+
+
+# -- the engine's Server-Timing: the hop's share of X-Ambassador-Overhead-Ms -------------------
+
+@pytest.mark.parametrize(("timing", "attempt_s", "hop_s"), [
+    ("app;dur=8.000", 0.010, 0.002),  # 2 ms of the attempt were not the engine's app
+    ("app;dur=8.000, idem;dur=3.000", 0.010, 0.005),  # claiming the key is the proxy's doing
+    ("idem;dur=3, app;desc=\"x\";dur=8", 0.010, 0.005),  # any order, other params
+    ("app;dur=12", 0.010, 0.0),  # clocks differ: never negative
+])
+def test_engine_timing_is_the_attempt_minus_the_engines_own_work(timing, attempt_s, hop_s):
+    got = engine_timing([("content-type", "application/json"), ("server-timing", timing)],
+                        attempt_s)
+    assert got["hop_s"] == pytest.approx(hop_s, abs=1e-9)
+
+
+@pytest.mark.parametrize("timing", ["", "app", "app;dur=", "app;dur=abc", "app;dur=nan",
+                                    "app;dur=inf", "app;dur=-5", "cache;dur=1", ";;;,,,="])
+def test_engine_timing_without_a_usable_app_duration_adds_nothing(timing):
+    assert engine_timing([("server-timing", timing)], 0.01) == {}
+    assert engine_timing([], 0.01) == {}

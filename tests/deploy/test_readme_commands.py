@@ -139,7 +139,8 @@ def clone(tmp_path: Path, processes) -> Path:
     script.write_text(CONSOLE_SCRIPT.format(python=sys.executable), encoding="utf-8")
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     old = time.time() - 60  # older than the venv, as after `make run` built it
-    os.utime(target / "pyproject.toml", (old, old))
+    for prerequisite in ("pyproject.toml", "requirements.lock"):
+        os.utime(target / prerequisite, (old, old))
     return target
 
 

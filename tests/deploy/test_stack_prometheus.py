@@ -323,6 +323,7 @@ def traffic(stack: Stack, prometheus: Prometheus) -> dict[str, Any]:
     Nothing is asserted here (test_traffic_went_as_planned does): a surprise in one answer
     must not hide what the dashboards show."""
     r: dict[str, Any] = {}
+    r["rollout"] = guarded_canary(stack, prometheus)
     slow_llm = FAILING_TWEAK  # the LLM call times out: the run fails
     plan = {
         "faq_miss": lambda: post_run(stack, {"flow_id": "faq-rag", "input": "How long do refunds take?"}),
@@ -382,6 +383,33 @@ def traffic(stack: Stack, prometheus: Prometheus) -> dict[str, Any]:
     return r
 
 
+def guarded_canary(stack: Stack, prometheus: Prometheus) -> dict[str, Any]:
+    """A guarded canary of chat (a copy of its live version) that the engine promotes by
+    itself once it served a run: the Rollouts row's panels and the audit annotations."""
+    engine = f"{stack.engine}/api/v1/flows/chat"
+    admin = {"x-api-key": (stack.log_dir / "engine.key").read_text(encoding="utf-8").strip()}
+    flow = requests.get(engine, headers=admin, timeout=10).json()
+    new = requests.put(engine, json=flow["definition"], headers=admin, timeout=10).json()
+    canary = {"version": new["version"], "steps": [100], "step_after_s": 1,
+              "guard": {"min_runs": 1}}
+    requests.put(f"{engine}/routing", json={"canary": canary, "message": "stack test"},
+                 headers=admin, timeout=10).raise_for_status()
+    # The controller creates the flow's action series at 0 first: Prometheus must see that
+    # 0 before the promotion, or the promotion is no increase it can show.
+    promoted = 'flowgate_engine_rollout_actions_total{flow="chat", action="canary_promoted"}'
+    wait_for(lambda: prometheus.query(promoted).get("data", {}).get("result"), 20,
+             "the rollout action series of chat at 0")
+    run = post_run(stack, {"flow_id": "chat", "input": "Hello canary"})
+
+    def promotion() -> list[str]:
+        entries = requests.get(f"{engine}/audit", headers=admin, timeout=10).json()["entries"]
+        actions = [e["action"] for e in entries]
+        return actions if "canary_promoted" in actions else []
+
+    return {"canary_version": canary["version"], "run_version": run["headers"].get("X-Flow-Version"),
+            "actions": wait_for(promotion, 20, "the engine promoting the guarded canary of chat")}
+
+
 @pytest.fixture(scope="module")
 def series_names(prometheus: Prometheus, traffic: dict) -> set[str]:
     return set(prometheus.api("label/__name__/values")["data"])
@@ -432,6 +460,10 @@ def test_traffic_went_as_planned(traffic, stack):
     expect("retried", int(attempts) >= 2,
            f"X-Upstream-Attempts >= 2 (the LLM's time to first token, {SLOW_TTFT_S} s, "
            f"exceeds the per-try timeout, {PER_TRY_S} s)")
+    rollout = r["rollout"]
+    expect("rollout", rollout["run_version"] == str(rollout["canary_version"])
+           and rollout["actions"][:2] == ["canary_promoted", "routing"],
+           "the canary served the run, then the engine promoted it")
     assert not problems, "\n".join(problems) + "\n" + stack.logs()
 
 
@@ -563,6 +595,8 @@ MOVES = [
     ("flow-engine.json", "Stream disconnects and refusals", "A", {"transport": "sse"},
      "the client that left a slow stream early"),
     ("flow-engine.json", "Compile cache lookups", "A", {"result": "hit"}, "runs of an already compiled flow"),
+    ("flow-engine.json", "Rollout actions", "A", {"flow": "chat", "action": "canary_promoted"},
+     "the guarded canary of chat, promoted by the engine"),
     ("flow-engine.json", "Store and event log errors", "C", {},
      "the retry, answered from the engine's Idempotency-Key record"),
 ]

@@ -210,3 +210,39 @@ def test_components_from_the_engine_match_the_offline_registry(cli):
 
     code, _, err = cli("components", "Chatmodel")
     assert code == 1 and "did you mean 'ChatModel'" in err
+
+
+# -- history and diff ------------------------------------------------------------------------
+
+
+def test_history_shows_who_changed_what_and_why_and_diff_shows_the_change(cli, tmp_path):
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps(echo_flow("hist-flow")))
+    assert cli("flows", "push", str(path), "-m", "first cut")[0] == 0
+    path.write_text(json.dumps(echo_flow("hist-flow", "Answer briefly: {question}")))
+    assert cli("flows", "push", str(path), "--publish", "-m", "déploiement: shorter answers",
+               key=PUBLISHER)[0] == 0
+    assert cli("flows", "rollback", "hist-flow", "--message", "too short")[0] == 0
+
+    code, out, _ = cli("flows", "history", "hist-flow")
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[4] for line in lines] == ["rollback", "publish", "new_version", "create"]
+    assert "ops" in lines[0] and '"too short"' in lines[0] and "v2 → v1" in lines[0]
+    assert "ci" in lines[1] and '"déploiement: shorter answers"' in lines[1]
+    assert '"first cut"' in lines[3]
+
+    code, out, _ = cli("flows", "diff", "hist-flow", "1", "2")
+    assert code == 0
+    assert out.splitlines() == [
+        "flow 'hist-flow' v1 → v2",
+        "~ node p",
+        '    template: "Q: {question}" → "Answer briefly: {question}"']
+    code, out, _ = cli("flows", "history", "hist-flow", "--json", "--limit", "1")
+    assert code == 0 and [e["action"] for e in json.loads(out)["entries"]] == ["rollback"]
+
+
+def test_history_and_diff_of_what_does_not_exist_exit_1(cli):
+    code, _, err = cli("flows", "history", "no-such-flow")
+    assert code == 1 and "404" in err
+    assert cli("flows", "diff", "no-such-flow", "1", "2")[0] == 1

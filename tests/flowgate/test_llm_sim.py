@@ -90,6 +90,9 @@ def _no_streams_left_over(llm_sim: Any) -> None:
         pytest.param({"embedding_dim": 0}, "embedding_dim", id="zero-dim"),
         pytest.param({"hang_s": float("nan")}, "hang_s", id="nan-hang"),
         pytest.param({"seed": "7"}, "seed", id="seed-not-int"),
+        pytest.param({"model_error_rates": {"m": 2}}, "model_error_rates", id="model-rate-above-1"),
+        pytest.param({"model_error_rates": {"": 0.5}}, "model_error_rates", id="model-name-empty"),
+        pytest.param({"model_error_rates": [0.5]}, "model_error_rates", id="model-rates-list"),
     ],
 )
 def test_sim_settings_rejects_bad_values(kwargs: dict[str, Any], match: str) -> None:
@@ -316,6 +319,18 @@ def test_injected_timeout_hangs_then_504(fresh_llm_sim: Any) -> None:
     assert resp.status_code == 504
     assert resp.json()["error"]["code"] == "timeout"
     assert fresh_llm_sim.stats()["errors_injected"]["timeout"] == 1
+
+
+def test_model_error_rates_fail_only_the_model_named(fresh_llm_sim: Any) -> None:
+    fresh_llm_sim.configure(model_error_rates={"canary-model": 1.0}, error_kinds=["500"])
+
+    def status(model: str) -> int:
+        return requests.post(f"{fresh_llm_sim.base_url}/chat/completions", timeout=10,
+                             json={"model": model, "messages": MESSAGES}).status_code
+
+    assert [status("canary-model") for _ in range(5)] == [500] * 5
+    assert [status(MODEL) for _ in range(5)] == [200] * 5
+    assert fresh_llm_sim.stats()["errors_injected"]["500"] == 5
 
 
 def test_error_injection_is_random_but_seeded(fresh_llm_sim: Any) -> None:

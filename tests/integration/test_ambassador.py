@@ -1009,6 +1009,37 @@ def test_cache_miss_then_hit_and_no_cache_bypasses(engine, start_ambassador, fre
     assert amb.metric("flowgate_ambassador_cache_total", result="hit") == 2
 
 
+def test_cache_follows_publish_and_rollback_without_redis(private_engine, start_ambassador):
+    """No Redis: the ambassador re-reads a cached flow's routing every 2 s, so after a
+    publish the old version's answer stops being served, and after the rollback it is the
+    right answer again."""
+    eng = private_engine.start()
+    amb = start_ambassador(CACHED, eng.url)
+    text = f"versioned {uuid.uuid4().hex[:8]}"
+    first = amb.run(text)
+    assert (first.headers["X-Cache"], first.headers["X-Flow-Version"]) == ("MISS", "1")
+    assert amb.run(text).headers["X-Cache"] == "HIT"
+    v2 = {**FLOW, "nodes": [*FLOW["nodes"], {"id": "p", "type": "PromptTemplate",
+                                             "params": {"template": "[v2] {question}"}}],
+          "edges": [{"source": "in", "target": "p"}, {"source": "p", "target": "llm"},
+                    {"source": "llm", "target": "out"}]}
+    base = f"{eng.url}/api/v1/flows/{FLOW_ID}"
+    assert requests.put(base, json=v2, headers=ENGINE_AUTH, timeout=10).status_code == 201
+    assert requests.post(base + "/publish", json={"version": 2}, headers=ENGINE_AUTH,
+                         timeout=10).status_code == 200
+
+    fresh = wait_for(lambda: (r := amb.run(text)).headers["X-Flow-Version"] == "2" and r, 10,
+                     what="an answer of version 2")
+    assert fresh.headers["X-Cache"] == "MISS" and "[v2]" in fresh.json()["output"]
+    after = [amb.run(text) for _ in range(3)]
+    assert [(r.headers["X-Flow-Version"], r.headers["X-Cache"]) for r in after] == [("2", "HIT")] * 3
+
+    assert requests.post(base + "/rollback", headers=ENGINE_AUTH, timeout=10).status_code == 200
+    back = wait_for(lambda: (r := amb.run(text)).headers["X-Flow-Version"] == "1" and r, 10,
+                    what="an answer of version 1 again")
+    assert (back.headers["X-Cache"], back.content) == ("HIT", first.content)
+
+
 def test_cache_entries_are_per_tenant(engine, start_ambassador, fresh_llm_sim):
     keys = [{"key": "shop-key-00001", "identity": "shop-orders", "tenant": "shop"},
             {"key": "shop-key-00002", "identity": "shop-reports", "tenant": "shop"},

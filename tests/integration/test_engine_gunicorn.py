@@ -152,6 +152,29 @@ def test_sigterm_lets_in_flight_runs_finish(tmp_path, fresh_llm_sim):
         proc.stop()
 
 
+def test_sigterm_writes_the_records_of_runs_that_already_answered(tmp_path, fresh_llm_sim):
+    # Ends of runs are written in batches off the request path; with a batch wait far longer
+    # than this test, only the flush at exit can write them.
+    proc = start_engine(tmp_path, fresh_llm_sim, FLOW_ENGINE_RECORD_BATCH_S="600").start()
+    try:
+        assert requests.post(proc.url + "/api/v1/flows", json=FLOW, headers=AUTH,
+                             timeout=10).status_code == 201
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: requests.post(
+                proc.url + "/api/v1/run/sim-chat", json={"input_value": f"run {i}"},
+                headers=AUTH, timeout=30), range(12)))
+        assert [a.status_code for a in answers] == [200] * 12
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(15) == 0
+    finally:
+        proc.stop()
+    with start_engine(tmp_path, fresh_llm_sim) as proc:
+        for answer in answers:
+            run = requests.get(f"{proc.url}/api/v1/runs/{answer.json()['run_id']}", headers=AUTH,
+                               timeout=10).json()
+            assert (run["status"], run["output"]) == ("succeeded", answer.json()["output"]), run
+
+
 def test_store_survives_restart(tmp_path, fresh_llm_sim):
     with start_engine(tmp_path, fresh_llm_sim) as proc:
         requests.post(proc.url + "/api/v1/flows", json=FLOW, headers=AUTH, timeout=10)

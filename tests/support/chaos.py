@@ -597,8 +597,9 @@ class Load:
     senders are busy), at most ``max_requests`` in all.
 
     ``mix`` weighs the kinds of request: ``run`` (POST /run-flow, a new input), ``stream``
-    (the same with ``"stream": true``, read to its end) and ``cached`` (one of a few inputs
-    of the cached flow). Every run carries an ``Idempotency-Key`` of its own. The load stops
+    (the same with ``"stream": true``, read to its end), ``ws`` (the same over WS
+    /ws/run-flow, a connection each) and ``cached`` (one of a few inputs of the cached
+    flow). Every run carries an ``Idempotency-Key`` of its own. The load stops
     by itself at ``max_requests``, or earlier with :meth:`finish_after`."""
 
     def __init__(self, stack: Stack, outcomes: Outcomes, *, threads: int = 4, max_requests: int = 150,
@@ -688,6 +689,8 @@ class Load:
 
 def send(session: requests.Session, url: str, kind: str, seq: int) -> Outcome:
     """One request of the load; never raises."""
+    if kind == "ws":
+        return send_ws(url, seq)
     tag = new_tag(seq)
     flow_id = CACHED_FLOW_ID if kind == "cached" else FLOW_ID
     text = f"faq {seq % 4}" if kind == "cached" else f"ask {tag}"
@@ -704,6 +707,54 @@ def send(session: requests.Session, url: str, kind: str, seq: int) -> Outcome:
             _read_answer(resp, outcome)
     except requests.RequestException as exc:
         outcome.status, outcome.error = None, f"{type(exc).__name__}: {exc}"[:300]
+    outcome.ended = time.monotonic()
+    return outcome
+
+
+def send_ws(url: str, seq: int) -> Outcome:
+    """A run over the ambassador's WebSocket (a connection of its own), read to its last
+    event and checked like a stream; never raises."""
+    import websocket
+
+    tag = new_tag(seq)
+    outcome = Outcome("ws", tag, time.monotonic())
+    events: list[tuple[str | None, str, str]] = []
+    try:
+        ws = websocket.create_connection(url.replace("http", "ws", 1) + "/ws/run-flow",
+                                         timeout=CLIENT_TIMEOUT_S)
+        try:
+            ws.send(json.dumps({"type": "run", "flow_id": FLOW_ID, "input": f"ask {tag}",
+                                "idempotency_key": tag}))
+            outcome.first_byte_s = None
+            while True:
+                message = json.loads(ws.recv())
+                if outcome.first_byte_s is None:
+                    outcome.first_byte_s = time.monotonic() - outcome.started
+                kind, seq_no = message.pop("type"), message.pop("seq", None)
+                if kind == "error" and seq_no is None and not events:  # refused outright
+                    outcome.status, outcome.code = 200, message.get("code")
+                    outcome.error = f"error event {message.get('code')}"
+                    break
+                events.append((None if seq_no is None else str(seq_no), kind,
+                               json.dumps(message)))
+                if kind in ("run_finished", "error"):
+                    break
+        finally:
+            ws.close()
+    except (OSError, ValueError, websocket.WebSocketException) as exc:
+        outcome.status, outcome.error = None, f"{type(exc).__name__}: {exc}"[:300]
+        outcome.ended = time.monotonic()
+        return outcome
+    if outcome.status is None:
+        outcome.status = 200
+        problem, info = check_stream(events)
+        outcome.detail.update(info)
+        outcome.version = info.get("final_version", info.get("version"))
+        outcome.run_id = info.get("run_id")
+        if problem:
+            outcome.error = problem
+        elif info.get("code"):
+            outcome.code, outcome.error = info["code"], f"error event {info['code']}"
     outcome.ended = time.monotonic()
     return outcome
 

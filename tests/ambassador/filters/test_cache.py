@@ -16,6 +16,7 @@ from ambassador.filters.auth import Identity
 from ambassador.filters.cache import Cache, MemoryCacheStore, RedisCacheStore, cache_key
 from ambassador.filters.cache_stores import entry_bytes
 from ambassador.redis_pause import RedisPause
+from ambassador.routing_view import RoutingView
 
 FLOWS = {
     "flows.faq.cache": {"ttl_s": 60, "stale_if_error_s": 300},
@@ -24,9 +25,31 @@ FLOWS = {
 }
 
 
-def answer(output: str = "first") -> Response:
-    return Response(200, {"Content-Type": "application/json", "X-Run-ID": "r1"},
-                    json.dumps({"output": output}).encode())
+def answer(output: str = "first", version: int | None = 1) -> Response:
+    headers = {"Content-Type": "application/json", "X-Run-ID": "r1"}
+    if version is not None:
+        headers["X-Flow-Version"] = str(version)
+    return Response(200, headers, json.dumps({"output": output}).encode())
+
+
+class Engine:
+    """The engine's flow records as the routing view reads them (ambassador/routing_view.py
+    is tested against a real engine in tests/ambassador/test_cache_routing.py)."""
+
+    def __init__(self) -> None:
+        self.flows: dict[str, dict[str, Any]] = {}
+        self.down = False
+
+    def route(self, flow: str, live: int, canary: int | None = None, percent: float = 0,
+              sticky: bool = False) -> None:
+        self.flows[flow] = {"id": flow, "name": flow, "live_version": live, "routing": {
+            "canary": {"version": canary, "percent": percent} if canary else None,
+            "sticky_key": "session_id" if sticky else None}}
+
+    def fetch(self, ref: str) -> dict[str, Any] | None:
+        if self.down:
+            raise ConnectionError("engine down")
+        return self.flows.get(ref, {"id": ref, "name": ref, "live_version": 1, "routing": None})
 
 
 class Hooks:
@@ -36,14 +59,20 @@ class Hooks:
 
 
 @pytest.fixture
-def make_cache(settings_with, clock):
+def engine() -> Engine:
+    return Engine()
+
+
+@pytest.fixture
+def make_cache(settings_with, clock, engine):
     def build(store=None, **dotted: Any) -> tuple[Cache, Hooks, Any]:
         settings = settings_with({**FLOWS, **dotted})
         store = store if store is not None else MemoryCacheStore(
             settings.cache.max_entries, settings.cache.max_bytes, clock=clock)
         hooks = Hooks()
-        return Cache(settings, store, on_result=hooks.results.append, on_error=hooks.errors.append,
-                     clock=clock), hooks, store
+        routing = RoutingView(engine.fetch, clock=clock)
+        return Cache(settings, store, routing, on_result=hooks.results.append,
+                     on_error=hooks.errors.append, clock=clock), hooks, store
 
     return build
 
@@ -134,14 +163,14 @@ def test_identities_without_a_tenant_never_share_an_entry(request_for) -> None:
     (else one identity got another's cached answer, built from the other's chat history)."""
     alice = request_for(body=body(), ctx={"identity": Identity("alice")})
     mallory = request_for(body=body(), ctx={"identity": Identity("mallory")})
-    assert cache_key(alice, False) != cache_key(mallory, False)
+    assert cache_key(alice, False, 1) != cache_key(mallory, False, 1)
 
 
 def test_key_ignores_tweak_order_and_identity_name(request_for) -> None:
     a = request_for(body=body(tweaks={"a": 1, "b": 2}), ctx={"identity": Identity("x", "t")})
     b = request_for(body=body(tweaks={"b": 2, "a": 1}), ctx={"identity": Identity("y", "t")})
-    assert cache_key(a, False) == cache_key(b, False)
-    assert len(cache_key(a, False)) == 64  # SHA-256 hex
+    assert cache_key(a, False, 1) == cache_key(b, False, 1)
+    assert len(cache_key(a, False, 1)) == 64  # SHA-256 hex
 
 
 def test_no_cache_bypasses_the_lookup_but_stores_the_fresh_answer(make_cache, request_for,
@@ -466,3 +495,95 @@ def test_without_a_fallback_a_redis_failure_is_the_filters_to_count(make_cache, 
     down = downstream(answer("a"), answer("b"))
     assert [ask(cache, request_for, down).headers["X-Cache"] for _ in range(2)] == ["MISS"] * 2
     assert hooks.errors == ["get", "set", "get", "set"]
+
+
+# -- the cache follows routing ---------------------------------------------------------------
+
+
+def test_a_publish_is_never_answered_from_the_old_version(make_cache, request_for, downstream,
+                                                          engine, clock) -> None:
+    cache, _, _ = make_cache()
+    engine.route("faq", live=1)
+    down = downstream(answer("v1", 1), answer("v2", 2), answer("v1 again", 1))
+    assert ask(cache, request_for, down).headers["X-Cache"] == "MISS"
+    hit = ask(cache, request_for, down)
+    assert (hit.headers["X-Cache"], hit.headers["X-Flow-Version"]) == ("HIT", "1")
+
+    engine.route("faq", live=2)  # published
+    cache.routing.forget("faq")  # the engine's signal (or the 2 s re-check)
+    fresh = ask(cache, request_for, down)
+    assert (fresh.headers["X-Cache"], fresh.json()) == ("MISS", {"output": "v2"})
+    assert ask(cache, request_for, down).json() == {"output": "v2"}  # v2's own entry
+
+    engine.route("faq", live=1)  # rolled back: v1's answer is right again
+    clock.advance(2)  # no signal this time: the view is re-read after 2 s
+    back = ask(cache, request_for, down)
+    assert (back.headers["X-Cache"], back.json()) == ("HIT", {"output": "v1"})
+    assert down.count == 2
+
+
+def test_a_non_sticky_canary_is_never_looked_up(make_cache, request_for, downstream,
+                                                engine) -> None:
+    cache, _, _ = make_cache()
+    engine.route("faq", live=1)
+    down = downstream(answer("v1", 1), answer("v2", 2), answer("v1", 1), answer("v1", 1))
+    ask(cache, request_for, down)  # cached from live
+    engine.route("faq", live=1, canary=2, percent=50)
+    cache.routing.forget("faq")
+    results = [ask(cache, request_for, down).headers["X-Cache"] for _ in range(3)]
+    assert results == ["BYPASS"] * 3  # the engine draws per request: never a cached answer
+    assert down.count == 4
+
+
+def test_a_sticky_canary_session_gets_only_its_version(make_cache, request_for, downstream,
+                                                       engine) -> None:
+    from flow_engine.routing import choose_version
+    from flow_engine.store.base import FlowRecord
+
+    cache, _, _ = make_cache(**{"flows.faq.cache": {"ttl_s": 60, "session_in_key": False}})
+    engine.route("faq", live=1, canary=2, percent=50, sticky=True)
+    record = FlowRecord("faq", "faq", "", 2, 1, (), engine.flows["faq"]["routing"], None, None)
+    sessions = {v: [s for s in (f"s{i}" for i in range(40))
+                    if choose_version(record, sticky_value=s) == v] for v in (1, 2)}
+    live_session, canary_session = sessions[1][0], sessions[2][0]
+    for session in (live_session, canary_session):  # the ambassador decides as the engine
+        assert cache.routing.version_for("faq", {"session_id": session}) == choose_version(
+            record, sticky_value=session)
+
+    down = downstream(answer("live", 1), answer("canary", 2))
+    assert ask(cache, request_for, down, req_body=body(session_id=live_session)).json() == {
+        "output": "live"}
+    canary = ask(cache, request_for, down, req_body=body(session_id=canary_session))
+    assert (canary.headers["X-Cache"], canary.json()) == ("MISS", {"output": "canary"})
+    again = ask(cache, request_for, down, req_body=body(session_id=canary_session))
+    assert (again.headers["X-Cache"], again.json()) == ("HIT", {"output": "canary"})
+
+
+def test_an_answer_is_stored_under_the_version_that_served_it(make_cache, request_for,
+                                                              downstream, engine) -> None:
+    """Routing changed between the lookup and the answer: the answer (v2) is not stored
+    where requests routed to v1 would find it."""
+    cache, _, _ = make_cache()
+    engine.route("faq", live=1)
+    down = downstream(answer("v2", 2), answer("v1", 1))
+    ask(cache, request_for, down)
+    assert ask(cache, request_for, down).json() == {"output": "v1"}
+
+
+def test_an_answer_without_its_version_is_not_stored(make_cache, request_for, downstream) -> None:
+    cache, _, store = make_cache()
+    down = downstream(answer("old engine", version=None), answer("old engine", version=None))
+    assert [ask(cache, request_for, down).headers["X-Cache"] for _ in range(2)] == ["MISS"] * 2
+    assert len(store._data) == 0
+
+
+def test_an_unknown_routing_still_serves_stale_from_the_last_view(make_cache, request_for,
+                                                                  downstream, engine,
+                                                                  clock) -> None:
+    cache, _, _ = make_cache()
+    down = downstream(answer("cached"), upstream_failure(503, upstream_error="connect_error"))
+    ask(cache, request_for, down)
+    clock.advance(120)
+    engine.down = True  # the routing cannot be read either: the last view stands
+    stale = ask(cache, request_for, down)
+    assert (stale.headers["X-Cache"], stale.json()) == ("STALE", {"output": "cached"})

@@ -153,7 +153,8 @@ def make_app(database_url: str) -> Iterator[Callable[..., Flask]]:
 
     def make(**config: Any) -> Flask:
         # no maintenance pass unless a test asks: it would race the runs a test leaves stale
-        config = {"maintenance_interval_s": 0, **config}
+        # nor a rollout controller (tests of rollouts drive it: eng.rollouts.run_once())
+        config = {"maintenance_interval_s": 0, "rollout_interval_s": 0, **config}
         app = create_app({"database_url": database_url, "api_keys": API_KEYS, **config},
                          metrics=EngineMetrics(CollectorRegistry()))
         app.test_client_class = ClosingClient
@@ -166,6 +167,8 @@ def make_app(database_url: str) -> Iterator[Callable[..., Flask]]:
         if eng.runs.signals is not None:
             eng.runs.signals.stop()  # no listener outlives its test (and logs into the next)
         eng.maintenance.stop()
+        eng.rollouts.stop()
+        eng.runs.executor.outcomes.stop()
         eng.runs.executor.close()
         eng.store.close()
 

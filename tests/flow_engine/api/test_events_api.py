@@ -583,7 +583,7 @@ def test_get_run_on_b_says_running_for_a_plain_run_in_progress_on_a(pair, slow_l
     assert on_b["run_id"] == prepared.run_id
     assert (on_b["status"], on_b["flow_id"], on_b["version"], on_b["session_id"]) == (
         "running", "llm", 1, "s-1")
-    assert b.record(prepared.run_id)["status"] == "succeeded"  # recorded at the end
+    assert b.wait_status(prepared.run_id, "succeeded")  # recorded at the end
 
 
 def test_cancel_on_b_stops_a_keyed_run_in_progress_on_a(pair, slow_llm, defs):
@@ -640,6 +640,7 @@ def test_cancel_on_b_of_a_finished_run_is_409(pair, defs):
     a, b = pair()
     a.create(defs.echo(id="f"))
     result = a.run("f")
+    a.runs.executor.flush()  # its end is in the store (written a few ms after the answer)
 
     resp = b.client.post(f"/api/v1/runs/{result['run_id']}/cancel", headers=b.auth)
 

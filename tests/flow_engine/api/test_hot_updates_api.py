@@ -107,6 +107,25 @@ def test_messages_are_bounded_text(api, defs, message, status):
     assert resp.status_code == status, resp.get_data(as_text=True)
 
 
+@pytest.mark.parametrize(("header", "status", "stored"), [
+    pytest.param("d%C3%A9ploiement%20du%20vendredi", 200, "déploiement du vendredi", id="utf-8"),
+    pytest.param("plain words", 200, "plain words", id="ascii"),
+    pytest.param("%FF%FE", 400, None, id="not-utf-8"),
+    pytest.param("bell%07", 400, None, id="control-character"),
+])
+def test_the_message_header_is_percent_encoded_utf8(api, defs, header, status, stored):
+    api.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin"))
+    resp = api.post("/api/v1/flows/f/publish",
+                    json={"version": 1}, headers=as_("admin", **{"X-Flowgate-Message": header}))
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    if stored is not None:
+        assert audit(api, "f")[0]["message"] == stored
+    else:
+        assert "X-Flowgate-Message" in resp.get_json()["error"]["message"] or \
+            "message must be text" in resp.get_json()["error"]["message"]
+        assert [e["action"] for e in audit(api, "f")] == ["create"]
+
+
 def test_diff_names_what_changed(api, defs):
     api.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin"))
     api.put("/api/v1/flows/f", json=defs.echo("Changed {question}", id="f"), headers=as_("admin"))
@@ -205,6 +224,23 @@ def test_run_answers_say_which_version_answered(api, defs, query):
                  id="bad-guard"),
     pytest.param({"version": 2, "percent": 5, "guard": {"min_runs": True}}, "min_runs",
                  id="boolean-runs"),
+    pytest.param({"version": 2, "percent": 5, "guard": {"window_s": 3601}}, "window_s",
+                 id="window-past-the-outcomes-kept"),
+    pytest.param({"version": 2, "percent": 5, "guard": {"window_s": 1}}, "window_s",
+                 id="window-too-short"),
+    pytest.param({"version": 2, "percent": 5, "guard": {"min_runs": 2**70}}, "min_runs",
+                 id="huge-min-runs"),
+    pytest.param({"version": 2, "percent": 5, "guard": {"admin": True}}, "guard",
+                 id="unknown-guard-field"),
+    pytest.param({"version": 2, "percent": 5, "guard": [0.1]}, "guard", id="guard-not-object"),
+    pytest.param({"version": 2, "steps": [*range(1, 22), 100]}, "steps",
+                 id="too-many-steps"),
+    pytest.param({"version": 2, "steps": [True, 100]}, "steps", id="boolean-step"),
+    # what only the engine writes cannot be sent: a forged start would skip the wait
+    pytest.param({"version": 2, "percent": 5, "started_at": 0}, "canary must be",
+                 id="forged-started-at"),
+    pytest.param({"version": 2, "steps": [5, 100], "step_started_at": 0}, "canary must be",
+                 id="forged-step-started-at"),
 ])
 def test_bad_guarded_canaries_are_400(api, defs, canary, fragment):
     api.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin"))
@@ -213,6 +249,26 @@ def test_bad_guarded_canaries_are_400(api, defs, canary, fragment):
     resp = api.put("/api/v1/flows/f/routing", json={"canary": canary}, headers=as_("admin"))
 
     assert resp.status_code == 400 and fragment in resp.get_json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    pytest.param({"watch": {"previous": 1}}, "unknown routing key", id="forged-watch"),
+    pytest.param({"live": 1, "guard": {}}, "unknown routing key", id="guard-outside-canary"),
+])
+def test_what_only_the_engine_writes_cannot_be_routed(api, defs, body, fragment):
+    api.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin"))
+    resp = api.put("/api/v1/flows/f/routing", json=body, headers=as_("admin"))
+    assert resp.status_code == 400 and fragment in resp.get_json()["error"]["message"]
+
+
+@pytest.mark.parametrize("guard", [{"window_s": 0}, {"max_error_rate": -1}, "strict", None])
+def test_a_publish_with_a_bad_guard_is_400_and_changes_nothing(api, defs, guard):
+    api.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin"))
+    api.put("/api/v1/flows/f", json=defs.echo("V2 {question}", id="f"), headers=as_("admin"))
+    resp = api.post("/api/v1/flows/f/publish", json={"version": 2, "guard": guard},
+                    headers=as_("admin"))
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert api.get("/api/v1/flows/f", headers=as_("runner")).get_json()["live_version"] == 1
 
 
 def test_a_guarded_canary_and_publish_are_stored_for_the_controller(api, defs):

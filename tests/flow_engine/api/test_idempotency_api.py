@@ -179,6 +179,7 @@ def _as_if_its_engine_died(app, run_id: str, silent_s: float) -> None:
     from flow_engine.store.sql import runs
 
     store = app.extensions["flowgate"].store
+    app.extensions["flowgate"].runs.executor.flush()  # its end is written (then undone here)
     with store.engine.begin() as conn:
         conn.execute(runs.update().where(runs.c.run_id == run_id).values(
             status="running", result=None, finished_at=None,
@@ -250,3 +251,19 @@ def test_a_slow_keyed_run_that_beats_is_never_taken_over(fresh_llm_sim, make_app
     assert duplicate.headers.get("Idempotent-Replayed") == "true"
     assert duplicate.get_json()["run_id"] == answers[0].get_json()["run_id"]
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
+
+
+def test_server_timing_says_the_engines_time_and_the_claims_share(defs, create_flow, run_flow):
+    create_flow(defs.echo(id="f"))
+
+    plain = run_flow("f", BODY)
+    keyed = run_flow("f", BODY, headers={"Idempotency-Key": "timing-1"})
+
+    def durations(response) -> dict[str, float]:
+        parts = [p.strip().split(";dur=") for p in response.headers["Server-Timing"].split(",")]
+        return {name: float(ms) for name, ms in parts}
+
+    assert set(durations(plain)) == {"app"} and durations(plain)["app"] > 0
+    claimed = durations(keyed)
+    assert set(claimed) == {"app", "idem"}
+    assert 0 < claimed["idem"] < claimed["app"]  # the key's claim is part of the engine's time

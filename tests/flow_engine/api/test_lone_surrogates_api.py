@@ -42,11 +42,12 @@ def test_a_streamed_run_with_a_lone_surrogate_ends_with_its_result(client, auth,
     assert "\\ud800" in events[-1][-1], "escaped in the JSON, not written as bytes"
 
 
-def test_the_record_of_a_run_with_a_lone_surrogate_is_written_and_read(client, auth, defs,
+def test_the_record_of_a_run_with_a_lone_surrogate_is_written_and_read(app, client, auth, defs,
                                                                         create_flow, echo_prefix):
     create_flow(defs.echo("{question}", id="f"))
 
     resp = post_raw(client, auth, "/api/v1/run/f", RAW_INPUT)
+    app.extensions["flowgate"].runs.executor.flush()  # read from the store, not from memory
 
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert resp.get_json()["output"] == echo_prefix + LONE

@@ -68,7 +68,8 @@ def test_an_end_the_store_refused_is_recorded_in_the_background(make_app, auth, 
     store.lock_timeout_s = 0.2  # a write waits this long for the lock, then fails (503)
     holder = hold_write_lock(tmp_path / "engine.db")
     try:
-        result, _ = runs.run(prepared)  # its end cannot be written now
+        result, _ = runs.run(prepared)
+        runs.executor.flush()  # the writer tried: its end cannot be written now
         meanwhile = client.get(f"/api/v1/runs/{prepared.run_id}", headers=auth).get_json()
         assert (meanwhile["status"], meanwhile["output"]) == ("succeeded", result["output"])
     finally:

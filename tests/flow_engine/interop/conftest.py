@@ -37,7 +37,8 @@ def make_engine(tmp_path: Path, fresh_llm_sim: Any,
 
     def make(*extra_components: type, **config: Any) -> Flask:
         config = {"database_url": f"sqlite:///{tmp_path / 'engine.db'}", "api_keys": KEYS,
-                  "maintenance_interval_s": 0, "openai_base_url": fresh_llm_sim.base_url,
+                  "maintenance_interval_s": 0, "rollout_interval_s": 0,
+                  "openai_base_url": fresh_llm_sim.base_url,
                   **config}
         app = create_app(config, metrics=EngineMetrics(CollectorRegistry()))
         app.test_client_class = ClosingClient

@@ -85,7 +85,7 @@ def make_kapp(kb_database: str, llm_sim: Any, fake_sleep: FakeSleep) -> Iterator
              **config: Any) -> Flask:
         app = create_app({"database_url": database_url or kb_database, "api_keys": KEYS,
                           "openai_base_url": llm_sim.base_url,
-                          "maintenance_interval_s": 0, **config},
+                          "maintenance_interval_s": 0, "rollout_interval_s": 0, **config},
                          metrics=EngineMetrics(CollectorRegistry()))
         built.append(app)
         attach(app, sleep=fake_sleep, **(knowledge or {}))

@@ -44,6 +44,7 @@ def _indexed(app) -> object:
 
 def _app(url: str, llm_sim, **config):
     app = create_app({"database_url": url, "api_keys": KEYS, "openai_base_url": llm_sim.base_url,
+                      "rollout_interval_s": 0, "outcome_flush_s": 0, "maintenance_interval_s": 0,
                       **config}, metrics=EngineMetrics(CollectorRegistry()))
     return app
 

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from flow_engine.config import Settings
 from flow_engine.maintenance import Maintenance
 from flow_engine.metrics import EngineMetrics
+from flow_engine.rollouts.outcomes import KEEP_S, slot_of
 from flow_engine.store import ChatMessage, RunRecord
 from flow_engine.store.schema import chat_messages
 
@@ -56,7 +57,7 @@ def test_runs_no_process_owns_are_marked_failed_and_their_keys_freed(store):
 
     done = maintenance.run_once()
 
-    assert done == {"reaped": 2, "runs": 0, "chat_messages": 0}
+    assert done == {"reaped": 2, "runs": 0, "chat_messages": 0, "outcomes": 0}
     for run_id in ("stale-keyed", "old-unkeyed"):
         record = store.get_run(run_id)
         assert (record.status, record.error["code"]) == ("failed", "run_abandoned"), run_id
@@ -80,17 +81,23 @@ def test_retention_deletes_old_runs_and_chat_messages_in_batches(store):
         conn.execute(chat_messages.insert(), [
             {"tenant": "t1", "session_id": "s1", "flow_id": "rag", "role": "human",
              "content": f"old {i}", "created_at": NOW - 31 * DAY} for i in range(3)])
+    now_slot = slot_of(NOW.timestamp())
+    old_slot = slot_of(NOW.timestamp() - KEEP_S) - 1  # older than any guard window reads
+    store.add_outcomes([("rag", 1, old_slot - i, 1, 0, [1] + [0] * 11) for i in range(3)]
+                       + [("rag", 1, now_slot, 4, 1, [5] + [0] * 11)])
     maintenance, metrics = job(store, batch=2)
 
     done = maintenance.run_once()
 
-    assert done == {"reaped": 0, "runs": 5, "chat_messages": 3}
+    assert done == {"reaped": 0, "runs": 5, "chat_messages": 3, "outcomes": 3}
+    assert store.read_outcomes("rag", 1, 0, now_slot + 1) == (4, 1, [5] + [0] * 11)
     assert [m.content for m in store.chat_history("t1", "s1", "rag", 10)] == ["today"]
     with store.engine.connect() as conn:
         left = set(conn.execute(sa.text("SELECT run_id FROM runs")).scalars())
     assert left == {"recent", "old-but-alive"}
     assert sample(metrics, "flowgate_engine_retention_deleted_total", kind="runs") == 5
     assert sample(metrics, "flowgate_engine_retention_deleted_total", kind="chat_messages") == 3
+    assert sample(metrics, "flowgate_engine_retention_deleted_total", kind="outcomes") == 3
 
 
 def test_runs_are_kept_while_their_idempotency_key_is_honoured(store):

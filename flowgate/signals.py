@@ -1,13 +1,16 @@
-"""Signals between engine processes over Redis pub/sub (only with ``REDIS_URL``).
+"""Signals between Flowgate processes over Redis pub/sub (only with ``REDIS_URL``).
 
 Channel ``flowgate:signals``; messages are JSON:
 
-- ``{"kind": "cancel", "run_id": ...}`` — whichever process runs it cancels it;
-- ``{"kind": "flow_changed", "flow_id": ...}`` — every process forgets its cached copy of
-  the flow's live pointer and routing, so a publish or rollback is seen at once everywhere.
+- ``{"kind": "cancel", "run_id": ...}`` — whichever engine process runs it cancels it;
+- ``{"kind": "flow_changed", "flow_id": ..., "name": ...}`` — every engine process forgets
+  its cached copy of the flow's live pointer and routing, so a publish, rollback or routing
+  change is seen at once everywhere; an ambassador sharing the Redis re-reads the flow's
+  routing before its cache serves another answer of it (ambassador/routing_view.py).
 
-Delivery is best effort: a process that misses a flow change still sees it within
-``flow_cache_ttl_s``; a lost cancel leaves the run to finish normally.
+Delivery is best effort: an engine process that misses a flow change still sees it within
+``flow_cache_ttl_s`` (an ambassador within its routing check, 2 s); a lost cancel leaves
+the run to finish normally.
 """
 
 from __future__ import annotations
@@ -19,15 +22,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flow_engine.lograte import Throttled
+from flowgate.lograte import Throttled
 
 log = logging.getLogger(__name__)
 CHANNEL = "flowgate:signals"
 
 
 class Signals:
-    def __init__(self, client: Any, on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(self, client: Any, on_error: Callable[[str], None] | None = None, *,
+                 on_subscribe: Callable[[], None] | None = None) -> None:
+        """``on_subscribe``: called on every (re)subscription — signals sent while there
+        was none are lost, so whatever they keep fresh should be dropped then."""
         self.client = client
+        self._on_subscribe = on_subscribe or (lambda: None)
         self._handlers: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         self._on_error = on_error or (lambda op: None)
         self._thread: threading.Thread | None = None
@@ -61,6 +68,7 @@ class Signals:
             try:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
+                self._on_subscribe()
                 delay = 0.5
                 while not self._stopped.is_set():
                     message = pubsub.get_message(timeout=1.0)
