@@ -83,11 +83,11 @@ class RunFlowPath:
                             "expected Content-Type: application/json")
         limit = self.amb.settings.max_body_bytes
         length = environ.get("CONTENT_LENGTH")
-        if length and length.isdigit() and int(length) > limit:
+        if length and length.isascii() and length.isdigit() and int(length) > limit:
             return _refusal(trace, 413, "payload_too_large",
                             f"the body is larger than {limit} bytes")
         try:
-            data = environ["wsgi.input"].read(int(length) if length and length.isdigit()
+            data = environ["wsgi.input"].read(int(length) if length and length.isascii() and length.isdigit()
                                               else limit + 1)
         except TimeoutError as exc:  # flowgate.serving.BodyTimeout: the body stalled
             status, headers, body, done = _refusal(trace, 408, "request_timeout", str(exc))

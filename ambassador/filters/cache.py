@@ -128,7 +128,7 @@ def _upstream_failed(response: Response) -> bool:
 def _served_version(response: Response) -> int | None:
     """The version the engine says answered (None: it did not say — not stored)."""
     raw = response.headers.get("X-Flow-Version", "")
-    return int(raw) if raw.isdigit() and len(raw) <= 10 else None
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else None
 
 
 def _from_entry(entry: dict[str, Any]) -> Response:

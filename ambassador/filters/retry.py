@@ -122,6 +122,6 @@ class Retry:
         delay = self._rand(0, cap)  # full jitter
         # only the engine's own Retry-After counts, not the one on a synthesized error
         retry_after = None if "upstream_error" in response.meta else response.headers.get("Retry-After")
-        if retry_after and retry_after.replace(".", "", 1).isdigit():
+        if retry_after and retry_after.isascii() and retry_after.replace(".", "", 1).isdigit():
             delay = max(delay, min(float(retry_after), self.s.backoff_max_s))
         return delay

@@ -33,7 +33,7 @@ def import_langflow():
 @bp.get("/flows/<flow_ref>/export")
 def export_langflow(flow_ref: str):
     raw = request.args.get("version")
-    if raw is not None and (not raw.isdigit() or not 0 < int(raw) < 10**9):
+    if raw is not None and (not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 10**9):
         raise BadRequest("version must be a version number")
     flow_id, body = export_flow(engine().flows, flow_ref, request.args.get("format"),
                                 int(raw) if raw else None)

@@ -246,5 +246,7 @@ def test_export_is_bounded_to_real_flows_and_formats(engine_client, import_flow,
     assert get("f/export?format=xml").status_code == 400
     assert get("f/export?version=abc").status_code == 400
     assert get("f/export?version=-1").status_code == 400
+    for digits in ("%C2%B2", "%D9%A3", "%EF%BC%91"):  # ², Arabic-Indic 3, fullwidth 1
+        assert get(f"f/export?version={digits}").status_code == 400  # isdigit(), not a number
     assert get("f/export?version=9").status_code == 404
     assert engine_client.get("/api/v1/flows/f/export").status_code == 401
