@@ -103,8 +103,11 @@ def main() -> None:
                         connections=16, seconds=args.seconds)
         engine_c16 = wrk(f"http://127.0.0.1:{engine_port}/api/v1/run/bench-rag", BODY, headers,
                          connections=16, seconds=args.seconds)
-        gc_pause_max_ms = 1000 * metric_value(engine.get("/metrics")[1],
-                                              "flowgate_engine_gc_pause_max_seconds")
+        scrape = Client(engine_port).get("/metrics")[1]  # a new connection: the old one idled out
+        gc_pause_max_ms = 1000 * metric_value(scrape, "flowgate_engine_gc_pause_max_seconds")
+        for line in scrape.decode().splitlines():
+            if line.startswith("flowgate_engine_gc_pause_seconds_bucket") and 'generation="2"' in line:
+                print(line)
         loaded_rss = [rss_mb(p) for p in children(engine_proc.pid)]
 
     p50 = {k: statistics.median(v) for k, v in lat.items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import time
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from flow_engine.store import SqlFlowStore
 from flow_engine.store.engines import PoolSize
 from flow_engine.tenants import TenantLimits
 from flowgate import jsonlog, tracing
+from flowgate.at_exit import flush_at_exit
 from flowgate.signals import Signals
 
 log = logging.getLogger("flow_engine")
@@ -80,8 +80,8 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
                                  on_change=flow_service.forget)
     outcomes.start()
     rollouts.start()
-    atexit.register(outcomes.flush)
-    atexit.register(run_service.executor.flush)  # ended runs still queued reach the store
+    flush_at_exit(outcomes.flush)
+    flush_at_exit(run_service.executor.flush)  # ended runs still queued reach the store
 
     app = Flask("flow_engine")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -143,7 +143,7 @@ def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing, sto
     shared = RedisEventLog(client, reader=reader, ttl_s=int(settings.event_ttl_s),
                            block_s=timeout, retry_s=settings.event_write_retry_s,
                            on_error=on_error, on_lost=metrics.event_log_lost.inc)
-    atexit.register(shared.flush)  # a worker's last events still reach Redis on SIGTERM
+    flush_at_exit(shared.flush)  # a worker's last events still reach Redis on SIGTERM
     limits = TenantLimits(policy, quick if policy.limited else None, on_error=on_error)
     return (RunEventLog(memory, shared), Signals(client, on_error=on_error), limits,
             RedisWindow(client))
