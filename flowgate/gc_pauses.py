@@ -47,8 +47,11 @@ class _Timer:
             self.pauses.clear()
             return
         histogram, longest = self.metrics
-        while self.pauses:
-            generation, pause = self.pauses.popleft()
+        while True:
+            try:  # another thread or greenlet may be draining too
+                generation, pause = self.pauses.popleft()
+            except IndexError:
+                return
             histogram.labels(str(generation)).observe(pause)
             if pause > self.longest:
                 self.longest = pause
