@@ -63,7 +63,14 @@ def test_a_canary_whose_model_fails_is_aborted_within_its_window(api, fresh_llm_
     assert entry["reason"]["candidate"]["error_rate"] > 0.1
     assert entry["reason"]["baseline"]["failed"] == 0  # live's model never failed
     assert took <= window_s + 5
-    # after the abort every run is answered by live
+    # after the abort every run is answered by live — once this process has dropped the
+    # routing it cached (the controller commits the abort, then tells every process): a run
+    # in between may still reach the canary, so wait for the first answer by live
+    deadline = time.monotonic() + 5
+    while True:
+        resp = api.post("/api/v1/run/f", json={"input_value": "hi"}, headers=as_("runner"))
+        if resp.headers["X-Flow-Version"] == "1" or time.monotonic() > deadline:
+            break
     for _ in range(5):
         resp = api.post("/api/v1/run/f", json={"input_value": "hi"}, headers=as_("runner"))
         assert (resp.status_code, resp.headers["X-Flow-Version"]) == (200, "1")
