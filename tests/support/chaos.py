@@ -747,16 +747,23 @@ def send_ws(url: str, seq: int) -> Outcome:
         return outcome
     if outcome.status is None:
         outcome.status = 200
-        problem, info = check_stream(events)
-        outcome.detail.update(info)
-        outcome.version = info.get("final_version", info.get("version"))
-        outcome.run_id = info.get("run_id")
-        if problem:
-            outcome.error = problem
-        elif info.get("code"):
-            outcome.code, outcome.error = info["code"], f"error event {info['code']}"
+        _read_stream(events, outcome)
     outcome.ended = time.monotonic()
     return outcome
+
+
+def _read_stream(events: list[tuple[str | None, str, str]], outcome: Outcome) -> str | None:
+    """Fill ``outcome`` from a whole run's events (SSE or WebSocket); what is wrong with
+    them (None: nothing). An error event is an answered failure, not a problem."""
+    problem, info = check_stream(events)
+    outcome.detail.update(info)
+    outcome.version = info.get("final_version", info.get("version"))
+    outcome.run_id = info.get("run_id")
+    if problem:
+        outcome.error = problem
+    elif info.get("code"):
+        outcome.code, outcome.error = info["code"], f"error event {info['code']}"
+    return problem
 
 
 def _read_answer(resp: requests.Response, outcome: Outcome) -> None:
@@ -770,17 +777,9 @@ def _read_answer(resp: requests.Response, outcome: Outcome) -> None:
         return
     if resp.headers.get("Content-Type", "").startswith("text/event-stream"):
         events = list(sse_events(resp))
-        problem, info = check_stream(events)
-        outcome.detail.update(info)
-        outcome.version = info.get("final_version", info.get("version"))
-        outcome.run_id = info.get("run_id")
-        if problem:
-            outcome.error = problem
-            if events and events[-1][1] not in ("run_finished", "error"):
-                outcome.status = None  # cut off with no terminal event: the caller was left hanging
-        elif info.get("code"):
-            outcome.code = info["code"]  # an error event: an answered failure
-            outcome.error = f"error event {info['code']}"
+        if _read_stream(events, outcome) and events and events[-1][1] not in ("run_finished",
+                                                                               "error"):
+            outcome.status = None  # cut off with no terminal event: the caller was left hanging
         return
     try:
         data = resp.json()
