@@ -5,12 +5,15 @@ run events, outcomes) — registered without keeping its owner alive.
 process ends: a process that builds and drops apps, as the test suite does, would keep
 every one in memory and flush each at exit against stores long gone. Here each call is a
 weak reference: an owner that was dropped is neither kept nor called. Calls run newest
-first, like atexit's; one that fails is logged and the others still run.
+first, like atexit's; one that fails is logged and the others still run. Owners dropped but
+still held in a reference cycle are collected first, so they are not flushed either; and a
+log line whose stream is already closed at exit is dropped, not printed as a traceback.
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import weakref
 from collections.abc import Callable
@@ -27,6 +30,10 @@ def flush_at_exit(method: Callable[[], object]) -> None:
 
 @atexit.register
 def _run() -> None:
+    if not any(ref() is not None for ref in _calls):
+        return
+    gc.collect()  # owners dropped inside a reference cycle are not called
+    logging.raiseExceptions = False  # a handler whose stream is closed drops the line
     for ref in reversed(_calls):
         method = ref()
         if method is None:

@@ -42,6 +42,34 @@ def test_a_live_owner_is_flushed_at_exit_and_a_dropped_one_is_neither_kept_nor_c
     assert "store gone" in out.stderr  # logged; the other flushes still ran
 
 
+def test_an_owner_dropped_inside_a_cycle_is_not_flushed_and_a_closed_log_stream_stays_quiet():
+    script = textwrap.dedent("""
+        import gc, io, logging
+        from flowgate.at_exit import flush_at_exit
+
+        gc.disable()  # the cycle below is still in memory when the process exits
+        stream = io.StringIO()
+        logging.getLogger().addHandler(logging.StreamHandler(stream))
+
+        class Owner:
+            def __init__(self, name):
+                self.name, self.me = name, self
+            def flush(self):
+                print("flushed", self.name, flush=True)
+                logging.getLogger("owner").warning("store unreachable")
+
+        kept, cyclic = Owner("kept"), Owner("cyclic")
+        flush_at_exit(kept.flush)
+        flush_at_exit(cyclic.flush)
+        del cyclic
+        stream.close()  # like pytest's captured stderr, closed before atexit runs
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.splitlines() == ["flushed kept"]
+    assert "Logging error" not in out.stderr, out.stderr
+
+
 def test_flush_at_exit_holds_no_reference():
     class Owner:
         def flush(self) -> None:

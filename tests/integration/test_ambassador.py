@@ -46,6 +46,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support.needs import missing
 from support.procs import ServerNotReady, ServerProcess, free_port
+from support.waiting import wait_until
 
 from flowgate.llm_sim import reply_tokens
 
@@ -93,15 +94,7 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def wait_for(check: Callable[[], Any], timeout_s: float, interval_s: float = 0.1,
              what: str = "condition") -> Any:
-    """Poll ``check`` until it returns something truthy; bounded in time."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true within {timeout_s} s (last: {value!r})")
-        time.sleep(interval_s)
+    return wait_until(check, what, timeout_s, interval_s)
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -15,6 +15,7 @@ import pytest
 import requests
 import websocket
 from support.procs import ServerProcess, free_port
+from support.waiting import wait_until
 
 from flowgate.llm_sim import reply_tokens
 
@@ -133,13 +134,7 @@ def close_frame(ws: websocket.WebSocket) -> tuple[int, str, list[int]]:
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    return wait_until(condition, what, timeout, interval_s=0.05)
 
 
 def run_status(proc: ServerProcess, run_id: str, status: str) -> dict[str, Any]:

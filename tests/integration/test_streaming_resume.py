@@ -21,9 +21,8 @@ import json
 import os
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ import requests
 import sseclient
 from prometheus_client.parser import text_string_to_metric_families
 from support.procs import ServerProcess, free_port
+from support.waiting import wait_until
 
 from flowgate.llm_sim import reply_tokens
 
@@ -179,14 +179,6 @@ def record(url: str, run_id: str) -> dict[str, Any]:
     resp = requests.get(f"{url}/api/v1/runs/{run_id}", headers=AUTH, timeout=TIMEOUT)
     assert resp.status_code == 200, resp.text
     return resp.json()
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def wait_status(url: str, run_id: str, status: str) -> dict[str, Any]:

@@ -53,6 +53,7 @@ import sseclient
 import yaml
 
 from support.procs import ServerProcess, free_port
+from support.waiting import wait_until
 
 ADMIN_SECRET = "chaos-admin-secret-0001"
 PROXY_SECRET = "chaos-ambassador-secret-0001"
@@ -106,15 +107,8 @@ def flow(flow_id: str, label: str) -> dict[str, Any]:
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy; bounded in time."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"{what}: not true within {timeout_s:g} s (last: {last!r})")
+    """Poll ``check`` until it returns something truthy (support/waiting.py)."""
+    return wait_until(check, what, timeout_s, interval_s)
 
 
 def missing_tools() -> list[str]:

@@ -24,6 +24,7 @@ import pytest
 import redis
 import sseclient
 from flask import Flask
+from support.waiting import wait_until
 
 from flow_engine.auth import parse_key, principal_for
 from flow_engine.errors import FlowgateError
@@ -240,14 +241,6 @@ def read_at_most(resp: Any, max_chunks: int, seconds: float) -> tuple[list[bytes
 
 def _json_if_ok(resp: Any) -> Any:
     return resp.get_json() if resp.status_code == 200 else None
-
-
-def wait_until(predicate: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
 
 
 # -- replay and resume ----------------------------------------------------------------------

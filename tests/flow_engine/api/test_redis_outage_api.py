@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import sseclient
 from flask import Flask
+from support.waiting import wait_until
 
 from flow_engine.auth import parse_key, principal_for
 from flow_engine.runs.request import RunRequest
@@ -81,14 +82,6 @@ def take(events: Iterator[Any], n: int) -> list[Event]:
 def parse(resp: Any) -> list[Event]:
     return [(e.id, e.event, json.loads(e.data))
             for e in sseclient.SSEClient(resp.iter_encoded()).events()]
-
-
-def wait_until(predicate: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
 
 
 @pytest.fixture

@@ -9,13 +9,12 @@ long migration or another process's stuck transaction would) and let it go again
 from __future__ import annotations
 
 import sqlite3
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.waiting import wait_until
 
 from flow_engine.errors import RunNotFound
 from flow_engine.runs.request import RunRequest
@@ -34,14 +33,6 @@ def hold_write_lock(path: Path) -> sqlite3.Connection:
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     return holder
-
-
-def wait_until(predicate: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
 
 
 def get_run_or_none(store: Any, run_id: str) -> RunRecord | None:

@@ -15,6 +15,7 @@ import flask_sock
 import pytest
 from flask import Flask
 from support.fake_ws import WAIT_S, FakeClock, FakeSocket
+from support.waiting import wait_until
 
 from flow_engine.api.ws import ConnectionLimit, RunSocket, WholeFrames, event_message
 from flow_engine.runs.runner import RunEvent
@@ -70,13 +71,7 @@ def slow_app(make_app, fresh_llm_sim, auth, defs) -> Flask:
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    return wait_until(condition, what, timeout)
 
 
 def run_record(app: Flask, auth: dict[str, str], run_id: str, status: str) -> dict[str, Any]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
 from support.keys import as_
+from support.waiting import wait_until
 
 from flow_engine.api import knowledge as knowledge_api
 from flow_engine.auth import ROUTE_ROLES
@@ -115,14 +115,16 @@ def upload_text(client, kb_id: str, name: str, text: str, **metadata: Any) -> di
 def wait_document(client, kb_id: str, doc: str, statuses=("ready", "failed"),
                   timeout_s: float = WAIT_S) -> dict[str, Any]:
     """Poll the document until its status is one of ``statuses`` (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    seen: list[dict[str, Any]] = []
+
+    def settled() -> dict[str, Any] | None:
         body = client.get(f"/api/v1/knowledge/{kb_id}/documents/{doc}",
                           headers=as_("runner")).get_json()
-        if body.get("status") in statuses:
-            return body
-        assert time.monotonic() < deadline, f"document {doc} stayed {body}"
-        time.sleep(0.02)
+        seen[:] = [body]
+        return body if body.get("status") in statuses else None
+
+    return wait_until(settled, lambda: f"document {doc} to be {' or '.join(statuses)} "
+                      f"(it stayed {seen})", timeout_s)
 
 
 def search(client, kb_id: str, query: str, *, k: int = 4, mode: str = "hybrid",
