@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ambassador.chain import Request
-from flowgate import tracing
+from flowgate import otel, tracing
 
 if TYPE_CHECKING:
     from ambassador.app import Ambassador
@@ -34,6 +34,12 @@ def answer(amb: Ambassador, req: Request, trace: tracing.TraceContext, started: 
     line and is to be called once the answer has been sent."""
     m = amb.metrics
     req.ctx["trace"] = trace
+    span = None
+    if amb.telemetry is not None:  # the request's span; upstream attempts are its children
+        span = req.ctx["span"] = amb.telemetry.server_span(
+            f"{req.method} {req.route}", trace, req.header("traceparent"),
+            {"http.request.method": req.method, "http.route": req.route})
+        req.ctx["telemetry"] = amb.telemetry
     response = amb.handle(req)
     upstream_s = response.meta.get("upstream_s", 0.0)
     # the ambassador's own time, plus what the engine says the hop to it cost (Server-Timing)
@@ -68,6 +74,14 @@ def answer(amb: Ambassador, req: Request, trace: tracing.TraceContext, started: 
                 "duration_ms": round(elapsed * 1000, 3)})
         finally:
             tracing.current.reset(token)
+        if span is not None:
+            identity = req.ctx.get("identity")
+            otel.ended_with(span, response.status, **{
+                "flowgate.flow.id": req.flow_id, "flowgate.cache": cache,
+                "flowgate.attempts": response.meta.get("attempts", 1),
+                "flowgate.fallback": bool(response.meta.get("fallback")),
+                "flowgate.identity": identity.name if identity else None,
+                "flowgate.tenant": identity.tenant if identity else None})
 
     if response.chunks is None:
         elapsed = time.perf_counter() - started

@@ -42,7 +42,8 @@ from ambassador.redis_pause import RedisPause
 from ambassador.routing_view import RoutingView
 from ambassador.run_flow import RunFlowPath
 from ambassador.upstream import Upstream
-from flowgate import jsonlog, tracing
+from flowgate import jsonlog, otel, tracing
+from flowgate.at_exit import flush_at_exit
 from flowgate.signals import Signals
 
 log = logging.getLogger("ambassador")
@@ -58,6 +59,12 @@ class Ambassador:
     def __init__(self, settings: config_module.Settings, metrics: AmbassadorMetrics,
                  path: str | None, overrides: Mapping[str, Any] | None = None) -> None:
         self.metrics = metrics
+        # spans over OTLP when the OTEL_* variables ask for them (flowgate/otel.py); else
+        # None. Environment only: a config reload keeps it.
+        self.telemetry = otel.from_env("flowgate-ambassador", on_dropped=lambda reason, n: (
+            metrics.spans_dropped.labels(reason).inc(n)))
+        if self.telemetry is not None:
+            flush_at_exit(self.telemetry.flush)
         self.labels = FlowLabels()  # outlives reloads: the flows seen stay label values
         refuse = os.environ.get(config_module.REFUSE_NO_AUTH_ENV) == "1"
         # which version answers a request, for the cache (outlives reloads; asks whichever

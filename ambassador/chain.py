@@ -93,5 +93,13 @@ def json_response(status: int, payload: Any, headers: Mapping[str, str] | None =
                     json.dumps(payload, separators=(",", ":")).encode())
 
 
+def note(request: Request, name: str, **attributes: Any) -> None:
+    """A decision (a retry, an open breaker) as an event on the request's span, when the
+    ambassador exports spans (``flowgate/otel.py``)."""
+    span = request.ctx.get("span")
+    if span is not None:
+        span.add_event(name, attributes)
+
+
 def chunks_of(body: Iterable[bytes]) -> Iterator[bytes]:
     yield from body

@@ -26,6 +26,13 @@ class AmbassadorMetrics(ServiceMetrics):
             "The longest garbage-collection pause since the process started.",
             multiprocess_mode="max", **kw)
         gc_pauses.watch(self.gc_pause, self.gc_pause_max)
+        self.spans_dropped = Counter(
+            "flowgate_ambassador_spans_dropped_total",
+            "OpenTelemetry spans not delivered to the collector, by reason (queue_full: the "
+            "export queue was full; export_failed: the collector did not take them).",
+            ["reason"], **kw)
+        for reason in ("queue_full", "export_failed"):
+            self.spans_dropped.labels(reason)
         self.requests = Counter(
             "flowgate_ambassador_requests_total", "Requests by route, flow, status and cache result.",
             ["route", "flow", "status", "cache"], **kw)

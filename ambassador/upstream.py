@@ -32,6 +32,7 @@ from typing import Any
 from ambassador import http1
 from ambassador.chain import Request, Response, error_response
 from ambassador.config import Upstream as UpstreamSettings
+from flowgate import otel
 
 # engine response headers passed to the app: lower-case name → the name filters look up
 PASS_HEADERS = {name.lower(): name for name in (
@@ -78,11 +79,29 @@ class Upstream:
         self.last_error: tuple[float, str] | None = None
 
     def __call__(self, request: Request) -> Response:
+        parent = request.ctx.get("span")
+        if parent is None or not parent.is_recording():
+            # no spans, or this trace is not sampled: the engine is told so (traceparent)
+            return self._attempt(request, parent)
+        # this attempt's span (flowgate/otel.py): the engine's spans are its children
+        span = request.ctx["telemetry"].client(
+            parent, f"{request.method} {request.path.partition('?')[0]}",
+            {"http.request.method": request.method, "server.address": self.pool.host,
+             "server.port": self.pool.port, "flowgate.attempt": request.ctx.get("attempt", 1)})
+        response = self._attempt(request, span)
+        kind = response.meta.get("upstream_error")
+        if response.chunks is None:
+            otel.ended_with(span, response.status, error=kind)
+        else:
+            response.chunks = _ending(response.chunks, span, response.status)
+        return response
+
+    def _attempt(self, request: Request, span: Any) -> Response:
         t = self.settings.timeouts
         per_try = request.ctx.get("per_try_s", t.per_try_s)
         read = min(t.stream_first_byte_s, per_try) if request.stream else per_try
         try:
-            headers = self._headers(request)
+            headers = self._headers(request, span)
             body = json.dumps(request.body).encode() if request.body is not None else None
         except (ValueError, TypeError, RecursionError) as exc:
             return self._unsendable(request, exc)
@@ -178,7 +197,7 @@ class Upstream:
             return resp.status == 200 or resp.status in (404, 405, 501)
         return False
 
-    def _headers(self, request: Request) -> dict[str, str]:
+    def _headers(self, request: Request, span: Any = None) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": request.header("accept") or
                    ("text/event-stream" if request.stream else "application/json")}
         for name in ("idempotency-key", "last-event-id", "cache-control", "x-request-id"):
@@ -186,9 +205,11 @@ class Upstream:
             if value:
                 headers[name] = value
         trace = request.ctx.get("trace")
-        if trace is not None:
-            upstream_span = trace.child()
-            headers["traceparent"] = upstream_span.traceparent
+        if span is not None:
+            headers["traceparent"] = otel.traceparent_of(span)
+            headers["x-request-id"] = trace.request_id
+        elif trace is not None:
+            headers["traceparent"] = trace.child().traceparent
             headers["x-request-id"] = trace.request_id
         identity = request.ctx.get("identity")
         if identity is not None:
@@ -245,6 +266,14 @@ class Upstream:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _ending(chunks: Iterator[bytes], span: Any, status: int) -> Iterator[bytes]:
+    """A streamed attempt's chunks; its span ends with the stream (closed early too)."""
+    try:
+        yield from chunks
+    finally:
+        otel.ended_with(span, status)
 
 
 def _sse_error(code: str, message: str) -> bytes:

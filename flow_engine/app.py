@@ -28,7 +28,7 @@ from flow_engine.service import FlowService
 from flow_engine.store import SqlFlowStore
 from flow_engine.store.engines import PoolSize
 from flow_engine.tenants import TenantLimits
-from flowgate import jsonlog, tracing
+from flowgate import jsonlog, otel, tracing
 from flowgate.at_exit import flush_at_exit
 from flowgate.signals import Signals
 
@@ -52,6 +52,9 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
         log.warning("AUTH DISABLED: the engine accepts requests without an API key "
                     "(--insecure-no-auth); never run it like this outside a developer machine")
     metrics = metrics or EngineMetrics()
+    # spans over OTLP when the OTEL_* variables ask for them (flowgate/otel.py); else None
+    telemetry = otel.from_env("flowgate-engine", on_dropped=lambda reason, n: (
+        metrics.spans_dropped.labels(reason).inc(n)))
     store = SqlFlowStore(settings.database_url,
                          on_error=lambda op: metrics.store_errors.labels(op).inc(),
                          on_reconnect=lambda op: metrics.store_reconnects.labels(op).inc(),
@@ -71,7 +74,8 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     outcomes = OutcomeRecorder(window, flush_s=settings.outcome_flush_s,
                                on_error=metrics.outcome_flush_errors.inc)
     run_service = RunService(flow_service, store, settings, metrics, events=events,
-                             signals=signals, limits=limits, outcomes=outcomes)
+                             signals=signals, limits=limits, outcomes=outcomes,
+                             telemetry=telemetry)
     if signals is not None:
         signals.start()
     maintenance = Maintenance(store, settings, metrics)
@@ -82,6 +86,8 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     rollouts.start()
     flush_at_exit(outcomes.flush)
     flush_at_exit(run_service.executor.flush)  # ended runs still queued reach the store
+    if telemetry is not None:
+        flush_at_exit(telemetry.flush)  # after the runs' own flush: their spans are ended
 
     app = Flask("flow_engine")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -89,8 +95,9 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service, keys,
                                         maintenance, rollouts)
     app.extensions[knowledge.EXTENSION] = knowledge_service
+    app.extensions["flowgate_telemetry"] = telemetry
 
-    _install_request_hooks(app, metrics)  # first: errors below carry the trace id
+    _install_request_hooks(app, metrics, telemetry)  # first: errors below carry the trace id
 
     @app.before_request
     def _auth():  # every /api/v1 path, known or not: unauthenticated callers learn nothing
@@ -149,13 +156,16 @@ def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing, sto
             RedisWindow(client))
 
 
-def _install_request_hooks(app: Flask, metrics: EngineMetrics) -> None:
+def _install_request_hooks(app: Flask, metrics: EngineMetrics,
+                           telemetry: otel.Telemetry | None) -> None:
     @app.before_request
     def _start():
         g.started = time.perf_counter()
         g.trace = tracing.from_headers(request.headers.get("traceparent"),
                                        request.headers.get("X-Request-ID"))
         g.trace_token = tracing.current.set(g.trace)
+        if telemetry is not None:
+            _start_span(telemetry)
 
     @app.after_request
     def _finish(response):
@@ -184,6 +194,14 @@ def _install_request_hooks(app: Flask, metrics: EngineMetrics) -> None:
                 "flow_id": g.get("flow_id"), "run_id": g.get("run_id"),
                 "actor": caller.actor if caller else None,
                 "tenant": caller.tenant if caller else None})
+        span = g.pop("span", None)
+        if span is not None:  # ended once the answer (a stream: its end) has gone out
+            caller = g.get("principal")
+            attrs = {"flowgate.flow.id": g.get("flow_id"), "flowgate.run.id": g.get("run_id"),
+                     "flowgate.tenant": caller.tenant if caller else None,
+                     "flowgate.actor": caller.actor if caller else None}
+            status = response.status_code
+            response.call_on_close(lambda: otel.ended_with(span, status, **attrs))
         return response
 
     @app.teardown_request
@@ -191,6 +209,29 @@ def _install_request_hooks(app: Flask, metrics: EngineMetrics) -> None:
         token = g.pop("trace_token", None)
         if token is not None:
             tracing.current.reset(token)
+        if telemetry is not None:
+            _end_span(telemetry)
+
+
+def _start_span(telemetry: otel.Telemetry) -> None:
+    """The request's server span, current while the request is handled."""
+    route = request.url_rule.rule if request.url_rule else None
+    method = request.method if request.method in _METHODS else "other"
+    attrs = {"http.request.method": method, "url.path": request.path}
+    if route:
+        attrs["http.route"] = route
+    g.span = telemetry.server_span(f"{method} {route}" if route else method, g.trace,
+                                   request.headers.get("traceparent"), attrs)
+    g.span_token = telemetry.activate(g.span)
+
+
+def _end_span(telemetry: otel.Telemetry) -> None:
+    token = g.pop("span_token", None)
+    if token is not None:
+        telemetry.deactivate(token)
+    span = g.pop("span", None)  # still here: no response was made (after_request ends it)
+    if span is not None:
+        otel.ended_with(span, 500, error="no_response")
 
 
 def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None):

@@ -41,6 +41,13 @@ class EngineMetrics(ServiceMetrics):
             "The longest garbage-collection pause since the process started.",
             multiprocess_mode="max", **kw)
         gc_pauses.watch(self.gc_pause, self.gc_pause_max)
+        self.spans_dropped = Counter(
+            "flowgate_engine_spans_dropped_total",
+            "OpenTelemetry spans not delivered to the collector, by reason (queue_full: the "
+            "export queue was full; export_failed: the collector did not take them).",
+            ["reason"], **kw)
+        for reason in ("queue_full", "export_failed"):
+            self.spans_dropped.labels(reason)
         self.http_requests = Counter(
             "flowgate_engine_http_requests_total", "HTTP requests by route, method and status.",
             ["route", "method", "status"], **kw)

@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ambassador.chain import Handler, Request, Response, error_response
+from ambassador.chain import Handler, Request, Response, error_response, note
 from ambassador.config import Breaker as BreakerSettings
 
 FAILURE_STATUSES = frozenset({500, 503, 504})
@@ -199,11 +199,14 @@ class Breaker:
 
     def __call__(self, request: Request, next: Handler) -> Response:
         if not self.breaker.allow():
+            note(request, "breaker_rejected", **{"flowgate.breaker.state": self.breaker.state})
             response = error_response(
                 503, "circuit_open", "the flow engine is failing; not calling it for a moment",
                 request, headers={"Retry-After": str(self.breaker.retry_after())})
             response.meta["breaker_open"] = True
             return response
+        if self.breaker.state == "half_open":
+            note(request, "breaker_trial")
         try:
             response = next(request)
         except BaseException:

@@ -25,7 +25,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
-from ambassador.chain import Handler, Request, Response
+from ambassador.chain import Handler, Request, Response, note
 from ambassador.config import Retry as RetrySettings
 
 
@@ -106,11 +106,18 @@ class Retry:
             delay = self._delay(attempt, response)
             deadline = request.ctx.get("deadline")
             if deadline is not None and self._clock() + delay >= deadline:
+                note(request, "retry_skipped", **{"flowgate.retry.reason": reason,
+                                                  "flowgate.retry.why": "deadline"})
                 break
             if not self.budget.try_spend():
                 self._on_exhausted()
+                note(request, "retry_skipped", **{"flowgate.retry.reason": reason,
+                                                  "flowgate.retry.why": "budget_exhausted"})
                 break
             self._on_retry(reason)
+            note(request, "retry", **{"flowgate.retry.reason": reason,
+                                      "flowgate.retry.attempt": attempt + 1,
+                                      "flowgate.retry.delay_s": round(delay, 6)})
             self._sleep(delay)
             attempt += 1
         response.headers["X-Upstream-Attempts"] = str(attempt)

@@ -31,8 +31,10 @@ from flow_engine.runs.events import RunEventLog
 from flow_engine.runs.record_writer import RecordWriter, RunEnd
 from flow_engine.runs.request import PreparedRun
 from flow_engine.runs.runner import RunEvent, RunResult
+from flow_engine.runs.spans import RunSpans
 from flow_engine.store.base import ChatMessage, FlowStore
 from flow_engine.tenants import TenantLimits
+from flowgate.otel import Telemetry
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("succeeded", "failed", "cancelled")
@@ -44,8 +46,10 @@ class RunExecutor:
     def __init__(self, store: FlowStore, metrics: EngineMetrics, events: RunEventLog,
                  limits: TenantLimits, *, clock: Callable[[], datetime],
                  record_retry_s: float = 60.0, record_batch_s: float = 0.002,
-                 outcomes: OutcomeRecorder | None = None) -> None:
+                 outcomes: OutcomeRecorder | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self.store = store
+        self.telemetry = telemetry  # the runs' spans, when the engine exports them
         self.outcomes = outcomes  # per-version outcomes for canary analysis (rollouts/)
         self.version_label = VersionLabels(self._forget_version)
         self.metrics = metrics
@@ -114,26 +118,42 @@ class RunExecutor:
         self._start_heartbeats()
         self.metrics.active_runs.inc()
         self.events.open(prepared.run_id, prepared.tenant)
+        # the run's spans, when its request's span is recorded (flowgate/otel.py)
+        spans = self._spans(prepared) if prepared.span_parent is not None else None
         started = prepared.started_at = time.perf_counter()
         try:
             result = runner.execute(
                 prepared.compiled,
                 prepared.request.run_input(prepared.tenant, prepared.caller.identity,
                                            prepared.record.trace_id if prepared.record else None),
-                emit=emit,
-                run_id=prepared.run_id, cancel=prepared.cancel, stream_tokens=stream_tokens)
+                emit=emit, run_id=prepared.run_id, cancel=prepared.cancel,
+                stream_tokens=stream_tokens, observer=spans)
         except FlowgateError as exc:
             exc.details.setdefault("run_id", prepared.run_id)  # so the caller can look it up
             status = "cancelled" if exc.code == "run_cancelled" else "failed"
+            if spans is not None:
+                spans.end(status, exc.code, getattr(exc, "usage", None))
             self._finish(prepared, status, time.perf_counter() - started, None,
                          {"status": exc.status, **exc.to_dict()}, getattr(exc, "usage", None))
             raise
         except BaseException as exc:
+            if spans is not None:
+                spans.end("failed", "internal")
             self._finish(prepared, "failed", time.perf_counter() - started, None,
                          {"status": 500, "code": "internal", "message": "internal error"})
             raise RunFailed("the run failed unexpectedly") from exc
+        if spans is not None:
+            spans.end("succeeded", usage=result.usage)
         self._finish(prepared, "succeeded", time.perf_counter() - started, result, None)
         return result
+
+    def _spans(self, prepared: PreparedRun) -> RunSpans:
+        assert self.telemetry is not None  # a span_parent comes from it
+        compiled = prepared.compiled
+        return RunSpans(self.telemetry, prepared.span_parent, flow_id=compiled.flow_id,
+                        version=compiled.version, run_id=prepared.run_id,
+                        node_types=compiled.node_types, session_id=prepared.request.session_id,
+                        tenant=prepared.tenant)
 
     def _finish(self, prepared: PreparedRun, status: str, seconds: float,
                 result: RunResult | None, error: dict[str, Any] | None,

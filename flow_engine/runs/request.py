@@ -93,6 +93,7 @@ class PreparedRun:
     started_at: float = 0.0
     claim_s: float = 0.0  # spent claiming the idempotency key (Server-Timing: idem)
     first_token_at: float | None = None
+    span_parent: Any = None  # the OpenTelemetry context of the request that started it
 
     @property
     def tenant(self) -> str:

@@ -279,10 +279,12 @@ def execute(
     cancel: CancelToken | None = None,
     display_names: dict[str, str] | None = None,
     stream_tokens: bool = False,
+    observer: BaseCallbackHandler | None = None,
 ) -> RunResult:
     """Run the flow in the calling thread, reporting every event to ``emit``. Raises a
     :class:`FlowgateError` (the run's ``error`` event has been emitted) on failure.
-    ``stream_tokens`` asks every chat model to stream (always on for the openai provider)."""
+    ``stream_tokens`` asks every chat model to stream (always on for the openai provider);
+    ``observer`` is one more callback handler (the run's spans: ``runs/spans.py``)."""
     run_id = run_id or uuid.uuid4().hex
     cancel = cancel or CancelToken()
     started = time.perf_counter()
@@ -295,7 +297,8 @@ def execute(
     try:
         values = compiled.runnable.invoke(
             {**run_input.graph_input(), "flow_id": compiled.flow_id},
-            {"callbacks": [recorder], "metadata": {"flowgate_run_id": run_id},
+            {"callbacks": [recorder] if observer is None else [recorder, observer],
+             "metadata": {"flowgate_run_id": run_id},
              "configurable": {STREAM_TOKENS: stream_tokens, RUN_CONTEXT: context}},
         )
     except BaseException as exc:

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flow_engine.auth import Principal
 from flow_engine.config import Settings
@@ -37,6 +37,9 @@ from flow_engine.store.base import FlowStore, RunRecord
 from flow_engine.tenants import TenantLimits, TenantPolicy
 from flowgate.signals import Signals
 
+if TYPE_CHECKING:
+    from flowgate.otel import Telemetry
+
 log = logging.getLogger(__name__)
 
 __all__ = ["PreparedRun", "RunRequest", "RunService"]
@@ -47,8 +50,10 @@ class RunService:
                  metrics: EngineMetrics, events: RunEventLog | None = None,
                  signals: Signals | None = None, limits: TenantLimits | None = None,
                  clock: Callable[[], datetime] | None = None,
-                 outcomes: OutcomeRecorder | None = None) -> None:
+                 outcomes: OutcomeRecorder | None = None,
+                 telemetry: Telemetry | None = None) -> None:
         self.flows = flows
+        self.telemetry = telemetry
         self.store = store
         self.settings = settings
         self.metrics = metrics
@@ -58,7 +63,8 @@ class RunService:
         limits = limits or TenantLimits(TenantPolicy.parse(0, 0, ""))
         self.executor = RunExecutor(store, metrics, self.events, limits, clock=self._now,
                                     record_retry_s=settings.record_retry_s,
-                                    record_batch_s=settings.record_batch_s, outcomes=outcomes)
+                                    record_batch_s=settings.record_batch_s, outcomes=outcomes,
+                                    telemetry=telemetry)
         self.idempotency = Idempotency(store, settings, metrics, clock=self._now)
         self.watcher = RunWatcher(store, self.events, settings)
         if signals is not None:
@@ -70,6 +76,8 @@ class RunService:
                                            sticky_value=request.session_id, caller=caller)
         compiled = self.flows.compiled(flow, version, request.tweaks)
         prepared = PreparedRun(uuid.uuid4().hex, compiled, request, CancelToken(), caller)
+        if self.telemetry is not None:  # the request's span, if recorded: the run's parent
+            prepared.span_parent = self.telemetry.current()
         keyed = idempotency_key is not None
         prepared.record = RunRecord(
             run_id=prepared.run_id, flow_id=flow.id, version=version, status="running",

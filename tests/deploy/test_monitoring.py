@@ -230,8 +230,18 @@ def test_grafana_provisioning_matches_compose():
     provisioning = REPO / "deploy" / "grafana" / "provisioning"
     provider = yaml.safe_load((provisioning / "dashboards" / "flowgate.yml").read_text(encoding="utf-8"))
     assert provider["providers"][0]["options"]["path"] == mounts["./deploy/grafana/dashboards"]
-    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text(encoding="utf-8"))
-    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    sources = yaml.safe_load((provisioning / "datasources" / "datasources.yml").read_text(
+        encoding="utf-8"))["datasources"]
+    assert {s["type"]: s["url"] for s in sources} == {"prometheus": "http://prometheus:9090",
+                                                     "tempo": "http://tempo:3200"}
+    # the traces Grafana reads are where both services send theirs
+    tempo = yaml.safe_load((REPO / "deploy" / "tempo" / "tempo.yaml").read_text(encoding="utf-8"))
+    assert tempo["server"]["http_listen_port"] == 3200
+    receiver = tempo["distributor"]["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    for service in ("flow-engine", "ambassador"):
+        endpoint = compose["services"][service]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        assert endpoint == "http://tempo:" + receiver.rsplit(":", 1)[1], service
+    assert "./deploy/tempo/tempo.yaml" in " ".join(compose["services"]["tempo"]["volumes"])
 
 
 # -- alert rules ------------------------------------------------------------------------------

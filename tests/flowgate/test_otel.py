@@ -1,0 +1,142 @@
+"""flowgate/otel.py: when spans are exported at all, the parent and trace id a span takes,
+and the spans that are counted as dropped. The exporters here are the SDK's in-memory one
+and ones that fail or block on purpose; tests/integration/test_tracing.py sends over OTLP."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from flowgate import otel, tracing
+
+ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({}, False),
+    (ENDPOINT, True),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "  "}, False),
+    ({**ENDPOINT, "OTEL_SDK_DISABLED": "true"}, False),
+    ({**ENDPOINT, "OTEL_SDK_DISABLED": "false"}, True),
+    ({**ENDPOINT, "OTEL_TRACES_EXPORTER": "none"}, False),
+    ({"OTEL_SERVICE_NAME": "x", "OTEL_TRACES_SAMPLER": "always_on"}, False),  # no endpoint
+])
+def test_spans_are_exported_only_when_an_endpoint_is_set(environ, expected) -> None:
+    assert otel.enabled(environ) is expected
+    assert (otel.from_env("flowgate-engine", environ=environ) is not None) is expected
+
+
+def telemetry(exporter: SpanExporter, dropped: list | None = None,
+              environ: dict[str, str] | None = None) -> otel.Telemetry:
+    def on_dropped(reason: str, n: int) -> None:
+        if dropped is not None:
+            dropped.append((reason, n))
+
+    return otel.Telemetry("flowgate-test", exporter, on_dropped=on_dropped,
+                          environ=environ or {})
+
+
+def test_a_server_span_continues_the_callers_trace() -> None:
+    exporter = InMemorySpanExporter()
+    t = telemetry(exporter)
+    header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    span = t.server_span("POST /run-flow", tracing.from_headers(header, None), header)
+    child = t.client(span, "POST /api/v1/run/faq")
+    assert otel.traceparent_of(child).startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+    child.end()
+    span.end()
+    t.flush()
+    server, = (s for s in exporter.get_finished_spans() if s.name == "POST /run-flow")
+    assert f"{server.context.trace_id:032x}" == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert f"{server.parent.span_id:016x}" == "00f067aa0ba902b7" and server.parent.is_remote
+    assert server.resource.attributes["service.name"] == "flowgate-test"
+    client, = (s for s in exporter.get_finished_spans() if s.name == "POST /api/v1/run/faq")
+    assert client.parent.span_id == server.context.span_id
+
+
+def test_without_a_valid_traceparent_the_root_span_takes_the_trace_id_of_the_logs() -> None:
+    exporter = InMemorySpanExporter()
+    t = telemetry(exporter)
+    for bad in (None, "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01"):
+        trace = tracing.from_headers(bad, None)
+        t.server_span("GET /x", trace, bad).end()
+        t.flush()
+        span = exporter.get_finished_spans()[-1]
+        assert f"{span.context.trace_id:032x}" == trace.trace_id
+        assert span.parent is None
+    other = t.client(None, "unrelated")  # ids are random again afterwards
+    assert f"{other.get_span_context().trace_id:032x}" != trace.trace_id
+
+
+def test_an_unsampled_caller_gets_no_spans_recorded() -> None:
+    exporter = InMemorySpanExporter()
+    t = telemetry(exporter)
+    header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    span = t.server_span("POST /run-flow", tracing.from_headers(header, None), header)
+    assert not span.is_recording()
+    span.end()
+    t.flush()
+    assert exporter.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize("variable", ["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"])
+def test_the_service_name_of_the_environment_wins(monkeypatch, variable) -> None:
+    value = "orders-sidecar" if variable == "OTEL_SERVICE_NAME" else \
+        "service.name=orders-sidecar,deployment.environment=prod"
+    monkeypatch.setenv(variable, value)
+    t = telemetry(InMemorySpanExporter(), environ=dict(os.environ))
+    assert t.provider.resource.attributes["service.name"] == "orders-sidecar"
+    assert telemetry(InMemorySpanExporter()).provider.resource.attributes[
+        "service.name"] == "flowgate-test"  # the default when the environment names none
+
+
+class Failing(SpanExporter):
+    def export(self, spans):
+        return SpanExportResult.FAILURE
+
+
+class Raising(SpanExporter):
+    def export(self, spans):
+        raise ConnectionError("collector down")
+
+
+@pytest.mark.parametrize("exporter", [Failing(), Raising()])
+def test_spans_a_collector_did_not_take_are_counted(exporter) -> None:
+    dropped: list[tuple[str, int]] = []
+    t = telemetry(exporter, dropped)
+    for i in range(3):
+        t.client(None, f"call {i}").end()
+    t.flush()
+    assert sum(n for reason, n in dropped if reason == "export_failed") == 3
+
+
+class Blocking(SpanExporter):
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.exported = 0
+
+    def export(self, spans):
+        self.release.wait(30)
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def test_a_full_queue_drops_spans_without_waiting_and_counts_them(monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2")
+    exporter, dropped = Blocking(), []
+    t = telemetry(exporter, dropped)
+    try:
+        for i in range(20):  # the exporter is stuck: nothing here may wait for it
+            t.client(None, f"call {i}").end()
+        lost = sum(n for reason, n in dropped if reason == "queue_full")
+        assert 20 - 4 - 2 <= lost <= 20 - 4  # the queue holds 4; the stuck export took ≤ 2
+    finally:
+        exporter.release.set()
+    t.flush()
+    assert exporter.exported + lost == 20
