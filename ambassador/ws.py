@@ -34,6 +34,7 @@ from ambassador import hygiene, origin
 from ambassador.answer import forwarded
 from ambassador.chain import Request, Response, build_chain, error_response
 from ambassador.ws_guard import ROUTE, UPSTREAM_PATH, Close, Guard
+from flowgate import otel
 from flowgate.websockets import WholeFrames
 
 if TYPE_CHECKING:
@@ -110,7 +111,13 @@ def mount(app: Flask, amb: Ambassador) -> None:
     def ws_run_flow(ws):
         guard: Guard = g.ws_guard
         url = "ws" + amb.settings.upstream.url[len("http"):] + UPSTREAM_PATH
-        headers = {"traceparent": g.trace.child().traceparent, "x-request-id": g.trace.request_id}
+        span = None  # the session's span (flowgate/otel.py): the engine's runs are below it
+        if amb.telemetry is not None:
+            span = amb.telemetry.server_span(f"GET {ROUTE}", g.trace,
+                                             request.headers.get("traceparent"),
+                                             {"http.request.method": "GET", "http.route": ROUTE})
+        headers = {"traceparent": otel.traceparent_of(span) if span is not None
+                   else g.trace.child().traceparent, "x-request-id": g.trace.request_id}
         key = amb.settings.upstream_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
@@ -119,7 +126,14 @@ def mount(app: Flask, amb: Ambassador) -> None:
             if guard.identity.tenant:
                 headers["x-flowgate-tenant"] = guard.identity.tenant
         m.requests.labels(ROUTE, "", "101", "none").inc()
-        bridge(ws, url, headers, guard.check, guard.tick, trace_id=g.trace.trace_id)
+        try:
+            bridge(ws, url, headers, guard.check, guard.tick, trace_id=g.trace.trace_id)
+        finally:
+            if span is not None:
+                identity = guard.identity
+                otel.ended_with(span, 101, **{
+                    "flowgate.identity": identity.name if identity else None,
+                    "flowgate.tenant": identity.tenant if identity else None})
 
 
 class EngineSocket(Client):

@@ -200,8 +200,12 @@ def _install_request_hooks(app: Flask, metrics: EngineMetrics,
             attrs = {"flowgate.flow.id": g.get("flow_id"), "flowgate.run.id": g.get("run_id"),
                      "flowgate.tenant": caller.tenant if caller else None,
                      "flowgate.actor": caller.actor if caller else None}
-            status = response.status_code
-            response.call_on_close(lambda: otel.ended_with(span, status, **attrs))
+            if request.headers.get("Upgrade", "").lower() == "websocket" \
+                    and response.status_code < 300:  # a session the view ran to its end
+                otel.ended_with(span, 101, **attrs)
+            else:
+                status = response.status_code
+                response.call_on_close(lambda: otel.ended_with(span, status, **attrs))
         return response
 
     @app.teardown_request

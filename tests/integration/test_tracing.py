@@ -9,11 +9,13 @@ LLM call with its token counts. A collector that is down or refusing costs no re
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import requests
+import websocket
 from support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
 from support.procs import free_port
 from support.waiting import wait_until
@@ -193,6 +195,32 @@ def test_without_a_traceparent_the_trace_id_is_the_one_the_answer_and_logs_carry
         trace_id, lambda s: bool(by_name(s, "flowgate-engine", "run ")), "the run's spans")
     server = one(spans, "flowgate-ambassador", "POST /run-flow")
     assert server.parent_span_id == ""  # the root of its trace
+
+
+def test_runs_over_the_websocket_bridge_are_spans_of_its_session(traced, receiver,
+                                                                  fresh_llm_sim) -> None:
+    _engine, amb = traced
+    trace_id = uuid.uuid4().hex
+    ws = websocket.create_connection(amb.url.replace("http", "ws") + "/ws/run-flow", timeout=30,
+                                     header=[f"traceparent: 00-{trace_id}-{'a' * 16}-01"])
+    try:
+        for text in ("first", "second"):
+            ws.send(json.dumps({"type": "run", "flow_id": FLOW_ID, "input": text}))
+            while (message := json.loads(ws.recv()))["type"] not in ("run_finished", "error"):
+                pass
+            assert message["type"] == "run_finished", message
+    finally:
+        ws.close()
+    spans = receiver.wait_for_trace(
+        trace_id, lambda s: len(by_name(s, "flowgate-engine", "run ")) == 2
+        and bool(by_name(s, "flowgate-ambassador", "GET /ws/run-flow"))
+        and bool(by_name(s, "flowgate-engine", "GET /api/v1/ws/runs")), "the session's spans")
+    session = one(spans, "flowgate-ambassador", "GET /ws/run-flow")
+    engine_ws = one(spans, "flowgate-engine", "GET /api/v1/ws/runs")
+    assert session.parent_span_id == "a" * 16
+    assert engine_ws.parent_span_id == session.span_id
+    runs = by_name(spans, "flowgate-engine", "run ")
+    assert all(r.parent_span_id == engine_ws.span_id for r in runs)
 
 
 def test_a_caller_that_does_not_sample_gets_no_spans_from_either_service(
