@@ -315,8 +315,12 @@ def _routes(app: Flask, amb: Ambassador) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         status = exc.code or 500
-        response, _ = bad_request(exc.description or exc.name, status,
-                                  _HTTP_CODES.get(status, "http_error"))
+        message = exc.description or exc.name
+        if status == 404 and request.path.startswith("/api/"):  # an engine path, sent here
+            message = (f"no route {request.path}: this is the ambassador sidecar; apps call "
+                       "POST /run-flow (or GET /runs/{run_id}/events, /ws/run-flow) and the "
+                       "engine's /api/v1 is not served here")
+        response, _ = bad_request(message, status, _HTTP_CODES.get(status, "http_error"))
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             response.headers["Allow"] = ", ".join(exc.valid_methods)  # RFC 9110: with a 405
         return response, status

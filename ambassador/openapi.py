@@ -224,6 +224,8 @@ def _components() -> dict[str, Any]:
                     "flow_id": {"type": "string", "pattern": f"^{ID.pattern}$",
                                 "description": "the id or unique name of a flow"},
                     "input": {"type": ["string", "null"]},
+                    "input_value": {"type": ["string", "null"],
+                                    "description": "LangFlow's name for input (send one of them)"},
                     "session_id": {"type": ["string", "null"], "minLength": 1, "maxLength": 200},
                     "tweaks": {"type": ["object", "null"],
                                "description": "{node_id: {param: value}}: what the flow lists "

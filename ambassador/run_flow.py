@@ -25,7 +25,7 @@ MAX_VERSION = 2**31 - 1
 IO_TYPES = ("chat", "text", "any", "debug")  # the engine's (debug: any)
 CHOICES = {"input_type": IO_TYPES, "output_type": IO_TYPES,
            "on_disconnect": ("cancel", "continue")}
-RUN_FLOW_FIELDS = {"flow_id", "input", "session_id", "tweaks", "version", "stream",
+RUN_FLOW_FIELDS = {"flow_id", "input", "input_value", "session_id", "tweaks", "version", "stream",
                    "input_type", "output_type", "on_disconnect"}
 
 
@@ -159,6 +159,10 @@ _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: 
 def _check_run_body(body: Any) -> str | None:
     if not isinstance(body, dict):
         return 'the body must be a JSON object like {"flow_id": "faq", "input": "hello"}'
+    if "input_value" in body:  # LangFlow's name for it (the WebSocket takes it too)
+        if "input" in body and body["input"] != body["input_value"]:
+            return "input and input_value are one field (input_value is LangFlow's name); send one"
+        body["input"] = body.pop("input_value")
     unknown = sorted(set(body) - RUN_FLOW_FIELDS)
     if unknown:
         return f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(RUN_FLOW_FIELDS))}"

@@ -264,7 +264,10 @@ def _install_error_handlers(app: Flask) -> None:
     def _http(exc: HTTPException):
         status = exc.code or 500
         code = _HTTP_CODES.get(status, "http_error")
-        message = {404: f"no route {request.method} {request.path}",
+        message = {404: f"no route {request.method} {request.path}" + (
+                       "; /run-flow is the ambassador sidecar's (apps call it on "
+                       "localhost:8080); the engine runs flows at POST /api/v1/run/{flow}"
+                       if request.path.rstrip("/") == "/run-flow" else ""),
                    405: f"{request.method} is not allowed on {request.path}",
                    413: f"request body over the {app.config['MAX_CONTENT_LENGTH']} byte limit",
                    }.get(status, exc.description or exc.name)

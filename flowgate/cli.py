@@ -126,10 +126,34 @@ def _engine(args: argparse.Namespace) -> int:
     except (ConfigError, FlowgateError, KnowledgeConfigError) as exc:
         print(f"flowgate engine: {exc}", file=sys.stderr)
         return 2
+    if _port_taken("engine", args.host, args.port):
+        return 2
     config_file = str(Path(__file__).resolve().parent.parent / "flow_engine" / "gunicorn_conf.py")
     serve(_engine_app, host=args.host, port=args.port, workers=args.workers,
           config_file=config_file)
     return 0
+
+
+def _port_taken(name: str, host: str, port: int) -> bool:
+    """Say so (and True) when another process listens on ``host:port`` — instead of
+    gunicorn retrying for seconds and then failing with a trace of its own."""
+    import errno
+    import socket
+
+    if not port:
+        return False
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return False  # gunicorn will say what is wrong with the address
+            print(f"flowgate {name}: port {port} on {host} is already in use (another "
+                  f"{name}? `make run` starts one); stop it or pass --port", file=sys.stderr)
+            return True
+    return False
 
 
 def _patch_and_preload(*modules: str) -> None:
@@ -188,6 +212,8 @@ def _ambassador(args: argparse.Namespace) -> int:
         return 2
     if not loopback and not args.force:  # and a hot reload may not turn auth off either
         os.environ[amb_config.REFUSE_NO_AUTH_ENV] = "1"
+    if _port_taken("ambassador", args.host, args.port):
+        return 2
     config_file = str(Path(__file__).resolve().parent.parent / "ambassador" / "gunicorn_conf.py")
     serve(_ambassador_app, host=args.host, port=args.port, workers=args.workers,
           config_file=config_file)

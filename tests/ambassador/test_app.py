@@ -372,6 +372,15 @@ def test_unknown_routes_answer_json(make_app, engine, method, path, status, code
     assert engine.requests == []
 
 
+def test_an_engine_path_sent_to_the_sidecar_says_where_to_go(make_app, engine) -> None:
+    client, _ = make_app()
+    for path in ("/api/v1/flows", "/api/v1/run/faq"):
+        message = assert_error_contract(client.post(path, json={}), 404, "not_found")["message"]
+        assert "this is the ambassador sidecar" in message and "POST /run-flow" in message
+    assert "sidecar" not in assert_error_contract(client.get("/nope"), 404, "not_found")["message"]
+    assert engine.requests == []
+
+
 # -- access log -----------------------------------------------------------------------------------
 
 class JsonLines(logging.Handler):

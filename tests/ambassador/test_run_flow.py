@@ -89,3 +89,15 @@ def test_a_flow_the_engine_ran_keeps_its_label(make_app, engine) -> None:
     run_flow(client, {"flow_id": "real-flow", "input": "x"})
     assert {"other", "real-flow"} <= flow_series(client)
     assert "typo" not in flow_series(client)
+
+
+def test_input_value_is_langflows_name_for_input(make_app, engine) -> None:
+    client, _ = make_app()
+    for body in ({"flow_id": "faq", "input_value": "hello"},
+                 {"flow_id": "faq", "input": "hello", "input_value": "hello"}):
+        assert run_flow(client, body).status_code == 200
+    assert [r["body"]["input_value"] for r in engine.requests] == ["hello", "hello"]
+    for body in ({"flow_id": "faq", "input": "hello", "input_value": "bye"},
+                 {"flow_id": "faq", "input_value": 7}):
+        assert_error_contract(run_flow(client, body), 400, "bad_request")
+    assert len(engine.requests) == 2

@@ -137,6 +137,15 @@ def test_errors_follow_the_contract(client, auth, defs, create_flow, method, pat
         assert all(p["path"].startswith("$") for p in error["problems"])
 
 
+def test_run_flow_sent_to_the_engine_points_at_the_sidecar(client, auth) -> None:
+    for path in ("/run-flow", "/run-flow/"):
+        message = assert_error(client.post(path, headers=auth, json={"flow_id": "f"}), 404,
+                               "not_found")["message"]
+        assert "ambassador sidecar" in message and "POST /api/v1/run/{flow}" in message
+    assert "sidecar" not in assert_error(client.get("/nope", headers=auth), 404,
+                                         "not_found")["message"]
+
+
 @pytest.mark.parametrize(("path", "body"), [
     pytest.param("/api/v1/flows", {"name": "big", "description": "d" * 2000,
                                    "nodes": [{"id": "in", "type": "ChatInput"}]}, id="create-flow"),
