@@ -54,6 +54,9 @@ class Settings:
     # origins (scheme://host[:port]) that receive OPENAI_API_KEY besides OPENAI_BASE_URL's;
     # "keyless:ORIGIN" lets flows call ORIGIN without the key (flow_engine/egress.py)
     provider_origins: tuple[str, ...] = ()
+    # the model names flows use → what the configured endpoint serves ("gpt-4o-mini=llama3.1:8b,
+    # gpt-4o=llama3.1:70b"): the same flows run on OpenAI, Ollama or vLLM
+    model_aliases: str = ""
     # per-tenant limits (flow_engine/tenants.py): 0 = unlimited; JSON overrides per tenant
     tenant_max_runs: int = 0
     tenant_tokens_per_minute: int = 0
@@ -186,6 +189,7 @@ class Settings:
         keys = self.check_auth()
         self.tenant_policy(keys)
         _ = self.egress
+        _ = self.aliases
         from flow_engine.knowledge.settings import KnowledgeSettings
 
         try:
@@ -193,6 +197,20 @@ class Settings:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return keys
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """FLOW_ENGINE_MODEL_ALIASES as {name a flow uses: model the endpoint serves}."""
+        aliases: dict[str, str] = {}
+        for entry in _split(self.model_aliases):
+            name, sep, target = (part.strip() for part in entry.partition("="))
+            if not sep or not name or not target:
+                raise ConfigError(f"FLOW_ENGINE_MODEL_ALIASES: {entry!r} is not name=model "
+                                  "(e.g. gpt-4o-mini=llama3.1:8b, comma-separated)")
+            if name in aliases:
+                raise ConfigError(f"FLOW_ENGINE_MODEL_ALIASES: {name!r} is given twice")
+            aliases[name] = target
+        return aliases
 
     @property
     def egress(self) -> ProviderOrigins:
@@ -211,7 +229,8 @@ class Settings:
     @property
     def build_context(self) -> BuildContext:
         return BuildContext(openai_base_url=self.openai_base_url,
-                            openai_api_key=self.openai_api_key, egress=self.egress)
+                            openai_api_key=self.openai_api_key, egress=self.egress,
+                            model_aliases=self.aliases)
 
 
 def _split(raw: str) -> tuple[str, ...]:

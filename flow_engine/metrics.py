@@ -67,6 +67,24 @@ class EngineMetrics(ServiceMetrics):
             "flowgate_engine_llm_tokens_total",
             "LLM tokens by flow, version and direction (input|output).",
             ["flow", "version", "direction"], **kw)
+        # each LLM call (flow_engine/runs/runner.py: LlmCall), by the model it was sent to
+        self.llm_calls = Counter(
+            "flowgate_engine_llm_calls_total",
+            "LLM calls by provider, model and outcome (ok, error, rate_limited, timeout, "
+            "cancelled).",
+            ["provider", "model", "outcome"], **kw)
+        self.llm_call_duration = Histogram(
+            "flowgate_engine_llm_call_duration_seconds",
+            "LLM call latency, from the request to its last token, by provider and model.",
+            ["provider", "model"], buckets=RUN_BUCKETS, **kw)
+        self.llm_model_tokens = Counter(
+            "flowgate_engine_llm_model_tokens_total",
+            "LLM tokens by provider, model and direction (input|output).",
+            ["provider", "model", "direction"], **kw)
+        self.run_failures = Counter(
+            "flowgate_engine_run_failures_total",
+            "Runs that did not succeed, by flow and reason (the error code: llm_error, "
+            "run_timeout, run_failed, run_cancelled, tenant_limit, ...).", ["flow", "reason"], **kw)
         self.active_runs = Gauge(
             "flowgate_engine_active_runs", "Runs in progress.", multiprocess_mode="livesum", **kw)
         self.compile_cache = Counter(
@@ -219,3 +237,27 @@ def forget_version(metrics: EngineMetrics, flow_id: str, version: str) -> None:
         for last in extra or (None,):
             labels = (flow_id, version) if last is None else (flow_id, version, last)
             metric.remove(*labels)
+
+
+MAX_MODELS = 50  # distinct (provider, model) label pairs a process reports; then "other"
+MAX_MODEL_CHARS = 80
+
+
+class ModelLabels:
+    """The ``provider`` and ``model`` labels of LLM figures. A model name can come from a
+    tweak (a caller's string when a flow lists ``model`` as tweakable): the first
+    ``MAX_MODELS`` pairs a process sees keep their names, later ones are ``other``."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, provider: str, model: str) -> tuple[str, str]:
+        pair = (provider[:MAX_MODEL_CHARS], model[:MAX_MODEL_CHARS])
+        if pair in self._seen:
+            return pair
+        with self._lock:
+            if len(self._seen) >= MAX_MODELS:
+                return pair[0], "other"
+            self._seen.add(pair)
+        return pair

@@ -12,7 +12,6 @@ from typing import Any
 
 from flow_engine.auth import Principal
 from flow_engine.components import ComponentRegistry
-from flow_engine.components.base import BuildContext
 from flow_engine.components.subflows import SUBFLOWS, EngineSubflows
 from flow_engine.config import Settings
 from flow_engine.errors import BadRequest, FlowInvalid, Forbidden, NotFound, Problem
@@ -40,9 +39,8 @@ class FlowService:
         lookups = dict(lookups or {})
         self.limits = dataclasses.replace(settings.limits, extra=lookups)
         base = settings.build_context
-        self.build_context = BuildContext(base.openai_base_url, base.openai_api_key,
-                                          {"chat_memory": store, SUBFLOWS: EngineSubflows(self),
-                                           **lookups}, egress=base.egress)
+        self.build_context = dataclasses.replace(base, extra={
+            "chat_memory": store, SUBFLOWS: EngineSubflows(self), **lookups})
         hits, misses = metrics.compile_cache.labels("hit"), metrics.compile_cache.labels("miss")
         # Versions and tweaked variants are kept apart: callers choose tweaks, so however
         # many distinct ones they send, they can take at most half the budget and never

@@ -189,7 +189,9 @@ class _FlowgateIds(RandomIdGenerator):
 
 class _CountingBatch(BatchSpanProcessor):
     """The SDK's batch processor, counting the spans it drops because its queue is full
-    (the SDK only logs them)."""
+    (the SDK only logs them). The count can be one batch high: a span is counted when the
+    queue was full as it was checked, even if the exporter took a batch just before the
+    span went in (the SDK's own check has the same race)."""
 
     def __init__(self, exporter: SpanExporter, on_dropped: OnDropped) -> None:
         super().__init__(exporter)

@@ -60,6 +60,8 @@ class BuildContext:
     openai_api_key: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     egress: ProviderOrigins | None = None  # None: the key goes wherever base_url points
+    # model names flows use → the model the endpoint serves (FLOW_ENGINE_MODEL_ALIASES)
+    model_aliases: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,7 +121,7 @@ class ChatModel(Component):
                 raise ValueError(f"node '{node_id}': {ctx.egress.problem(base_url)}")
             key = ctx.egress.key_for(base_url, key)
         return OpenAICompatChatModel(
-            model=params["model"],
+            model=ctx.model_aliases.get(params["model"], params["model"]),
             base_url=base_url,
             api_key=key,  # no key: no Authorization header
             timeout=params["timeout"],

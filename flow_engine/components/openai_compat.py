@@ -108,6 +108,7 @@ class ProviderError(Exception):
     generated, so sending the request again is safe."""
 
     status_code: int | None = None
+    origin: str | None = None  # the endpoint asked (scheme://host[:port]: never a key or path)
 
     def __init__(self, message: str, *, retryable: bool = False,
                  retry_after: float | None = None) -> None:
@@ -184,6 +185,7 @@ class OpenAICompatChatModel(BaseChatModel):
     _url: str = PrivateAttr()
     _path: str = PrivateAttr()
     _pool: urllib3.HTTPConnectionPool | None = PrivateAttr(default=None)
+    _origin: str = PrivateAttr()
     _timeout: urllib3.Timeout = PrivateAttr()
     _retry: RetryPolicy = PrivateAttr()
 
@@ -196,7 +198,9 @@ class OpenAICompatChatModel(BaseChatModel):
             headers["Authorization"] = f"Bearer {self.api_key.get_secret_value()}"
         self._headers = headers
         self._url = self.base_url.rstrip("/") + "/chat/completions"
-        self._path = urllib3.util.parse_url(self._url).request_uri
+        parsed = urllib3.util.parse_url(self._url)
+        self._path = parsed.request_uri
+        self._origin = f"{parsed.scheme}://{parsed.host}" + (f":{parsed.port}" if parsed.port else "")
         self._timeout = urllib3.Timeout(connect=self.timeout, read=self.timeout)
         self._retry = RetryPolicy(max_retries=self.max_retries, sleep=self.retry_sleep)
 
@@ -266,6 +270,7 @@ class OpenAICompatChatModel(BaseChatModel):
                 retry += 1
                 delay = None if yielded else self._retry.delay(retry, exc)
                 if delay is None:
+                    exc.origin = self._origin
                     raise
             self._retry.sleep(delay)
 

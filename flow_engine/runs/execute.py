@@ -19,16 +19,17 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 from flow_engine.errors import Conflict, FlowgateError, RunFailed, TenantLimited
-from flow_engine.metrics import EngineMetrics, VersionLabels, forget_version
+from flow_engine.metrics import EngineMetrics, ModelLabels, VersionLabels, forget_version
 from flow_engine.rollouts.outcomes import OutcomeRecorder, counts_failure
 from flow_engine.runs import runner
 from flow_engine.runs.events import RunEventLog
 from flow_engine.runs.record_writer import RecordWriter, RunEnd
+from flow_engine.runs.recorder import LlmCall
 from flow_engine.runs.request import PreparedRun
 from flow_engine.runs.runner import RunEvent, RunResult
 from flow_engine.runs.spans import RunSpans
@@ -52,6 +53,7 @@ class RunExecutor:
         self.telemetry = telemetry  # the runs' spans, when the engine exports them
         self.outcomes = outcomes  # per-version outcomes for canary analysis (rollouts/)
         self.version_label = VersionLabels(self._forget_version)
+        self.model_label = ModelLabels()  # bounded: a tweak may name any model
         self.metrics = metrics
         self.events = events
         self.limits = limits
@@ -134,7 +136,8 @@ class RunExecutor:
             if spans is not None:
                 spans.end(status, exc.code, getattr(exc, "usage", None))
             self._finish(prepared, status, time.perf_counter() - started, None,
-                         {"status": exc.status, **exc.to_dict()}, getattr(exc, "usage", None))
+                         {"status": exc.status, **exc.to_dict()}, getattr(exc, "usage", None),
+                         getattr(exc, "llm_calls", ()))
             raise
         except BaseException as exc:
             if spans is not None:
@@ -157,8 +160,9 @@ class RunExecutor:
 
     def _finish(self, prepared: PreparedRun, status: str, seconds: float,
                 result: RunResult | None, error: dict[str, Any] | None,
-                spent: dict[str, int] | None = None) -> None:
-        """``spent``: the usage of a run that failed or was cancelled (it still counts)."""
+                spent: dict[str, int] | None = None, calls: Sequence[LlmCall] = ()) -> None:
+        """``spent``, ``calls``: the usage and LLM calls of a run that failed or was
+        cancelled (they still count)."""
         compiled = prepared.compiled
         with self._lock:
             self._active.pop(prepared.run_id, None)
@@ -173,6 +177,14 @@ class RunExecutor:
             for outcome in OUTCOMES:
                 m.runs.labels(flow_id, version, outcome)
         m.runs.labels(flow_id, version, status).inc()
+        if error is not None:
+            m.run_failures.labels(flow_id, str(error.get("code", "internal"))).inc()
+        for call in (result.llm_calls if result is not None else calls):
+            provider, model = self.model_label(call.provider, call.model)
+            m.llm_calls.labels(provider, model, call.outcome).inc()
+            m.llm_call_duration.labels(provider, model).observe(call.seconds)
+            m.llm_model_tokens.labels(provider, model, "input").inc(call.input_tokens)
+            m.llm_model_tokens.labels(provider, model, "output").inc(call.output_tokens)
         tenant = self.limits.policy.label(prepared.tenant)
         m.tenant_runs.labels(tenant, status).inc()
         m.run_duration.labels(flow_id, version).observe(seconds)

@@ -14,8 +14,9 @@ Run events (DESIGN.md), in order, each with a per-run sequence number starting a
 - ``error``         ``{code, message, node}`` — last event of a failed or cancelled run
 - ``run_finished``  the full result, as the non-streamed call returns it — last event
 
-Events come from LangChain callbacks: the compiled graph runs each node as a child run of
-its own, so the recorder maps runs to nodes by their parent. Everything is synchronous
+Events come from LangChain callbacks (``runs/recorder.py``: the compiled graph runs each
+node as a child run of its own, so the recorder maps runs to nodes by their parent; it also
+keeps each LLM call for the per-model figures). Everything is synchronous
 (a WSGI worker under gevent has no asyncio loop); ``stream()`` runs the flow in a thread,
 which gevent turns into a greenlet. Cancellation is checked at every node start and every
 token: the recorder raises, LangChain unwinds, and the provider's HTTP stream is closed.
@@ -35,21 +36,19 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
 from flow_engine.components.openai_compat import ProviderError
-from flow_engine.components.subflows import RUN_CONTEXT, RunContext, add_usage, artifact_usage
-from flow_engine.errors import FlowgateError, LLMError, RunCancelled, RunFailed, RunTimeout
+from flow_engine.components.subflows import RUN_CONTEXT, RunContext
+from flow_engine.errors import FlowgateError, LLMError, RunFailed, RunTimeout
 from flow_engine.flows.compile import STREAM_TOKENS, CompiledFlow
-from flow_engine.flows.values import to_jsonable, to_text
+from flow_engine.flows.values import to_text
+from flow_engine.runs.recorder import Emit, LlmCall, RunRecorder
 
-Emit = Callable[[str, dict[str, Any]], None]
 _MAX_ERROR_MESSAGE = 500
 # stream_with hands these to the consumer at once; other events wait for the run to wait
 _SEND_AT_ONCE = frozenset({"token", "run_finished", "error"})
-MAX_TOOL_EVENT_CHARS = 4000  # of a tool's answer in its tool_result event
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +93,7 @@ class RunResult:
     usage: dict[str, int]
     duration_ms: float
     nodes: dict[str, float] = field(default_factory=dict)
+    llm_calls: list[LlmCall] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -127,149 +127,6 @@ class CancelToken:
         return self._event.is_set()
 
 
-class _RunRecorder(BaseCallbackHandler):
-    """Turns LangChain callbacks into run events; raises to stop a cancelled run."""
-
-    raise_error = True  # so that RunCancelled raised here unwinds the run
-    run_inline = True
-
-    def __init__(self, emit: Emit, node_types: dict[str, str], cancel: CancelToken) -> None:
-        self._emit = emit
-        self._types = node_types
-        self._cancel = cancel
-        self._root: UUID | None = None
-        self._node_of: dict[UUID, str] = {}  # every run inside a node → that node
-        self._started: dict[UUID, float] = {}  # node runs → perf_counter at start
-        self._token_index: dict[str, int] = {}
-        self._tools: dict[UUID, str] = {}  # tool runs in progress → the tool's name
-        self.durations: dict[str, float] = {}
-        self.failed_node: str | None = None
-        self.usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "llm_calls": 0}
-        self._streamed: dict[UUID, int] = {}  # tokens of LLM calls that have not ended
-
-    def _check_cancel(self) -> None:
-        if self._cancel.cancelled:
-            raise RunCancelled(f"run cancelled: {self._cancel.reason}")
-
-    def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str | None) -> None:
-        self._check_cancel()
-        if parent_run_id is None:
-            self._root = run_id
-        elif parent_run_id == self._root and name in self._types:
-            self._node_of[run_id] = name
-            self._started[run_id] = time.perf_counter()
-            self._emit("node_started", {"node": name, "node_type": self._types[name]})
-        elif parent_run_id in self._node_of:
-            self._node_of[run_id] = self._node_of[parent_run_id]
-
-    def _end(self, run_id: UUID, output: Any) -> None:
-        started = self._started.pop(run_id, None)
-        if started is None:
-            return
-        node = self._node_of[run_id]
-        duration_ms = round((time.perf_counter() - started) * 1000, 3)
-        self.durations[node] = duration_ms
-        self._emit(
-            "node_finished",
-            {"node": node, "node_type": self._types[node], "output": to_jsonable(output),
-             "duration_ms": duration_ms},
-        )
-
-    def _error(self, run_id: UUID) -> None:
-        if run_id in self._started and self.failed_node is None:
-            self.failed_node = self._node_of.get(run_id)
-
-    # starts
-    def on_chain_start(self, serialized, inputs, *, run_id, parent_run_id=None, **kw):
-        self._start(run_id, parent_run_id, kw.get("name"))
-
-    def on_chat_model_start(self, serialized, messages, *, run_id, parent_run_id=None, **kw):
-        self._start(run_id, parent_run_id, kw.get("name"))
-
-    def on_llm_start(self, serialized, prompts, *, run_id, parent_run_id=None, **kw):
-        self._start(run_id, parent_run_id, kw.get("name"))
-
-    def on_retriever_start(self, serialized, query, *, run_id, parent_run_id=None, **kw):
-        self._start(run_id, parent_run_id, kw.get("name"))
-
-    # progress
-    def on_llm_new_token(self, token, *, run_id, parent_run_id=None, **kw):
-        self._check_cancel()
-        if not token:
-            return
-        self._streamed[run_id] = self._streamed.get(run_id, 0) + 1
-        node = self._node_of.get(run_id)
-        if node is None:
-            return
-        index = self._token_index.get(node, 0)
-        self._token_index[node] = index + 1
-        self._emit("token", {"node": node, "index": index, "text": token})
-
-    # ends
-    def on_chain_end(self, outputs, *, run_id, parent_run_id=None, **kw):
-        self._end(run_id, outputs)
-
-    def on_retriever_end(self, documents, *, run_id, parent_run_id=None, **kw):
-        self._end(run_id, documents)
-
-    def on_llm_end(self, response, *, run_id, parent_run_id=None, **kw):
-        message = None
-        try:
-            generation = response.generations[0][0]
-            message = getattr(generation, "message", None)
-        except (IndexError, AttributeError):
-            generation = None
-        usage = getattr(message, "usage_metadata", None) or {}
-        streamed = self._streamed.pop(run_id, 0)
-        self.usage["llm_calls"] += 1
-        for key in ("input_tokens", "output_tokens", "total_tokens"):
-            self.usage[key] += max(0, int(usage.get(key) or 0))  # a provider's, not trusted
-        if not usage:  # no usage reported: what was streamed is the least it cost
-            self.usage["output_tokens"] += streamed
-            self.usage["total_tokens"] += streamed
-        self._end(run_id, message if message is not None else getattr(generation, "text", None))
-
-    def spent(self) -> dict[str, int]:
-        """Usage so far, counting the tokens streamed by LLM calls that never ended (a
-        failed or cancelled run still cost them; their input is unknown, so not counted)."""
-        pending = sum(self._streamed.values())
-        return {**self.usage, "output_tokens": self.usage["output_tokens"] + pending,
-                "total_tokens": self.usage["total_tokens"] + pending}
-
-    # tools (an Agent's calls: child runs of its node)
-    def on_tool_start(self, serialized, input_str, *, run_id, parent_run_id=None, inputs=None,
-                      **kw):
-        self._start(run_id, parent_run_id, kw.get("name"))
-        node = self._node_of.get(run_id)
-        if node is None:
-            return
-        tool = self._tools[run_id] = (serialized or {}).get("name") or "tool"
-        self._emit("tool_call", {"node": node, "tool": tool, "call_id": kw.get("tool_call_id"),
-                                "args": to_jsonable(inputs if inputs is not None else input_str)})
-
-    def on_tool_end(self, output, *, run_id, parent_run_id=None, **kw):
-        add_usage(self.usage, artifact_usage(output))  # a FlowTool's flow: its LLM calls
-        node, tool = self._node_of.get(run_id), self._tools.pop(run_id, None)
-        if node is None:
-            return
-        self._emit("tool_result", {
-            "node": node, "tool": tool, "call_id": getattr(output, "tool_call_id", None),
-            "status": getattr(output, "status", "success"),
-            "output": to_text(getattr(output, "content", output))[:MAX_TOOL_EVENT_CHARS]})
-
-    def on_tool_error(self, error, *, run_id, parent_run_id=None, **kw):
-        self._tools.pop(run_id, None)
-
-    def on_chain_error(self, error, *, run_id, parent_run_id=None, **kw):
-        self._error(run_id)
-
-    def on_llm_error(self, error, *, run_id, parent_run_id=None, **kw):
-        self._error(run_id)
-
-    def on_retriever_error(self, error, *, run_id, parent_run_id=None, **kw):
-        self._error(run_id)
-
-
 def execute(
     compiled: CompiledFlow,
     run_input: RunInput,
@@ -290,7 +147,7 @@ def execute(
     started = time.perf_counter()
     emit("run_started", {"run_id": run_id, "flow_id": compiled.flow_id,
                          "version": compiled.version, "session_id": run_input.session_id})
-    recorder = _RunRecorder(emit, dict(compiled.node_types), cancel)
+    recorder = RunRecorder(emit, dict(compiled.node_types), cancel)
     context = RunContext(flow_id=compiled.flow_id, tenant=run_input.tenant,
                          identity=run_input.identity, session_id=run_input.session_id,
                          trace_id=run_input.trace_id, chain=(compiled.flow_id,), cancel=cancel)
@@ -305,6 +162,7 @@ def execute(
         error = classify_error(exc, recorder.failed_node, compiled.node_types)
         error.details.setdefault("node", recorder.failed_node)  # kept on the run record too
         error.usage = recorder.spent()  # for the tenant's token count (never sent to clients)
+        error.llm_calls = recorder.llm_calls  # for the per-model figures (neither)
         emit("error", {**error.to_dict(), "node": recorder.failed_node})
         if error is exc:
             raise
@@ -319,6 +177,7 @@ def execute(
         usage=recorder.usage,
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
         nodes=recorder.durations,
+        llm_calls=recorder.llm_calls,
     )
     _fill_outputs(result, values, compiled, run_input, display_names or {})
     emit("run_finished", result.as_dict())
@@ -422,10 +281,11 @@ def classify_error(
     where = f"node '{node}' ({node_types.get(node, '?')})" if node else "the flow"
     name = type(exc).__name__
     if isinstance(exc, ProviderError):
+        provider = f"the LLM provider at {exc.origin}" if exc.origin else "the LLM provider"
         if isinstance(exc, TimeoutError):
-            return RunTimeout(f"{where}: the LLM provider timed out")
+            return RunTimeout(f"{where}: {provider} timed out")
         detail = f"HTTP {exc.status_code}" if exc.status_code else name
-        return LLMError(f"{where}: the LLM provider failed ({detail}): {_short(exc)}")
+        return LLMError(f"{where}: {provider} failed ({detail}): {_short(exc)}")
     if isinstance(exc, TimeoutError):
         return RunTimeout(f"{where} timed out")
     return RunFailed(f"{where} failed: {name}: {_short(exc)}")

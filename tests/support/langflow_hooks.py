@@ -21,11 +21,11 @@ from flow_engine.components.subflows import SUBFLOWS, EngineSubflows
 from flow_engine.components.template_parser import Parser
 from flow_engine.components.tools import BM25SearchTool, Calculator, FlowTool
 from flow_engine.interop import api as interop_api
-from flow_engine.runs import runner
+from flow_engine.runs.recorder import RunRecorder
 
 NEW_COMPONENTS = (Agent, Calculator, FlowTool, BM25SearchTool, Parser)
 ROLES = {"interop.import_langflow": "editor", "interop.export_langflow": "runner"}
-RUNNER_HOOKED = "on_tool_start" in vars(runner._RunRecorder)
+RUNNER_HOOKED = "on_tool_start" in vars(RunRecorder)
 needs_runner_hook = pytest.mark.skipif(
     not RUNNER_HOOKED, reason="needs the runner part of /tmp/langflow-hooks.patch (tool events, "
                               "the run context)")

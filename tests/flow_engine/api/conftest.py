@@ -21,7 +21,7 @@ import sseclient
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
+from support.prom import metric_value
 
 from flow_engine.app import create_app
 from flow_engine.auth import Principal, parse_key, principal_for
@@ -246,11 +246,6 @@ def metric(client: FlaskClient) -> Callable[..., float]:
     def value(name: str, **labels: str) -> float:
         resp = client.get("/metrics")
         assert resp.status_code == 200
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(resp.get_data(as_text=True))
-            for sample in family.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        )
+        return metric_value(resp.get_data(as_text=True), name, **labels)
 
     return value

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from support.prom import label_values, metric_value
+
 from flow_engine.store import StoreError
 
 RUNS = "flowgate_engine_runs_total"
@@ -76,3 +78,54 @@ def test_node_durations_are_observed_per_node_type(defs, create_flow, run_flow, 
     for node_type in ("ChatInput", "PromptTemplate", "ChatModel", "ChatOutput"):
         assert metric(NODE_COUNT, flow="f", node_type=node_type) == 2, node_type
     assert metric("flowgate_engine_node_duration_seconds_sum", flow="f") > 0
+
+
+LLM_CALLS = "flowgate_engine_llm_calls_total"
+
+
+def test_llm_calls_are_counted_by_provider_model_and_outcome(fresh_llm_sim, make_app, auth,
+                                                              defs):
+    """What an SRE asks when a provider misbehaves: which model, how slow, how many 429s —
+    and why runs fail."""
+    client = make_app(openai_base_url=fresh_llm_sim.base_url).test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=auth).status_code == 201
+    def metric(name: str, **labels: str) -> float:
+        return metric_value(client.get("/metrics").get_data(as_text=True), name, **labels)
+
+    def run() -> int:
+        return client.post("/api/v1/run/llm", json={"input_value": "hi"}, headers=auth).status_code
+
+    assert run() == 200
+    fresh_llm_sim.configure(error_rate=1.0, error_kinds=["429"])
+    assert run() == 502
+    fresh_llm_sim.configure(error_rate=1.0, error_kinds=["500"])
+    assert run() == 502
+
+    labels = {"provider": "openai", "model": "flowgate-sim"}
+    assert metric(LLM_CALLS, **labels, outcome="ok") == 1
+    assert metric(LLM_CALLS, **labels, outcome="rate_limited") == 1
+    assert metric(LLM_CALLS, **labels, outcome="error") == 1
+    assert metric("flowgate_engine_llm_call_duration_seconds_count", **labels) == 3
+    assert metric("flowgate_engine_llm_model_tokens_total", **labels, direction="input") > 0
+    assert metric("flowgate_engine_llm_model_tokens_total", **labels, direction="output") > 0
+    assert metric("flowgate_engine_run_failures_total", flow="llm", reason="llm_error") == 2
+
+
+def test_model_names_from_tweaks_cannot_flood_the_metrics(fresh_llm_sim, make_app, auth, defs):
+    """A flow that lets callers choose the model: every name a caller makes up is a model
+    label only up to MAX_MODELS; then they are counted as "other"."""
+    from flow_engine.metrics import MAX_MODELS
+
+    client = make_app(openai_base_url=fresh_llm_sim.base_url).test_client()
+    flow = defs.openai(id="any-model", tweakable={"llm": ["model"]})
+    assert client.post("/api/v1/flows", json=flow, headers=auth).status_code == 201
+    for i in range(MAX_MODELS + 5):
+        resp = client.post("/api/v1/run/any-model", headers=auth, json={
+            "input_value": "hi", "tweaks": {"llm": {"model": f"made-up-{i}-" + "x" * 150}}})
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+    text = client.get("/metrics").get_data(as_text=True)
+    models = label_values(text, LLM_CALLS, "model")
+    assert len(models) == MAX_MODELS + 1 and "other" in models
+    assert max(len(m) for m in models) <= 80
+    assert metric_value(text, LLM_CALLS, model="other") == 5
+

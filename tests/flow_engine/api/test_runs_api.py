@@ -274,3 +274,20 @@ def test_llm_failures_follow_the_error_contract(fresh_llm_sim, make_app, auth, d
     assert "node 'llm'" in body["error"]["message"]
     assert "Traceback" not in resp.get_data(as_text=True)
     assert body["error"]["trace_id"] == resp.headers["X-Trace-ID"]
+
+
+def test_model_aliases_send_the_endpoints_model_for_the_name_a_flow_uses(fresh_llm_sim, make_app,
+                                                                         auth, defs):
+    """FLOW_ENGINE_MODEL_ALIASES: the examples' gpt-4o-mini runs on a local server that
+    serves another name; the flow itself is not changed."""
+    client = make_app(openai_base_url=fresh_llm_sim.base_url,
+                      model_aliases="gpt-4o-mini=llama3.1:8b").test_client()
+    for flow_id, model in (("aliased", "gpt-4o-mini"), ("plain", "flowgate-sim")):
+        flow = defs.openai(id=flow_id)
+        flow["nodes"][1]["params"]["model"] = model
+        assert client.post("/api/v1/flows", json=flow, headers=auth).status_code == 201
+        resp = client.post(f"/api/v1/run/{flow_id}", json={"input_value": "hi"}, headers=auth)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert [r["body"]["model"] for r in fresh_llm_sim.requests()] == ["llama3.1:8b", "flowgate-sim"]
+    stored = client.get("/api/v1/flows/aliased", headers=auth).get_json()
+    assert "llama3.1:8b" not in str(stored)  # what the flow says stays what it says

@@ -18,6 +18,7 @@ from flow_engine.flows.compile import compile_flow
 from flow_engine.flows.model import FlowVersion
 from flow_engine.flows.validate import apply_tweaks, validate_flow
 from flow_engine.runs import runner
+from flow_engine.runs.recorder import RunRecorder
 from flow_engine.runs.runner import CancelToken, RunInput
 from flowgate.llm_sim import count_prompt_tokens
 
@@ -166,8 +167,8 @@ def test_a_cancelled_run_stops_between_steps_and_between_tokens(fresh_llm_sim, o
                                                                 tokens) -> None:
     compiled_flow = compiled(fresh_llm_sim, agent_flow())
     cancel, emitted = CancelToken(), []
-    recorder = runner._RunRecorder(lambda kind, data: emitted.append(kind),
-                                   dict(compiled_flow.node_types), cancel)
+    recorder = RunRecorder(lambda kind, data: emitted.append(kind),
+                           dict(compiled_flow.node_types), cancel)
 
     with pytest.raises(RunCancelled):
         compiled_flow.runnable.invoke(

@@ -220,8 +220,10 @@ def test_engine_maps_provider_failures_to_the_error_contract(fresh_llm_sim):
     fresh_llm_sim.configure(error_rate=1.0, error_kinds="500")
     with pytest.raises(LLMError) as info:
         run(compiled(fresh_llm_sim.base_url), RunInput("x"))
+    origin = fresh_llm_sim.url  # http://127.0.0.1:PORT: where, never a path or a key
     assert info.value.message.startswith(
-        "node 'llm' (ChatModel): the LLM provider failed (HTTP 500): Error code: 500 - ")
+        f"node 'llm' (ChatModel): the LLM provider at {origin} failed (HTTP 500): "
+        "Error code: 500 - ")
 
     fresh_llm_sim.configure(error_rate=0.0)
     with pytest.raises(LLMError) as info:
@@ -231,7 +233,7 @@ def test_engine_maps_provider_failures_to_the_error_contract(fresh_llm_sim):
     fresh_llm_sim.configure(ttft_s=2.0)
     with pytest.raises(RunTimeout) as info:
         run(compiled(fresh_llm_sim.base_url, timeout=0.2), RunInput("x"))
-    assert info.value.message == "node 'llm' (ChatModel): the LLM provider timed out"
+    assert info.value.message == f"node 'llm' (ChatModel): the LLM provider at {origin} timed out"
 
 
 def test_connection_refused_is_retried_then_an_llm_error():
@@ -244,8 +246,9 @@ def test_connection_refused_is_retried_then_an_llm_error():
 
     with pytest.raises(LLMError) as info:
         run(compiled(base_url), RunInput("x"))
-    assert info.value.message == ("node 'llm' (ChatModel): the LLM provider failed "
-                                  "(ProviderConnectionError): could not connect: Connection refused")
+    assert info.value.message == (
+        f"node 'llm' (ChatModel): the LLM provider at {base_url.removesuffix('/v1')} failed "
+        "(ProviderConnectionError): could not connect: Connection refused")
 
 
 def compiled(base_url: str, **params: Any):
