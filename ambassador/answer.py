@@ -57,13 +57,14 @@ def answer(amb: Ambassador, req: Request, trace: tracing.TraceContext, started: 
         if response.meta.get("engine_answered") and 200 <= response.status < 300 \
                 and not response.meta.get("fallback"):
             amb.labels.succeeded(req.flow_id)  # a real flow: it may be a label value now
-        m.requests.labels(req.route, amb.labels.of(req.flow_id), str(response.status), cache).inc()
+        flow = amb.labels.of(req.flow_id)  # bounded: made-up flow ids are "other"
+        m.requests.labels(req.route, flow, str(response.status), cache).inc()
         if response.chunks is None:
-            m.request_duration.labels(req.route).observe(elapsed)
+            m.request_duration.labels(req.route, flow).observe(elapsed)
         else:
-            m.stream_duration.labels(req.route).observe(elapsed)
+            m.stream_duration.labels(req.route, flow).observe(elapsed)
             if first_byte is not None:
-                m.request_duration.labels(req.route).observe(first_byte)
+                m.request_duration.labels(req.route, flow).observe(first_byte)
                 extra["first_event_ms"] = round(first_byte * 1000, 3)
         token = tracing.current.set(trace)  # the request context is gone by now
         try:

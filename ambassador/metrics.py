@@ -38,12 +38,12 @@ class AmbassadorMetrics(ServiceMetrics):
             ["route", "flow", "status", "cache"], **kw)
         self.request_duration = Histogram(
             "flowgate_ambassador_request_duration_seconds",
-            "Time to answer, by route (a stream: until its first event reached the app).",
-            ["route"], buckets=LATENCY, **kw)
+            "Time to answer, by route and flow (a stream: until its first event reached the "
+            "app).", ["route", "flow"], buckets=LATENCY, **kw)
         self.stream_duration = Histogram(
             "flowgate_ambassador_stream_duration_seconds",
-            "Whole streamed answers relayed to apps, start to end, by route.",
-            ["route"], buckets=STREAM, **kw)
+            "Whole streamed answers relayed to apps, start to end, by route and flow.",
+            ["route", "flow"], buckets=STREAM, **kw)
         self.upstream_duration = Histogram(
             "flowgate_ambassador_upstream_duration_seconds", "Time per upstream attempt, by route.",
             ["route"], buckets=LATENCY, **kw)
@@ -113,7 +113,7 @@ class AmbassadorMetrics(ServiceMetrics):
             "Config reloads rejected (the last good config stays).", **kw)
         # streams are few: their series exist from the start, so rate() sees the first one
         for route in ("/run-flow", "/runs/<id>/events"):
-            self.stream_duration.labels(route)
+            self.stream_duration.labels(route, "")
         for state in BREAKER_STATES:
             self.breaker_state.labels(state).set(1 if state == "closed" else 0)
             self.breaker_transitions.labels(state)

@@ -332,6 +332,10 @@ def test_metrics(make_app) -> None:
                      ("status", "200"))] == 1
     states = {s.labels["state"]: s.value for s in families["flowgate_ambassador_breaker_state"].samples}
     assert states == {"closed": 1, "open": 0, "half_open": 0}
+    latency = {(s.labels["route"], s.labels["flow"]): s.value
+               for s in families["flowgate_ambassador_request_duration_seconds"].samples
+               if s.name.endswith("_count")}
+    assert latency == {("/run-flow", "faq"): 1}  # by flow: the dashboard's $flow filters it
 
 
 def test_redis_down_still_serves(make_app, engine, dead_port) -> None:
