@@ -250,7 +250,10 @@ def build_spec() -> dict[str, Any]:
                     "run_id": {"type": "string"}, "flow_id": {"type": "string"},
                     "version": {"type": "integer"}, "session_id": {"type": ["string", "null"]},
                     "output": {"type": ["string", "null"]}, "outputs": {"type": "array"},
-                    "usage": {"type": "object"}, "duration_ms": {"type": "number"}}},
+                    "usage": {"type": "object"}, "duration_ms": {"type": "number"},
+                    "warnings": {"type": "array", "items": {"type": "string"},
+                                 "description": "only when there are some (e.g. an input_type "
+                                                "no input node reads)"}}},
                 "RunRecord": {"type": "object", "properties": {
                     "run_id": {"type": "string"}, "status": {
                         "enum": ["running", "succeeded", "failed", "cancelled"]}}},

@@ -129,6 +129,8 @@ class CompiledFlow:
     runnable: FlowGraph
     node_types: Mapping[str, str]
     output_ids: tuple[str, ...]
+    # the run input_type values some input node reads (None: the flow has no input node)
+    input_types: frozenset[str] | None = None
     size_estimate: int = ENTRY_OVERHEAD_BYTES  # bytes it holds, for the cache's budget
 
 
@@ -143,6 +145,8 @@ def compile_flow(
         incoming[edge.target].append(edge)
     steps: list[_Step] = []
     outputs: list[str] = []
+    accepted: set[str] = set()
+    has_input = False
     for node in _topological(definition):
         component = registry.get(node.type)
         if component is None:  # validated definitions cannot get here
@@ -168,6 +172,9 @@ def compile_flow(
         )
         if component.kind == "output":
             outputs.append(node.id)
+        if component.reads_run_input:
+            has_input = True
+            accepted.update(getattr(component, "accepts", ()))
     graph = FlowGraph(f"flow:{version.flow_id}@{version.version}", steps, outputs)
     source = len(json.dumps(definition.raw, separators=(",", ":"), default=str))
     return CompiledFlow(
@@ -176,6 +183,7 @@ def compile_flow(
         runnable=graph,
         node_types={n.id: n.type for n in definition.nodes},
         output_ids=tuple(outputs),
+        input_types=frozenset(accepted) if has_input else None,
         size_estimate=ENTRY_OVERHEAD_BYTES + BYTES_PER_DEFINITION_BYTE * source,
     )
 

@@ -94,6 +94,7 @@ class RunResult:
     duration_ms: float
     nodes: dict[str, float] = field(default_factory=dict)
     llm_calls: list[LlmCall] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # in the answer only when there are some
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -105,6 +106,7 @@ class RunResult:
             "outputs": self.outputs,
             "usage": self.usage,
             "duration_ms": self.duration_ms,
+            **({"warnings": self.warnings} if self.warnings else {}),
         }
 
 
@@ -178,6 +180,7 @@ def execute(
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
         nodes=recorder.durations,
         llm_calls=recorder.llm_calls,
+        warnings=_input_warnings(compiled, run_input),
     )
     _fill_outputs(result, values, compiled, run_input, display_names or {})
     emit("run_finished", result.as_dict())
@@ -289,6 +292,16 @@ def classify_error(
     if isinstance(exc, TimeoutError):
         return RunTimeout(f"{where} timed out")
     return RunFailed(f"{where} failed: {name}: {_short(exc)}")
+
+
+def _input_warnings(compiled: CompiledFlow, run_input: RunInput) -> list[str]:
+    """The run's input_value went nowhere: no input node of the flow reads its input_type."""
+    reads = compiled.input_types
+    if not run_input.input_value or reads is None or run_input.input_type in reads:
+        return []
+    named = sorted(reads - {"any"}) or ["any"]
+    return [f"input_type '{run_input.input_type}' is read by no input node of this flow: "
+            f"input_value was not used; send input_type {' or '.join(map(repr, named))}"]
 
 
 def _short(exc: BaseException) -> str:

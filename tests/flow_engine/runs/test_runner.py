@@ -178,3 +178,15 @@ def test_sink_sees_every_event_the_consumer_sees():
     logged = []
     events = list(stream(compiled(), RunInput(QUESTION), sink=lambda k, d: logged.append(k)))
     assert logged == [e.type for e in events]
+
+
+def test_an_input_type_no_input_node_reads_is_a_warning_in_the_result():
+    """input_type "text" on a flow that starts with a ChatInput: the input went nowhere, and
+    the answer says so instead of answering as if asked nothing."""
+    dropped = run(compiled(), RunInput(QUESTION, input_type="text"))
+    assert dropped.as_dict()["warnings"] == [
+        "input_type 'text' is read by no input node of this flow: input_value was not used; "
+        "send input_type 'chat'"]
+    for read in ("chat", "any"):
+        assert "warnings" not in run(compiled(), RunInput(QUESTION, input_type=read)).as_dict()
+    assert "warnings" not in run(compiled(), RunInput(None, input_type="text")).as_dict()
