@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -84,10 +85,12 @@ class Upstream:
             # no spans, or this trace is not sampled: the engine is told so (traceparent)
             return self._attempt(request, parent)
         # this attempt's span (flowgate/otel.py): the engine's spans are its children
-        span = request.ctx["telemetry"].client(
-            parent, f"{request.method} {request.path.partition('?')[0]}",
-            {"http.request.method": request.method, "server.address": self.pool.host,
-             "server.port": self.pool.port, "flowgate.attempt": request.ctx.get("attempt", 1)})
+        path = request.path.partition("?")[0]
+        span = request.ctx["telemetry"].client(  # named by the route: ids are attributes
+            parent, f"{request.method} {_ENGINE_ROUTE.sub(_template, path)}",
+            {"http.request.method": request.method, "url.path": path,
+             "server.address": self.pool.host, "server.port": self.pool.port,
+             "flowgate.attempt": request.ctx.get("attempt", 1)})
         response = self._attempt(request, span)
         kind = response.meta.get("upstream_error")
         if response.chunks is None:
@@ -266,6 +269,13 @@ class Upstream:
 
     def close(self) -> None:
         self.pool.close()
+
+
+_ENGINE_ROUTE = re.compile(r"^/api/v1/(run|runs)/[^/]+")
+
+
+def _template(match: re.Match[str]) -> str:
+    return f"/api/v1/{match[1]}/" + ("{flow}" if match[1] == "run" else "{run_id}")
 
 
 def _ending(chunks: Iterator[bytes], span: Any, status: int) -> Iterator[bytes]:

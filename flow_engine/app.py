@@ -55,6 +55,8 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     # spans over OTLP when the OTEL_* variables ask for them (flowgate/otel.py); else None
     telemetry = otel.from_env("flowgate-engine", on_dropped=lambda reason, n: (
         metrics.spans_dropped.labels(reason).inc(n)))
+    if telemetry is not None:  # registered first, so it runs last: after the runs' records
+        flush_at_exit(telemetry.flush)  # (and their spans) are flushed; bounded (2 s)
     store = SqlFlowStore(settings.database_url,
                          on_error=lambda op: metrics.store_errors.labels(op).inc(),
                          on_reconnect=lambda op: metrics.store_reconnects.labels(op).inc(),
@@ -86,8 +88,6 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     rollouts.start()
     flush_at_exit(outcomes.flush)
     flush_at_exit(run_service.executor.flush)  # ended runs still queued reach the store
-    if telemetry is not None:
-        flush_at_exit(telemetry.flush)  # after the runs' own flush: their spans are ended
 
     app = Flask("flow_engine")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -70,8 +70,8 @@ class EngineMetrics(ServiceMetrics):
         # each LLM call (flow_engine/runs/runner.py: LlmCall), by the model it was sent to
         self.llm_calls = Counter(
             "flowgate_engine_llm_calls_total",
-            "LLM calls by provider, model and outcome (ok, error, rate_limited, timeout, "
-            "cancelled).",
+            "LLM calls by provider (the endpoint's host), model and outcome (ok, error, "
+            "rate_limited, timeout, cancelled).",
             ["provider", "model", "outcome"], **kw)
         self.llm_call_duration = Histogram(
             "flowgate_engine_llm_call_duration_seconds",
@@ -84,7 +84,7 @@ class EngineMetrics(ServiceMetrics):
         self.run_failures = Counter(
             "flowgate_engine_run_failures_total",
             "Runs that did not succeed, by flow and reason (the error code: llm_error, "
-            "run_timeout, run_failed, run_cancelled, tenant_limit, ...).", ["flow", "reason"], **kw)
+            "run_timeout, run_failed, run_cancelled, ...).", ["flow", "reason"], **kw)
         self.active_runs = Gauge(
             "flowgate_engine_active_runs", "Runs in progress.", multiprocess_mode="livesum", **kw)
         self.compile_cache = Counter(
@@ -244,18 +244,22 @@ MAX_MODEL_CHARS = 80
 
 
 class ModelLabels:
-    """The ``provider`` and ``model`` labels of LLM figures. A model name can come from a
-    tweak (a caller's string when a flow lists ``model`` as tweakable): the first
-    ``MAX_MODELS`` pairs a process sees keep their names, later ones are ``other``."""
+    """The ``provider`` (the endpoint: bounded by the provider origins the engine allows) and
+    ``model`` labels of LLM figures. A model name can come from a tweak (a caller's string
+    when a flow lists ``model`` as tweakable): a name becomes a label value only once a call
+    to it succeeded (a provider refuses models it does not serve), and only the first
+    ``MAX_MODELS`` of those; the others are ``other``."""
 
     def __init__(self) -> None:
         self._seen: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def __call__(self, provider: str, model: str) -> tuple[str, str]:
+    def __call__(self, provider: str, model: str, succeeded: bool = True) -> tuple[str, str]:
         pair = (provider[:MAX_MODEL_CHARS], model[:MAX_MODEL_CHARS])
         if pair in self._seen:
             return pair
+        if not succeeded:
+            return pair[0], "other"
         with self._lock:
             if len(self._seen) >= MAX_MODELS:
                 return pair[0], "other"

@@ -16,7 +16,8 @@ is counted in ``flowgate_<service>_spans_dropped_total{reason}``.
 
 Trace ids are Flowgate's own (``flowgate/tracing.py``): a span continues the caller's
 ``traceparent`` when it sent a valid one, and a new trace otherwise starts with the trace id
-the logs already carry, so a log line and its spans always share one id.
+the logs already carry, so a log line and its spans always share one id. Which traces are
+recorded is this service's decision alone (:func:`sampler`), never the caller's flag.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,9 +33,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import (
     NonRecordingSpan,
     Span,
@@ -49,7 +52,9 @@ from flowgate import tracing
 log = logging.getLogger(__name__)
 ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 PROTOCOL_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
-FLUSH_AT_EXIT_MS = 2000
+FLUSH_AT_EXIT_S = 2.0
+EXPORT_TIMEOUT_S = 3.0  # per export, unless OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT says otherwise
+MAX_ATTRIBUTE_CHARS = 512  # unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise
 
 OnDropped = Callable[[str, int], None]  # (reason, spans)
 
@@ -79,7 +84,44 @@ def from_env(service_name: str, *, on_dropped: OnDropped | None = None,
         log.error("%s=%s is not supported: spans are sent as OTLP http/protobuf (a "
                   "collector's port 4318)", next(v for v in PROTOCOL_VARS if environ.get(v)),
                   protocol)
-    return Telemetry(service_name, OTLPSpanExporter(), on_dropped=on_dropped, environ=environ)
+    timeout = None if any(environ.get(v) for v in (
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")) else EXPORT_TIMEOUT_S
+    return Telemetry(service_name, OTLPSpanExporter(timeout=timeout), on_dropped=on_dropped,
+                     environ=environ)
+
+
+def sampler(environ: Mapping[str, str] = os.environ) -> Sampler:
+    """``OTEL_TRACES_SAMPLER`` as a ratio, applied to every trace by its id — new ones and
+    those a caller continues alike. A caller's ``traceparent`` gives the trace id, never the
+    decision: its sampled flag can neither force tracing (the cost of 100 % at will) nor turn
+    it off, and every hop decides the same for the same trace id. Spans inside a process
+    follow their parent."""
+    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    base = name.removeprefix("parentbased_")
+    if base == "always_off":
+        ratio = 0.0
+    elif base == "traceidratio":
+        try:
+            ratio = min(1.0, max(0.0, float(environ.get("OTEL_TRACES_SAMPLER_ARG") or 1.0)))
+        except ValueError:
+            log.error("OTEL_TRACES_SAMPLER_ARG=%s is not a number: sampling every trace",
+                      environ.get("OTEL_TRACES_SAMPLER_ARG"))
+            ratio = 1.0
+    else:
+        if base != "always_on":
+            log.error("OTEL_TRACES_SAMPLER=%s is not supported here (always_on, always_off, "
+                      "traceidratio, with or without parentbased_): sampling every trace", name)
+        ratio = 1.0
+    by_id = TraceIdRatioBased(ratio)
+    return ParentBased(root=by_id, remote_parent_sampled=by_id, remote_parent_not_sampled=by_id)
+
+
+def _limits(environ: Mapping[str, str]) -> SpanLimits:
+    """At most MAX_ATTRIBUTE_CHARS characters an attribute (a path, an id a caller sent)."""
+    if environ.get("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT") or environ.get(
+            "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT"):
+        return SpanLimits()
+    return SpanLimits(max_attribute_length=MAX_ATTRIBUTE_CHARS)
 
 
 class Telemetry:
@@ -93,7 +135,11 @@ class Telemetry:
         named = environ.get("OTEL_SERVICE_NAME") or "service.name=" in environ.get(
             "OTEL_RESOURCE_ATTRIBUTES", "")
         resource = Resource.create({} if named else {"service.name": service_name})
-        self.provider = TracerProvider(resource=resource, id_generator=_FlowgateIds())
+        # no exit hook of the SDK's own (it waits up to 30 s for a stalled collector, before
+        # the run records are written): flush() is bounded and runs last (flowgate/at_exit.py)
+        self.provider = TracerProvider(resource=resource, id_generator=_FlowgateIds(),
+                                       sampler=sampler(environ), shutdown_on_exit=False,
+                                       span_limits=_limits(environ))
         self.processor = _CountingBatch(_CountingExporter(exporter, on_dropped), on_dropped)
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("flowgate")
@@ -142,8 +188,17 @@ class Telemetry:
         context = otel_context.get_current()
         return context if trace.get_current_span(context).is_recording() else None
 
-    def flush(self, timeout_ms: int = FLUSH_AT_EXIT_MS) -> bool:
-        return self.provider.force_flush(timeout_ms)
+    def flush(self, timeout_s: float = FLUSH_AT_EXIT_S) -> bool:
+        """Send what is queued; gives up after ``timeout_s`` (the SDK's own flush ignores its
+        timeout and waits for a stalled collector): False when it did not finish."""
+        done = threading.Event()
+
+        def send() -> None:
+            self.provider.force_flush()
+            done.set()
+
+        threading.Thread(target=send, name="otel-flush", daemon=True).start()
+        return done.wait(timeout_s)
 
     def shutdown(self) -> None:
         self.provider.shutdown()

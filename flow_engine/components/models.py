@@ -120,8 +120,11 @@ class ChatModel(Component):
             if ctx.egress.problem(base_url):
                 raise ValueError(f"node '{node_id}': {ctx.egress.problem(base_url)}")
             key = ctx.egress.key_for(base_url, key)
+        # aliases name what the engine's endpoint serves: a node sent elsewhere keeps its name
+        aliased = not params.get("base_url") or params["base_url"] == ctx.openai_base_url
         return OpenAICompatChatModel(
-            model=ctx.model_aliases.get(params["model"], params["model"]),
+            model=ctx.model_aliases.get(params["model"], params["model"]) if aliased
+            else params["model"],
             base_url=base_url,
             api_key=key,  # no key: no Authorization header
             timeout=params["timeout"],

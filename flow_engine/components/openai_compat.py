@@ -215,7 +215,8 @@ class OpenAICompatChatModel(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "openai"
+        params["ls_provider"] = "openai"  # the API it speaks
+        params["flowgate_endpoint"] = self._origin.split("://", 1)[1]  # whom: host[:port]
         return params
 
     def bind_tools(self, tools: list[Any], *, tool_choice: str | dict | None = None,

@@ -15,6 +15,7 @@ and the tenant limits — none of them calls back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -122,6 +123,7 @@ class RunExecutor:
         self.events.open(prepared.run_id, prepared.tenant)
         # the run's spans, when its request's span is recorded (flowgate/otel.py)
         spans = self._spans(prepared) if prepared.span_parent is not None else None
+        end_spans = functools.partial(_end_spans, spans)
         started = prepared.started_at = time.perf_counter()
         try:
             result = runner.execute(
@@ -133,30 +135,32 @@ class RunExecutor:
         except FlowgateError as exc:
             exc.details.setdefault("run_id", prepared.run_id)  # so the caller can look it up
             status = "cancelled" if exc.code == "run_cancelled" else "failed"
-            if spans is not None:
-                spans.end(status, exc.code, getattr(exc, "usage", None))
+            end_spans(status, exc.code, getattr(exc, "usage", None))
             self._finish(prepared, status, time.perf_counter() - started, None,
                          {"status": exc.status, **exc.to_dict()}, getattr(exc, "usage", None),
                          getattr(exc, "llm_calls", ()))
             raise
         except BaseException as exc:
-            if spans is not None:
-                spans.end("failed", "internal")
+            end_spans("failed", "internal")
             self._finish(prepared, "failed", time.perf_counter() - started, None,
                          {"status": 500, "code": "internal", "message": "internal error"})
             raise RunFailed("the run failed unexpectedly") from exc
-        if spans is not None:
-            spans.end("succeeded", usage=result.usage)
+        end_spans("succeeded", usage=result.usage)
         self._finish(prepared, "succeeded", time.perf_counter() - started, result, None)
         return result
 
-    def _spans(self, prepared: PreparedRun) -> RunSpans:
-        assert self.telemetry is not None  # a span_parent comes from it
+    def _spans(self, prepared: PreparedRun) -> RunSpans | None:
+        """The run's spans; None (and a log line) if they cannot be made: tracing never
+        fails a run."""
         compiled = prepared.compiled
-        return RunSpans(self.telemetry, prepared.span_parent, flow_id=compiled.flow_id,
-                        version=compiled.version, run_id=prepared.run_id,
-                        node_types=compiled.node_types, session_id=prepared.request.session_id,
-                        tenant=prepared.tenant)
+        try:
+            return RunSpans(self.telemetry, prepared.span_parent, flow_id=compiled.flow_id,
+                            version=compiled.version, run_id=prepared.run_id,
+                            node_types=compiled.node_types,
+                            session_id=prepared.request.session_id, tenant=prepared.tenant)
+        except Exception:
+            log.exception("the run's spans could not be started")
+            return None
 
     def _finish(self, prepared: PreparedRun, status: str, seconds: float,
                 result: RunResult | None, error: dict[str, Any] | None,
@@ -180,7 +184,7 @@ class RunExecutor:
         if error is not None:
             m.run_failures.labels(flow_id, str(error.get("code", "internal"))).inc()
         for call in (result.llm_calls if result is not None else calls):
-            provider, model = self.model_label(call.provider, call.model)
+            provider, model = self.model_label(call.provider, call.model, call.outcome == "ok")
             m.llm_calls.labels(provider, model, call.outcome).inc()
             m.llm_call_duration.labels(provider, model).observe(call.seconds)
             m.llm_model_tokens.labels(provider, model, "input").inc(call.input_tokens)
@@ -339,3 +343,14 @@ class RunExecutor:
             except Exception:  # the next beat tries again; a store outage is logged there
                 log.warning("could not mark %d running run(s) alive", len(keyed))
             self.limits.renew()
+
+
+def _end_spans(spans: RunSpans | None, status: str, error: str | None = None,
+               usage: dict[str, int] | None = None) -> None:
+    """End the run's spans, if any; a failure here is logged, never the run's."""
+    if spans is None:
+        return
+    try:
+        spans.end(status, error, usage)
+    except Exception:
+        log.exception("the run's spans could not be ended")

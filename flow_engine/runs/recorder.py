@@ -32,7 +32,7 @@ MAX_TOOL_EVENT_CHARS = 4000  # of a tool's answer in its tool_result event
 class LlmCall:
     """One LLM call of a run, for the engine's per-model figures (metrics.py)."""
 
-    provider: str
+    provider: str  # the endpoint (host[:port]) for OpenAI-compatible models
     model: str
     seconds: float
     outcome: str  # ok | error | rate_limited | timeout
@@ -110,8 +110,8 @@ class RunRecorder(BaseCallbackHandler):
         meta = kw.get("metadata") or {}
         params = kw.get("invocation_params") or {}
         model = meta.get("ls_model_name") or params.get("model") or params.get("model_name")
-        self._calling[run_id] = (time.perf_counter(), str(meta.get("ls_provider") or "unknown"),
-                                 str(model or "unknown"))
+        provider = meta.get("flowgate_endpoint") or meta.get("ls_provider") or "unknown"
+        self._calling[run_id] = (time.perf_counter(), str(provider), str(model or "unknown"))
 
     def _call_ended(self, run_id: UUID, outcome: str, usage: dict[str, Any] | None = None,
                     streamed: int = 0) -> None:

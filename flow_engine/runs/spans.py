@@ -3,9 +3,9 @@
     <the request's server span>
       run <flow>                        flowgate.flow.id, .version, .run.id, session.id
         node <id>                       flowgate.node.id, .type; skipped: a span of no length
-          chat <model>                  gen_ai.* (OpenTelemetry GenAI semantic conventions),
+          chat                          gen_ai.* (OpenTelemetry GenAI semantic conventions),
                                         the first token as an event
-          execute_tool <tool>           an Agent's tool call
+          execute_tool                  an Agent's tool call (gen_ai.tool.name)
 
 :class:`RunSpans` is one more LangChain callback handler next to the runner's recorder
 (``runs/runner.py``), mapping LangChain's runs to nodes the same way: the graph's root run
@@ -113,13 +113,17 @@ class RunSpans(BaseCallbackHandler):
         provider = meta.get("ls_provider") or "unknown"
         attrs = {"gen_ai.operation.name": operation, "gen_ai.provider.name": provider,
                  "gen_ai.system": provider}
+        if meta.get("flowgate_endpoint"):
+            attrs["server.address"] = str(meta["flowgate_endpoint"])
         if model:
             attrs["gen_ai.request.model"] = str(model)
         for source, key in (("ls_temperature", "gen_ai.request.temperature"),
                             ("ls_max_tokens", "gen_ai.request.max_tokens")):
             if isinstance(meta.get(source), int | float):
                 attrs[key] = meta[source]
-        span = self._t.client(owner or self.run, f"{operation} {model or provider}", attrs)
+        # named by the operation alone: the model can come from a caller's tweak, and span
+        # names become labels in Tempo's span metrics (the model is an attribute)
+        span = self._t.client(owner or self.run, operation, attrs)
         key = _llm_key(run_id)
         self._open[key] = span
         self._llm_started[key] = time.perf_counter()
@@ -155,7 +159,7 @@ class RunSpans(BaseCallbackHandler):
         attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool}
         if kw.get("tool_call_id"):
             attrs["gen_ai.tool.call.id"] = str(kw["tool_call_id"])
-        span = self._t.child(owner, f"execute_tool {tool}", attributes=attrs)
+        span = self._t.child(owner, "execute_tool", attributes=attrs)  # tools: attributes
         self._open[_tool_key(run_id)] = self._owner[run_id] = span  # what the tool runs
 
     def on_tool_end(self, output, *, run_id, parent_run_id=None, **kw):

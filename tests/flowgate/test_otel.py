@@ -5,6 +5,9 @@ and ones that fail or block on purpose; tests/integration/test_tracing.py sends 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -73,10 +76,10 @@ def test_without_a_valid_traceparent_the_root_span_takes_the_trace_id_of_the_log
     assert f"{other.get_span_context().trace_id:032x}" != trace.trace_id
 
 
-def test_an_unsampled_caller_gets_no_spans_recorded() -> None:
+def test_sampling_off_records_nothing() -> None:
     exporter = InMemorySpanExporter()
-    t = telemetry(exporter)
-    header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    t = telemetry(exporter, environ={"OTEL_TRACES_SAMPLER": "always_off"})
+    header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     span = t.server_span("POST /run-flow", tracing.from_headers(header, None), header)
     assert not span.is_recording()
     span.end()
@@ -142,3 +145,52 @@ def test_a_full_queue_drops_spans_without_waiting_and_counts_them(monkeypatch) -
     # every span not exported was counted; a span is counted once too often when the
     # exporter made room at the very moment it was queued (at most one batch: 2)
     assert 20 - exporter.exported <= lost <= 20 - exporter.exported + 2
+
+
+def test_a_stalled_collector_does_not_hold_up_the_exit_nor_the_run_records_flush() -> None:
+    """At exit the run records (and events, outcomes) are flushed first, then the spans —
+    for 2 s at most. The SDK's own exit hook would wait 30 s for a collector that accepted
+    the connection and never answers: past a worker's graceful timeout, the records lost."""
+    script = textwrap.dedent("""
+        import socket
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from flowgate.at_exit import flush_at_exit
+        from flowgate.otel import Telemetry
+
+        stalled = socket.socket()
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(64)  # connections are accepted by the kernel; nothing ever answers
+        url = f"http://127.0.0.1:{stalled.getsockname()[1]}/v1/traces"
+        telemetry = Telemetry("x", OTLPSpanExporter(endpoint=url, timeout=60), environ={})
+
+        class Runs:
+            def flush(self):
+                print("runs flushed", flush=True)
+
+        runs = Runs()
+        flush_at_exit(telemetry.flush)  # as create_app registers them: spans first ...
+        flush_at_exit(runs.flush)  # ... so they are flushed last
+        for i in range(10):
+            telemetry.client(None, f"call {i}").end()
+        print("exiting", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=25)  # the SDK's hook alone took 30 s, a stalled export 60
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["exiting", "runs flushed"]
+
+
+@pytest.mark.parametrize(("flag", "low_bits"), [("01", "ffffffffffffffff"), ("00", "0000000000000000"),
+                                                ("01", "0000000000000000"), ("00", "ffffffffffffffff")])
+def test_the_callers_sampled_flag_neither_forces_nor_stops_tracing(flag, low_bits) -> None:
+    """Sampled at 50 %: a trace is recorded by its id (the same on every hop), whatever the
+    caller's traceparent flag says — a tenant cannot turn on 100 % tracing at will."""
+    exporter = InMemorySpanExporter()
+    t = telemetry(exporter, environ={"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                     "OTEL_TRACES_SAMPLER_ARG": "0.5"})
+    trace_id = "4bf92f3577b34da6" + low_bits
+    header = f"00-{trace_id}-00f067aa0ba902b7-{flag}"
+    span = t.server_span("POST /run-flow", tracing.from_headers(header, None), header)
+    assert span.is_recording() is (low_bits == "0000000000000000")
+    assert t.child(span, "run").is_recording() is span.is_recording()  # children follow
+    span.end()

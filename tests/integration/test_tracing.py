@@ -100,11 +100,11 @@ def test_one_run_through_the_ambassador_is_one_trace_down_to_the_llm_call(
         trace_id, lambda s: bool(by_name(s, "flowgate-ambassador", "POST /run-flow"))
         and bool(by_name(s, "flowgate-engine", "run ")), "the ambassador's and the run's spans")
     server = one(spans, "flowgate-ambassador", "POST /run-flow")
-    attempt = one(spans, "flowgate-ambassador", f"POST /api/v1/run/{FLOW_ID}")
+    attempt = one(spans, "flowgate-ambassador", "POST /api/v1/run/{flow}")
     engine = one(spans, "flowgate-engine", "POST /api/v1/run/")
     run = one(spans, "flowgate-engine", f"run {FLOW_ID}")
     nodes = {s.attributes["flowgate.node.id"]: s for s in by_name(spans, "flowgate-engine", "node ")}
-    llm = one(spans, "flowgate-engine", "chat ")
+    llm = one(spans, "flowgate-engine", "chat")
 
     # the tree, hop by hop, under the caller's own span
     assert server.parent_span_id == caller_span and server.kind == "server"
@@ -120,6 +120,7 @@ def test_one_run_through_the_ambassador_is_one_trace_down_to_the_llm_call(
     assert server.attributes["flowgate.flow.id"] == FLOW_ID
     assert server.attributes["flowgate.cache"] == "bypass"  # a conversation is never cached
     assert attempt.attributes["flowgate.attempt"] == 1
+    assert attempt.attributes["url.path"] == f"/api/v1/run/{FLOW_ID}"
     assert engine.attributes["http.route"] == "/api/v1/run/<flow_ref>"
     assert run.attributes["flowgate.run.id"] == run_id
     assert run.attributes["flowgate.flow.version"] == 1
@@ -223,20 +224,18 @@ def test_runs_over_the_websocket_bridge_are_spans_of_its_session(traced, receive
     assert all(r.parent_span_id == engine_ws.span_id for r in runs)
 
 
-def test_a_caller_that_does_not_sample_gets_no_spans_from_either_service(
-        traced, receiver, fresh_llm_sim) -> None:
+def test_a_callers_unsampled_flag_does_not_turn_tracing_off(traced, receiver,
+                                                             fresh_llm_sim) -> None:
+    """Sampling is the services' decision by trace id (flowgate/otel.py: sampler): here
+    every trace is recorded, a caller's "-00" included, and it cannot force one either."""
     _engine, amb = traced
-    unsampled, sampled = uuid.uuid4().hex, uuid.uuid4().hex
-    resp = amb.run("not sampled", headers={"traceparent": f"00-{unsampled}-{'e' * 16}-00"})
-    assert resp.status_code == 200 and resp.headers["X-Trace-ID"] == unsampled
-    assert amb.run("sampled", headers={"traceparent": f"00-{sampled}-{'f' * 16}-01"}
-                   ).status_code == 200
-    # spans leave each service in the order they ended: once the later, sampled request's
-    # have arrived from both, the unsampled one's would have too
-    receiver.wait_for_trace(sampled, lambda s: bool(by_name(s, "flowgate-engine", "run "))
-                            and bool(by_name(s, "flowgate-ambassador", "POST /run-flow")),
-                            "the sampled request's spans")
-    assert receiver.trace(unsampled) == []
+    trace_id = uuid.uuid4().hex
+    resp = amb.run("not sampled", headers={"traceparent": f"00-{trace_id}-{'e' * 16}-00"})
+    assert resp.status_code == 200 and resp.headers["X-Trace-ID"] == trace_id
+    spans = receiver.wait_for_trace(
+        trace_id, lambda s: bool(by_name(s, "flowgate-engine", "run "))
+        and bool(by_name(s, "flowgate-ambassador", "POST /run-flow")), "the request's spans")
+    assert one(spans, "flowgate-ambassador", "POST /run-flow").parent_span_id == "e" * 16
 
 
 def test_a_collector_that_is_down_or_refusing_costs_no_request(tmp_path, llm_sim,
@@ -259,7 +258,7 @@ def test_a_collector_that_is_down_or_refusing_costs_no_request(tmp_path, llm_sim
                                       "flowgate_engine_spans_dropped_total",
                                       reason="export_failed") > 0,
                        "the engine counts the spans it could not send")
-            assert refusing.requests == 0 and refusing.spans == []
+            assert refusing.refused > 0 and refusing.spans == []  # it was asked, and refused
         finally:
             ambassadors.stop_all()
             quick_stop(engine)

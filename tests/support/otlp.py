@@ -62,6 +62,7 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
         self.requests = 0
+        self.refused = 0  # exports answered 503 while refusing
         self.refusing = False
         self._lock = threading.Lock()
         receiver = self
@@ -75,6 +76,8 @@ class OtlpReceiver:
                     self._answer(404, b"")
                     return
                 if receiver.refusing:
+                    with receiver._lock:
+                        receiver.refused += 1
                     self._answer(503, b"")
                     return
                 request = ExportTraceServiceRequest()

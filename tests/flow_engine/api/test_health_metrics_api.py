@@ -101,7 +101,7 @@ def test_llm_calls_are_counted_by_provider_model_and_outcome(fresh_llm_sim, make
     fresh_llm_sim.configure(error_rate=1.0, error_kinds=["500"])
     assert run() == 502
 
-    labels = {"provider": "openai", "model": "flowgate-sim"}
+    labels = {"provider": fresh_llm_sim.url.removeprefix("http://"), "model": "flowgate-sim"}
     assert metric(LLM_CALLS, **labels, outcome="ok") == 1
     assert metric(LLM_CALLS, **labels, outcome="rate_limited") == 1
     assert metric(LLM_CALLS, **labels, outcome="error") == 1
@@ -128,4 +128,24 @@ def test_model_names_from_tweaks_cannot_flood_the_metrics(fresh_llm_sim, make_ap
     assert len(models) == MAX_MODELS + 1 and "other" in models
     assert max(len(m) for m in models) <= 80
     assert metric_value(text, LLM_CALLS, model="other") == 5
+
+
+def test_a_model_name_becomes_a_label_only_once_a_call_to_it_succeeded(fresh_llm_sim, make_app,
+                                                                       auth, defs):
+    """Calls a provider refuses (it does not serve the model) take no label slot."""
+    client = make_app(openai_base_url=fresh_llm_sim.base_url).test_client()
+    flow = defs.openai(id="any-model", tweakable={"llm": ["model"]})
+    assert client.post("/api/v1/flows", json=flow, headers=auth).status_code == 201
+    fresh_llm_sim.configure(error_rate=1.0, error_kinds=["500"])
+
+    def run(model: str) -> int:
+        return client.post("/api/v1/run/any-model", headers=auth, json={
+            "input_value": "hi", "tweaks": {"llm": {"model": model}}}).status_code
+
+    assert [run(f"no-such-model-{i}") for i in range(3)] == [502] * 3
+    fresh_llm_sim.configure(error_rate=0.0)
+    assert run("real-model") == 200 and run("no-such-model-0") == 200
+    text = client.get("/metrics").get_data(as_text=True)
+    assert label_values(text, LLM_CALLS, "model") == {"other", "real-model", "no-such-model-0"}
+    assert metric_value(text, LLM_CALLS, model="other", outcome="error") == 3
 

@@ -702,3 +702,20 @@ def test_node_runs_when_only_an_optional_input_is_on_the_branch_not_taken() -> N
 
     assert answered_by(result) == ["out"]
     assert result.output == "dogs bark"
+
+
+def test_model_aliases_apply_to_the_engines_endpoint_only() -> None:
+    """FLOW_ENGINE_MODEL_ALIASES names what OPENAI_BASE_URL serves; a node sent to another
+    (allowed) endpoint keeps the model name it asks for."""
+    chat_model = default_registry().get("ChatModel")
+    ctx = BuildContext(openai_base_url="http://ollama:11434/v1",
+                       model_aliases={"gpt-4o-mini": "llama3.2"})
+
+    def built(**params: Any) -> str:
+        return chat_model.build("llm", chat_model.with_defaults(
+            {"provider": "openai", "model": "gpt-4o-mini", **params}), ctx).model
+
+    assert built() == "llama3.2"
+    assert built(base_url="http://ollama:11434/v1") == "llama3.2"
+    assert built(base_url="https://api.openai.com/v1") == "gpt-4o-mini"
+    assert built(model="gpt-4o") == "gpt-4o"  # no alias: as asked

@@ -75,12 +75,13 @@ def test_each_node_and_the_llm_call_under_the_run(fresh_llm_sim) -> None:
     nodes = [s for s in finished if s.name.startswith("node ")]
     assert [s.attributes["flowgate.node.id"] for s in nodes] == ["in", "p", "llm", "out"]
     assert all(s.parent.span_id == run.context.span_id for s in nodes)
-    llm = by_name["chat flowgate-sim"]
+    llm = by_name["chat"]
     assert llm.parent.span_id == by_name["node llm"].context.span_id
     assert llm.attributes["gen_ai.provider.name"] == "openai"
     assert llm.attributes["gen_ai.response.finish_reasons"] == ("stop",)
     request = fresh_llm_sim.requests()[0]["body"]
     assert request["model"] == llm.attributes["gen_ai.request.model"]
+    assert llm.attributes["server.address"] == fresh_llm_sim.url.removeprefix("http://")
     [(name, attrs)] = [(e.name, e.attributes) for e in llm.events]
     assert name == "gen_ai.first_token" and attrs["gen_ai.response.time_to_first_token"] > 0
     assert all(s.status.status_code != StatusCode.ERROR for s in finished)
@@ -89,8 +90,8 @@ def test_each_node_and_the_llm_call_under_the_run(fresh_llm_sim) -> None:
 def test_an_agents_model_calls_and_tool_call_are_spans_of_its_node(fresh_llm_sim) -> None:
     _, finished, _ = traced_run(compiled(fresh_llm_sim, AGENT), "What is (12 + 30) * 2?")
     agent = next(s for s in finished if s.name == "node agent")
-    calls = [s for s in finished if s.name == "chat flowgate-sim"]
-    tool = next(s for s in finished if s.name.startswith("execute_tool"))
+    calls = [s for s in finished if s.name == "chat"]
+    tool = next(s for s in finished if s.name == "execute_tool")
     assert len(calls) == 2  # ask, then answer with the tool's result
     assert all(c.parent.span_id == agent.context.span_id for c in calls)
     assert tool.parent.span_id == agent.context.span_id
@@ -113,7 +114,7 @@ def test_a_cancelled_run_ends_every_open_span_as_failed(fresh_llm_sim) -> None:
                                           cancel=cancel, emit=emit)
     assert isinstance(error, RunCancelled)
     assert by_name["run chat"].attributes["flowgate.run.status"] == "cancelled"
-    for name in ("run chat", "node llm", "chat flowgate-sim"):
+    for name in ("run chat", "node llm", "chat"):
         assert by_name[name].status.status_code == StatusCode.ERROR, name
     assert "node out" not in by_name  # never reached, and not a skipped branch either
     assert all(s.end_time is not None for s in finished)
