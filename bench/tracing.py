@@ -8,8 +8,9 @@ Three engines (2 gevent workers each, SQLite) and an ambassador in front of each
 is the 5-node echo flow of bench/engine_core.py (8 engine spans a request: the request, the
 run, 5 nodes, the LLM call; 2 ambassador spans). Reports p50/p99 at concurrency 1
 (interleaved in slices of 25 requests, every path alike) and requests/s at concurrency 8
-(wrk, modes alternating), and what the receiver took. Last line: one JSON object with the
-ratios to "off".
+(wrk, modes alternating); then the engine's CPU per run request in this process (its WSGI
+app, no sockets: the spans' own cost) with tracing unset, set but sampling nothing, 10 % and
+100 %; and what the receiver took. Last line: one JSON object with the ratios to "off".
 """
 
 from __future__ import annotations
@@ -57,6 +58,58 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def in_process_cpu(receiver: Receiver, rounds: int, per_round: int) -> dict[str, float]:
+    """CPU milliseconds per run request through the engine's WSGI app in this process (no
+    sockets, no other process on the cores: the spans' own cost, exporting included), for
+    tracing unset, set but sampling nothing, 10 % and every request; interleaved rounds."""
+    import os
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from flow_engine.app import create_app
+    from flow_engine.metrics import EngineMetrics
+
+    modes = {"off": {}, "unsampled": {"OTEL_TRACES_SAMPLER": "always_off"},
+             "sampled10": {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"},
+             "on": {"OTEL_TRACES_SAMPLER": "always_on"}}
+    clients, auth = {}, {"Authorization": f"Bearer {KEY}"}
+    for mode, env in modes.items():
+        names = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"]
+        saved = {n: os.environ.pop(n, None) for n in names}
+        os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, **env} if env else {})
+        try:
+            app = create_app({"database_url": f"sqlite:///{tempfile.mkdtemp()}/cpu.db",
+                              "api_keys": [KEY], "maintenance_interval_s": 0,
+                              "rollout_interval_s": 0, "log_level": "WARNING"},
+                             metrics=EngineMetrics(CollectorRegistry()))
+        finally:
+            for n in names:
+                os.environ.pop(n, None)
+                if saved[n] is not None:
+                    os.environ[n] = saved[n]
+        client = app.test_client()
+        assert client.post("/api/v1/flows", json=FLOW, headers=auth).status_code == 201
+        clients[mode] = client
+
+    def run(client) -> None:
+        resp = client.post("/api/v1/run/bench-rag", json={"input_value": QUESTION}, headers=auth)
+        resp.close()
+        assert resp.status_code == 200
+
+    for client in clients.values():
+        for _ in range(100):
+            run(client)
+    spent = dict.fromkeys(modes, 0.0)
+    for _ in range(rounds):
+        for mode, client in clients.items():
+            started = time.process_time()  # this process: every thread, the exporters' too
+            for _ in range(per_round):
+                run(client)
+            spent[mode] += time.process_time() - started
+    return {mode: 1000 * seconds / (rounds * per_round) for mode, seconds in spent.items()}
 
 
 def main() -> None:
@@ -145,6 +198,11 @@ def main() -> None:
             result[f"{path}_{mode}_c8_rps_ratio"] = round(rps[on] / rps[off], 3)
             print(f"{path} {mode:<9}: p50 {p50[on] - p50[off]:+.3f} ms "
                   f"({p50[on] / p50[off]:.2f}x), c8 throughput {rps[on] / rps[off]:.2f}x of off")
+    cpu = in_process_cpu(receiver, args.rounds, args.per_round)
+    print("engine CPU per run request, in process:  " + "   ".join(
+        f"{mode} {ms:.3f} ms" for mode, ms in cpu.items()))
+    for mode in ("unsampled", "sampled10", "on"):
+        result[f"engine_cpu_{mode}_over_off"] = round(cpu[mode] / cpu["off"], 3)
     print(f"receiver took {receiver.requests} exports, {receiver.bytes / 1e6:.1f} MB")
     result["exports"] = receiver.requests
     print(json.dumps(result))
