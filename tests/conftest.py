@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -74,10 +75,20 @@ def llm_sim() -> Iterator[LlmSim]:
 
 @pytest.fixture
 def fresh_llm_sim(llm_sim: LlmSim) -> Iterator[LlmSim]:
-    """The session simulator with zeroed counters and default settings (before and after)."""
+    """The session simulator with zeroed counters and default settings (before and after).
+    Streams a test left open (a run it cancelled, a client it dropped) end first: closed
+    late, one would be counted in the next test's ``streams_closed_early``."""
     llm_sim.restore_defaults()
     yield llm_sim
+    _let_streams_end(llm_sim)
     llm_sim.restore_defaults()
+
+
+def _let_streams_end(sim: LlmSim, timeout_s: float = 10.0) -> None:
+    """Best effort and bounded: a stream held on purpose (a hang) only costs the wait."""
+    deadline = time.monotonic() + timeout_s
+    while sim.stats().get("active_streams", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------

@@ -260,6 +260,9 @@ def test_a_second_run_while_one_runs_is_busy_and_the_first_goes_on(slow_app, fre
         started["run_id"]}
     assert (rest[-1]["type"], rest[-1]["code"]) == ("error", "run_cancelled")
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
+    # the cancelled run's LLM stream is closed before the next test counts closed streams
+    wait_for(lambda: fresh_llm_sim.stats()["streams_closed_early"] == 1,
+             "the LLM stream to be closed early")
 
 
 def test_cancel_ends_the_run_with_a_run_cancelled_error(slow_app, fresh_llm_sim, auth, connect):
