@@ -200,9 +200,6 @@ class Telemetry:
         threading.Thread(target=send, name="otel-flush", daemon=True).start()
         return done.wait(timeout_s)
 
-    def shutdown(self) -> None:
-        self.provider.shutdown()
-
 
 def remote_parent(trace_id: str, span_id: str, flags: str) -> Context:
     """A context whose current span is the caller's (from its ``traceparent``)."""

@@ -15,7 +15,6 @@ and the tenant limits — none of them calls back.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import threading
@@ -123,7 +122,6 @@ class RunExecutor:
         self.events.open(prepared.run_id, prepared.tenant)
         # the run's spans, when its request's span is recorded (flowgate/otel.py)
         spans = self._spans(prepared) if prepared.span_parent is not None else None
-        end_spans = functools.partial(_end_spans, spans)
         started = prepared.started_at = time.perf_counter()
         try:
             result = runner.execute(
@@ -135,17 +133,17 @@ class RunExecutor:
         except FlowgateError as exc:
             exc.details.setdefault("run_id", prepared.run_id)  # so the caller can look it up
             status = "cancelled" if exc.code == "run_cancelled" else "failed"
-            end_spans(status, exc.code, getattr(exc, "usage", None))
+            _end_spans(spans, status, exc.code, getattr(exc, "usage", None))
             self._finish(prepared, status, time.perf_counter() - started, None,
                          {"status": exc.status, **exc.to_dict()}, getattr(exc, "usage", None),
                          getattr(exc, "llm_calls", ()))
             raise
         except BaseException as exc:
-            end_spans("failed", "internal")
+            _end_spans(spans, "failed", "internal")
             self._finish(prepared, "failed", time.perf_counter() - started, None,
                          {"status": 500, "code": "internal", "message": "internal error"})
             raise RunFailed("the run failed unexpectedly") from exc
-        end_spans("succeeded", usage=result.usage)
+        _end_spans(spans, "succeeded", usage=result.usage)
         self._finish(prepared, "succeeded", time.perf_counter() - started, result, None)
         return result
 

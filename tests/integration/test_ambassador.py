@@ -43,9 +43,9 @@ import redis
 import requests
 import sseclient
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from support.needs import missing
 from support.procs import ServerNotReady, ServerProcess, free_port
+from support.prom import metric_value as metric
 from support.waiting import wait_until
 
 from flowgate.llm_sim import reply_tokens
@@ -95,16 +95,6 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def wait_for(check: Callable[[], Any], timeout_s: float, interval_s: float = 0.1,
              what: str = "condition") -> Any:
     return wait_until(check, what, timeout_s, interval_s)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def assert_error_contract(resp: requests.Response, status: int, code: str | tuple[str, ...]) -> dict:

@@ -31,8 +31,8 @@ import pytest
 import redis
 import requests
 import sseclient
-from prometheus_client.parser import text_string_to_metric_families
 from support.procs import ServerProcess, free_port
+from support.prom import metric_value
 from support.waiting import wait_until
 
 from flowgate.llm_sim import reply_tokens
@@ -200,9 +200,7 @@ def wait_mirrored(redis_url: str, run_id: str, n: int) -> None:
 
 
 def metric(url: str, name: str, **labels: str) -> float:
-    text = requests.get(url + "/metrics", timeout=TIMEOUT).text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return metric_value(requests.get(url + "/metrics", timeout=TIMEOUT).text, name, **labels)
 
 
 def question(tag: str) -> dict[str, Any]:

@@ -18,13 +18,13 @@ import requests
 import websocket
 from support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
 from support.procs import free_port
+from support.prom import metric_value as metric
 from support.waiting import wait_until
 from test_ambassador import (
     ENGINE_AUTH,
     FLOW_ID,
     Ambassadors,
     ensure_flow,
-    metric,
     quick_stop,
     start_engine,
     warm_up,
