@@ -16,7 +16,7 @@ BREAKER_STATES = ("closed", "open", "half_open")
 
 class AmbassadorMetrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        super().__init__(registry)
+        super().__init__(registry, prefix="flowgate_ambassador")
         kw = self.options
         self.gc_pause = Histogram(
             "flowgate_ambassador_gc_pause_seconds", "Garbage-collection pauses by generation.",

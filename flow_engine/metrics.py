@@ -30,7 +30,7 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 
 class EngineMetrics(ServiceMetrics):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        super().__init__(registry)
+        super().__init__(registry, prefix="flowgate_engine")
         kw = self.options
 
         self.gc_pause = Histogram(

@@ -8,12 +8,20 @@ flow its ``id`` names (the file's stem when it has none):
 - the definition equals the flow's latest version → nothing changes (no new version);
 - it differs → a new version; with ``--publish`` it is made live;
 - with ``--publish``, a flow whose latest version equals the file but is not live has
-  that version published;
+  that version published (a run that created a version and failed before publishing it
+  finishes the job when run again) — unless the engine's audit log shows that version was
+  taken off live (rolled back, by hand or by the engine, or its canary aborted): then it is
+  *held* and reported, like Flagger holding a failed revision until git changes, so a
+  delivery job re-run never undoes a rollback; change the file to publish again;
 - with ``--prune --yes``, engine flows that no file names are deleted (admin role).
 
 Everything is validated offline first: one invalid file and nothing is applied. ``--dry-run``
 prints what would change (a diff per flow) and changes nothing. ``export DIR`` writes each
 flow's latest version to ``DIR/<id>.json``; applying that directory changes nothing.
+
+Each change's audit message is ``--message``, or else, in a git checkout, the last commit
+that touched the files (``git log -1 --format='%h %s'``), so the engine's history names the
+commit a version came from.
 
 Exit codes: 0 done, or nothing to do; 1 invalid flows, or the engine refused a change;
 2 usage (unreadable file, two files for one flow, ``--prune`` without ``--yes``);
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +44,12 @@ PENDING = 4  # the exit code of a dry run that found something to change
 @dataclass
 class Change:
     flow_id: str
-    action: str  # create | update | publish | delete | none
+    action: str  # create | update | publish | held | delete | none
     path: Path | None = None
     definition: dict[str, Any] | None = None
     diff: str = ""
-    version: int | None = None  # an existing version to publish
+    version: int | None = None  # an existing version to publish (or held back)
+    reason: str = ""  # why a version is held back
 
 
 def flow_files(paths: list[Path]) -> list[Path]:
@@ -102,7 +112,11 @@ def plan(client, wanted: dict[str, tuple[Path, dict[str, Any]]], *, publish: boo
             changes.append(Change(flow_id, "update", path, definition,
                                   _diff(stored, mine, flow_id)))
         elif publish and flow["live_version"] != flow["latest_version"]:
-            changes.append(Change(flow_id, "publish", path, version=flow["latest_version"]))
+            version = flow["latest_version"]
+            entries = client.call("GET", f"/flows/{flow_id}/audit?limit=200")["entries"]
+            why = taken_off_live(entries, version)
+            changes.append(Change(flow_id, "held" if why else "publish", path, version=version,
+                                  reason=why or ""))
         else:
             changes.append(Change(flow_id, "none", path))
     if prune:
@@ -110,6 +124,35 @@ def plan(client, wanted: dict[str, tuple[Path, dict[str, Any]]], *, publish: boo
             if flow["id"] not in wanted:
                 changes.append(Change(flow["id"], "delete"))
     return changes
+
+
+_TAKEN_OFF = ("rollback", "auto_rollback")
+
+
+def taken_off_live(entries: list[dict[str, Any]], version: int) -> str | None:
+    """Why ``version`` must not be published again by a re-run (newest ``entries`` first, as
+    the audit API lists them): a rollback away from it, or the abort of its canary, since it
+    was created. None when nothing took it off live."""
+    aborted: dict[str, Any] | None = None
+    for entry in entries:
+        if entry["action"] in _TAKEN_OFF and entry.get("from_version") == version:
+            return _taken_off(entry)
+        if entry["action"] == "canary_aborted" and aborted is None:
+            aborted = entry
+        canary = ((entry.get("routing") or {}).get("canary") or {}).get("version")
+        if canary is not None and entry["action"] != "canary_aborted":
+            if canary == version and aborted:
+                return _taken_off(aborted)  # an abort belongs to the canary before it
+            aborted = None
+        if entry["action"] in ("create", "new_version") and entry.get("to_version") == version:
+            return None  # its birth: nothing older can be about it
+    return None
+
+
+def _taken_off(entry: dict[str, Any]) -> str:
+    reason = entry.get("reason") or entry.get("message")
+    return (f"{entry['action']} by {entry['actor']} (audit #{entry['seq']})"
+            + (f": {reason}" if reason else ""))
 
 
 def execute(client, changes: list[Change], *, publish: bool) -> None:
@@ -133,6 +176,9 @@ def execute(client, changes: list[Change], *, publish: bool) -> None:
         elif change.action == "delete":
             client.call("DELETE", f"/flows/{change.flow_id}")
             print(f"flow '{change.flow_id}' deleted (no file defines it)")
+        elif change.action == "held":
+            print(f"{where}flow '{change.flow_id}' version {change.version} held, not published: "
+                  f"{change.reason}; change the file to publish a new version")
         else:
             print(f"{where}flow '{change.flow_id}' unchanged")
 
@@ -140,8 +186,9 @@ def execute(client, changes: list[Change], *, publish: bool) -> None:
 def show(changes: list[Change]) -> None:
     """A dry run's report: each change and its diff."""
     for change in changes:
-        if change.action == "none":
-            print(f"{change.path}: flow '{change.flow_id}' unchanged")
+        if change.action in ("none", "held"):
+            held = f" (version {change.version} held: {change.reason})" if change.reason else ""
+            print(f"{change.path}: flow '{change.flow_id}' unchanged{held}")
             continue
         what = {"create": "would be created", "update": "would get a new version",
                 "publish": f"would have version {change.version} published",
@@ -149,6 +196,21 @@ def show(changes: list[Change]) -> None:
         print(f"{(str(change.path) + ': ') if change.path else ''}flow '{change.flow_id}' {what}")
         if change.diff:
             print(change.diff, end="" if change.diff.endswith("\n") else "\n")
+
+
+def git_message(paths: list[Path]) -> str | None:
+    """``<short sha> <subject>`` of the last commit touching ``paths``; None outside git."""
+    first = paths[0] if paths[0].is_dir() else paths[0].parent
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(first), "log", "-1", "--format=%h %s", "--",
+             *(str(p.resolve()) for p in paths)],
+            capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None  # empty: files git does not track
 
 
 def export(client, folder: Path) -> int:

@@ -19,7 +19,8 @@ Engine URL: --engine-url or FLOWGATE_ENGINE_URL (default http://127.0.0.1:8000).
 --api-key, FLOWGATE_API_KEY, the admin key of FLOW_ENGINE_API_KEYS (else its highest role),
 or the admin key `flowgate up` wrote to .flowgate/engine.key.
 Commands that change a flow (push, apply, publish, rollback, import) take ``-m/--message
-TEXT``: why, kept with the change in the audit log (``flowgate flows history``).
+TEXT``: why, kept with the change in the audit log (``flowgate flows history``); ``apply``
+in a git checkout defaults to the last commit of its files.
 Exit codes: 0 ok; 1 the engine refused (invalid flow, unknown id, run failed); 2 usage or
 unreadable file; 3 the engine is unreachable; 4 ``apply --dry-run`` found changes to make.
 """
@@ -212,11 +213,13 @@ def _apply(args) -> int:
     wanted = apply.desired(files, load_json, offline_limits())
     if isinstance(wanted, int):
         return wanted
+    if args.message is None:  # from a git checkout: the commit that last touched the flows
+        args.message = apply.git_message(args.paths)
     client = _client(args)
     changes = apply.plan(client, wanted, publish=args.publish, prune=args.prune)
     if args.dry_run:
         apply.show(changes)
-        return apply.PENDING if any(c.action != "none" for c in changes) else 0
+        return apply.PENDING if any(c.action not in ("none", "held") for c in changes) else 0
     apply.execute(client, changes, publish=args.publish)
     return 0
 

@@ -14,17 +14,21 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from flowgate import gc_pauses
+from flowgate.saturation import ProcessTreeCollector
 
 
 class ServiceMetrics:
     """Base of a service's metrics class: subclasses create their metrics with
-    ``**self.options``."""
+    ``**self.options``. ``prefix`` names the process-tree series (flowgate/saturation.py)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, prefix: str) -> None:
         self.multiprocess = registry is None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         # multiprocess: values go to mmap files and render() collects them from every worker
         self.options: dict[str, Any] = {"registry": None if self.multiprocess else self.registry}
+        self.processes = ProcessTreeCollector(prefix)
+        if not self.multiprocess:
+            self.registry.register(self.processes)
 
     def render(self) -> tuple[bytes, str]:
         gc_pauses.drain()
@@ -33,6 +37,7 @@ class ServiceMetrics:
 
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            registry.register(self.processes)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from flowgate import gc_pauses
+from flowgate import gc_pauses, saturation
 
 WSGIApp = Callable[..., Any]
 
@@ -88,6 +89,7 @@ class GunicornApp(BaseApplication):
     def load(self) -> WSGIApp:
         # Runs in the worker process after the worker class has monkey-patched.
         use_one_write_responses()
+        saturation.under_master(os.getppid())  # the metrics describe the master's tree
         app = self._app_factory()
         gc_pauses.freeze()  # what start-up built stays: full collections skip it
         if "gevent" in str(self.cfg.worker_class_str).lower():

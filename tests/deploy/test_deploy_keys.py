@@ -227,7 +227,23 @@ def test_sidecars_take_their_key_from_their_own_secret_and_apps_hold_none(render
                 assert [env for env, _s, _k in refs] == ["AMBASSADOR_UPSTREAM_KEY"], f"{overlay}: {where}"
             elif where.startswith("Deployment/") and where != "Deployment/flow-engine":
                 assert not refs and not c.get("envFrom"), f"{overlay}: {where}/{c['name']} holds a secret"
-    assert sidecars, f"{overlay}: no ambassador sidecar found"
+    if overlay == "dev":
+        assert sidecars, "dev: no ambassador sidecar found (components/orders-app)"
+    else:  # production ships no demo app: the teams' own Deployments carry the sidecars
+        apps = [where for where, _spec in pods(docs) if where.startswith("Deployment/")]
+        assert apps == ["Deployment/flow-engine"], f"{overlay} deploys {apps}"
+
+
+def test_prod_flow_delivery_holds_a_publisher_key_of_its_own(render):
+    """The delivery Job publishes flows: a publisher key from its own Secret, which the
+    engine's key template pairs with a publisher entry of the same name (never admin)."""
+    docs = render("prod")
+    (spec,) = [s for where, s in pods(docs) if where == "Job/flowgate-flows"]
+    (job,) = spec["containers"]
+    assert secret_refs(job) == [("FLOWGATE_API_KEY", "flowgate-flows-publisher", "engine-key")]
+    template = yaml.safe_load((BASE / "flow-engine" / "secret.yaml").read_text(encoding="utf-8"))
+    keys = {k.name: k for k in engine_keys(template["stringData"]["FLOW_ENGINE_API_KEYS"])}
+    assert (keys["flowgate-flows"].role, keys["flowgate-flows"].proxy) == ("publisher", False)
 
 
 def test_dev_keys_are_split_by_role(render):
@@ -263,7 +279,8 @@ def test_secret_templates_pair_the_sidecar_key_with_a_runner_proxy_engine_key():
     """Prod renders no Secret (they come from the secret store): the base templates show
     the shape to create, and must be a key list the engine accepts."""
     engine = yaml.safe_load((BASE / "flow-engine" / "secret.yaml").read_text(encoding="utf-8"))
-    app = yaml.safe_load((BASE / "orders-app" / "secret.yaml").read_text(encoding="utf-8"))
+    app = yaml.safe_load((BASE.parent / "components" / "orders-app" / "secret.yaml").read_text(
+        encoding="utf-8"))
     keys = engine_keys(engine["stringData"]["FLOW_ENGINE_API_KEYS"])
     sidecar = key_with_secret(keys, app["stringData"]["engine-key"], "base orders-app-flowgate")
     assert (sidecar.name, sidecar.role, sidecar.proxy) == ("orders-app", "runner", True)

@@ -127,9 +127,8 @@ def test_engine_service_hpa_pdb_and_network_policy_select_the_engine(render, ove
     assert all(p["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "prometheus" for p in others)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_orders_app_runs_the_ambassador_as_a_native_sidecar(render, overlay):
-    docs = render(overlay)
+def test_orders_app_runs_the_ambassador_as_a_native_sidecar(render):
+    docs = render("dev")  # components/orders-app: prod ships no demo app
     deployment = find(docs, "Deployment", "orders-app")
     template = deployment["spec"]["template"]
     spec = template["spec"]
@@ -158,7 +157,7 @@ def test_every_referenced_config_map_and_secret_exists(render, overlay):
     docs = render(overlay)
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
     # prod deletes the Secret templates: those Secrets come from the cluster's secret store
-    external = {("Secret", "flow-engine-secrets"), ("Secret", "orders-app-flowgate")}
+    external = {("Secret", "flow-engine-secrets"), ("Secret", "flowgate-flows-publisher")}
     external = external if overlay == "prod" else set()
     wanted = set()
     for doc in docs:
@@ -183,8 +182,9 @@ def test_every_referenced_config_map_and_secret_exists(render, overlay):
 
 
 def test_secret_templates_hold_placeholders_and_prod_deploys_none(render):
-    base = REPO / "deploy" / "k8s" / "base"
-    for path in (base / "flow-engine" / "secret.yaml", base / "orders-app" / "secret.yaml"):
+    k8s = REPO / "deploy" / "k8s"
+    for path in (k8s / "base" / "flow-engine" / "secret.yaml",
+                 k8s / "components" / "orders-app" / "secret.yaml"):
         secret = yaml.safe_load(path.read_text(encoding="utf-8"))
         assert secret["kind"] == "Secret" and "TEMPLATE" in path.read_text(encoding="utf-8")
         assert all("REPLACE-ME" in value for value in secret["stringData"].values()), path
@@ -204,12 +204,11 @@ def test_ambassador_configs_load(render, tmp_path):
     from ambassador import config
 
     config.load(REPO / "deploy" / "compose" / "ambassador.yaml", environ={})
-    for overlay in OVERLAYS:
-        data = find(render(overlay), "ConfigMap", "orders-app-ambassador")["data"]
-        path = tmp_path / f"{overlay}.yaml"
-        path.write_text(data["ambassador.yaml"], encoding="utf-8")
-        settings = config.load(path, environ={})
-        assert settings.upstream.url == "http://flow-engine:8000"
+    data = find(render("dev"), "ConfigMap", "orders-app-ambassador")["data"]
+    path = tmp_path / "dev.yaml"
+    path.write_text(data["ambassador.yaml"], encoding="utf-8")
+    settings = config.load(path, environ={})
+    assert settings.upstream.url == "http://flow-engine:8000"
 
 
 # -- what the containers run -----------------------------------------------------------------
@@ -256,11 +255,10 @@ def test_container_arguments_are_options_the_cli_knows(render):
 
 
 def test_orders_app_module_is_where_gunicorn_looks(render):
-    for overlay in OVERLAYS:
-        app = container(pod_spec(find(render(overlay), "Deployment", "orders-app")), "orders-app")
-        assert app["command"] == ["gunicorn"]
-        assert app["args"][app["args"].index("--chdir") + 1] == "/app/examples"
-        assert app["args"][-1] == "orders_app.app:app"
+    app = container(pod_spec(find(render("dev"), "Deployment", "orders-app")), "orders-app")
+    assert app["command"] == ["gunicorn"]
+    assert app["args"][app["args"].index("--chdir") + 1] == "/app/examples"
+    assert app["args"][-1] == "orders_app.app:app"
     assert (REPO / "examples" / "orders_app" / "app.py").is_file()
 
 

@@ -43,6 +43,7 @@ import pytest
 import requests
 import yaml
 from support.procs import free_port
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -81,14 +82,7 @@ FOREIGN_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "DATABASE_URL", "REDIS_URL",
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout_s:.0f} s (last: {value!r})", pytrace=False)
-        time.sleep(interval_s)
+    return wait_until(check, what, timeout_s, interval_s)  # a stalled machine gets its time back
 
 
 # -- the deployment files --------------------------------------------------------------------
@@ -349,6 +343,13 @@ def traffic(stack: Stack, prometheus: Prometheus) -> dict[str, Any]:
 
     sim = requests.get(f"{stack.llm}/sim/config", timeout=5).json()
 
+    # A stream's series (by flow) is born at its first observation, an increase Prometheus
+    # cannot show: let it scrape chat's before the next chat stream (the one left early) adds
+    # to it, or the Stream duration panel shows nothing whenever both fall between two scrapes.
+    wait_for(lambda: prometheus.query(
+        'flowgate_ambassador_stream_duration_seconds_count{flow="chat"}').get("data", {}).get("result"),
+        15, "Prometheus holding the ambassador's stream series of chat")
+
     # A client that leaves a stream early, while tokens still come (5 per second): the engine
     # sees the hang-up at its next write and counts a disconnect. With the answer sent at
     # once, the run could end before the hang-up reached it, and nothing would be counted.
@@ -584,6 +585,10 @@ def test_dashboard_panel_shows_data(prometheus, traffic, series_names, exported_
 # brand-new series stays 0 until the second event.
 MOVES = [
     ("ambassador.json", "Latency (time to answer)", "C", {"route": "/run-flow"}, "every run"),
+    ("ambassador.json", "Stream duration", "A", {"route": "/run-flow"}, "the streamed runs"),
+    ("ambassador.json", "Sidecar CPU by pod", "A", {}, "the ambassador serving the traffic"),
+    ("flow-engine.json", "CPU by pod", "A", {}, "the engine running the traffic"),
+    ("flow-engine.json", "Workers busy", "A", {}, "the engine running the traffic"),
     ("ambassador.json", "Upstream attempts by outcome", "A", {"outcome": "timeout"}, "the timed-out attempt"),
     ("ambassador.json", "Retries", "A", {"reason": "timeout"}, "the retry after a per-try timeout"),
     ("ambassador.json", "Cache hit ratio", "A", {}, "the cache hit"),
@@ -646,6 +651,22 @@ def test_rule_expression_evaluates(prometheus, traffic, series_names, exported_m
     loaded = {r["name"]: r for g in prometheus.api("rules")["data"]["groups"] for r in g["rules"]}
     assert name in loaded, f"Prometheus did not load rule {name} from rules.yml (loaded: {sorted(loaded)})"
     assert loaded[name]["health"] == "ok", f"{name}: Prometheus evaluates it with {loaded[name]}"
+
+
+def test_the_hpa_custom_metric_is_served_by_the_adapter_rule(prometheus, traffic, render):
+    """The prod HPA scales on a Pods metric that prometheus-adapter serves with the rule of
+    deploy/prometheus/adapter-values.yaml: its query, templated as the adapter templates it
+    for one pod, must give one finite value per engine process here."""
+    (rule,) = yaml.safe_load((PROMETHEUS_DIR / "adapter-values.yaml").read_text())["rules"]["custom"]
+    (hpa,) = [d for d in render("prod") if d["kind"] == "HorizontalPodAutoscaler"]
+    pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert pods == [rule["name"]["as"]], f"the HPA asks for {pods}, the adapter serves {rule['name']}"
+    series = re.match(r"(\w+)\{", rule["seriesQuery"]).group(1)
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    query = (rule["metricsQuery"].replace("<<.Series>>", series)
+             .replace("<<.LabelMatchers>>", 'job="flow-engine"').replace("<<.GroupBy>>", "instance"))
+    values = [float(v) for _m, v in samples(prometheus.query(query))]
+    assert values and all(math.isfinite(v) and v >= 0 for v in values), f"{query} → {values}"
 
 
 # -- the keys `flowgate up` hands out (issue 10) ---------------------------------------------

@@ -105,6 +105,88 @@ def test_a_changed_file_becomes_a_version_published_only_when_asked(cli, engine,
         "latest_version"]) == (2, 2)
 
 
+def test_a_rolled_back_version_is_held_not_republished_by_a_rerun(cli, engine, flows_dir):
+    """A delivery job run again (a retry, a GitOps re-sync) must not undo an incident's
+    rollback: the file still equals version 2, which was taken off live, so it stays off
+    until the file changes."""
+    assert cli("flows", "apply", str(flows_dir))[0] == 0
+    path = flows_dir / "a.json"
+    flow_id = json.loads(path.read_text())["id"]
+    path.write_text(json.dumps(echo_flow(flow_id, "Bad: {question}")))
+    assert cli("flows", "apply", str(path), "--publish")[0] == 0
+    code, out, err = cli("flows", "rollback", flow_id, "-m", "answers went wrong", key=PUBLISHER)
+    assert code == 0, out + err
+    assert engine_flow(engine, flow_id)["live_version"] == 1
+
+    code, out, _ = cli("flows", "apply", str(flows_dir), "--publish", key=PUBLISHER)
+    assert code == 0, out
+    assert f"flow '{flow_id}' version 2 held, not published: rollback by ci" in out
+    assert "answers went wrong" in out
+    assert engine_flow(engine, flow_id)["live_version"] == 1
+    assert cli("flows", "apply", str(flows_dir), "--publish", "--dry-run")[0] == 0  # in sync
+
+    path.write_text(json.dumps(echo_flow(flow_id, "Fixed: {question}")))  # a new commit
+    code, out, _ = cli("flows", "apply", str(path), "--publish", key=PUBLISHER)
+    assert code == 0 and "version 3 added and published" in out, out
+    assert engine_flow(engine, flow_id)["live_version"] == 3
+
+
+def test_applied_from_git_each_version_names_its_commit(cli, engine, flows_dir):
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(flows_dir), *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("-c", "user.name=ci", "-c", "user.email=ci@example.com", "add", ".")
+    git("-c", "user.name=ci", "-c", "user.email=ci@example.com", "commit", "-qm", "Add the flows")
+    sha = git("rev-parse", "--short", "HEAD")
+    assert cli("flows", "apply", str(flows_dir), "--publish")[0] == 0
+    for flow_id in ids(flows_dir):
+        entries = requests.get(f"{engine.url}/api/v1/flows/{flow_id}/audit",
+                               headers={"x-api-key": ADMIN}, timeout=10).json()["entries"]
+        assert entries[0]["message"] == f"{sha} Add the flows", entries[0]
+    # --message wins over the commit
+    path = flows_dir / "a.json"
+    path.write_text(json.dumps(echo_flow(ids(flows_dir)[0], "Other: {question}")))
+    assert cli("flows", "apply", str(path), "-m", "hotfix OPS-7")[0] == 0
+    entries = requests.get(f"{engine.url}/api/v1/flows/{ids(flows_dir)[0]}/audit",
+                           headers={"x-api-key": ADMIN}, timeout=10).json()["entries"]
+    assert entries[0]["message"] == "hotfix OPS-7"
+
+
+def _entry(seq, action, *, frm=None, to=None, routing=None, actor="ops", reason=None):
+    return {"seq": seq, "action": action, "from_version": frm, "to_version": to,
+            "routing": routing, "actor": actor, "reason": reason, "message": None}
+
+
+@pytest.mark.parametrize(("entries", "held"), [
+    pytest.param([_entry(3, "new_version", frm=1, to=2)], None, id="created, never live"),
+    pytest.param([_entry(5, "canary_aborted", frm=1, to=1, actor="engine",
+                         reason="failure ratio 0.4 > 0.05"),
+                  _entry(4, "routing", frm=1, to=2, routing={"canary": {"version": 2}}),
+                  _entry(3, "new_version", frm=1, to=2)], "canary_aborted by engine (audit #5)",
+                 id="its canary aborted"),
+    pytest.param([_entry(6, "canary_aborted", frm=1, to=1, actor="engine"),
+                  _entry(5, "routing", frm=1, to=3, routing={"canary": {"version": 3}}),
+                  _entry(4, "routing", frm=1, to=2, routing={"canary": {"version": 2}})], None,
+                 id="another version's canary aborted"),
+    pytest.param([_entry(7, "auto_rollback", frm=2, to=1, actor="engine", reason="p95 3 s"),
+                  _entry(6, "publish", frm=1, to=2)], "auto_rollback by engine (audit #7): p95 3 s",
+                 id="rolled back by the engine"),
+    pytest.param([_entry(8, "rollback", frm=3, to=2), _entry(7, "publish", frm=2, to=3)], None,
+                 id="a later version rolled back to it"),
+    pytest.param([_entry(9, "new_version", frm=1, to=2), _entry(2, "rollback", frm=2, to=1)],
+                 None, id="an older flow of the same id"),
+])
+def test_taken_off_live_reads_the_audit_log(entries, held):
+    from flowgate.apply import taken_off_live
+
+    why = taken_off_live(entries, 2)
+    assert (why is None) if held is None else why.startswith(held), why
+
+
 def test_dry_run_shows_the_diff_exits_4_and_changes_nothing(cli, engine, flows_dir):
     assert cli("flows", "apply", str(flows_dir))[0] == 0
     assert cli("flows", "apply", str(flows_dir), "--dry-run")[0] == 0  # in sync
