@@ -10,6 +10,7 @@ from typing import Any
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from flow_engine import console
 from flow_engine.api import components, flows, health, knowledge, openapi, runs, ws
 from flow_engine.api.common import Engine, authenticate, check_host
 from flow_engine.auth import KeyRing
@@ -28,6 +29,7 @@ from flow_engine.service import FlowService
 from flow_engine.store import SqlFlowStore
 from flow_engine.store.engines import PoolSize
 from flow_engine.tenants import TenantLimits
+from flow_engine.ws_tickets import WsTickets
 from flowgate import jsonlog, otel, tracing
 from flowgate.at_exit import flush_at_exit
 from flowgate.signals import Signals
@@ -65,7 +67,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
                                        settings.db_pool_timeout_s))
     if migrate:
         store.migrate()
-    events, signals, limits, window = _shared_state(settings, metrics, keys, store)
+    events, signals, limits, window, tickets = _shared_state(settings, metrics, keys, store)
     # knowledge bases (flow_engine/knowledge): completes its schema if it can, recovers
     # indexing a dead engine left, and is the lookup KnowledgeRetriever nodes search with
     knowledge_service = KnowledgeService.for_engine(settings, store)
@@ -93,7 +95,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service, keys,
-                                        maintenance, rollouts)
+                                        maintenance, rollouts, tickets)
     app.extensions[knowledge.EXTENSION] = knowledge_service
     app.extensions["flowgate_telemetry"] = telemetry
 
@@ -107,6 +109,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
             authenticate()
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(console.bp)  # /ui/: the console (flow_engine/console)
     for blueprint in (components.bp, flows.bp, runs.bp, ws.bp, openapi.bp, knowledge.bp,
                       interop.bp):
         app.register_blueprint(blueprint, url_prefix=API_PREFIX)
@@ -115,9 +118,9 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
 
 
 def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing, store: Any):
-    """The run event log, the signals, the tenant limits and the window of run outcomes:
-    shared between processes through Redis when REDIS_URL is set (the outcomes through the
-    store otherwise)."""
+    """The run event log, the signals, the tenant limits, the window of run outcomes and the
+    WebSocket tickets: shared between processes through Redis when REDIS_URL is set (the
+    outcomes through the store otherwise)."""
     # This process's recent runs, for live watching and resuming: bounded in bytes so that a
     # busy worker stays small (Redis, when configured, keeps events for event_ttl_s).
     memory = MemoryEventLog(max_runs=settings.event_memory_runs,
@@ -128,7 +131,7 @@ def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing, sto
     on_error = lambda op: metrics.event_log_errors.labels(op).inc()  # noqa: E731
     if not settings.redis_url:
         return (RunEventLog(memory), None, TenantLimits(policy, on_error=on_error),
-                StoreWindow(store))
+                StoreWindow(store), WsTickets())
     import redis
 
     # Every call gives up after redis_timeout_s: a hung Redis costs a request that much. A
@@ -153,7 +156,7 @@ def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing, sto
     flush_at_exit(shared.flush)  # a worker's last events still reach Redis on SIGTERM
     limits = TenantLimits(policy, quick if policy.limited else None, on_error=on_error)
     return (RunEventLog(memory, shared), Signals(client, on_error=on_error), limits,
-            RedisWindow(client))
+            RedisWindow(client), WsTickets(client))
 
 
 def _install_request_hooks(app: Flask, metrics: EngineMetrics,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -200,10 +201,13 @@ def show(changes: list[Change]) -> None:
 
 def git_message(paths: list[Path]) -> str | None:
     """``<short sha> <subject>`` of the last commit touching ``paths``; None outside git."""
+    git = shutil.which("git")
+    if git is None:
+        return None
     first = paths[0] if paths[0].is_dir() else paths[0].parent
     try:
-        done = subprocess.run(
-            ["git", "-C", str(first), "log", "-1", "--format=%h %s", "--",
+        done = subprocess.run(  # noqa: S603 - no shell; the arguments are paths
+            [git, "-C", str(first), "log", "-1", "--format=%h %s", "--",
              *(str(p.resolve()) for p in paths)],
             capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):

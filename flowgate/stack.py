@@ -271,6 +271,7 @@ def _banner(args, llm_url: str, flows: list[str], config: str) -> None:
 Flowgate is up.
   ambassador  {amb}            (apps call this: POST /run-flow)
   engine      http://127.0.0.1:{args.engine_port}
+  console     http://127.0.0.1:{args.engine_port}/ui/   (sign in with the key in {KEY_FILE})
   keys        {cli:<11} admin: in {KEY_FILE}, what `flowgate flows ...` uses
               {sidecar:<11} runner+proxy: the ambassador's only (runs flows, cannot change them)
   llm         {llm_url}

@@ -32,6 +32,10 @@ class Unauthorized(FlowgateError):
     status, code = 401, "unauthorized"
 
 
+class TicketsUnavailable(FlowgateError):
+    status, code = 503, "tickets_unavailable"
+
+
 class UnsupportedMediaType(FlowgateError):
     status, code = 415, "unsupported_media_type"
 
@@ -52,6 +56,7 @@ class Engine:
     keys: KeyRing
     maintenance: Any = None  # flow_engine/maintenance.py (its thread runs by itself)
     rollouts: Any = None  # flow_engine/rollouts/controller.py (likewise)
+    tickets: Any = None  # flow_engine/ws_tickets.py: one-time WebSocket tickets
 
 
 def engine() -> Engine:
@@ -185,7 +190,10 @@ def authenticate() -> Principal:
         auth = request.headers.get("Authorization", "")
         if not presented and auth[:7].lower() == "bearer ":
             presented = auth[7:].strip()
-        if not presented and request.url_rule is not None and request.url_rule.websocket:
+        websocket = request.url_rule is not None and request.url_rule.websocket
+        if not presented and websocket and "ticket" in request.args:
+            return _redeem(request.args["ticket"])
+        if not presented and websocket:
             presented = request.args.get("token", "").strip()
         if not presented:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or "
@@ -198,6 +206,24 @@ def authenticate() -> Principal:
                                request.headers.get(TENANT_HEADER))
     except CallerHeaderError as exc:
         raise BadRequest(str(exc)) from None
+    return _admit(caller)
+
+
+def _redeem(ticket: str) -> Principal:
+    """A WebSocket handshake with a one-time ticket (flow_engine/ws_tickets.py): it acts as
+    the principal that asked for the ticket."""
+    try:
+        caller = engine().tickets.redeem(ticket.strip())
+    except Exception as exc:  # Redis down: the console falls back to Server-Sent Events
+        raise TicketsUnavailable("WebSocket tickets are unavailable (the shared store does not "
+                          "answer); use an API key header or Server-Sent Events") from exc
+    if caller is None:
+        raise Unauthorized("invalid, expired or used WebSocket ticket: ask POST "
+                           "/api/v1/ws/ticket for a new one")
+    return _admit(caller)
+
+
+def _admit(caller: Principal) -> Principal:
     g.principal = caller
     if request.url_rule is not None:  # an unknown path is a 404 for any key
         needed = required_role(request.endpoint)
@@ -216,3 +242,17 @@ def sse(event_id: int | None, event: str, data: Any) -> bytes:
 
 
 KEEPALIVE = b": keep-alive\n\n"
+
+
+def int_arg(name: str, default: Any, low: int, high: int) -> Any:
+    """An integer query parameter within [low, high] (400 otherwise); ``default`` if absent."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be an integer") from None
+    if not low <= value <= high:
+        raise BadRequest(f"query parameter {name} must be between {low} and {high}")
+    return value

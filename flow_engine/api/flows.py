@@ -10,12 +10,13 @@ without changing anything."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import unquote
 
 from flask import Blueprint, g, jsonify, request
 
-from flow_engine.api.common import engine, json_body, principal
+from flow_engine.api.common import engine, int_arg, json_body, principal
 from flow_engine.errors import BadRequest, NotFound
 from flow_engine.rollouts.analysis import Guard
 from flow_engine.runs.request import MAX_VERSION
@@ -88,8 +89,8 @@ def create_flow():
 
 @bp.get("/flows")
 def list_flows():
-    limit = _int_arg("limit", 100, 1, 1000)
-    offset = _int_arg("offset", 0, 0, 10**9)
+    limit = int_arg("limit", 100, 1, 1000)
+    offset = int_arg("offset", 0, 0, 10**9)
     flows = engine().store.list_flows(limit=limit, offset=offset)
     return jsonify({"flows": [flow_json(f) for f in flows], "limit": limit, "offset": offset})
 
@@ -180,8 +181,8 @@ def set_routing(flow_ref: str):
 @bp.get("/flows/<flow_ref>/audit")
 def flow_audit(flow_ref: str):
     """A flow's changes, newest first (``?limit``, ``?before=seq`` for the next page)."""
-    limit = _int_arg("limit", 100, 1, 1000)
-    before = _int_arg("before", None, 1, 2**62)
+    limit = int_arg("limit", 100, 1, 1000)
+    before = int_arg("before", None, 1, 2**62)
     flow, entries = engine().flows.audit(flow_ref, limit, before)
     if flow is None and not entries:
         raise NotFound(f"no flow with id or name '{flow_ref}', nor a history of one")
@@ -189,11 +190,33 @@ def flow_audit(flow_ref: str):
                     "entries": [e.as_dict() for e in entries]})
 
 
+@bp.get("/flows/<flow_ref>/stats")
+def flow_stats(flow_ref: str):
+    """Runs, failure rate and p95 of the flow's recent versions over the last
+    ``?window_s`` (≤ 3600), from the per-version outcomes canary analysis reads."""
+    window_s = int_arg("window_s", 3600, 5, 3600)
+    flow = engine().store.get_flow(flow_ref)
+    wanted = {flow.live_version, flow.latest_version}
+    canary = ((flow.routing or {}).get("canary") or {}).get("version")
+    wanted |= {canary} if canary else set()
+    wanted |= set(range(max(1, flow.latest_version - 4), flow.latest_version + 1))
+    now = time.time()
+    outcomes = engine().rollouts.outcomes
+    versions = []
+    for version in sorted((v for v in wanted if v), reverse=True):
+        seen = outcomes.window(flow.id, version, now - window_s, now)
+        p95 = seen.p95()
+        versions.append({"version": version, "runs": seen.runs, "failed": seen.failed,
+                         "failure_rate": round(seen.error_rate, 4),
+                         "p95_ms": None if p95 is None or p95 == float("inf") else round(p95 * 1000)})
+    return jsonify({"flow_id": flow.id, "window_s": window_s, "versions": versions})
+
+
 @bp.get("/audit")
 def audit_all():
     """Every flow's changes after ``?since=seq``, oldest first (tail it with the last seq)."""
-    since = _int_arg("since", 0, 0, 2**62)
-    limit = _int_arg("limit", 1000, 1, 10_000)
+    since = int_arg("since", 0, 0, 2**62)
+    limit = int_arg("limit", 1000, 1, 10_000)
     entries = engine().store.audit_since(since, limit)
     return jsonify({"entries": [e.as_dict() for e in entries],
                     "next_since": entries[-1].seq if entries else since})
@@ -204,8 +227,8 @@ def diff(flow_ref: str):
     """What changed between versions ``?from=A`` and ``?to=B``."""
     if "from" not in request.args or "to" not in request.args:
         raise BadRequest("diff needs ?from=A&to=B (version numbers)")
-    a = _int_arg("from", 1, 1, MAX_VERSION)
-    b = _int_arg("to", 1, 1, MAX_VERSION)
+    a = int_arg("from", 1, 1, MAX_VERSION)
+    b = int_arg("to", 1, 1, MAX_VERSION)
     return jsonify(engine().flows.diff(flow_ref, a, b))
 
 
@@ -214,16 +237,3 @@ def validate():
     """Validate a definition without storing it (what ``flowgate flows validate`` does)."""
     definition = engine().flows.validate(json_body(), flow_id="unsaved")
     return jsonify({"valid": True, "nodes": len(definition.nodes), "edges": len(definition.edges)})
-
-
-def _int_arg(name: str, default: Any, low: int, high: int) -> Any:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter {name} must be an integer") from None
-    if not low <= value <= high:
-        raise BadRequest(f"query parameter {name} must be between {low} and {high}")
-    return value

@@ -25,8 +25,7 @@ from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import parse_form_data
 
-from flow_engine.api.common import UnsupportedMediaType, json_body, parse_json, principal
-from flow_engine.api.flows import _int_arg
+from flow_engine.api.common import UnsupportedMediaType, int_arg, json_body, parse_json, principal
 from flow_engine.components.openai_compat import ProviderError
 from flow_engine.errors import BadRequest, PayloadTooLarge, Problem
 from flow_engine.knowledge import parse
@@ -73,7 +72,7 @@ def create_knowledge():
 @bp.get("/knowledge")
 def list_knowledge():
     service = knowledge()
-    limit, offset = _int_arg("limit", 100, 1, 1000), _int_arg("offset", 0, 0, 10**9)
+    limit, offset = int_arg("limit", 100, 1, 1000), int_arg("offset", 0, 0, 10**9)
     bases = service.bases(limit, offset)
     counts = service.store.counts([kb.id for kb in bases])
     return jsonify({"knowledge": [base_json(service, kb, counts[kb.id]) for kb in bases],
@@ -179,7 +178,7 @@ def _metadata(raw: Any) -> dict[str, Any]:
 
 @bp.get("/knowledge/<kb_ref>/documents")
 def list_documents(kb_ref: str):
-    limit, offset = _int_arg("limit", 100, 1, 1000), _int_arg("offset", 0, 0, 10**9)
+    limit, offset = int_arg("limit", 100, 1, 1000), int_arg("offset", 0, 0, 10**9)
     status = request.args.get("status")
     if status is not None and status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}")

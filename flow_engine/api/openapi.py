@@ -137,6 +137,28 @@ def build_spec() -> dict[str, Any]:
                   body=_ref("RunRequest"),
                   errors=(400, 401, 404, 408, 409, 413, 415, 422, 503)),
         }},
+        "/api/v1/runs": {"get": _op(
+            "recorded runs the caller may see, newest first",
+            _json({"type": "object", "properties": {
+                "runs": {"type": "array", "items": _ref("RunRecord")},
+                "next_before": {"type": ["string", "null"]}}}, "runs"),
+            params=[{"name": "flow", "in": "query", "schema": {"type": "string"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "before", "in": "query", "schema": {"type": "string"},
+                     "description": "a run's created_at: the next page"}],
+            errors=(400, 401))},
+        "/api/v1/flows/{flow_ref}/stats": {"get": _op(
+            "runs, failure rate and p95 of the flow's recent versions",
+            _json({"type": "object", "properties": {
+                "flow_id": {"type": "string"}, "window_s": {"type": "integer"},
+                "versions": {"type": "array", "items": {"type": "object"}}}}, "figures"),
+            params=[FLOW_REF, {"name": "window_s", "in": "query", "schema": {"type": "integer"}}],
+            errors=(400, 401, 404))},
+        "/api/v1/ws/ticket": {"post": _op(
+            "a one-time ticket for the WebSocket handshake (?ticket=)",
+            _json({"type": "object", "properties": {"ticket": {"type": "string"},
+                                                    "expires_in": {"type": "integer"}}}, "ticket"),
+            status="201", errors=(401, 503))},
         "/api/v1/runs/{run_id}": {"get": _op("a run record", _json(_ref("RunRecord"), "the run"),
                                              params=[RUN_ID], errors=(401, 404))},
         "/api/v1/runs/{run_id}/events": {"get": _op(
@@ -156,8 +178,11 @@ def build_spec() -> dict[str, Any]:
                                  '{"type": "run" | "watch" | "cancel", ...}, receive run events '
                                  '{"type", "seq", ...} and errors {"type": "error", "code", ...}'},
                   status="101",
-                  params=[{"name": "token", "in": "query", "schema": {"type": "string"},
-                           "description": "the API key, for clients that cannot set headers"}],
+                  params=[{"name": "ticket", "in": "query", "schema": {"type": "string"},
+                           "description": "a one-time ticket from POST /api/v1/ws/ticket"},
+                          {"name": "token", "in": "query", "schema": {"type": "string"},
+                           "description": "the API key, for clients that cannot set headers "
+                                          "(it ends up in logs: prefer a ticket)"}],
                   errors=(400, 401)),
         }},
     }

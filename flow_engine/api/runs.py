@@ -23,18 +23,21 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator
+from datetime import datetime
 
 from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 
-from flow_engine.api.common import KEEPALIVE, engine, json_body, principal, sse
+from flow_engine.api.common import KEEPALIVE, engine, int_arg, json_body, principal, sse
 from flow_engine.errors import BadRequest
 from flow_engine.runs.events import TERMINAL
 from flow_engine.runs.request import RunRequest
 from flow_engine.runs.runner import RunEvent
+from flow_engine.runs.watch import run_record_json
 
 bp = Blueprint("runs", __name__)
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII; always fullmatch
 EVENT_ID = re.compile(r"[0-9]{1,18}")
+FLOW_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -116,6 +119,29 @@ def run_flow(flow_ref: str):
     if not replayed:
         headers.pop("Idempotent-Replayed", None)
     return jsonify(result), 200, headers
+
+
+@bp.get("/runs")
+def list_runs():
+    """Recorded runs the caller may see (its tenant's; an operator's admin key: all),
+    newest first: ``?flow=ID``, ``?limit`` (≤ 200), ``?before=<created_at>`` for the next
+    page. A run is recorded when it ends (a keyed run when it starts)."""
+    flow_id = request.args.get("flow") or None
+    if flow_id is not None and not FLOW_ID.fullmatch(flow_id):
+        raise BadRequest("flow must be a flow id (1-64 letters, digits, '_', '.', '-')")
+    before = None
+    if "before" in request.args:
+        try:
+            before = datetime.fromisoformat(request.args["before"][:40])
+        except ValueError:
+            raise BadRequest("before must be an ISO 8601 time (a run's created_at)") from None
+    caller = principal()
+    records = engine().store.list_runs(
+        tenant=None if caller.sees_every_tenant else caller.tenant, flow_id=flow_id,
+        limit=int_arg("limit", 50, 1, 200), before=before)
+    runs = [{**{k: v for k, v in run_record_json(r).items() if k != "result"},
+             "tenant": r.tenant} for r in records]
+    return jsonify({"runs": runs, "next_before": runs[-1]["created_at"] if runs else None})
 
 
 @bp.get("/runs/<run_id>")

@@ -414,3 +414,18 @@ def run_socket(ws) -> None:
                   trace_id=trace.trace_id if trace else None, caller=principal()).serve()
     finally:
         limit.release()
+
+
+@bp.post("/ws/ticket")
+def ws_ticket():
+    """A one-time ticket for ``WS /ws/runs?ticket=T`` (flow_engine/ws_tickets.py): the
+    browser's key stays in a header, never in a URL."""
+    from flow_engine.api.common import TicketsUnavailable
+    from flow_engine.ws_tickets import TTL_S
+
+    try:
+        ticket = engine().tickets.issue(principal())
+    except Exception as exc:  # Redis down
+        raise TicketsUnavailable("WebSocket tickets are unavailable (the shared store does "
+                                 "not answer); use Server-Sent Events") from exc
+    return {"ticket": ticket, "expires_in": TTL_S}, 201, {"Cache-Control": "no-store"}

@@ -244,6 +244,19 @@ class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
             raise RunNotFound(f"no run '{run_id}'")
         return _run(row)
 
+    def list_runs(self, *, tenant: str | None, flow_id: str | None, limit: int,
+                  before: datetime | None = None) -> list[RunRecord]:
+        query = sa.select(runs)
+        if tenant is not None:
+            query = query.where(runs.c.tenant == tenant)
+        if flow_id is not None:
+            query = query.where(runs.c.flow_id == flow_id)
+        if before is not None:
+            query = query.where(runs.c.created_at < before)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(runs.c.created_at.desc()).limit(limit))
+            return [_run(r) for r in rows]
+
     def find_run_by_key(self, idempotency_key: str) -> RunRecord | None:
         with self._read() as conn:
             row = conn.execute(

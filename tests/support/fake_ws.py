@@ -90,3 +90,26 @@ class FakeSocket:
         self.connected = False
         self.close_code, self.close_reason = reason or 1000, message
         self.closed.set()
+
+
+class FakeServers:
+    """Stands in for ``simple_websocket.Server`` in flask-sock: hands out the sockets in
+    ``pending`` (a fresh FakeSocket when there is none) and records each with its options."""
+
+    def __init__(self) -> None:
+        self.pending: list[FakeSocket] = []
+        self.built: list[tuple[FakeSocket, dict[str, Any]]] = []
+
+    def __call__(self, environ: dict[str, Any], **options: Any) -> FakeSocket:
+        ws = self.pending.pop(0) if self.pending else FakeSocket()
+        self.built.append((ws, options))
+        return ws
+
+
+def install_fake_server(monkeypatch) -> FakeServers:
+    """Make flask-sock hand its connections to a FakeServers (what the fixture does)."""
+    import flask_sock
+
+    servers = FakeServers()
+    monkeypatch.setattr(flask_sock, "Server", servers)
+    return servers

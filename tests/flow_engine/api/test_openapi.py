@@ -14,8 +14,8 @@ def served_operations(app) -> set[tuple[str, str]]:
     """(OpenAPI path, lower-case method) for every route of the app but ``static``."""
     operations = set()
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
-            continue
+        if rule.endpoint == "static" or rule.endpoint.startswith("console."):
+            continue  # the console's pages and files are not the API
         path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
         operations |= {(path, m.lower()) for m in rule.methods - IGNORED_METHODS}
     return operations

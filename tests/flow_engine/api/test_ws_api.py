@@ -11,10 +11,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import flask_sock
 import pytest
 from flask import Flask
-from support.fake_ws import WAIT_S, FakeClock, FakeSocket
+from support.fake_ws import WAIT_S, FakeClock, FakeServers, FakeSocket, install_fake_server
 from support.waiting import wait_until
 
 from flow_engine.api.ws import ConnectionLimit, RunSocket, WholeFrames, event_message
@@ -388,25 +387,9 @@ def test_idle_timeout_zero_never_closes(make_app, connect):
 # -- the route: handshake, auth, options, capacity ------------------------------------------
 
 
-class FakeServers:
-    """Stands in for ``simple_websocket.Server`` in flask-sock: hands out the sockets in
-    ``pending`` (a fresh FakeSocket when there is none) and records each with its options."""
-
-    def __init__(self) -> None:
-        self.pending: list[FakeSocket] = []
-        self.built: list[tuple[FakeSocket, dict[str, Any]]] = []
-
-    def __call__(self, environ: dict[str, Any], **options: Any) -> FakeSocket:
-        ws = self.pending.pop(0) if self.pending else FakeSocket()
-        self.built.append((ws, options))
-        return ws
-
-
 @pytest.fixture
 def fake_server(monkeypatch) -> FakeServers:
-    servers = FakeServers()
-    monkeypatch.setattr(flask_sock, "Server", servers)
-    return servers
+    return install_fake_server(monkeypatch)
 
 
 def _handshake(client, query: str = "", headers: dict[str, str] | None = None):

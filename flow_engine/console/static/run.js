@@ -1,0 +1,144 @@
+// A run as it happens: status, the graph's nodes lighting up, tokens as they arrive, tool
+// calls as steps, the output and usage at the end, and a Cancel button.
+
+import { h, link, ms, runPath } from "./dom.js";
+import { markNode } from "./graph.js";
+import { RunStream } from "./stream.js";
+
+export class RunView {
+  /** ``graph``: the element drawGraph made (nodes to colour), or null. */
+  constructor(graph) {
+    this.graph = graph;
+    this.status = h("p", { class: "run-status", role: "status", "aria-live": "polite" }, "");
+    this.transport = h("span", { class: "transport" });
+    this.link = h("span", { class: "run-link" });
+    this.cancelButton = h("button", { type: "button", class: "danger", disabled: true,
+      onclick: () => this.cancel() }, "Cancel");
+    this.tokens = h("pre", { class: "tokens", "aria-label": "streamed answer" });
+    this.steps = h("ol", { class: "steps", "aria-label": "steps" });
+    this.result = h("div", { class: "result" });
+    this.element = h("section", { class: "run-view", "aria-label": "run" },
+      h("div", { class: "run-head" }, this.status, this.transport, this.link, this.cancelButton),
+      h("h3", {}, "Answer"), this.tokens,
+      h("details", { class: "steps-box", open: true }, h("summary", {}, "Steps"), this.steps),
+      this.result);
+    this.started = new Set();
+    this.tokenEvents = 0;
+    this.stream = null;
+  }
+
+  reset() {
+    this.tokens.replaceChildren();
+    this.steps.replaceChildren();
+    this.result.replaceChildren();
+    this.link.replaceChildren();
+    this.started.clear();
+    this.tokenEvents = 0;
+    if (this.graph) for (const el of this.graph.querySelectorAll("g.node")) markNode(this.graph, el.dataset.node, "idle");
+    for (const el of this.graph ? this.graph.querySelectorAll(".node-time") : []) el.textContent = "";
+  }
+
+  follow(how) {
+    if (this.stream) this.stream.close();
+    this.reset();
+    this.setStatus("connecting", "Connecting…");
+    this.stream = new RunStream({
+      onEvent: (event) => this.show(event),
+      onTransport: (name) => { this.transport.textContent = `via ${name === "websocket" ? "WebSocket" : "Server-Sent Events"}`; this.element.dataset.transport = name; },
+    });
+    this.cancelButton.disabled = false;
+    how(this.stream);
+    return this.stream.done;
+  }
+
+  run({ flowId, input, sessionId }) {
+    return this.follow((stream) => stream.start({ flowId, input, sessionId }));
+  }
+
+  watch(runId) {
+    return this.follow((stream) => stream.watch(runId));
+  }
+
+  async cancel() {
+    this.cancelButton.disabled = true;
+    try {
+      await this.stream?.cancel();
+      this.setStatus("cancelling", "Cancelling…");
+    } catch (err) {
+      this.setStatus("failed", `Cancel refused: ${err.message}`);
+    }
+  }
+
+  setStatus(state, text) {
+    this.element.dataset.state = state;
+    this.status.textContent = text;
+  }
+
+  step(kind, ...text) {
+    this.steps.append(h("li", { class: `step step-${kind}` }, ...text));
+  }
+
+  show(event) {
+    const node = event.node;
+    switch (event.type) {
+      case "run_started":
+        this.setStatus("running", `Running ${event.flow_id} v${event.version}`);
+        this.link.replaceChildren("Watch link: ", link(runPath(event.run_id), event.run_id));
+        this.element.dataset.runId = event.run_id;
+        break;
+      case "node_started":
+        this.started.add(node);
+        if (this.graph) markNode(this.graph, node, "running");
+        this.step("node", `${node} (${event.node_type}) started`);
+        break;
+      case "node_finished":
+        if (this.graph) markNode(this.graph, node, "done", event.duration_ms);
+        this.step("node", `${node} finished in ${ms(event.duration_ms)}`);
+        break;
+      case "token":
+        this.tokenEvents += 1;
+        this.tokens.append(event.text ?? "");
+        this.element.dataset.tokens = String(this.tokenEvents);
+        break;
+      case "tool_call":
+        this.step("tool", `${node} calls ${event.tool}: ${JSON.stringify(event.args ?? "")}`.slice(0, 500));
+        break;
+      case "tool_result":
+        this.step("tool", `${event.tool} answered (${event.status}): ${event.output ?? ""}`.slice(0, 500));
+        break;
+      case "error":
+        if (node && this.graph) markNode(this.graph, node, event.code === "run_cancelled" ? "stopped" : "failed");
+        this.endNodes();
+        this.cancelButton.disabled = true;
+        this.setStatus(event.code === "run_cancelled" ? "cancelled" : "failed",
+          event.code === "run_cancelled" ? "Cancelled" : `Failed: ${event.code}`);
+        this.result.replaceChildren(h("p", { class: "error" }, `${event.code}: ${event.message ?? ""}`,
+          node ? ` (node ${node})` : ""));
+        break;
+      case "run_finished":
+        this.endNodes();
+        this.cancelButton.disabled = true;
+        this.setStatus("finished", `Finished in ${ms(event.duration_ms)}`);
+        if (!this.tokenEvents && event.output !== undefined && event.output !== null) {
+          this.tokens.textContent = typeof event.output === "string" ? event.output : JSON.stringify(event.output, null, 2);
+        }
+        this.result.replaceChildren(
+          h("h3", {}, "Output"),
+          h("pre", { class: "output" }, typeof event.output === "string" ? event.output : JSON.stringify(event.output, null, 2)),
+          h("p", { class: "usage" }, `Usage: ${JSON.stringify(event.usage || {})}`),
+          (event.warnings || []).map((w) => h("p", { class: "warning" }, `Warning: ${typeof w === "string" ? w : JSON.stringify(w)}`)));
+        break;
+      default:
+        break;
+    }
+  }
+
+  /** Nodes that never started were skipped (a branch not taken); any still running stop. */
+  endNodes() {
+    if (!this.graph) return;
+    for (const el of this.graph.querySelectorAll("g.node")) {
+      if (el.dataset.state === "idle") el.dataset.state = "skipped";
+      else if (el.dataset.state === "running") el.dataset.state = "stopped";
+    }
+  }
+}
