@@ -22,6 +22,7 @@ from flow_engine.knowledge.service import KnowledgeService
 from flow_engine.maintenance import Maintenance
 from flow_engine.metrics import EngineMetrics
 from flow_engine.rollouts.controller import RolloutController
+from flow_engine.rollouts.figures import RecentFigures
 from flow_engine.rollouts.outcomes import OutcomeRecorder, RedisWindow, StoreWindow
 from flow_engine.runs.events import MemoryEventLog, RedisEventLog, RunEventLog
 from flow_engine.runs.service import RunService
@@ -95,7 +96,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["flowgate"] = Engine(settings, store, metrics, flow_service, run_service, keys,
-                                        maintenance, rollouts, tickets)
+                                        maintenance, rollouts, tickets, RecentFigures(outcomes))
     app.extensions[knowledge.EXTENSION] = knowledge_service
     app.extensions["flowgate_telemetry"] = telemetry
 
@@ -131,7 +132,7 @@ def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing, sto
     on_error = lambda op: metrics.event_log_errors.labels(op).inc()  # noqa: E731
     if not settings.redis_url:
         return (RunEventLog(memory), None, TenantLimits(policy, on_error=on_error),
-                StoreWindow(store), WsTickets())
+                StoreWindow(store), WsTickets(keys=keys))
     import redis
 
     # Every call gives up after redis_timeout_s: a hung Redis costs a request that much. A
@@ -156,7 +157,7 @@ def _shared_state(settings: Settings, metrics: EngineMetrics, keys: KeyRing, sto
     flush_at_exit(shared.flush)  # a worker's last events still reach Redis on SIGTERM
     limits = TenantLimits(policy, quick if policy.limited else None, on_error=on_error)
     return (RunEventLog(memory, shared), Signals(client, on_error=on_error), limits,
-            RedisWindow(client), WsTickets(client))
+            RedisWindow(client), WsTickets(client, keys=keys))
 
 
 def _install_request_hooks(app: Flask, metrics: EngineMetrics,

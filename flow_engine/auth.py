@@ -212,6 +212,9 @@ class KeyRing:
     def names(self) -> tuple[str, ...]:
         return tuple(k.name for k in self.keys)
 
+    def named(self, name: str) -> ApiKey | None:
+        return next((k for k in self.keys if k.name == name), None)
+
 
 class CallerHeaderError(ValueError):
     """A proxy forwarded an identity or tenant header that is not a plain token."""

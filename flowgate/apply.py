@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 PENDING = 4  # the exit code of a dry run that found something to change
+MAX_GIT_MESSAGE = 200  # characters of a commit's "<sha> <subject>" kept as the message
 
 
 @dataclass
@@ -214,7 +215,10 @@ def git_message(paths: list[Path]) -> str | None:
         return None
     if done.returncode != 0:
         return None
-    return done.stdout.strip() or None  # empty: files git does not track
+    # printable and short: the engine refuses a message it could not keep (a control
+    # character, thousands of characters), which would fail every re-run of a delivery job
+    message = "".join(c for c in done.stdout.strip() if c.isprintable())[:MAX_GIT_MESSAGE]
+    return message or None  # empty: files git does not track
 
 
 def export(client, folder: Path) -> int:

@@ -68,14 +68,15 @@ class ProcessTreeCollector(Collector):
     def _stat(self, pid: int) -> tuple[int, int, int, int, int] | None:
         """(utime, stime, cutime, cstime, rss pages) of ``pid``; None when it is gone."""
         try:
-            text = (self.proc / str(pid) / "stat").read_text()
-        except OSError:
+            raw = (self.proc / str(pid) / "stat").read_bytes()
+            # the command name is in parentheses and may hold spaces, ')' or bytes that are
+            # not UTF-8: the fields follow the last ')'
+            fields = raw[raw.rindex(b")") + 2:].split()
+            # man 5 proc: utime(14) stime(15) cutime(16) cstime(17) … rss(24), 1-based
+            return (int(fields[11]), int(fields[12]), int(fields[13]), int(fields[14]),
+                    int(fields[21]))
+        except (OSError, ValueError, IndexError):
             return None
-        # the command name is in parentheses and may hold spaces: fields follow the last ')'
-        fields = text[text.rindex(")") + 2:].split()
-        # man 5 proc: utime(14) stime(15) cutime(16) cstime(17) … rss(24), 1-based from pid
-        return (int(fields[11]), int(fields[12]), int(fields[13]), int(fields[14]),
-                int(fields[21]))
 
     def _children(self, pid: int) -> list[int]:
         try:
@@ -92,7 +93,7 @@ class ProcessTreeCollector(Collector):
     @staticmethod
     def _ppid(entry: Path) -> int | None:
         try:
-            text = (entry / "stat").read_text()
-        except OSError:
+            raw = (entry / "stat").read_bytes()
+            return int(raw[raw.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
             return None
-        return int(text[text.rindex(")") + 2:].split()[1])

@@ -57,6 +57,7 @@ class Engine:
     maintenance: Any = None  # flow_engine/maintenance.py (its thread runs by itself)
     rollouts: Any = None  # flow_engine/rollouts/controller.py (likewise)
     tickets: Any = None  # flow_engine/ws_tickets.py: one-time WebSocket tickets
+    figures: Any = None  # flow_engine/rollouts/figures.py: recent per-version figures
 
 
 def engine() -> Engine:
@@ -212,6 +213,9 @@ def authenticate() -> Principal:
 def _redeem(ticket: str) -> Principal:
     """A WebSocket handshake with a one-time ticket (flow_engine/ws_tickets.py): it acts as
     the principal that asked for the ticket."""
+    from flow_engine.api.ws import check_origin
+
+    check_origin()  # a page of another site does not get to use up a ticket
     try:
         caller = engine().tickets.redeem(ticket.strip())
     except Exception as exc:  # Redis down: the console falls back to Server-Sent Events

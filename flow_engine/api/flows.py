@@ -10,7 +10,6 @@ without changing anything."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 from urllib.parse import unquote
 
@@ -192,24 +191,12 @@ def flow_audit(flow_ref: str):
 
 @bp.get("/flows/<flow_ref>/stats")
 def flow_stats(flow_ref: str):
-    """Runs, failure rate and p95 of the flow's recent versions over the last
-    ``?window_s`` (≤ 3600), from the per-version outcomes canary analysis reads."""
+    """Runs, failure rate and p95 of the flow's live, canary and latest versions over the
+    last ``?window_s`` (≤ 3600), from the per-version outcomes canary analysis reads;
+    computed at most every few seconds per flow and window (flow_engine/rollouts/figures.py)."""
     window_s = int_arg("window_s", 3600, 5, 3600)
     flow = engine().store.get_flow(flow_ref)
-    wanted = {flow.live_version, flow.latest_version}
-    canary = ((flow.routing or {}).get("canary") or {}).get("version")
-    wanted |= {canary} if canary else set()
-    wanted |= set(range(max(1, flow.latest_version - 4), flow.latest_version + 1))
-    now = time.time()
-    outcomes = engine().rollouts.outcomes
-    versions = []
-    for version in sorted((v for v in wanted if v), reverse=True):
-        seen = outcomes.window(flow.id, version, now - window_s, now)
-        p95 = seen.p95()
-        versions.append({"version": version, "runs": seen.runs, "failed": seen.failed,
-                         "failure_rate": round(seen.error_rate, 4),
-                         "p95_ms": None if p95 is None or p95 == float("inf") else round(p95 * 1000)})
-    return jsonify({"flow_id": flow.id, "window_s": window_s, "versions": versions})
+    return jsonify(engine().figures.of(flow, window_s))
 
 
 @bp.get("/audit")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 
 from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 
@@ -133,7 +133,8 @@ def list_runs():
     if "before" in request.args:
         try:
             before = datetime.fromisoformat(request.args["before"][:40])
-        except ValueError:
+            before = before.astimezone(UTC) if before.tzinfo else before.replace(tzinfo=UTC)
+        except (ValueError, OverflowError):
             raise BadRequest("before must be an ISO 8601 time (a run's created_at)") from None
     caller = principal()
     records = engine().store.list_runs(

@@ -92,7 +92,7 @@ from flow_engine.api.common import engine, parse_json, principal
 from flow_engine.auth import ANONYMOUS, Principal
 from flow_engine.config import Settings
 from flow_engine.egress import origin as egress_origin
-from flow_engine.errors import BadRequest, Conflict, FlowgateError, Forbidden
+from flow_engine.errors import BadRequest, Conflict, FlowgateError, Forbidden, TenantLimited
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs.events import TERMINAL
 from flow_engine.runs.request import RunRequest
@@ -376,7 +376,7 @@ def _configure(state) -> None:
 
 
 @bp.before_request
-def _check_origin() -> None:
+def check_origin() -> None:
     """Before the upgrade: a browser page from another origin may not open the socket."""
     origin = request.headers.get("Origin")
     if origin is None or request.endpoint != "ws.run_socket":
@@ -425,6 +425,8 @@ def ws_ticket():
 
     try:
         ticket = engine().tickets.issue(principal())
+    except TenantLimited:
+        raise
     except Exception as exc:  # Redis down
         raise TicketsUnavailable("WebSocket tickets are unavailable (the shared store does "
                                  "not answer); use Server-Sent Events") from exc

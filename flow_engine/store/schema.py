@@ -89,6 +89,9 @@ runs = sa.Table(
     sa.Column("tenant", String(200), nullable=True),  # who may see it (flow_engine/auth.py)
     sa.Index("ix_runs_created_at", "created_at"),  # retention deletes by age
     sa.Index("ix_runs_running", "status", "heartbeat_at"),  # the reaper finds the running
+    # the runs list (GET /runs): a tenant's newest, optionally of one flow
+    sa.Index("ix_runs_tenant_created", "tenant", "created_at"),
+    sa.Index("ix_runs_tenant_flow_created", "tenant", "flow_id", "created_at"),
 )
 chat_messages = sa.Table(
     "chat_messages", metadata,
@@ -201,6 +204,13 @@ def _add_outcomes(conn: Connection) -> None:
     run_outcomes.create(conn, checkfirst=True)
 
 
+def _add_runs_list_indexes(conn: Connection) -> None:
+    """The indexes the runs list reads a tenant's newest runs by."""
+    for index in runs.indexes:
+        if index.name in ("ix_runs_tenant_created", "ix_runs_tenant_flow_created"):
+            index.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     lambda conn: metadata.create_all(conn, tables=[flows, flow_versions, runs, chat_messages]),
     _add_run_heartbeat,
@@ -209,6 +219,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _add_knowledge,
     _add_audit,
     _add_outcomes,
+    _add_runs_list_indexes,
 ]
 
 

@@ -81,6 +81,15 @@ def by_name(spans: list[ReceivedSpan], service: str, prefix: str) -> list[Receiv
     return [s for s in spans if s.service == service and s.name.startswith(prefix)]
 
 
+def whole(spans: list[ReceivedSpan]) -> bool:
+    """Every span of one /run-flow request has arrived. Each service exports a span when it
+    ends, in batches: the engine's request span ends after its response has gone out (a
+    stream's last byte), later than the run span, and may come in a later batch."""
+    return all(by_name(spans, service, prefix) for service, prefix in (
+        ("flowgate-ambassador", "POST /run-flow"), ("flowgate-ambassador", "POST /api/v1/run/{flow}"),
+        ("flowgate-engine", "POST /api/v1/run/"), ("flowgate-engine", "run ")))
+
+
 def one(spans: list[ReceivedSpan], service: str, prefix: str) -> ReceivedSpan:
     found = by_name(spans, service, prefix)
     assert len(found) == 1, [(s.service, s.name) for s in spans]
@@ -97,8 +106,7 @@ def test_one_run_through_the_ambassador_is_one_trace_down_to_the_llm_call(
     run_id = resp.json()["run_id"]
 
     spans = receiver.wait_for_trace(
-        trace_id, lambda s: bool(by_name(s, "flowgate-ambassador", "POST /run-flow"))
-        and bool(by_name(s, "flowgate-engine", "run ")), "the ambassador's and the run's spans")
+        trace_id, whole, "the ambassador's and the run's spans")
     server = one(spans, "flowgate-ambassador", "POST /run-flow")
     attempt = one(spans, "flowgate-ambassador", "POST /api/v1/run/{flow}")
     engine = one(spans, "flowgate-engine", "POST /api/v1/run/")
@@ -154,8 +162,7 @@ def test_a_streamed_run_and_a_skipped_branch(traced, receiver, fresh_llm_sim) ->
     assert b"run_finished" in body
 
     spans = receiver.wait_for_trace(
-        trace_id, lambda s: bool(by_name(s, "flowgate-engine", "run "))
-        and bool(by_name(s, "flowgate-ambassador", "POST /run-flow")), "a streamed run's spans")
+        trace_id, whole, "a streamed run's spans")
     run = one(spans, "flowgate-engine", "run routed")
     nodes = {s.attributes["flowgate.node.id"]: s for s in by_name(spans, "flowgate-engine", "node ")}
     assert set(nodes) == {"in", "route", "yes", "no", "out"}
@@ -176,8 +183,7 @@ def test_a_failed_llm_call_marks_its_spans_and_the_answer_is_the_usual_error(
     resp = amb.run("this fails", headers={"traceparent": f"00-{trace_id}-{'d' * 16}-01"})
     assert resp.status_code >= 500, resp.text
     spans = receiver.wait_for_trace(
-        trace_id, lambda s: bool(by_name(s, "flowgate-engine", "run "))
-        and bool(by_name(s, "flowgate-ambassador", "POST /run-flow")), "a failed run's spans")
+        trace_id, whole, "a failed run's spans")
     run = one(spans, "flowgate-engine", f"run {FLOW_ID}")
     assert run.error and run.attributes["flowgate.run.status"] == "failed"
     llm_node = next(s for s in by_name(spans, "flowgate-engine", "node ")
@@ -193,7 +199,7 @@ def test_without_a_traceparent_the_trace_id_is_the_one_the_answer_and_logs_carry
     assert resp.status_code == 200
     trace_id = resp.headers["X-Trace-ID"]
     spans = receiver.wait_for_trace(
-        trace_id, lambda s: bool(by_name(s, "flowgate-engine", "run ")), "the run's spans")
+        trace_id, whole, "the run's spans")
     server = one(spans, "flowgate-ambassador", "POST /run-flow")
     assert server.parent_span_id == ""  # the root of its trace
 
@@ -233,8 +239,7 @@ def test_a_callers_unsampled_flag_does_not_turn_tracing_off(traced, receiver,
     resp = amb.run("not sampled", headers={"traceparent": f"00-{trace_id}-{'e' * 16}-00"})
     assert resp.status_code == 200 and resp.headers["X-Trace-ID"] == trace_id
     spans = receiver.wait_for_trace(
-        trace_id, lambda s: bool(by_name(s, "flowgate-engine", "run "))
-        and bool(by_name(s, "flowgate-ambassador", "POST /run-flow")), "the request's spans")
+        trace_id, whole, "the request's spans")
     assert one(spans, "flowgate-ambassador", "POST /run-flow").parent_span_id == "e" * 16
 
 

@@ -124,10 +124,16 @@ export async function flowPage(main, flowId, params) {
     table("Newest first", ["#", "When", "Action", "Who", "Versions", "Message", "Figures"], auditRows(entries), { class: "audit" })))
     .catch((err) => history_.replaceChildren(h("p", { class: "error" }, err.message)));
 
+  const figures = h("p", { class: "figures muted" }, "Last hour: …");
+  get(`/flows/${enc(flow.id)}/stats?window_s=3600`).then(({ versions: seen }) => {
+    figures.textContent = `Last hour: ${seen.map((v) => `v${v.version}${v.live ? " (live)" : v.canary ? " (canary)" : ""}: `
+      + `${v.runs} runs, ${(v.failure_rate * 100).toFixed(1)}% failed, p95 ${v.p95_ms ?? "—"} ms`).join("; ")}`;
+  }).catch((err) => { figures.textContent = `Last hour: ${err.message}`; });
+
   main.replaceChildren(
     h("h1", {}, flow.name || flow.id, " ", h("small", {}, h("code", {}, flow.id))),
     flow.description ? h("p", {}, flow.description) : null,
-    badges(flow),
+    badges(flow), figures,
     h("p", {}, link(`/ui/runs?flow=${enc(flow.id)}`, "Recent runs of this flow")),
     h("section", { class: "panel", "aria-labelledby": "graph-title" },
       h("h2", { id: "graph-title" }, "Graph"), graphVersion.field, h("div", { class: "graph-row" }, graph, details)),

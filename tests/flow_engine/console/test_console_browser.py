@@ -149,6 +149,38 @@ def test_without_a_websocket_the_run_streams_over_sse(open_page, engine, fresh_l
     assert len(engine.call("GET", "/runs?flow=chat&limit=200")["runs"]) == runs_before + 1
 
 
+def test_a_socket_dropped_mid_run_is_resumed_without_losing_or_repeating_an_event(
+        open_page, engine, fresh_llm_sim):
+    """The WebSocket dies after a few events (a proxy restart): the console follows the run
+    on over SSE from the last event it saw; the answer is the run's, once."""
+    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=40)
+    page = signed_in(open_page, path="/ui/flows/chat")
+
+    def drop_after_a_few(ws):
+        server = ws.connect_to_server()
+        forwarded = [0]
+
+        def relay(message):
+            if forwarded[0] >= 8:
+                return
+            ws.send(message)
+            forwarded[0] += 1
+            if forwarded[0] == 8:
+                ws.close(code=4000, reason="proxy restarted")
+
+        server.on_message(relay)
+
+    page.page.route_web_socket("**/api/v1/ws/runs**", drop_after_a_few)
+    page.page.wait_for_selector("svg.graph")
+    start_run(page, "Keep going")
+    page.page.wait_for_selector(".run-view[data-state='finished']", timeout=30_000)
+    assert page.page.get_attribute(".run-view", "data-transport") == "sse"  # resumed
+    run_id = page.page.get_attribute(".run-view", "data-run-id")
+    assert page.page.inner_text(".tokens") == engine.call("GET", f"/runs/{run_id}")["output"]
+    steps = page.page.locator(".steps li").all_inner_texts()
+    assert len(steps) == len(set(steps)) == 8, steps  # each node's start and end, once
+
+
 def test_a_watch_link_opened_in_a_second_tab_shows_the_same_run(open_page, engine, fresh_llm_sim):
     fresh_llm_sim.configure(tokens_per_s=10, reply_tokens=30)
     first = signed_in(open_page, path="/ui/flows/chat")

@@ -704,6 +704,8 @@ def test_a_schema_from_before_tenants_is_upgraded(open_store):
     old.migrate()
     with old.engine.begin() as conn:
         conn.execute(sa.text("DROP INDEX ix_chat_tenant_session"))
+        for index in ("ix_runs_tenant_created", "ix_runs_tenant_flow_created"):  # schema 8's
+            conn.execute(sa.text(f"DROP INDEX {index}"))
         conn.execute(sa.text("ALTER TABLE chat_messages DROP COLUMN tenant"))
         conn.execute(sa.text("ALTER TABLE runs DROP COLUMN tenant"))
         conn.execute(sa.text("CREATE INDEX ix_chat_session ON chat_messages "
@@ -716,6 +718,8 @@ def test_a_schema_from_before_tenants_is_upgraded(open_store):
     assert fresh.migrate() == len(MIGRATIONS)
     indexes = {ix["name"] for ix in sa.inspect(fresh.engine).get_indexes("chat_messages")}
     assert "ix_chat_tenant_session" in indexes and "ix_chat_session" not in indexes
+    runs_indexes = {ix["name"] for ix in sa.inspect(fresh.engine).get_indexes("runs")}
+    assert {"ix_runs_tenant_created", "ix_runs_tenant_flow_created"} <= runs_indexes
     assert fresh.chat_history("t1", "s1", "rag", 10) == []  # nobody's any more
     fresh.append_chat("t1", "s1", "rag", chat("new"))
     assert fresh.chat_history("t1", "s1", "rag", 10) == chat("new")

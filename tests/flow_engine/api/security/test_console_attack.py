@@ -64,13 +64,22 @@ def test_asking_for_a_ticket_needs_a_key(api):
     assert api.post("/api/v1/ws/ticket", headers={"x-api-key": "wrong"}).status_code == 401
 
 
+KEYRING_ENTRIES = ["amb:runner+proxy:proxy-secret-1", "ops:runner:runner-secret-1"]
+
+
+def keyring(entries=KEYRING_ENTRIES):
+    from flow_engine.auth import KeyRing, parse_keys
+
+    return KeyRing(parse_keys(entries))
+
+
 def test_a_ticket_carries_its_principal_and_nothing_more():
     """Redeemed, a ticket is exactly who asked: the proxy's tenant stays that tenant, a
     runner stays a runner; and it expires."""
     from flow_engine.auth import parse_key, principal_for
 
     now = [0.0]
-    tickets = WsTickets(ttl_s=30, clock=lambda: now[0])
+    tickets = WsTickets(keys=keyring(), ttl_s=30, clock=lambda: now[0])
     proxy = principal_for(parse_key("amb:runner+proxy:proxy-secret-1"), "alice", "shop-a")
     t = tickets.issue(proxy)
     assert tickets.redeem(t) == proxy
@@ -80,13 +89,64 @@ def test_a_ticket_carries_its_principal_and_nothing_more():
     assert tickets.redeem(t2) is None  # expired
 
 
+def test_a_ticket_of_a_key_removed_or_demoted_meanwhile_is_not_honoured():
+    from flow_engine.auth import parse_key, principal_for
+
+    was_admin = principal_for(parse_key("ops:admin:runner-secret-1"), None, None)
+    tickets = WsTickets(keys=keyring())  # the engine's keys now: ops is a runner
+    assert tickets.redeem(tickets.issue(was_admin)).role == "runner"
+    gone = principal_for(parse_key("old:admin:old-secret-01"), None, None)
+    assert tickets.redeem(tickets.issue(gone)) is None
+
+
+def test_a_forged_ticket_in_the_shared_store_cannot_claim_a_role(redis_url):
+    import hashlib
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    forged = "forged-ticket-value"
+    client.set("flowgate:wsticket:" + hashlib.sha256(forged.encode()).hexdigest(),
+               json.dumps({"key": "ops", "role": "admin", "proxy": False, "tenant": "*"}), ex=30)
+    caller = WsTickets(client, keys=keyring()).redeem(forged)
+    assert (caller.role, caller.tenant, caller.sees_every_tenant) == ("runner", "ops", False)
+
+
+def test_one_tenant_cannot_crowd_out_the_others_tickets(monkeypatch, redis_url):
+    import redis
+
+    from flow_engine import ws_tickets
+    from flow_engine.auth import Principal
+    from flow_engine.errors import TenantLimited
+
+    monkeypatch.setattr(ws_tickets, "MAX_PER_TENANT", 5)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    for tickets in (WsTickets(keys=keyring()), WsTickets(client, keys=keyring())):
+        greedy, other = Principal("ops", "runner", tenant="greedy"), Principal("ops", "runner", tenant="calm")
+        for _ in range(5):
+            tickets.issue(greedy)
+        with pytest.raises(TenantLimited):
+            tickets.issue(greedy)
+        assert tickets.redeem(tickets.issue(other)) is not None
+
+
+def test_asking_past_the_cap_is_a_429(api, monkeypatch):
+    from flow_engine import ws_tickets
+
+    monkeypatch.setattr(ws_tickets, "MAX_PER_TENANT", 3)
+    codes = [api.post("/api/v1/ws/ticket", headers=as_("other")).status_code for _ in range(4)]
+    assert codes == [201, 201, 201, 429]
+    assert api.post("/api/v1/ws/ticket", headers=as_("runner")).status_code == 201  # others still can
+
+
 def test_tickets_in_memory_are_bounded(monkeypatch):
     from flow_engine import ws_tickets
     from flow_engine.auth import Principal
 
     monkeypatch.setattr(ws_tickets, "MAX_TICKETS", 100)
-    tickets = WsTickets()
-    issued = [tickets.issue(Principal("k", "runner")) for _ in range(250)]
+    tickets = WsTickets(keys=keyring())
+    issued = [tickets.issue(Principal("ops", "runner", tenant=f"t{i}")) for i in range(250)]
     assert len(tickets._local) == 100
     assert tickets.redeem(issued[0]) is None and tickets.redeem(issued[-1]) is not None
 
@@ -97,13 +157,21 @@ def test_tickets_through_redis_are_shared_hashed_and_taken_once(redis_url):
     from flow_engine.auth import Principal
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    one, other = WsTickets(client), WsTickets(client)  # two engine processes
-    t = one.issue(Principal("k", "runner"))
+    one, other = WsTickets(client, keys=keyring()), WsTickets(client, keys=keyring())
+    t = one.issue(Principal("ops", "runner"))
     stored = client.keys("flowgate:wsticket:*")
     assert stored and not any(t in key for key in stored)  # only its digest is kept
     assert 0 < client.ttl(stored[0]) <= 30
-    assert other.redeem(t) == Principal("k", "runner")
+    assert other.redeem(t) == Principal("ops", "runner")
     assert one.redeem(t) is None
+
+
+def test_a_page_of_another_site_does_not_use_up_a_ticket(api, fake_server):
+    t = ticket(api, as_("runner"))
+    refused = api.get(f"{WS}?ticket={t}", headers={**UPGRADE, "Origin": "http://evil.example"})
+    assert refused.status_code == 403 and fake_server.built == []
+    handshake(api, f"?ticket={t}", fake_server)  # still good for the console's own page
+    assert len(fake_server.built) == 1
 
 
 # -- the runs list ---------------------------------------------------------------------------
@@ -141,8 +209,8 @@ def test_stats_of_an_unknown_flow_are_404_and_bad_windows_400(api, defs):
         resp = api.get(f"/api/v1/flows/s/stats?window_s={window}", headers=as_("runner"))
         assert resp.status_code == 400
     ok = api.get("/api/v1/flows/s/stats", headers=as_("runner")).get_json()
-    assert ok["versions"][0] == {"version": 1, "runs": 0, "failed": 0, "failure_rate": 0.0,
-                                 "p95_ms": None}
+    assert ok["versions"] == [{"version": 1, "live": True, "canary": False, "runs": 0,
+                               "failed": 0, "failure_rate": 0.0, "p95_ms": None}]
 
 
 # -- the console's files ---------------------------------------------------------------------
@@ -172,3 +240,11 @@ def test_paging_by_time_takes_any_iso_time(api, defs, before):
     assert resp.status_code == 200, resp.get_data(as_text=True)
     ids = [r["run_id"] for r in resp.get_json()["runs"]]
     assert (run["run_id"] in ids) == before.startswith("2999")
+
+
+def test_stats_count_the_runs_of_each_version(api, defs):
+    assert api.post("/api/v1/flows", json=defs.echo(id="counted"), headers=as_("admin")).status_code == 201
+    for _ in range(3):
+        assert api.post("/api/v1/run/counted", json={"input_value": "a"}, headers=as_("runner")).status_code == 200
+    (live,) = api.get("/api/v1/flows/counted/stats", headers=as_("runner")).get_json()["versions"]
+    assert (live["version"], live["runs"], live["failed"]) == (1, 3, 0) and live["p95_ms"] > 0
