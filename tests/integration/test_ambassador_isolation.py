@@ -26,6 +26,7 @@ import requests
 import websocket
 from prometheus_client.parser import text_string_to_metric_families
 from support.procs import ServerProcess
+from support.waiting import wait_until
 from test_ambassador import (
     BASE_CONFIG,
     ENGINE_AUTH,
@@ -134,8 +135,9 @@ def run_over_ws(ws: websocket.WebSocket, text: str, flow_id: str = FLOW_ID, **bo
 
 
 def engine_status(engine: ServerProcess, run_id: str) -> str:
-    resp = requests.get(f"{engine.url}/api/v1/runs/{run_id}", headers=ENGINE_AUTH, timeout=10)
-    return resp.json()["status"]
+    """The run's status once recorded (the batch writer records a run a few ms after it ends)."""
+    return wait_until(lambda: requests.get(f"{engine.url}/api/v1/runs/{run_id}", headers=ENGINE_AUTH,
+                                           timeout=10).json().get("status"), f"run {run_id} recorded")
 
 
 # -- WebSocket: the same rules as HTTP, message by message --------------------------------------

@@ -16,6 +16,7 @@ import pytest
 import requests
 import sseclient
 from support.procs import ServerProcess, free_port
+from support.waiting import wait_until
 
 from flowgate.llm_sim import count_prompt_tokens, reply_tokens
 
@@ -66,8 +67,12 @@ def test_run_through_gunicorn_and_llm_sim(engine, fresh_llm_sim):
     assert body["output"] == "".join(reply_tokens(messages, 24))
     assert body["usage"]["input_tokens"] == count_prompt_tokens(messages)
     assert body["usage"]["output_tokens"] == 24
-    record = requests.get(f"{engine.url}/api/v1/runs/{body['run_id']}", headers=AUTH, timeout=10)
-    assert record.json()["status"] == "succeeded"
+    # Two workers: the other one knows the run once the batch writer has recorded it (a few
+    # ms after the answer), so a GET that lands there may briefly be a 404.
+    record = wait_until(lambda: (r := requests.get(f"{engine.url}/api/v1/runs/{body['run_id']}",
+                                                   headers=AUTH, timeout=10)).ok and r.json(),
+                        "the run recorded")
+    assert record["status"] == "succeeded"
 
 
 def test_engine_refuses_to_start_without_a_key(tmp_path, fresh_llm_sim):
