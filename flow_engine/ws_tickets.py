@@ -16,6 +16,7 @@ they live in this process, which is then the only worker. Both are bounded: by t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
@@ -25,13 +26,19 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from flow_engine.auth import KeyRing, Principal
-from flow_engine.errors import TenantLimited
+from flow_engine.errors import FlowgateError, TenantLimited
 
 TTL_S = 30
 MAX_TICKETS = 10_000
 MAX_PER_TENANT = 100
 PREFIX = "flowgate:wsticket:"
 COUNT_PREFIX = "flowgate:wsticket-count:"
+
+
+class TicketsUnavailable(FlowgateError):
+    """The shared store (Redis) does not answer: the console then uses Server-Sent Events."""
+
+    status, code = 503, "tickets_unavailable"
 
 
 def _digest(text: str) -> str:
@@ -54,18 +61,20 @@ class WsTickets:
         self._lock = threading.Lock()
 
     def issue(self, principal: Principal) -> str:
-        """A new ticket for ``principal``. TenantLimited past MAX_PER_TENANT outstanding; a
-        Redis error propagates (the caller answers 503: the console then uses SSE)."""
+        """A new ticket for ``principal``. TenantLimited past MAX_PER_TENANT outstanding;
+        TicketsUnavailable when Redis does not answer."""
         ticket = secrets.token_urlsafe(32)
         if self.client is not None:
             count_key = COUNT_PREFIX + _digest(principal.tenant)
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(count_key, 0, ex=int(self.ttl_s), nx=True)  # a window from the first
-            pipe.incr(count_key)
-            outstanding = pipe.execute()[1]
+            with _shared_store():
+                pipe = self.client.pipeline(transaction=False)
+                pipe.set(count_key, 0, ex=int(self.ttl_s), nx=True)  # a window from the first
+                pipe.incr(count_key)
+                outstanding = pipe.execute()[1]
+                if outstanding <= MAX_PER_TENANT:
+                    self.client.set(PREFIX + _digest(ticket), _dump(principal), ex=int(self.ttl_s))
             if outstanding > MAX_PER_TENANT:
                 raise self._limited()
-            self.client.set(PREFIX + _digest(ticket), _dump(principal), ex=int(self.ttl_s))
             return ticket
         with self._lock:
             now = self.clock()
@@ -84,7 +93,8 @@ class WsTickets:
         if not ticket or len(ticket) > 100:
             return None
         if self.client is not None:
-            found = self.client.getdel(PREFIX + _digest(ticket))
+            with _shared_store():
+                found = self.client.getdel(PREFIX + _digest(ticket))
             return self._principal(found) if found else None
         with self._lock:
             entry = self._forget(_digest(ticket))
@@ -116,3 +126,12 @@ class WsTickets:
         return TenantLimited(f"too many WebSocket tickets outstanding for this caller (at most "
                              f"{MAX_PER_TENANT} in {int(self.ttl_s)} s)",
                              retry_after_s=int(self.ttl_s), limit="ws_tickets")
+
+
+@contextlib.contextmanager
+def _shared_store():
+    try:
+        yield
+    except Exception as exc:  # any Redis error: a connection, a timeout, a refused command
+        raise TicketsUnavailable("WebSocket tickets are unavailable (the shared store does not "
+                                 "answer); use an API key header or Server-Sent Events") from exc

@@ -32,10 +32,6 @@ class Unauthorized(FlowgateError):
     status, code = 401, "unauthorized"
 
 
-class TicketsUnavailable(FlowgateError):
-    status, code = 503, "tickets_unavailable"
-
-
 class UnsupportedMediaType(FlowgateError):
     status, code = 415, "unsupported_media_type"
 
@@ -216,11 +212,7 @@ def _redeem(ticket: str) -> Principal:
     from flow_engine.api.ws import check_origin
 
     check_origin()  # a page of another site does not get to use up a ticket
-    try:
-        caller = engine().tickets.redeem(ticket.strip())
-    except Exception as exc:  # Redis down: the console falls back to Server-Sent Events
-        raise TicketsUnavailable("WebSocket tickets are unavailable (the shared store does not "
-                          "answer); use an API key header or Server-Sent Events") from exc
+    caller = engine().tickets.redeem(ticket.strip())  # 503 when Redis does not answer
     if caller is None:
         raise Unauthorized("invalid, expired or used WebSocket ticket: ask POST "
                            "/api/v1/ws/ticket for a new one")

@@ -249,3 +249,20 @@ def test_stats_count_the_runs_of_each_version(api, defs):
         assert ran.status_code == 200
     (live,) = api.get("/api/v1/flows/counted/stats", headers=as_("runner")).get_json()["versions"]
     assert (live["version"], live["runs"], live["failed"]) == (1, 3, 0) and live["p95_ms"] > 0
+
+
+def test_without_redis_tickets_are_a_503_not_a_500():
+    import redis
+    from support.procs import free_port
+
+    from flow_engine.auth import Principal
+    from flow_engine.ws_tickets import TicketsUnavailable
+
+    down = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5,
+                       decode_responses=True)  # nothing listens there
+    tickets = WsTickets(down, keys=keyring())
+    for attempt in (lambda: tickets.issue(Principal("ops", "runner")),
+                    lambda: tickets.redeem("some-ticket-value")):
+        with pytest.raises(TicketsUnavailable) as refused:
+            attempt()
+        assert refused.value.status == 503
