@@ -1,12 +1,10 @@
-"""``create_app(config)``: load settings, build the filter chain, mount the routes.
+"""``create_app(config)``: load settings, build the pipeline, serve the routes.
 
-Routes (DESIGN.md "Ambassador HTTP API"; described in :mod:`ambassador.openapi`):
-``POST /run-flow`` (served below Flask by :class:`ambassador.run_flow.RunFlowPath`),
-``GET /runs/<id>/events``, ``WS /ws/run-flow`` (:mod:`ambassador.ws`), ``GET /healthz``,
-``GET /readyz`` (``?verbose=1`` adds upstream health), ``GET /metrics``,
-``GET /openapi.json``. Every route runs its request through the filter chain with
-:func:`ambassador.answer.answer`, which records its metrics and access line once the answer
-has gone out.
+Routes (docs/design.md "Ambassador HTTP API"; described in :mod:`ambassador.openapi`):
+``POST /run-flow``, ``GET /runs/<id>/events`` and ``WS /ws/run-flow`` go through their
+filter chains (ambassador/pipeline.py) by one adapter (ambassador/wsgi.py); Flask serves
+``GET /healthz``, ``GET /readyz`` (``?verbose=1`` adds upstream health), ``GET /metrics``,
+``GET /openapi.json`` and the 404 for anything else. The host guard is in front of all.
 """
 
 from __future__ import annotations
@@ -14,149 +12,98 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, g, jsonify, request, stream_with_context
+from flask import Flask, g, jsonify, request
 from flask import Response as FlaskResponse
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ambassador import config as config_module
 from ambassador import hygiene, openapi
-from ambassador import ws as ws_route
-from ambassador.answer import answer, forwarded
-from ambassador.chain import Handler, Request, Response, build_chain
+from ambassador import pipeline as pipeline_module
+from ambassador.chain import Request, error_response
 from ambassador.filters.auth import Auth
-from ambassador.filters.breaker import Breaker, CircuitBreaker
-from ambassador.filters.cache import Cache, CacheStore, MemoryCacheStore, RedisCacheStore
-from ambassador.filters.fallback import Fallback
-from ambassador.filters.ratelimit import LocalBuckets, RateLimit, RedisBuckets
-from ambassador.filters.retry import Retry, RetryBudget
-from ambassador.filters.timeout import Timeout
-from ambassador.filters.trace import Trace
+from ambassador.filters.breaker import CircuitBreaker
+
+try:  # TEMP until coalescing lands
+    from ambassador.filters.coalesce import Flights
+except ImportError:
+    Flights = lambda: None  # noqa
 from ambassador.host_guard import HostGuard, local_host
 from ambassador.labels import FlowLabels
-from ambassador.metrics import BREAKER_STATES, AmbassadorMetrics
-from ambassador.redis_pause import RedisPause
+from ambassador.metrics import AmbassadorMetrics
+from ambassador.parts import Parts
 from ambassador.routing_view import RoutingView
-from ambassador.run_flow import RunFlowPath
 from ambassador.upstream import Upstream
-from flowgate import jsonlog, otel, tracing
-from flowgate.at_exit import flush_at_exit
-from flowgate.signals import Signals
+from ambassador.wsgi import Gateway, forwarded
+from flowgate.common import jsonlog, otel, tracing
+from flowgate.common.at_exit import flush_at_exit
+from flowgate.common.signals import Signals
 
 log = logging.getLogger("ambassador")
 ROUTING_READ_S = 1.0  # reading a flow's routing gives up after this (the last view stands)
-PROBES = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})  # not in in-flight
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 415: "unsupported_media_type"}
 
 
 class Ambassador:
-    """The per-process state: settings in force, the chain built from them, the metrics."""
+    """The per-process state: the pipeline in force (settings, chains, the parts they
+    use), the parts that outlive reloads, the metrics and what else outlives reloads."""
+
+    log = log
 
     def __init__(self, settings: config_module.Settings, metrics: AmbassadorMetrics,
                  path: str | None, overrides: Mapping[str, Any] | None = None) -> None:
         self.metrics = metrics
-        # spans over OTLP when the OTEL_* variables ask for them (flowgate/otel.py); else
-        # None. Environment only: a config reload keeps it.
+        # spans over OTLP when the OTEL_* variables ask for them (flowgate/common/otel.py);
+        # else None. Environment only: a config reload keeps it.
         self.telemetry = otel.from_env("flowgate-ambassador", on_dropped=lambda reason, n: (
             metrics.spans_dropped.labels(reason).inc(n)))
         if self.telemetry is not None:
             flush_at_exit(self.telemetry.flush)
         self.labels = FlowLabels()  # outlives reloads: the flows seen stay label values
+        self.parts = Parts()  # breaker, budgets, buckets, cache store, pool: outlive reloads
+        self.flights = Flights()  # requests being coalesced (ambassador/filters/coalesce.py)
         refuse = os.environ.get(config_module.REFUSE_NO_AUTH_ENV) == "1"
         # which version answers a request, for the cache (outlives reloads; asks whichever
         # upstream is in force)
-        self.routing = RoutingView(lambda ref: self.upstream.flow(ref, ROUTING_READ_S))
+        self.routing = RoutingView(lambda ref: self.pipeline.upstream.flow(ref, ROUTING_READ_S))
         self.holder = config_module.ConfigHolder(
             settings, path, overrides=overrides, on_change=self.rebuild,
             on_reload_error=lambda _msg: metrics.config_reload_errors.inc(),
             check=config_module.refuse_no_auth if refuse else None)
         self.rebuild(settings)
+        self.holder.watch()  # a file edit is in force within 2 s, traffic or not
         self.signals = _follow_flow_changes(settings.redis_url, self.routing)
 
     def rebuild(self, settings: config_module.Settings) -> None:
-        """Build everything ``settings`` needs, then put it in force all at once: a part
-        that cannot be built (a key file) leaves the previous config wholly in force."""
-        m = self.metrics
-        auth = Auth(settings.inbound_auth,
-                    on_failure=lambda reason: m.auth_failures.labels(reason).inc())
-        redis_client = _redis(settings.redis_url)
-        # one pause for every store on this Redis: a failure one sees spares the others
-        redis_pause = RedisPause(settings.redis_pause_s, on_failure=m.redis_failures.inc)
-
-        def transition(old: str, new: str) -> None:
-            for state in BREAKER_STATES:
-                m.breaker_state.labels(state).set(1 if state == new else 0)
-            m.breaker_transitions.labels(new).inc()
-            log.warning("circuit breaker %s → %s", old, new)
-
-        def observe(outcome: str, seconds: float) -> None:
-            m.upstream_attempts.labels(outcome).inc()
-            m.upstream_up.set(0 if outcome in ("connect_error", "timeout", "reset") else 1)
-
-        upstream = Upstream(settings.upstream, settings.upstream_key(), observe=observe)
-        b = settings.breaker
-        probe = (lambda: upstream.ready(b.readiness_path, b.probe_timeout_s)) \
-            if b.readiness_path else None
-        breaker = CircuitBreaker(b, probe=probe, on_transition=transition, on_probe=lambda ready:
-                                 m.breaker_probes.labels("ready" if ready else "not_ready").inc())
-        available = {
-            "trace": Trace(),
-            "auth": auth,
-            "ratelimit": RateLimit(settings, LocalBuckets(),
-                                   RedisBuckets(redis_client, pause=redis_pause)
-                                   if redis_client else None,
-                                   on_limited=lambda scope: m.ratelimited.labels(scope).inc(),
-                                   on_error=m.ratelimit_errors.inc),
-            "fallback": Fallback(settings, on_fallback=lambda flow: m.fallbacks.labels(
-                self.labels.of(flow)).inc()),
-            "cache": Cache(settings, self._cache_store(settings, redis_client, redis_pause),
-                           self.routing, on_result=lambda r: m.cache.labels(r).inc(),
-                           on_error=lambda op: m.cache_errors.labels(op).inc()),
-            "breaker": Breaker(breaker),
-            "retry": Retry(settings.retry, RetryBudget(settings.retry.budget_ratio,
-                                                       settings.retry.budget_min_per_s,
-                                                       settings.retry.budget_window_s),
-                           on_retry=lambda reason: m.retries.labels(reason).inc(),
-                           on_budget_exhausted=m.retry_budget_exhausted.inc),
-            "timeout": Timeout(settings.upstream.timeouts),
-        }
-        old = getattr(self, "upstream", None)
-        self.upstream, self.breaker, self.auth = upstream, breaker, auth
-        self.chain: Handler = build_chain([available[name] for name in settings.filters], upstream)
-        # the WebSocket handshake and its messages pass the caller-facing filters only
-        self.handshake_filters = [available[name] for name in settings.filters
-                                  if name in ("trace", "auth", "ratelimit")]
+        """Build the pipeline ``settings`` need, then put it in force with one assignment:
+        a part that cannot be built (a key file) leaves the previous one wholly in force."""
+        fresh = pipeline_module.build(self, settings)
         self.labels.configure(settings)
-        self.settings = settings
-        if old is not None:
-            old.close()
+        self.pipeline = fresh
 
-    def _cache_store(self, settings: config_module.Settings, redis_client: Any,
-                     pause: RedisPause) -> CacheStore:
-        """Redis with a bounded in-memory fallback, or (no Redis) the in-memory store."""
-        m = self.metrics
+    # what the pipeline in force holds, for the probes, the WebSocket guard and tests
+    @property
+    def settings(self) -> config_module.Settings:
+        return self.pipeline.settings
 
-        def size(held: int, entries: int) -> None:
-            m.cache_memory_bytes.set(held)
-            m.cache_memory_entries.set(entries)
+    @property
+    def upstream(self) -> Upstream:
+        return self.pipeline.upstream
 
-        def fallback(op: str) -> None:
-            m.cache_errors.labels(op).inc()  # the configured store failed...
-            m.cache_fallback.labels(op).inc()  # ...and memory did it instead
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.pipeline.breaker
 
-        memory = MemoryCacheStore(settings.cache.max_entries, settings.cache.max_bytes,
-                                  on_size=size)
-        if redis_client is None:
-            return memory
-        return RedisCacheStore(redis_client, memory, pause=pause, on_fallback=fallback)
+    @property
+    def auth(self) -> Auth:
+        return self.pipeline.auth
 
-    def handle(self, req: Request) -> Response:
-        self.holder.maybe_reload()
-        return self.chain(req)
+    @property
+    def handshake_filters(self) -> tuple[Any, ...]:
+        return self.pipeline.handshake_filters
 
     def authenticated(self, environ: Mapping[str, Any]) -> bool:
         """Is this caller one the inbound auth knows? With no inbound auth (mode none, or
@@ -185,19 +132,15 @@ def _follow_flow_changes(redis_url: str | None, routing: RoutingView) -> Signals
     of a flow's routing at once; without, the view is re-read every 2 s."""
     if not redis_url:
         return None
-    signals = Signals(_redis(redis_url, timeout_s=5.0), on_subscribe=routing.forget_all)
+    import redis
+
+    signals = Signals(redis.Redis.from_url(redis_url, decode_responses=True,
+                                           socket_connect_timeout=5.0, socket_timeout=5.0,
+                                           health_check_interval=30),
+                      on_subscribe=routing.forget_all)
     signals.on("flow_changed", lambda m: routing.forget(m.get("flow_id"), m.get("name")))
     signals.start()
     return signals
-
-
-def _redis(url: str | None, timeout_s: float = 0.5):
-    if not url:
-        return None
-    import redis
-
-    return redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout_s,
-                                socket_timeout=timeout_s, health_check_interval=30)
 
 
 def create_app(config: Mapping[str, Any] | None = None, *, path: str | None = None,
@@ -210,29 +153,25 @@ def create_app(config: Mapping[str, Any] | None = None, *, path: str | None = No
     app = Flask("ambassador")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["ambassador"] = amb
-    _routes(app, amb)
-    app.wsgi_app = RunFlowPath(amb, app.wsgi_app)  # type: ignore[method-assign]
+    _probes(app, amb)
+    app.wsgi_app = Gateway(amb, app.wsgi_app)  # type: ignore[method-assign]
     app.wsgi_app = HostGuard(app.wsgi_app, lambda: amb.settings)  # type: ignore[method-assign]
     return app
 
 
-def _routes(app: Flask, amb: Ambassador) -> None:
+def _probes(app: Flask, amb: Ambassador) -> None:
+    """The probes, the metrics and the OpenAPI document (and the 404 for other paths):
+    Flask's, off the proxied routes' path (ambassador/wsgi.py)."""
     m = amb.metrics
 
     @app.before_request
     def _start():
-        g.started = time.perf_counter()
         g.trace = tracing.from_headers(request.headers.get("traceparent"),
                                        request.headers.get("X-Request-ID"))
         g.token = tracing.current.set(g.trace)
-        if request.path not in PROBES:
-            g.in_flight = True
-            m.in_flight.inc()
 
     @app.teardown_request
     def _end(_exc):
-        if g.pop("in_flight", False):  # teardown runs twice for streamed answers
-            m.in_flight.dec()
         token = g.pop("token", None)
         if token is not None:
             tracing.current.reset(token)
@@ -247,37 +186,11 @@ def _routes(app: Flask, amb: Ambassador) -> None:
         return response
 
     def bad_request(message: str, status: int = 400, code: str = "bad_request"):
-        trace = g.get("trace")
-        return jsonify({"error": {"code": code, "message": message,
-                                  "trace_id": trace.trace_id if trace else None}}), status
-
-    @app.get("/runs/<run_id>/events")
-    def run_events(run_id: str):
-        if not hygiene.valid_id(run_id):
-            return bad_request("invalid run id")
-        last = request.args.get("last_event_id")
-        if last is not None and not hygiene.valid_last_event_id(last):
-            return bad_request("last_event_id must be a non-negative integer (ASCII digits)")
-        headers = forwarded(request.environ)
-        problem = hygiene.header_problem(headers)
-        if problem:
-            return bad_request(problem)
-        path = f"/api/v1/runs/{run_id}/events" + (f"?last_event_id={last}" if last else "")
-        req = Request("GET", path, headers, "/runs/<id>/events", None, stream=True)
-        # callers limited to some flows may only watch runs of those flows
-        req.ctx["flow_of_run"] = lambda: amb.upstream.flow_of_run(run_id, req)
-        return _proxy(req)
-
-    def _proxy(req: Request):
-        status, headers, body, done = answer(amb, req, g.trace, g.started)
-        if done is None:  # a stream: keep the request context (in-flight gauge) until its end
-            return FlaskResponse(stream_with_context(body), status=status, headers=headers,
-                                 direct_passthrough=True)
-        response = FlaskResponse(body, status=status, headers=headers)
-        response.call_on_close(done)
-        return response
-
-    ws_route.mount(app, amb)
+        """The error contract, built as the proxied routes build it (chain.error_response)."""
+        req = Request(request.method, "", {}, request.path)
+        req.ctx["trace"] = g.get("trace")
+        answer = error_response(status, code, message, req)
+        return FlaskResponse(answer.body, status=status, headers=answer.headers), status
 
     @app.get("/healthz")
     def healthz():

@@ -6,7 +6,12 @@ may answer by itself (cache hit, 401, open breaker) instead of calling ``next``.
 never import each other; what they share travels on the request (``request.ctx``) and the
 response (``response.meta``).
 
-    trace → auth → ratelimit → fallback → cache → breaker → retry → timeout → upstream
+    observe → validate → trace → auth → ratelimit → fallback → cache → breaker → retry
+        → timeout → fault → upstream
+
+``observe`` and ``validate`` are always there (ambassador/pipeline.py); the rest are the
+configured ``filters``. ambassador/wsgi.py turns a WSGI environ into a :class:`Request` and
+the :class:`Response` back into WSGI, for every proxied route.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any, Protocol
 
 @dataclass
 class Request:
-    """What the app asked for, normalised (the route has parsed and validated the body)."""
+    """What the app asked for. The adapter fills in the method, the route and the headers
+    (``ctx["environ"]`` holds the rest); the validate filter parses and checks the body
+    and sets ``path`` (the engine's), ``body``, ``flow_id`` and ``stream``."""
 
     method: str
     path: str  # the engine path this request maps to, e.g. /api/v1/run/faq-rag
@@ -44,6 +51,8 @@ class Response:
     body: bytes = b""
     chunks: Iterator[bytes] | None = None  # set for streamed answers
     meta: dict[str, Any] = field(default_factory=dict)  # cache result, attempts, ...
+    # run once the answer has gone out (the server closed it): metrics, the access line
+    after: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def streamed(self) -> bool:
@@ -95,7 +104,7 @@ def json_response(status: int, payload: Any, headers: Mapping[str, str] | None =
 
 def note(request: Request, name: str, **attributes: Any) -> None:
     """A decision (a retry, an open breaker) as an event on the request's span, when the
-    ambassador exports spans (``flowgate/otel.py``)."""
+    ambassador exports spans (``flowgate/common/otel.py``)."""
     span = request.ctx.get("span")
     if span is not None:
         span.add_event(name, attributes)

@@ -34,17 +34,22 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flowgate import jsonlog
+from flowgate.common import jsonlog
 
 log = logging.getLogger(__name__)
-FILTERS = ("trace", "auth", "ratelimit", "fallback", "cache", "breaker", "retry", "timeout")
+# outermost first; ``fault`` is innermost (just before the upstream): an injected abort is
+# seen by retry, breaker and fallback as an engine answer, an injected delay counts against
+# the timeouts (ambassador/filters/fault.py)
+FILTERS = ("trace", "auth", "ratelimit", "fallback", "cache", "breaker", "retry", "timeout",
+           "fault")
 DEFAULT_FILTERS = list(FILTERS)
 
 
@@ -97,6 +102,8 @@ class ApiKey(_Model):
     identity: str = Field(pattern=NAME_PATTERN)
     tenant: str | None = Field(None, pattern=NAME_PATTERN)
     flows: list[str] | None = None  # None: every flow
+    # may this caller ask for a fault with the X-Flowgate-Fault header (drills)?
+    allow_fault_header: bool = False
 
 
 class Jwt(_Model):
@@ -113,6 +120,8 @@ class Jwt(_Model):
     flows_claim: str = "flows"
     # a token without the flows claim may run: no flow (none), or every flow (all)
     missing_flows_claim: Literal["none", "all"] = "none"
+    # identities (the identity claim's value) that may send the X-Flowgate-Fault header
+    fault_header_identities: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = []
 
     @field_validator("audience")
     @classmethod
@@ -143,6 +152,12 @@ class InboundAuth(_Model):
             raise ValueError("mode api_keys needs at least one entry in api_keys")
         if self.mode == "jwt" and self.jwt is None:
             raise ValueError("mode jwt needs a jwt section")
+        # the fault filter knows a caller by its identity only, not by the key it sent
+        allowed: dict[str, bool] = {}
+        for key in self.api_keys:
+            if allowed.setdefault(key.identity, key.allow_fault_header) != key.allow_fault_header:
+                raise ValueError(f"api_keys: the keys of identity '{key.identity}' must agree "
+                                 "on allow_fault_header")
         return self
 
 
@@ -184,10 +199,32 @@ class FlowCache(_Model):
     stale_if_error_s: float = Field(0, ge=0, le=30 * 86400)
 
 
+FAULT_MAX_DELAY_MS = 60_000  # an injected delay (config or X-Flowgate-Fault) is at most this
+FAULT_STATUSES = range(400, 600)  # an injected abort's status: a 4xx/5xx an engine could answer
+
+
+class FaultDelay(_Model):
+    percent: float = Field(ge=0, le=100, strict=True)  # of this flow's attempts (each draws anew)
+    ms: int = Field(ge=0, le=FAULT_MAX_DELAY_MS, strict=True)
+
+
+class FaultAbort(_Model):
+    percent: float = Field(ge=0, le=100, strict=True)
+    status: int = Field(ge=FAULT_STATUSES.start, lt=FAULT_STATUSES.stop, strict=True)
+
+
+class FlowFault(_Model):
+    """Fault drills for one flow (ambassador/filters/fault.py): off unless configured."""
+
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
 class FlowPolicy(_Model):
     cache: FlowCache | None = None
     ratelimit: RateLimit | None = None
     fallback: dict[str, Any] | None = None  # answered (200, X-Fallback: true) when upstream fails
+    fault: FlowFault | None = None  # injected delays and aborts (drills)
 
 
 class Cache(_Model):
@@ -248,6 +285,17 @@ class Settings(_Model):
         if len(set(filters)) != len(filters):
             raise ValueError("a filter is listed twice")
         return filters
+
+    @model_validator(mode="after")
+    def _fault_filter(self):
+        if "fault" in self.filters and self.filters[-1] != "fault":
+            raise ValueError("filters: 'fault' must be the last (innermost) filter, so retry, "
+                             "breaker and fallback see an injected abort as an engine answer")
+        faulty = sorted(flow for flow, policy in self.flows.items() if policy.fault is not None)
+        if faulty and "fault" not in self.filters:
+            raise ValueError(f"flows {faulty} configure a fault, but 'fault' is not in filters "
+                             "(it goes last: ..., retry, timeout, fault)")
+        return self
 
     def upstream_key(self) -> str | None:
         if self.upstream.key:
@@ -339,7 +387,7 @@ class ConfigHolder:
     (the filter chain); a ConfigError it raises (an unreadable key file) refuses the new
     config like an invalid one."""
 
-    def __init__(self, settings: Settings, path: str | None, *, check_every_s: float = 2.0,
+    def __init__(self, settings: Settings, path: str | None, *, check_every_s: float = 1.0,
                  overrides: Mapping[str, Any] | None = None,
                  on_change: Callable[[Settings], None] | None = None,
                  on_reload_error: Callable[[str], None] | None = None,
@@ -358,15 +406,38 @@ class ConfigHolder:
         self._lock = threading.Lock()
         self.last_error: str | None = None
 
+    def watch(self) -> None:
+        """Check the file every ``check_every_s`` from a background thread (a greenlet
+        under gevent) too, so an idle sidecar takes an edit within about two seconds, not
+        on its next request. The thread holds the holder weakly: it ends with it."""
+        if self.path is None:
+            return
+        holder_ref, every = weakref.ref(self), self._every
+
+        def loop() -> None:
+            while True:
+                time.sleep(every)
+                holder = holder_ref()
+                if holder is None:
+                    return
+                try:
+                    holder.maybe_reload(due=True)
+                except Exception:  # never the end of the watch
+                    log.exception("config reload check failed")
+                del holder
+
+        threading.Thread(target=loop, daemon=True, name="ambassador-config-watch").start()
+
     def _stat(self) -> float | None:
         try:
             return os.stat(self.path).st_mtime if self.path else None
         except OSError:
             return None
 
-    def maybe_reload(self) -> bool:
-        """Cheap when nothing changed: one clock read per request, one stat per interval."""
-        if self.path is None or self._clock() < self._next_check:
+    def maybe_reload(self, *, due: bool = False) -> bool:
+        """Cheap when nothing changed: one clock read per request, one stat per interval
+        (``due``: the watch's call, stat now)."""
+        if self.path is None or (not due and self._clock() < self._next_check):
             return False
         with self._lock:
             self._next_check = self._clock() + self._every

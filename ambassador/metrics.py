@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from flowgate import gc_pauses
-from flowgate.prometheus import ServiceMetrics
+from flowgate.common import gc_pauses
+from flowgate.common.prometheus import ServiceMetrics
 
 STREAM = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -108,6 +108,10 @@ class AmbassadorMetrics(ServiceMetrics):
         self.fallbacks = Counter(
             "flowgate_ambassador_fallbacks_total",
             "Run requests answered with the flow's configured fallback, by flow.", ["flow"], **kw)
+        self.faults_injected = Counter(
+            "flowgate_ambassador_faults_injected_total",
+            "Faults injected by the fault filter (drills: flows.<id>.fault, X-Flowgate-Fault), "
+            "by flow and kind (delay|abort); each attempt counts.", ["flow", "kind"], **kw)
         self.config_reload_errors = Counter(
             "flowgate_ambassador_config_reload_errors_total",
             "Config reloads rejected (the last good config stays).", **kw)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ambassador.hygiene import ID, LAST_EVENT_ID
-from ambassador.run_flow import CHOICES, MAX_VERSION
+from flowgate.common.run_request import CHOICES, MAX_VERSION
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -23,7 +23,8 @@ PRINTABLE = r"^[\x20-\x7e\t]*$"  # forwarded header values (hygiene.header_probl
 ERROR_TEXT = {
     400: "malformed request (JSON, ids, header values, nesting deeper than 64 levels)",
     401: "missing or invalid credentials (inbound auth), or the engine refused its key",
-    403: "the caller may not run this flow (or watch this run), or the engine refused it",
+    403: "the caller may not run this flow (or watch this run, or send X-Flowgate-Fault), or "
+         "the engine refused it",
     404: "unknown flow or run (a run of another tenant is unknown too)",
     409: "the Idempotency-Key was used with another body, or the run cannot be followed",
     413: "the body is larger than max_body_bytes",
@@ -54,6 +55,15 @@ TRACE_HEADERS = [
     _header("traceparent", "W3C trace context; kept, and a child span goes to the engine"),
     _header("X-Request-ID", "kept and returned"),
 ]
+# fault drills (ambassador/filters/fault.py): only from identities the config allows
+FAULT_HEADER = _header(
+    "X-Flowgate-Fault", "fault drill: `delay=<ms>` (0-60000), `abort=<status>` (400-599) or "
+    "both, `delay=500;abort=503`, applied to every attempt; only from an API key with "
+    "`allow_fault_header: true` or a JWT identity in `inbound_auth.jwt.fault_header_identities` "
+    "(403 `fault_not_allowed` otherwise, and always with inbound auth `none`); a malformed or "
+    "out-of-range value is 400 `bad_request`; an injected abort is "
+    "`{\"error\": {\"code\": \"fault_injected\"}}` with that status",
+    maxLength=64)
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}}
 
 
@@ -103,6 +113,7 @@ def build_spec() -> dict[str, Any]:
                 _header("Cache-Control", "no-cache: skip the cache lookup; no-store: do not "
                         "cache the answer"),
                 _header("Accept", "text/event-stream to stream"),
+                FAULT_HEADER,
                 *TRACE_HEADERS],
             "requestBody": {"required": True, "content": {JSON: {"schema": _ref("RunFlowRequest")}}},
             "responses": {"200": run_ok, **_errors(RUN_ERRORS)},
@@ -118,6 +129,7 @@ def build_spec() -> dict[str, Any]:
                  "schema": {"type": "string", "pattern": f"^{LAST_EVENT_ID.pattern}$"}},
                 _header("Last-Event-ID", "resume after this event",
                         pattern=f"^{LAST_EVENT_ID.pattern}$"),
+                FAULT_HEADER,
                 *TRACE_HEADERS],
             "responses": {"200": {"description": "the run's events",
                                   "headers": _ANSWER_HEADERS,
@@ -206,7 +218,8 @@ def _components() -> dict[str, Any]:
                             "required": True},
             "X-Request-ID": {**text_header("the caller's, or a new one"), "required": True},
             "X-Cache": {"description": "the cache's part in this answer",
-                        "schema": {"type": "string", "enum": ["HIT", "MISS", "BYPASS", "STALE"]}},
+                        "schema": {"type": "string",
+                                   "enum": ["HIT", "MISS", "BYPASS", "STALE", "COALESCED"]}},
             "X-Upstream-Attempts": text_header("attempts made to reach the engine"),
             "X-Run-ID": text_header("the run's id"),
             "X-Flow-Version": text_header("the flow version that answered (a cached answer: "

@@ -5,7 +5,7 @@ version live was before a publish or rollback).
 
 The view of a flow (its id, live version, canary and sticky key) is the engine's
 ``GET /api/v1/flows/{ref}``, kept at most ``check_s`` (2 s). With Redis the engine's
-``flow_changed`` signal (channel ``flowgate:signals``, flowgate/signals.py) drops it at
+``flow_changed`` signal (channel ``flowgate:signals``, flowgate/common/signals.py) drops it at
 once, so the next request reads the new routing. When the engine cannot be asked, the last
 view stands (a cached answer may still be served stale-if-error).
 

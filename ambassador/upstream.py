@@ -33,7 +33,7 @@ from typing import Any
 from ambassador import http1
 from ambassador.chain import Request, Response, error_response
 from ambassador.config import Upstream as UpstreamSettings
-from flowgate import otel
+from flowgate.common import otel
 
 # engine response headers passed to the app: lower-case name → the name filters look up
 PASS_HEADERS = {name.lower(): name for name in (
@@ -84,7 +84,7 @@ class Upstream:
         if parent is None or not parent.is_recording():
             # no spans, or this trace is not sampled: the engine is told so (traceparent)
             return self._attempt(request, parent)
-        # this attempt's span (flowgate/otel.py): the engine's spans are its children
+        # this attempt's span (flowgate/common/otel.py): the engine's spans are its children
         path = request.path.partition("?")[0]
         span = request.ctx["telemetry"].client(  # named by the route: ids are attributes
             parent, f"{request.method} {_ENGINE_ROUTE.sub(_template, path)}",

@@ -24,18 +24,16 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, g, request
-from flask import Response as FlaskResponse
-from flask_sock import Sock
-from simple_websocket import Client, ConnectionClosed
+from simple_websocket import Client, ConnectionClosed, Server
 from simple_websocket import ConnectionError as HandshakeFailed
+from werkzeug.datastructures import EnvironHeaders
 
 from ambassador import hygiene, origin
-from ambassador.answer import forwarded
-from ambassador.chain import Request, Response, build_chain, error_response
-from ambassador.ws_guard import ROUTE, UPSTREAM_PATH, Close, Guard
-from flowgate import otel
-from flowgate.websockets import WholeFrames
+from ambassador.chain import Request, Response, error_response
+from ambassador.config import Settings
+from ambassador.ws_guard import UPSTREAM_PATH, Close, Guard
+from flowgate.common import otel
+from flowgate.common.websockets import WholeFrames
 
 if TYPE_CHECKING:
     from ambassador.app import Ambassador
@@ -44,11 +42,6 @@ log = logging.getLogger(__name__)
 _MAX_REASON = 120  # a close frame's reason: at most 123 bytes
 _CLOSE_WAIT_S = 2.0
 _NOT_SENDABLE = frozenset({1004, 1005, 1006, 1015})  # reserved: never in a close frame
-
-
-def admit(filters: list, request: Request) -> Response:
-    """Run the handshake through the caller-facing filters; 200 means admitted."""
-    return build_chain(filters, lambda r: Response(200))(request)
 
 
 def upgrade_problem(method: str, headers: Any) -> tuple[int, str] | None:
@@ -71,69 +64,65 @@ def upgrade_problem(method: str, headers: Any) -> tuple[int, str] | None:
     return None
 
 
-def mount(app: Flask, amb: Ambassador) -> None:
-    """The admission check (before the upgrade: a refusal is an ordinary HTTP error) and
-    the route."""
-    sock = Sock(app)
-    m = amb.metrics
+def parse(request: Request, settings: Settings, _upstream: Any = None) -> Response | None:
+    """The handshake's checks, before the upgrade (a refusal is an ordinary HTTP error):
+    the page's origin (403), the headers (400), a real WebSocket handshake (400, 426)."""
+    environ = request.ctx["environ"]
+    refused = origin.refusal(environ, settings.websocket.allowed_origins)
+    if refused:
+        return error_response(403, "forbidden", refused, request)
+    problem = hygiene.header_problem(request.headers)
+    if problem:
+        return error_response(400, "bad_request", problem, request)
+    bad = upgrade_problem(request.method, EnvironHeaders(environ))
+    if bad is not None:
+        status, message = bad
+        return error_response(status, "upgrade_required" if status == 426 else "bad_request",
+                              message, request,
+                              headers={"Sec-WebSocket-Version": "13"} if status == 426 else None)
+    request.path = UPSTREAM_PATH
+    return None
 
-    @app.before_request
-    def _admit_websocket():
-        if request.path != ROUTE or request.method not in ("GET", "HEAD"):
-            return None  # another route, or a method Flask answers 405 for
-        amb.holder.maybe_reload()
-        settings = amb.settings
-        # read by flask-sock for each connection: the size limit in force now
-        app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.max_body_bytes}
-        req = Request("GET", UPSTREAM_PATH, forwarded(request.environ), ROUTE)
-        req.ctx["trace"] = g.trace
-        refused = origin.refusal(request.environ, settings.websocket.allowed_origins)
-        problem = hygiene.header_problem(req.headers)
-        if refused:
-            answer = error_response(403, "forbidden", refused, req)
-        elif problem:
-            answer = error_response(400, "bad_request", problem, req)
-        elif (bad := upgrade_problem(request.method, request.headers)) is not None:
-            status, message = bad
-            answer = error_response(status, "upgrade_required" if status == 426
-                                    else "bad_request", message, req,
-                                    headers={"Sec-WebSocket-Version": "13"} if status == 426
-                                    else None)
-        else:
-            answer = admit(amb.handshake_filters, req)
-        if answer.status != 200:
-            m.requests.labels(ROUTE, "", str(answer.status), "none").inc()
-            return FlaskResponse(answer.body, status=answer.status, headers=answer.headers)
-        g.ws_guard = Guard(amb, req.headers, req.ctx.get("identity"), g.trace)
-        return None
 
-    @sock.route(ROUTE)
-    def ws_run_flow(ws):
-        guard: Guard = g.ws_guard
-        url = "ws" + amb.settings.upstream.url[len("http"):] + UPSTREAM_PATH
-        span = None  # the session's span (flowgate/otel.py): the engine's runs are below it
-        if amb.telemetry is not None:
-            span = amb.telemetry.server_span(f"GET {ROUTE}", g.trace,
-                                             request.headers.get("traceparent"),
-                                             {"http.request.method": "GET", "http.route": ROUTE})
-        headers = {"traceparent": otel.traceparent_of(span) if span is not None
-                   else g.trace.child().traceparent, "x-request-id": g.trace.request_id}
-        key = amb.settings.upstream_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        if guard.identity is not None:
-            headers["x-flowgate-identity"] = guard.identity.name
-            if guard.identity.tenant:
-                headers["x-flowgate-tenant"] = guard.identity.tenant
-        m.requests.labels(ROUTE, "", "101", "none").inc()
-        try:
-            bridge(ws, url, headers, guard.check, guard.tick, trace_id=g.trace.trace_id)
-        finally:
-            if span is not None:
-                identity = guard.identity
-                otel.ended_with(span, 101, **{
-                    "flowgate.identity": identity.name if identity else None,
-                    "flowgate.tenant": identity.tenant if identity else None})
+class Upgrade:
+    """The route's end, once the caller-facing filters (trace, auth, rate limit) admitted
+    the handshake: a 101 whose ``meta["upgrade"]`` the adapter (ambassador/wsgi.py) runs
+    with the connection — the WebSocket accepted, bridged to the engine until either side
+    closes. The message size limit is the ``max_body_bytes`` in force at the handshake."""
+
+    def __init__(self, amb: Ambassador, settings: Settings) -> None:
+        self.amb, self.settings = amb, settings
+
+    def __call__(self, request: Request) -> Response:
+        trace = request.ctx["trace"]
+        guard = Guard(self.amb, request.headers, request.ctx.get("identity"), trace)
+        settings, span = self.settings, request.ctx.get("span")
+
+        def run(environ: dict[str, Any]) -> str:
+            """Accept, bridge until the end; the server mode (what the adapter returns)."""
+            ws = Server(environ, **server_options(settings))
+            url = "ws" + settings.upstream.url[len("http"):] + UPSTREAM_PATH
+            headers = {"traceparent": otel.traceparent_of(span) if span is not None
+                       else trace.child().traceparent, "x-request-id": trace.request_id}
+            key = settings.upstream_key()
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            if guard.identity is not None:
+                headers["x-flowgate-identity"] = guard.identity.name
+                if guard.identity.tenant:
+                    headers["x-flowgate-tenant"] = guard.identity.tenant
+            with contextlib.suppress(ConnectionClosed):
+                bridge(ws, url, headers, guard.check, guard.tick, trace_id=trace.trace_id)
+            with contextlib.suppress(Exception):
+                ws.close()
+            return ws.mode
+
+        return Response(101, meta={"upgrade": run})
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """What the app's WebSocket server gets: the message size limit in force."""
+    return {"max_message_size": settings.max_body_bytes}
 
 
 class EngineSocket(Client):
@@ -215,7 +204,7 @@ def bridge(ws: Any, upstream_url: str, headers: dict[str, str],
     itself — not from whichever thread happened to see it first — so the bridge's own end
     (the app left, or a Close of ours) never passes for the engine's, and the engine's is
     never lost to the bridge ending at the same moment."""
-    ws.sock = WholeFrames(ws.sock)  # see flowgate/websockets.py
+    ws.sock = WholeFrames(ws.sock)  # see flowgate/common/websockets.py
     app = AppSide(ws)
     try:
         upstream = connect(upstream_url, headers=headers)

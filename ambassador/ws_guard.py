@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from ambassador import hygiene
 from ambassador.chain import Request, Response, build_chain
 from ambassador.filters.auth import Identity
-from flowgate.tracing import TraceContext
+from flowgate.common.run_request import flow_id_problem
+from flowgate.common.tracing import TraceContext
 
 if TYPE_CHECKING:
     from ambassador.app import Ambassador
@@ -104,9 +105,9 @@ class Guard:
 
     def _run(self, body: dict[str, Any]) -> str | dict[str, Any] | Close:
         flow_id = body.get("flow_id")
-        if not hygiene.valid_id(flow_id):
-            return self._refusal("bad_request", "flow_id is required: the id or name of a flow "
-                                                "(letters, digits, '_', '.', '-')")
+        problem = flow_id_problem(flow_id)
+        if problem:
+            return self._refusal("bad_request", problem)
         if "input" in body and "input_value" not in body:
             body["input_value"] = body.pop("input")
         request = Request("POST", f"/api/v1/run/{flow_id}", dict(self.headers), ROUTE,

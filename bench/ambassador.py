@@ -33,9 +33,11 @@ run of ChatInput → ChatModel(openai) → ChatOutput against llm-sim with ttft 
 the engine (reference: without and with a fresh Idempotency-Key each) and through the
 ambassador; every one must succeed; the ambassador's RSS is sampled during the test.
 
-Targets: added p50 at c1 (ambassador − direct) ≤ 0.7 ms; cache-hit p50 below the direct
-p50; ambassador ≥ 60% of direct requests/s at c16; all slow requests succeed. Last line:
-one JSON object (``added_p50_c1_ms``, ``direct_p50_c1_ms``, ``cache_hit_p50_ms``,
+Targets: ambassador − floor ≤ 0.3 ms p50 at c1 and ≥ 85 % of the floor's requests/s at
+c16 (the floor measured in the same run); cache-hit p50 below the direct p50; all slow
+requests succeed (and, as before, added p50 at c1 ≤ 0.7 ms, ≥ 60 % of direct at c16). Last
+line: one JSON object (``ambassador_over_floor_p50_c1_ms``,
+``throughput_ratio_vs_floor_c16``, ``added_p50_c1_ms``, ``cache_hit_p50_ms``,
 ``throughput_ratio_c16``, ``slow_ok``, ``slow_failed``, …).
 """
 
@@ -85,7 +87,11 @@ SLOW_FLOW = {
     "edges": [{"source": "in", "target": "llm"}, {"source": "llm", "target": "out"}],
 }
 SIM_TTFT_S = 1.0
-TARGETS = {"added_p50_c1_ms": 0.7, "throughput_ratio_c16": 0.6}
+# issue #14 restated the targets against the floor (what a gevent WSGI proxy with the same
+# HTTP client costs on this machine): the ambassador's features add ≤ 0.3 ms at c1 and keep
+# ≥ 85 % of the floor's throughput at c16; the older absolute ones are still printed
+TARGETS = {"added_p50_c1_ms": 0.7, "throughput_ratio_c16": 0.6,
+           "over_floor_p50_c1_ms": 0.3, "throughput_ratio_vs_floor_c16": 0.85}
 FLOOR = "floor: bare gevent WSGI proxy"
 
 
@@ -510,6 +516,16 @@ def main() -> None:
     if ref_port:
         print(f"  throughput {reference}/direct   {c16[reference]['rps'] / c16[direct]['rps']:.2f}")
     print(f"  throughput floor/direct   {c16[FLOOR]['rps'] / c16[direct]['rps']:.2f}")
+    over_floor = p50[amb] - p50[FLOOR]
+    vs_floor = c16[amb]["rps"] / c16[FLOOR]["rps"]
+    print(f"  against the floor: ambassador − floor p50 c1 {over_floor:+.3f} ms (target ≤ "
+          f"{TARGETS['over_floor_p50_c1_ms']} ms)   "
+          f"{'ok' if over_floor <= TARGETS['over_floor_p50_c1_ms'] else 'MISSED'}; "
+          f"throughput ambassador/floor c16 {vs_floor:.2f} (target ≥ "
+          f"{TARGETS['throughput_ratio_vs_floor_c16']:.2f})   "
+          f"{'ok' if vs_floor >= TARGETS['throughput_ratio_vs_floor_c16'] else 'MISSED'}; "
+          f"CPU ms/request ambassador {c16[amb]['proxy_cpu_ms']:.3f}, floor "
+          f"{c16[FLOOR]['proxy_cpu_ms']:.3f}")
     print(f"{args.slow} concurrent slow runs (llm-sim ttft {SIM_TTFT_S:g} s)"
           f"{'ok':>6}{'failed':>8}{'wall s':>9}{'p50 s':>8}{'p99 s':>8}{'CPU s engine/amb':>19}")
     for name, r in (*slow_direct.items(), ("ambassador", slow_amb)):
@@ -564,6 +580,8 @@ def main() -> None:
         "ambassador_over_floor_p50_c1_ms": ms(p50[amb] - p50[FLOOR]),
         "floor_cpu_ms_per_request_c1": ms(cpu_ms[FLOOR][0]),
         "floor_throughput_ratio_c16": round(c16[FLOOR]["rps"] / c16[direct]["rps"], 3),
+        "throughput_ratio_vs_floor_c16": round(vs_floor, 3),
+        "floor_cpu_ms_per_request": ms(c16[FLOOR]["proxy_cpu_ms"]),
     })
     if ref_port:
         result.update({
@@ -578,6 +596,8 @@ def main() -> None:
         "cache_hit_below_direct": p50[hit] < p50[direct],
         "throughput_ratio_c16": ratio >= TARGETS["throughput_ratio_c16"],
         "slow_all_ok": slow_amb["failed"] == 0,
+        "over_floor_p50_c1": over_floor <= TARGETS["over_floor_p50_c1_ms"],
+        "throughput_ratio_vs_floor_c16": vs_floor >= TARGETS["throughput_ratio_vs_floor_c16"],
     }
     print(json.dumps(result))
 

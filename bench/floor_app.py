@@ -30,7 +30,7 @@ def main() -> None:
 
     monkey.patch_all()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from flowgate.serving import serve
+    from flowgate.common.serving import serve
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)

@@ -2,7 +2,7 @@
 add. A bare WSGI callable (no Flask, no filters, no metrics, no logs) that forwards
 ``POST /run-flow`` to the engine over the ambassador's own HTTP/1.1 client
 (``ambassador.http1``), served exactly like the ambassador (its gunicorn config file, one
-gevent worker, ``flowgate.serving``). What the ambassador adds beyond this is the cost of
+gevent worker, ``flowgate.common.serving``). What the ambassador adds beyond this is the cost of
 its features; what this adds over the engine is the cost of the stack itself.
 
     python bench/proxy_floor.py --port P --engine-port E --key K
@@ -44,7 +44,7 @@ def main() -> None:
 
     monkey.patch_all()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from flowgate.serving import serve
+    from flowgate.common.serving import serve
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)

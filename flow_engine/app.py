@@ -31,9 +31,9 @@ from flow_engine.store import SqlFlowStore
 from flow_engine.store.engines import PoolSize
 from flow_engine.tenants import TenantLimits
 from flow_engine.ws_tickets import WsTickets
-from flowgate import jsonlog, otel, tracing
-from flowgate.at_exit import flush_at_exit
-from flowgate.signals import Signals
+from flowgate.common import jsonlog, otel, tracing
+from flowgate.common.at_exit import flush_at_exit
+from flowgate.common.signals import Signals
 
 log = logging.getLogger("flow_engine")
 access_log = logging.getLogger("flow_engine.access")
@@ -55,7 +55,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
         log.warning("AUTH DISABLED: the engine accepts requests without an API key "
                     "(--insecure-no-auth); never run it like this outside a developer machine")
     metrics = metrics or EngineMetrics()
-    # spans over OTLP when the OTEL_* variables ask for them (flowgate/otel.py); else None
+    # spans over OTLP when the OTEL_* variables ask for them (flowgate/common/otel.py); else None
     telemetry = otel.from_env("flowgate-engine", on_dropped=lambda reason, n: (
         metrics.spans_dropped.labels(reason).inc(n)))
     if telemetry is not None:  # registered first, so it runs last: after the runs' records

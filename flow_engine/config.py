@@ -19,7 +19,7 @@ from flow_engine.auth import KeyConfigError, KeyRing, parse_keys
 from flow_engine.components.base import BuildContext, Limits
 from flow_engine.egress import EgressError, ProviderOrigins
 from flow_engine.tenants import TenantPolicy
-from flowgate import jsonlog
+from flowgate.common import jsonlog
 
 _PLAIN_ENV = {
     "database_url": "DATABASE_URL",

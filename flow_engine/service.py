@@ -22,7 +22,7 @@ from flow_engine.flows.validate import apply_tweaks, tweak_problems, validate_fl
 from flow_engine.metrics import EngineMetrics
 from flow_engine.routing import choose_version, parse_routing
 from flow_engine.store.base import Change, FlowRecord, FlowStore, VersionRecord
-from flowgate.signals import Signals
+from flowgate.common.signals import Signals
 
 SYSTEM = Change()
 

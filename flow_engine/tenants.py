@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flow_engine.errors import TenantLimited
+from flowgate.common.redis_guard import RedisPause
 
 log = logging.getLogger(__name__)
 LEASE_S = 60.0
@@ -143,7 +144,8 @@ class TenantLimits:
 
     def __init__(self, policy: TenantPolicy, redis: Any | None = None, *,
                  prefix: str = "flowgate:", on_error: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, pause: RedisPause | None = None
+                 ) -> None:
         self.policy = policy
         self.redis = redis
         self.prefix = prefix
@@ -154,7 +156,8 @@ class TenantLimits:
         self._local_tokens: dict[tuple[str, int], int] = {}
         # run id → the scopes (tenant, proxy key) it holds a slot in, and whether in Redis
         self._holds: dict[str, list[tuple[str, bool]]] = {}
-        self._paused_until = 0.0
+        # after a Redis failure, count in this process for PAUSE_S
+        self._pause = pause if pause is not None else RedisPause(PAUSE_S)
         if redis is not None:
             self._acquire = redis.register_script(_ACQUIRE)
             self._renew = redis.register_script(_RENEW)
@@ -310,10 +313,10 @@ class TenantLimits:
         return f"{self.prefix}tenant:{tenant}:tokens:{minute}"
 
     def _redis_usable(self) -> bool:
-        return self.redis is not None and time.monotonic() >= self._paused_until
+        return self.redis is not None and not self._pause.paused
 
     def _failed(self, op: str, exc: Exception) -> None:
-        self._paused_until = time.monotonic() + PAUSE_S
+        self._pause.failed()
         self._on_error("tenants")
         log.warning("tenant limits: Redis %s failed (%s); counting in this process for %.0f s",
                     op, type(exc).__name__, PAUSE_S)

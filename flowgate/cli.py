@@ -112,7 +112,7 @@ def _engine(args: argparse.Namespace) -> int:
     from flow_engine.errors import FlowgateError
     from flow_engine.knowledge.service import KnowledgeConfigError, preflight
     from flow_engine.store import SqlFlowStore
-    from flowgate.serving import serve
+    from flowgate.common.serving import serve
 
     try:
         settings = Settings.load()
@@ -189,7 +189,7 @@ def _ambassador(args: argparse.Namespace) -> int:
     import ipaddress
 
     from ambassador import config as amb_config
-    from flowgate.serving import serve
+    from flowgate.common.serving import serve
 
     if args.config:
         os.environ["AMBASSADOR_CONFIG"] = args.config

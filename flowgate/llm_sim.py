@@ -47,7 +47,10 @@ chat completion requests: ``body``, ``headers`` and the client's ``remote_port``
 keep-alive reuse from new connections), ``GET /sim/embedding-requests`` (the last 100
 embeddings requests: ``model``, ``inputs``, ``dimensions``, ``headers``), ``POST /sim/reset``
 (zero them all), ``GET|POST /sim/config`` (read / change settings at runtime). They live in
-the worker process.
+the worker process. ``hold: true`` holds every chat completion request (once it is in
+``/sim/requests``, before anything is answered, injected errors included) until ``hold`` is
+set false again, at most ``HOLD_MAX_S``; ``held`` in the stats is how many are held now — a
+test's way to keep a call in flight for exactly as long as it needs, without racing a delay.
 
 Run: ``python -m flowgate.llm_sim --port 9100`` (or ``flowgate llm-sim``).
 """
@@ -76,6 +79,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 ERROR_KINDS = ("500", "429", "timeout")
+HOLD_MAX_S = 300.0  # a held chat completion goes on by itself after this
 MODELS = ("flowgate-sim", "flowgate-sim-embedding")
 FINGERPRINT = "fp_flowgate_sim"
 _FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed",
@@ -117,6 +121,7 @@ class SimSettings:
     embedding_latency_s: float = 0.0  # delay before an embeddings answer
     embedding_error_rate: float = 0.0  # probability that an embeddings request fails
     seed: int | None = None  # salts reply filler; seeds error injection (None = random)
+    hold: bool = False  # chat completions wait until it is false again (a test hook)
 
     def __post_init__(self) -> None:
         for name in ("ttft_s", "tokens_per_s", "hang_s", "embedding_latency_s"):
@@ -144,6 +149,8 @@ class SimSettings:
         object.__setattr__(self, "error_kinds", tuple(dict.fromkeys(kinds)))
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
+        if not isinstance(self.hold, bool):
+            raise ValueError(f"hold must be a boolean, got {self.hold!r}")
 
     def updated(self, changes: dict[str, Any]) -> SimSettings:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -163,20 +170,20 @@ class _Stats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # created in the worker: gevent-patched by then
-        self._c: dict[str, Any] = {"active_streams": 0}
+        self._c: dict[str, Any] = {"active_streams": 0, "held": 0}
         self._requests: deque[dict[str, Any]] = deque(maxlen=100)
         self._embedding_requests: deque[dict[str, Any]] = deque(maxlen=100)
         self.reset()
 
     def reset(self) -> None:
-        with self._lock:  # active_streams is a gauge, not a counter: it survives resets
+        with self._lock:  # active_streams and held are gauges: they survive resets
             self._requests.clear()
             self._embedding_requests.clear()
             self._c = {
                 "requests": {}, "chat_completions_started": 0, "chat_completions_completed": 0,
                 "streams_closed_early": 0, "errors_injected": dict.fromkeys(ERROR_KINDS, 0),
                 "bad_requests": 0, "tokens_sent": 0, "tool_calls_sent": 0, "embedding_inputs": 0,
-                "active_streams": self._c["active_streams"]}
+                "active_streams": self._c["active_streams"], "held": self._c["held"]}
 
     def add(self, key: str, n: int = 1, sub: str | None = None) -> None:
         with self._lock:
@@ -479,11 +486,26 @@ def _sse(obj: Any) -> bytes:
 class _Sim:
     def __init__(self, settings: SimSettings):
         self.stats = _Stats()
+        self._go = threading.Event()  # set unless settings.hold (made in the worker: gevent's)
         self.configure(settings)
 
     def configure(self, settings: SimSettings) -> None:
         self.rng = random.Random(settings.seed)  # failure injection, not crypto
         self.settings = settings
+        if settings.hold:
+            self._go.clear()
+        else:
+            self._go.set()
+
+    def hold(self, s: SimSettings) -> None:
+        """While ``hold`` is on, wait until it is off (at most HOLD_MAX_S)."""
+        if not s.hold:
+            return
+        self.stats.add("held")
+        try:
+            self._go.wait(HOLD_MAX_S)
+        finally:
+            self.stats.add("held", -1)
 
     def pick_error(self, s: SimSettings, rate: float | None = None) -> str | None:
         rate = s.error_rate if rate is None else rate
@@ -599,6 +621,7 @@ def create_app(settings: SimSettings | None = None) -> Flask:
                           "remote_port": request.environ.get("REMOTE_PORT")})
 
         s = sim.settings
+        sim.hold(s)
         kind = sim.pick_error(s, s.model_error_rates.get(model))
         if kind:
             return sim.injected_error(kind, s)
@@ -721,7 +744,7 @@ def _embedding_inputs(value: Any) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: serve the simulator under gunicorn with gevent workers."""
-    from flowgate.serving import serve
+    from flowgate.common.serving import serve
 
     p = argparse.ArgumentParser(prog="flowgate llm-sim", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1")

@@ -32,6 +32,7 @@ import jwt
 
 from ambassador.chain import Handler, Request, Response, error_response
 from ambassador.config import ConfigError, InboundAuth
+from flowgate.common.credentials import bearer_token, presented_key
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[\x21-\x7e]{1,200}")
@@ -131,17 +132,8 @@ class Auth:
             return self._api_key(request)
         return self._jwt(request)
 
-    def _credential(self, request: Request) -> str | None:
-        key = (request.header("x-api-key") or "").strip()
-        if key:
-            return key
-        auth = request.header("authorization") or ""
-        if auth[:7].lower() == "bearer ":
-            return auth[7:].strip() or None
-        return None
-
     def _api_key(self, request: Request) -> Identity | _Refused:
-        presented = self._credential(request)
+        presented = presented_key(request.header("x-api-key"), request.header("authorization"))
         if not presented:
             return _Refused("missing", "missing credentials: send 'Authorization: Bearer <key>' "
                             "or 'x-api-key: <key>'")
@@ -153,10 +145,9 @@ class Auth:
         return found if found is not None else _Refused("invalid_key", "invalid API key")
 
     def _jwt(self, request: Request) -> Identity | _Refused:
-        auth = request.header("authorization") or ""
-        if auth[:7].lower() != "bearer " or not auth[7:].strip():
+        token = bearer_token(request.header("authorization"))
+        if not token:
             return _Refused("missing", "missing credentials: send 'Authorization: Bearer <jwt>'")
-        token = auth[7:].strip()
         cfg = self.settings.jwt
         claims = self._verified_claims(token)
         if isinstance(claims, _Refused):

@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 from ambassador.chain import Handler, Request, Response, error_response, note
 from ambassador.config import Breaker as BreakerSettings
+from flowgate.common.backoff import Backoff
 
 FAILURE_STATUSES = frozenset({500, 503, 504})
 
@@ -88,6 +89,14 @@ class CircuitBreaker:
         self._next_probe_at = 0.0  # while open: no readiness probe before this
         self._probing = False
         self._trials = 0
+
+    def reconfigure(self, settings: BreakerSettings,
+                    probe: Callable[[], bool] | None = None) -> None:
+        """New thresholds from a config reload, the state kept: an open circuit stays open
+        (the next trial still waits out the backoff it was given), a closed one keeps its
+        window of outcomes and judges it by the new thresholds from the next outcome on."""
+        with self._lock:
+            self.s, self._probe = settings, probe
 
     def _set(self, state: str) -> None:
         if state != self.state:
@@ -183,7 +192,8 @@ class CircuitBreaker:
                 self._trials = max(0, self._trials - 1)
 
     def _open(self, now: float) -> None:
-        wait = min(self.s.open_s, self.s.backoff_base_s * 2 ** min(self._failed_trials, 32))
+        # the first wait after opening, then doubling after each failed trial (no jitter)
+        wait = Backoff(self.s.backoff_base_s, self.s.open_s).delay(self._failed_trials + 1)
         self._next_trial_at = self._next_probe_at = now + wait
         self._consecutive = 0
         self._outcomes.clear()

@@ -12,8 +12,19 @@ errors, never streams. ``Cache-Control: no-cache`` skips the lookup (the fresh a
 still stored); ``no-store`` skips storing. When the engine fails (unreachable, open
 breaker, 500/502/503/504 — a 502 is a failed LLM, exactly when an older answer helps), an
 entry up to ``stale_if_error_s`` past its TTL is served instead (``X-Cache: STALE``).
-``X-Cache`` is HIT, MISS, BYPASS or STALE on every run answer; a cached answer carries the
-``X-Flow-Version`` it was stored with.
+``X-Cache`` is HIT, MISS, BYPASS, STALE or COALESCED on every run answer; a cached answer
+carries the ``X-Flow-Version`` it was stored with.
+
+Coalescing (:mod:`ambassador.filters.coalesce`): a request that misses for a key another
+request is already fetching does not call the engine; it waits for that leader's answer —
+at most its deadline, else ``upstream.timeouts.total_s``, then a 504 ``timeout`` (or a
+stale entry) — and answers with it as ``COALESCED`` (``STALE`` when the leader's answer
+was a stale entry): the same status and body, errors included, and the leader's
+``X-Run-ID`` (the run that produced the answer), with the follower's own trace ids. A
+leader stores its answer before its followers wake, so a request arriving later finds it
+cached. ``no-cache`` requests never join a flight (they may lead one); ``no-store`` has no
+bearing on coalescing. Requests whose version is not known before the answer (a
+non-sticky canary) are neither looked up nor coalesced.
 
 Storage (:mod:`ambassador.filters.cache_stores`) is Redis when ``REDIS_URL`` is set — with
 an in-process fallback while Redis fails — else an in-process LRU bounded by entries and
@@ -25,16 +36,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from ambassador.chain import Handler, Request, Response
-from ambassador.config import Settings
+from ambassador.chain import Handler, Request, Response, error_response, note
+from ambassador.config import FlowCache, Settings
 from ambassador.filters.cache_stores import CacheStore, MemoryCacheStore, RedisCacheStore
+from ambassador.filters.coalesce import FAILED, Flight, Flights, Landing, follower_response
 from ambassador.routing_view import RoutingView
 
-__all__ = ["Cache", "CacheStore", "MemoryCacheStore", "RedisCacheStore", "cache_key"]
+__all__ = ["Cache", "CacheStore", "Flights", "MemoryCacheStore", "RedisCacheStore", "cache_key"]
+log = logging.getLogger("ambassador.cache")
 
 
 def cache_key(request: Request, session_in_key: bool, version: int | None) -> str:
@@ -56,13 +70,16 @@ class Cache:
     def __init__(self, settings: Settings, store: CacheStore, routing: RoutingView, *,
                  on_result: Callable[[str], None] | None = None,
                  on_error: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 flights: Flights | None = None) -> None:
         self.settings = settings
         self.store = store
         self.routing = routing
         self._on_result = on_result or (lambda result: None)
         self._on_error = on_error or (lambda op: None)
         self._clock = clock
+        # the app passes one that outlives config reloads (a flight in the air stays joinable)
+        self.flights = flights if flights is not None else Flights()
 
     def __call__(self, request: Request, next: Handler) -> Response:
         if request.route != "/run-flow":
@@ -73,12 +90,44 @@ class Cache:
         if cfg is None or request.stream:
             return self._mark(next(request), "BYPASS")
         version = self.routing.version_for(request.flow_id or "", request.body or {})
-        key = cache_key(request, cfg.session_in_key, version) if version is not None else None
+        if version is None:  # the engine draws the version: no lookup, no flight
+            return self._fetch(request, next, cfg, directives, None, None)
+        key = cache_key(request, cfg.session_in_key, version)
+        no_cache = "no-cache" in directives
+        landed = self.flights.landed
         entry = None
-        if key is not None and "no-cache" not in directives:
+        if not no_cache:
             entry = self._get(key)
-            if entry is not None and self._clock() - entry["stored_at"] <= cfg.ttl_s:
+            if self._fresh(entry, cfg):
                 return self._mark(_from_entry(entry), "HIT")
+        trace = request.ctx.get("trace")
+        # no-cache asked for a fresh answer: it never joins a flight (it may lead one)
+        flight, leads = self.flights.claim(key, join=not no_cache,
+                                           leader_trace_id=trace.trace_id if trace else None)
+        if flight is None:  # no-cache with an identical request in flight: a call of its own
+            return self._fetch(request, next, cfg, directives, key, entry)
+        if not leads:
+            return self._follow(request, next, cfg, directives, key, entry, flight)
+        landing = FAILED  # what followers get if this raises
+        try:
+            response = None
+            if not no_cache and self.flights.landed != landed:
+                # a flight landed between the lookup and the claim, maybe this key's: its
+                # answer is stored by now (a leader stores before it lands)
+                entry = self._get(key)
+                if self._fresh(entry, cfg):
+                    response = self._mark(_from_entry(entry), "HIT")
+            if response is None:
+                response = self._fetch(request, next, cfg, directives, key, entry)
+            landing = Landing.of(response)
+            return response
+        finally:
+            self.flights.land(flight, landing)
+
+    def _fetch(self, request: Request, next: Handler, cfg: FlowCache, directives: set[str],
+               key: str | None, entry: dict[str, Any] | None) -> Response:
+        """The engine's answer: stored when it may be, else a stale entry when the engine
+        failed."""
         response = next(request)
         if response.status == 200 and not response.streamed:
             served = _served_version(response)
@@ -92,13 +141,58 @@ class Cache:
                           cfg.ttl_s + cfg.stale_if_error_s)
             looked = key is not None and "no-cache" not in directives
             return self._mark(response, "MISS" if looked else "BYPASS")
-        if key is not None and _upstream_failed(response) and cfg.stale_if_error_s > 0:
-            entry = entry if entry is not None else self._get(key)
-            if entry is not None and self._clock() - entry["stored_at"] <= cfg.ttl_s + cfg.stale_if_error_s:
-                stale = _from_entry(entry)
-                stale.headers["Warning"] = '110 - "Response is Stale"'
-                return self._mark(stale, "STALE")
-        return self._mark(response, "MISS")
+        return self._stale(key, entry, cfg, response) or self._mark(response, "MISS")
+
+    def _follow(self, request: Request, next: Handler, cfg: FlowCache, directives: set[str],
+                key: str, entry: dict[str, Any] | None, flight: Flight) -> Response:
+        """Wait for the leader's answer — at most the request's deadline, else the
+        upstream's total timeout — and answer with it."""
+        leader = flight.leader_trace_id
+        note(request, "cache.coalesced", **{"flowgate.leader_trace_id": leader or ""})
+        log.debug("waiting for an identical request in flight",
+                  extra={"flow_id": request.flow_id, "leader_trace_id": leader})
+        bound = self.settings.upstream.timeouts.total_s
+        deadline = request.ctx.get("deadline")
+        if isinstance(deadline, int | float):
+            bound = min(bound, deadline - time.monotonic())
+        started = time.perf_counter()
+        landing = self.flights.wait(flight, bound)
+        waited = time.perf_counter() - started
+        if landing is not None and landing.kind == "unshared":
+            return self._fetch(request, next, cfg, directives, key, entry)
+        if landing is None:
+            timeout = error_response(
+                504, "timeout", f"no answer within {max(bound, 0):g} s (waited for an "
+                "identical request's answer)", request)
+            response = self._stale(key, entry, cfg, timeout) or self._mark(timeout, "COALESCED")
+        elif landing.kind == "failed":
+            log.error("the identical request this one waited for failed",
+                      extra={"flow_id": request.flow_id, "leader_trace_id": leader})
+            response = self._mark(error_response(500, "internal", "internal error; the trace "
+                                                 "id identifies it in the logs", request),
+                                  "COALESCED")
+        else:
+            response = self._mark(follower_response(landing, request),
+                                  "STALE" if landing.result == "STALE" else "COALESCED")
+        # time spent on the engine's answer, as a leader's upstream time: not overhead
+        response.meta["upstream_s"] = waited
+        return response
+
+    def _stale(self, key: str | None, entry: dict[str, Any] | None, cfg: FlowCache,
+               response: Response) -> Response | None:
+        """The entry still within ``stale_if_error_s`` when ``response`` is an upstream
+        failure (None otherwise)."""
+        if key is None or not _upstream_failed(response) or cfg.stale_if_error_s <= 0:
+            return None
+        entry = entry if entry is not None else self._get(key)
+        if entry is None or self._clock() - entry["stored_at"] > cfg.ttl_s + cfg.stale_if_error_s:
+            return None
+        stale = _from_entry(entry)
+        stale.headers["Warning"] = '110 - "Response is Stale"'
+        return self._mark(stale, "STALE")
+
+    def _fresh(self, entry: dict[str, Any] | None, cfg: FlowCache) -> bool:
+        return entry is not None and self._clock() - entry["stored_at"] <= cfg.ttl_s
 
     def _mark(self, response: Response, result: str) -> Response:
         response.headers["X-Cache"] = result

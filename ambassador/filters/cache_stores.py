@@ -7,7 +7,7 @@ is what ``sys.getsizeof`` reports for its key, its dict and its strings, plus th
 own bookkeeping; it reports what it holds through ``on_size`` (a gauge).
 
 :class:`RedisCacheStore` shares entries between ambassadors. While Redis fails — and for a
-pause after each failure (:class:`ambassador.redis_pause.RedisPause`, shared with the
+pause after each failure (:class:`flowgate.common.redis_guard.RedisPause`, shared with the
 rate limiter) — it reads and writes a bounded :class:`MemoryCacheStore` instead, so a
 Redis outage costs the cache its sharing, not its hits; ``on_fallback`` counts each such
 operation. What was cached locally during an outage is not copied to Redis afterwards.
@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ambassador.redis_pause import RedisPause
+from flowgate.common.redis_guard import RedisPause
 
 _NODE_BYTES = 120  # the LRU's link, the (expiry, entry) tuple and the expiry float
 

@@ -15,7 +15,7 @@ from typing import Any
 from ambassador.chain import Handler, Request, Response, error_response
 from ambassador.config import RateLimit as RateLimitSettings
 from ambassador.config import Settings
-from ambassador.redis_pause import RedisPause
+from flowgate.common.redis_guard import RedisPause
 
 # KEYS[1] bucket; ARGV: rate, burst, now (s), cost. Returns {allowed, wait_ms}.
 _LUA = """
@@ -57,7 +57,7 @@ class LocalBuckets:
 
 class RedisBuckets:
     """Buckets in Redis, shared by every ambassador. After a failure Redis is left alone
-    for a while (:class:`ambassador.redis_pause.RedisPause`; local buckets decide
+    for a while (:class:`flowgate.common.redis_guard.RedisPause`; local buckets decide
     meanwhile), so a hung Redis is not a timeout on every request."""
 
     def __init__(self, client: Any, prefix: str = "flowgate:rl:",

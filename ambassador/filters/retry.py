@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from ambassador.chain import Handler, Request, Response, note
 from ambassador.config import Retry as RetrySettings
+from flowgate.common.backoff import Backoff
 
 
 class RetryBudget:
@@ -88,7 +89,9 @@ class Retry:
         self.budget = budget
         self._on_retry = on_retry or (lambda reason: None)
         self._on_exhausted = on_budget_exhausted or (lambda: None)
-        self._sleep, self._clock, self._rand = sleep, clock, rand
+        self._sleep, self._clock = sleep, clock
+        self._backoff = Backoff(settings.backoff_base_s, settings.backoff_max_s, "full",
+                                uniform=rand)
 
     def __call__(self, request: Request, next: Handler) -> Response:
         if self.s.add_idempotency_key and request.method == "POST" \
@@ -125,8 +128,7 @@ class Retry:
         return response
 
     def _delay(self, attempt: int, response: Response) -> float:
-        cap = min(self.s.backoff_max_s, self.s.backoff_base_s * 2 ** (attempt - 1))
-        delay = self._rand(0, cap)  # full jitter
+        delay = self._backoff.delay(attempt)
         # only the engine's own Retry-After counts, not the one on a synthesized error
         retry_after = None if "upstream_error" in response.meta else response.headers.get("Retry-After")
         if retry_after and retry_after.isascii() and retry_after.replace(".", "", 1).isdigit():

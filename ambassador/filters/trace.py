@@ -5,7 +5,7 @@ The upstream call forwards a child span of the same trace."""
 from __future__ import annotations
 
 from ambassador.chain import Handler, Request, Response
-from flowgate import tracing
+from flowgate.common import tracing
 
 
 class Trace:

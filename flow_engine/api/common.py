@@ -26,6 +26,7 @@ from flow_engine.metrics import EngineMetrics
 from flow_engine.runs.service import RunService
 from flow_engine.service import FlowService
 from flow_engine.store.base import FlowStore
+from flowgate.common.credentials import presented_key
 
 
 class Unauthorized(FlowgateError):
@@ -83,7 +84,7 @@ def body_bytes() -> bytes:
     """The whole request body, at most ``max_body_bytes``. Werkzeug refuses a Content-Length
     over the limit (413) but reads a chunked body only up to it, and what it read parsed as
     if it were all: here a body of unknown length is read one byte past the limit, and
-    over is 413. The server's body timeout (flowgate/serving.py) surfaces as a 408."""
+    over is 413. The server's body timeout (flowgate/common/serving.py) surfaces as a 408."""
     cached = g.get("body")
     if cached is not None:
         return cached
@@ -183,10 +184,8 @@ def authenticate() -> Principal:
     if not keys:  # started with --insecure-no-auth: every caller is an admin proxy
         key: ApiKey | None = _NO_AUTH
     else:
-        presented = (request.headers.get("x-api-key") or "").strip()
-        auth = request.headers.get("Authorization", "")
-        if not presented and auth[:7].lower() == "bearer ":
-            presented = auth[7:].strip()
+        presented = presented_key(request.headers.get("x-api-key"),
+                                  request.headers.get("Authorization"))
         websocket = request.url_rule is not None and request.url_rule.websocket
         if not presented and websocket and "ticket" in request.args:
             return _redeem(request.args["ticket"])

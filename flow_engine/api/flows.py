@@ -18,8 +18,8 @@ from flask import Blueprint, g, jsonify, request
 from flow_engine.api.common import engine, int_arg, json_body, principal
 from flow_engine.errors import BadRequest, NotFound
 from flow_engine.rollouts.analysis import Guard
-from flow_engine.runs.request import MAX_VERSION
 from flow_engine.store.base import Change, FlowRecord, VersionRecord
+from flowgate.common.run_request import MAX_VERSION, is_version
 
 MAX_MESSAGE = 2000
 
@@ -140,7 +140,7 @@ def publish(flow_ref: str):
     body = _options(json_body(), {"version", "message", "dry_run", "guard"},
                     '{"version": 3, "message": "…"}')
     number = body.get("version")
-    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_VERSION:
+    if not is_version(number):
         raise BadRequest('publish needs {"version": N} with N a version number')
     guard = None
     if "guard" in body:

@@ -30,7 +30,7 @@ from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 from flow_engine.api.common import KEEPALIVE, engine, int_arg, json_body, principal, sse
 from flow_engine.errors import BadRequest
 from flow_engine.runs.events import TERMINAL
-from flow_engine.runs.request import RunRequest
+from flow_engine.runs.request import RunRequest, on_disconnect
 from flow_engine.runs.runner import RunEvent
 from flow_engine.runs.watch import run_record_json
 
@@ -57,9 +57,7 @@ def _on_disconnect(body) -> str:
         value = body["on_disconnect"]
     else:
         return "cancel"
-    if value not in ("cancel", "continue"):
-        raise BadRequest("on_disconnect must be 'cancel' or 'continue'")
-    return value
+    return on_disconnect(value)
 
 
 def sse_response(events: Iterator[RunEvent | None], headers: dict[str, str]) -> Response:
@@ -92,7 +90,7 @@ def sse_response(events: Iterator[RunEvent | None], headers: dict[str, str]) -> 
 def run_flow(flow_ref: str):
     body = json_body(required=False)
     run_request = RunRequest.from_body(body)
-    on_disconnect = _on_disconnect(body)
+    when_gone = _on_disconnect(body)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
         raise BadRequest("Idempotency-Key must be 1-200 printable ASCII characters")
@@ -111,7 +109,7 @@ def run_flow(flow_ref: str):
         headers["Idempotent-Replayed"] = "true"
     if wants_stream():
         events = runs.stream(prepared, engine().settings.sse_keepalive_s,
-                             cancel_on_disconnect=on_disconnect == "cancel")
+                             cancel_on_disconnect=when_gone == "cancel")
         return sse_response(events, headers)
     result, replayed = runs.run(prepared)  # its record is written in the background
     # the run that answered: a duplicate may have taken over an abandoned run meanwhile

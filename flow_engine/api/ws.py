@@ -95,11 +95,11 @@ from flow_engine.egress import origin as egress_origin
 from flow_engine.errors import BadRequest, Conflict, FlowgateError, Forbidden
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs.events import TERMINAL
-from flow_engine.runs.request import RunRequest
+from flow_engine.runs.request import RunRequest, on_disconnect
 from flow_engine.runs.runner import RunEvent
 from flow_engine.runs.service import RunService
 from flow_engine.ws_tickets import TTL_S
-from flowgate.websockets import WholeFrames
+from flowgate.common.websockets import WholeFrames
 
 log = logging.getLogger(__name__)
 bp = Blueprint("ws", __name__)
@@ -243,15 +243,13 @@ class RunSocket:
         if not isinstance(flow_id, str) or not flow_id:
             raise BadRequest('a run message needs "flow_id": the id or name of the flow')
         request = RunRequest.from_body(message)
-        on_disconnect = message.get("on_disconnect", "cancel")
-        if on_disconnect not in ("cancel", "continue"):
-            raise BadRequest("on_disconnect must be 'cancel' or 'continue'")
+        when_gone = on_disconnect(message.get("on_disconnect", "cancel"))
         key = message.get("idempotency_key")
         if key is not None and not (isinstance(key, str) and _KEY.fullmatch(key)):
             raise BadRequest("idempotency_key must be 1-200 printable ASCII characters")
         prepared = self.runs.prepare(flow_id, request, caller=self.caller, idempotency_key=key,
                                      trace_id=self.trace_id)
-        keep_going = on_disconnect == "continue"
+        keep_going = when_gone == "continue"
         events = self.runs.stream(prepared, self.settings.sse_keepalive_s,
                                   cancel_on_disconnect=not keep_going)
         if prepared.replay is not None:  # the first run belongs to whoever started it

@@ -77,6 +77,7 @@ from urllib3.exceptions import (
 )
 
 from flow_engine.egress import DEFAULT_BASE_URL
+from flowgate.common.backoff import Backoff
 
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_ERROR_BODY = 65_536
@@ -161,8 +162,9 @@ class RetryPolicy:
             return None
         if error.retry_after is not None:
             return error.retry_after if error.retry_after <= self.max_retry_after_s else None
-        backoff = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
-        return backoff * (0.5 + self.jitter() / 2)
+        backoff = Backoff(self.backoff_s, self.max_backoff_s, "half",
+                          uniform=lambda lo, hi: lo + (hi - lo) * self.jitter())
+        return backoff.delay(retry)
 
 
 class OpenAICompatChatModel(BaseChatModel):

@@ -17,6 +17,7 @@ from flow_engine.components.base import Component, ComponentRegistry, Limits
 from flow_engine.errors import FlowInvalid, Problem
 from flow_engine.flows.model import Edge, FlowDefinition, Node
 from flow_engine.jsontext import encodable
+from flowgate.common.run_request import tweaks_problem
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # always with fullmatch
 _TOP_KEYS = {"id", "name", "description", "nodes", "edges", "tweakable"}
@@ -125,8 +126,9 @@ def apply_tweaks(data: Mapping[str, Any], tweaks: Any,
     if not tweaks:
         return dict(data)
     problems: list[Problem] = []
-    if not isinstance(tweaks, dict):
-        raise FlowInvalid([Problem("$.tweaks", "tweaks must be an object {node_id: {param: value}}")])
+    problem = tweaks_problem(tweaks)
+    if problem:
+        raise FlowInvalid([Problem("$.tweaks", problem)])
     merged = copy.deepcopy(dict(data))
     allowed = merged.get("tweakable") if isinstance(merged.get("tweakable"), dict) else {}
     by_id = {n.get("id"): n for n in merged.get("nodes", []) if isinstance(n, dict)}

@@ -43,6 +43,7 @@ from flow_engine.knowledge.model import (
     NewBase,
 )
 from flow_engine.store.base import StoreError
+from flowgate.common.backoff import Backoff
 
 now = schema.now
 B, D, U, C = schema.bases, schema.documents, schema.uploads, schema.chunks
@@ -107,7 +108,7 @@ class KnowledgeStore:
         if not self.is_sqlite:
             return conn.begin()
         deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.0005
+        delays = Backoff(0.0005, 0.02).delays()
         while True:  # wait for SQLite's write lock cooperatively (time.sleep under gevent)
             try:
                 return conn.begin()
@@ -116,8 +117,7 @@ class KnowledgeStore:
                     conn.rollback()
                 if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
                     raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            time.sleep(next(delays))
 
     # -- bases ---------------------------------------------------------------------------------
 

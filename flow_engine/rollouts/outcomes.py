@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flow_engine.rollouts.analysis import BUCKETS, Outcomes
-from flowgate.lograte import Throttled
+from flowgate.common.lograte import Throttled
 
 log = logging.getLogger(__name__)
 SLOT_S = 5

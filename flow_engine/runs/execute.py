@@ -35,7 +35,8 @@ from flow_engine.runs.runner import RunEvent, RunResult
 from flow_engine.runs.spans import RunSpans
 from flow_engine.store.base import ChatMessage, FlowStore
 from flow_engine.tenants import TenantLimits
-from flowgate.otel import Telemetry
+from flowgate.common.backoff import Backoff
+from flowgate.common.otel import Telemetry
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("succeeded", "failed", "cancelled")
@@ -120,7 +121,7 @@ class RunExecutor:
         self._start_heartbeats()
         self.metrics.active_runs.inc()
         self.events.open(prepared.run_id, prepared.tenant)
-        # the run's spans, when its request's span is recorded (flowgate/otel.py)
+        # the run's spans, when its request's span is recorded (flowgate/common/otel.py)
         spans = self._spans(prepared) if prepared.span_parent is not None else None
         started = prepared.started_at = time.perf_counter()
         try:
@@ -255,12 +256,13 @@ class RunExecutor:
 
     def _record_later(self, run_id: str, write: Callable[[], None]) -> None:
         deadline = time.monotonic() + self.record_retry_s
-        delay = 0.25
+        delays = Backoff(0.25, 10.0).delays()
+        delay = next(delays)
         try:
             while time.monotonic() + delay <= deadline:
                 if self._closed.wait(delay):  # cooperative under gevent
                     return
-                delay = min(delay * 2, 10.0)
+                delay = next(delays)
                 try:
                     write()
                 except FlowgateError:

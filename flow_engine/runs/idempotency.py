@@ -32,6 +32,7 @@ from flow_engine.errors import Conflict, FlowgateError
 from flow_engine.metrics import EngineMetrics
 from flow_engine.runs.request import PreparedRun, RunRequest
 from flow_engine.store.base import FlowStore, RunRecord
+from flowgate.common.backoff import Backoff
 
 log = logging.getLogger(__name__)
 _REUSED = ("this Idempotency-Key was used for a different request; use a new key for a new "
@@ -125,7 +126,7 @@ class Idempotency:
 
     def _wait_until_finished(self, record: RunRecord) -> RunRecord:
         deadline = time.monotonic() + self.settings.idempotency_wait_s
-        delay = 0.01
+        delays = Backoff(0.01, 0.2).delays()
         while record.status == "running":
             if self._stale(record):
                 self._abandon(record)
@@ -133,8 +134,7 @@ class Idempotency:
             if time.monotonic() > deadline:
                 raise Conflict(f"run {record.run_id} with this Idempotency-Key is still running; "
                                "retry later", run_id=record.run_id)
-            time.sleep(delay)  # cooperative under gevent
-            delay = min(delay * 2, 0.2)
+            time.sleep(next(delays))  # cooperative under gevent
             record = self.store.get_run(record.run_id)
         return record
 

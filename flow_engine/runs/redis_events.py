@@ -31,7 +31,8 @@ from typing import Any
 
 from flow_engine.errors import FlowgateError
 from flow_engine.runs.runner import RunEvent
-from flowgate.lograte import Throttled
+from flowgate.common.backoff import Backoff
+from flowgate.common.lograte import Throttled
 
 log = logging.getLogger("flow_engine.runs.events")
 TERMINAL = frozenset({"run_finished", "error"})
@@ -135,13 +136,14 @@ class RedisEventLog:
         """Write ``batch``, retrying with backoff for up to ``retry_s``; False when it was
         dropped (counted, and what readers need to see the loss is kept for resending)."""
         deadline = self._clock() + self.retry_s
-        delay = 0.05
+        delays = Backoff(0.05, 2.0).delays()
+        delay = next(delays)
         while not self.write_batch(batch):
             if self._clock() + delay > deadline:
                 self._lost(batch)
                 return False
             self._sleep(delay)
-            delay = min(delay * 2, 2.0)
+            delay = next(delays)
         if self._resend:
             self._send_again()
         return True

@@ -12,10 +12,9 @@ from flow_engine.errors import BadRequest
 from flow_engine.flows.compile import CompiledFlow
 from flow_engine.runs.runner import CancelToken, RunInput
 from flow_engine.store.base import RunRecord
+from flowgate.common import run_request as rules
 
-_TYPES = ("chat", "text", "any")
 MAX_INPUT_CHARS = 1_000_000
-MAX_VERSION = 2**31 - 1  # what every store column (and the ambassador) takes
 RUN_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: every run id the engine hands out
 
 
@@ -23,6 +22,19 @@ def known_run_id(run_id: str) -> bool:
     """Could the engine have made this run id? Anything else is unknown at once — before a
     store, a Redis key or a response header ever sees the caller's string."""
     return RUN_ID.fullmatch(run_id) is not None
+
+
+def on_disconnect(value: Any) -> str:
+    """A run's ``on_disconnect`` (query parameter, body field or WebSocket message field):
+    ``cancel`` or ``continue``, else BadRequest."""
+    if value not in rules.ON_DISCONNECT:
+        raise BadRequest("on_disconnect must be 'cancel' or 'continue'")
+    return value
+
+
+def _refuse(problem: str | None) -> None:
+    if problem:
+        raise BadRequest(problem)
 
 
 @dataclass(frozen=True)
@@ -44,8 +56,7 @@ class RunRequest:
             raise BadRequest("the run body must be a JSON object like "
                              '{"input_value": "hello", "session_id": "s1"}')
         value = body.get("input_value")
-        if value is not None and not isinstance(value, str):
-            raise BadRequest("input_value must be a string")
+        _refuse(rules.input_problem(value, "input_value"))
         if value is not None and len(value) > MAX_INPUT_CHARS:
             raise BadRequest(f"input_value is longer than {MAX_INPUT_CHARS} characters")
         kinds = {}
@@ -55,21 +66,12 @@ class RunRequest:
                 kind = "chat"
             if kind == "debug":
                 kind = "any"
-            if not isinstance(kind, str) or kind not in _TYPES:
-                raise BadRequest(f"{name} must be one of {', '.join(_TYPES)}")
+            _refuse(rules.choice_problem(name, kind, rules.IO_KINDS))
             kinds[name] = kind
-        session = body.get("session_id")
-        if session is not None and (not isinstance(session, str) or not 0 < len(session) <= 200):
-            raise BadRequest("session_id must be a string of 1-200 characters")
-        tweaks = body.get("tweaks")
-        if tweaks is not None and not isinstance(tweaks, dict):
-            raise BadRequest("tweaks must be an object {node_id: {param: value}}")
-        version = body.get("version")
-        if isinstance(version, float) and version.is_integer():
-            version = int(version)  # 2.0 is an integer in JSON (Schema) too
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)
-                                    or not 1 <= version <= MAX_VERSION):
-            raise BadRequest(f"version must be an integer from 1 to {MAX_VERSION}")
+        session, tweaks = body.get("session_id"), body.get("tweaks")
+        version = rules.version_of(body.get("version"))
+        _refuse(rules.session_id_problem(session) or rules.tweaks_problem(tweaks)
+                or rules.version_problem(version))
         return cls(value, kinds["input_type"], kinds["output_type"], session, tweaks or None,
                    version)
 

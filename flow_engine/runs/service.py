@@ -35,10 +35,10 @@ from flow_engine.runs.watch import RunWatcher, ensure_visible, run_record_json
 from flow_engine.service import FlowService
 from flow_engine.store.base import FlowStore, RunRecord
 from flow_engine.tenants import TenantLimits, TenantPolicy
-from flowgate.signals import Signals
+from flowgate.common.signals import Signals
 
 if TYPE_CHECKING:
-    from flowgate.otel import Telemetry
+    from flowgate.common.otel import Telemetry
 
 log = logging.getLogger(__name__)
 

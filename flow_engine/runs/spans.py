@@ -1,4 +1,4 @@
-"""A run's OpenTelemetry spans (when the engine exports them: ``flowgate/otel.py``).
+"""A run's OpenTelemetry spans (when the engine exports them: ``flowgate/common/otel.py``).
 
     <the request's server span>
       run <flow>                        flowgate.flow.id, .version, .run.id, session.id
@@ -25,7 +25,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
-from flowgate.otel import Telemetry, ended_with
+from flowgate.common.otel import Telemetry, ended_with
 
 
 class RunSpans(BaseCallbackHandler):

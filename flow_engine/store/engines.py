@@ -27,6 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from flowgate.common.backoff import Backoff
+
 T = TypeVar("T")
 
 
@@ -180,7 +182,7 @@ def retry_locked(action: Callable[[], T], timeout_s: float) -> T:
     """Run ``action`` until SQLite stops answering "database is locked" (bounded), sleeping
     in between with time.sleep, which gevent makes cooperative."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.0005
+    delays = Backoff(0.0005, 0.02).delays()
     while True:
         try:
             return action()
@@ -188,5 +190,4 @@ def retry_locked(action: Callable[[], T], timeout_s: float) -> T:
             message = str(getattr(exc, "orig", exc))
             if ("locked" not in message and "busy" not in message) or time.monotonic() > deadline:
                 raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+        time.sleep(next(delays))

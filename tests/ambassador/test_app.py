@@ -29,7 +29,7 @@ from app_harness import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from flowgate.jsonlog import JsonFormatter
+from flowgate.common.jsonlog import JsonFormatter
 
 # -- /run-flow validation -------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ambassador.chain import Request, Response, build_chain, error_response, json_response
-from flowgate import tracing
+from flowgate.common import tracing
 
 
 class Named:

@@ -1,6 +1,6 @@
-"""RedisPause: after a failure, Redis is left alone for pause_s (calls refused at once, the
-callee never called), then tried again; one pause shared by the rate limiter and the cache
-spares the second the first one's timeout (fake clock; a real, dead Redis port)."""
+"""One RedisPause shared by the rate limiter and the cache spares the second the first one's
+timeout (fake clock; a real, dead Redis port). The pause itself is tested in
+tests/flowgate/test_redis_guard.py."""
 
 from __future__ import annotations
 
@@ -10,43 +10,7 @@ import redis
 from ambassador.config import RateLimit as RateLimitSettings
 from ambassador.filters.cache_stores import MemoryCacheStore, RedisCacheStore
 from ambassador.filters.ratelimit import RedisBuckets
-from ambassador.redis_pause import RedisPause, RedisPaused
-
-
-def boom() -> None:
-    raise ConnectionError("redis is down")
-
-
-def test_a_failure_pauses_calls_for_pause_s(clock) -> None:
-    failures: list[int] = []
-    pause = RedisPause(5.0, clock, on_failure=lambda: failures.append(1))
-    called: list[int] = []
-
-    def counted() -> str:
-        called.append(1)
-        return "ok"
-
-    assert pause.call(counted) == "ok"
-    with pytest.raises(ConnectionError):
-        pause.call(boom)
-    for _ in range(3):  # refused here, never reaching Redis
-        with pytest.raises(RedisPaused):
-            pause.call(counted)
-        clock.advance(1.5)
-    assert called == [1] and pause.paused  # 4.5 s of 5
-    clock.advance(0.5)
-    assert pause.call(counted) == "ok"
-    assert (called, pause.failures, failures) == ([1, 1], 1, [1])
-
-
-def test_the_first_call_after_a_pause_finds_out_again(clock) -> None:
-    pause = RedisPause(5.0, clock)
-    with pytest.raises(ConnectionError):
-        pause.call(boom)
-    clock.advance(5.0)
-    with pytest.raises(ConnectionError):
-        pause.call(boom)  # still down: a new pause
-    assert pause.failures == 2 and pause.paused
+from flowgate.common.redis_guard import RedisPause
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from ambassador.chain import Request
 from ambassador.config import Upstream as UpstreamSettings
 from ambassador.filters.auth import Identity
 from ambassador.upstream import Upstream, engine_timing
-from flowgate import tracing
+from flowgate.common import tracing
 
 
 @pytest.fixture

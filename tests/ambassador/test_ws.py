@@ -19,7 +19,7 @@ from app_harness import API_KEYS, APP_KEY, assert_error_contract, run_flow
 from simple_websocket import ConnectionClosed
 from wsproto.frame_protocol import CloseReason
 
-from ambassador.ws import AppSide, EngineSocket, relayed
+from ambassador.ws import AppSide, EngineSocket, relayed, server_options
 
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
@@ -81,10 +81,8 @@ def test_a_plain_get_is_told_to_upgrade(make_app, engine) -> None:
 
 @pytest.mark.parametrize("limit", [1024, 65536])
 def test_the_message_size_limit_is_max_body_bytes(make_app, limit) -> None:
-    client, _ = make_app(max_body_bytes=limit)
-    client.get("/ws/run-flow", headers={**UPGRADE, "Origin": "https://evil.example"})
-    options = client.application.config["SOCK_SERVER_OPTIONS"]
-    assert options["max_message_size"] == limit
+    _, amb = make_app(max_body_bytes=limit)
+    assert server_options(amb.settings)["max_message_size"] == limit
 
 
 # -- the bridge's upstream client and its close codes (issue #11) ------------------------------

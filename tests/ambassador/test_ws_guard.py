@@ -17,7 +17,7 @@ from app_harness import APP_KEY, OTHER_KEY
 from ambassador.config import load
 from ambassador.filters.auth import Identity
 from ambassador.ws_guard import Close, Guard
-from flowgate import tracing
+from flowgate.common import tracing
 
 KEYS = [{"key": APP_KEY, "identity": "orders-app", "tenant": "shop", "flows": ["faq"]},
         {"key": OTHER_KEY, "identity": "other-app"}]

@@ -140,7 +140,7 @@ def exported_metrics() -> dict[str, Metric]:
     """Every metric defined in flow_engine/metrics.py and ambassador/metrics.py, read from
     the source (``Counter("name", "help", ["label", ...])``), by every series name it
     exposes: a histogram also by its ``_bucket``, ``_sum`` and ``_count`` series; and the
-    process-tree series of flowgate/saturation.py."""
+    process-tree series of flowgate/common/saturation.py."""
     series: dict[str, Metric] = {}
     for source in METRIC_SOURCES:
         for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
@@ -157,8 +157,8 @@ def exported_metrics() -> dict[str, Metric]:
             for suffix in SERIES_SUFFIXES.get(metric.kind, ()):
                 series[metric.name + suffix] = metric
     assert series, f"no metric definitions found in {METRIC_SOURCES}"
-    # and the process-tree series both services add at scrape time (flowgate/saturation.py)
-    from flowgate.saturation import ProcessTreeCollector
+    # and the process-tree series both services add at scrape time (flowgate/common/saturation.py)
+    from flowgate.common.saturation import ProcessTreeCollector
 
     for prefix in ("flowgate_engine", "flowgate_ambassador"):
         for family in ProcessTreeCollector(prefix).collect():

@@ -8,13 +8,13 @@ import sys
 import textwrap
 import weakref
 
-from flowgate.at_exit import flush_at_exit
+from flowgate.common.at_exit import flush_at_exit
 
 
 def test_a_live_owner_is_flushed_at_exit_and_a_dropped_one_is_neither_kept_nor_called():
     script = textwrap.dedent("""
         import gc, weakref
-        from flowgate.at_exit import flush_at_exit
+        from flowgate.common.at_exit import flush_at_exit
 
         class Owner:
             def __init__(self, name):
@@ -45,7 +45,7 @@ def test_a_live_owner_is_flushed_at_exit_and_a_dropped_one_is_neither_kept_nor_c
 def test_an_owner_dropped_inside_a_cycle_is_not_flushed_and_a_closed_log_stream_stays_quiet():
     script = textwrap.dedent("""
         import gc, io, logging
-        from flowgate.at_exit import flush_at_exit
+        from flowgate.common.at_exit import flush_at_exit
 
         gc.disable()  # the cycle below is still in memory when the process exits
         stream = io.StringIO()

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from flow_engine.metrics import EngineMetrics
-from flowgate import gc_pauses
+from flowgate.common import gc_pauses
 
 
 class Recording:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from flowgate import tracing
-from flowgate.jsonlog import JsonFormatter
+from flowgate.common import tracing
+from flowgate.common.jsonlog import JsonFormatter
 
 
 def record(created: float, **extra) -> logging.LogRecord:

@@ -1,4 +1,4 @@
-"""flowgate/otel.py: when spans are exported at all, the parent and trace id a span takes,
+"""flowgate/common/otel.py: when spans are exported at all, the parent and trace id a span takes,
 and the spans that are counted as dropped. The exporters here are the SDK's in-memory one
 and ones that fail or block on purpose; tests/integration/test_tracing.py sends over OTLP."""
 
@@ -14,7 +14,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from flowgate import otel, tracing
+from flowgate.common import otel, tracing
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
 
@@ -154,8 +154,8 @@ def test_a_stalled_collector_does_not_hold_up_the_exit_nor_the_run_records_flush
     script = textwrap.dedent("""
         import socket
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from flowgate.at_exit import flush_at_exit
-        from flowgate.otel import Telemetry
+        from flowgate.common.at_exit import flush_at_exit
+        from flowgate.common.otel import Telemetry
 
         stalled = socket.socket()
         stalled.bind(("127.0.0.1", 0))

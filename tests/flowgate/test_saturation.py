@@ -1,4 +1,4 @@
-"""Saturation series (flowgate/saturation.py) from a real ``flowgate engine`` under gunicorn
+"""Saturation series (flowgate/common/saturation.py) from a real ``flowgate engine`` under gunicorn
 with two workers: they describe the whole process tree whichever worker answers the scrape,
 and the CPU counter does not go back when a worker dies and is replaced."""
 
@@ -15,7 +15,7 @@ from support.procs import ServerProcess, free_port
 from support.prom import metric_value
 from support.waiting import wait_until
 
-from flowgate.saturation import ProcessTreeCollector
+from flowgate.common.saturation import ProcessTreeCollector
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def test_a_proc_without_children_files_is_scanned(tmp_path):
         (proc / str(pid)).mkdir(parents=True)
         fields = ["S", str(ppid)] + ["0"] * 9 + [str(utime), "5", "7", "3"] + ["0"] * 6 + [str(rss)]
         (proc / str(pid) / "stat").write_text(f"{pid} (gunicorn: worker (x)) " + " ".join(fields))
-    from flowgate import saturation
+    from flowgate.common import saturation
 
     saturation.under_master(10)
     try:

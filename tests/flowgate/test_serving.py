@@ -1,4 +1,4 @@
-"""flowgate.serving's gunicorn response: head and body in one write when the length is known.
+"""flowgate.common.serving's gunicorn response: head and body in one write when the length is known.
 
 A real gunicorn request parser reads a real request from a socket pair; the response writes
 through a socket that records each ``sendall``, so the number of writes is what is asserted,
@@ -14,7 +14,7 @@ from gunicorn.config import Config
 from gunicorn.http import wsgi
 from gunicorn.http.parser import RequestParser
 
-from flowgate.serving import _one_write_response_class
+from flowgate.common.serving import _one_write_response_class
 
 
 class Recording:
@@ -91,7 +91,7 @@ def test_an_empty_body_sends_the_head_once(make_response) -> None:
 def test_connection_limits_come_from_options_and_the_config_file(tmp_path) -> None:
     from gunicorn.workers.ggevent import GeventWorker  # (imports gevent: only here)
 
-    import flowgate.serving as serving
+    import flowgate.common.serving as serving
 
     conf = tmp_path / "gunicorn_conf.py"
     conf.write_text("worker_class = 'gevent'\nflowgate_body_timeout = 3\nkeepalive = 7\n")
@@ -101,7 +101,7 @@ def test_connection_limits_come_from_options_and_the_config_file(tmp_path) -> No
 
     assert app.limits == serving.ConnectionLimits(header_timeout=2.0, body_timeout=3.0)
     assert app.cfg.keepalive == 7
-    assert app.cfg.worker_class_str == "flowgate.serving.GeventWorker"
+    assert app.cfg.worker_class_str == "flowgate.common.serving.GeventWorker"
     assert app.cfg.worker_class is serving.GeventWorker
     assert issubclass(serving.GeventWorker, GeventWorker)  # gunicorn's, with the limits
 

@@ -232,7 +232,7 @@ def test_runs_over_the_websocket_bridge_are_spans_of_its_session(traced, receive
 
 def test_a_callers_unsampled_flag_does_not_turn_tracing_off(traced, receiver,
                                                              fresh_llm_sim) -> None:
-    """Sampling is the services' decision by trace id (flowgate/otel.py: sampler): here
+    """Sampling is the services' decision by trace id (flowgate/common/otel.py: sampler): here
     every trace is recorded, a caller's "-00" included, and it cannot force one either."""
     _engine, amb = traced
     trace_id = uuid.uuid4().hex

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ambassador.config import ConfigError, InboundAuth
 from ambassador.filters.auth import Auth, Identity
-from flowgate import tracing
+from flowgate.common import tracing
 
 SECRET = "hs256-shared-secret-for-the-ambassador-tests-0123456789-abcdefghij"
 KEYS = [

@@ -14,7 +14,7 @@ import pytest
 from ambassador.chain import Response, error_response
 from ambassador.config import Breaker as BreakerSettings
 from ambassador.filters.breaker import Breaker, CircuitBreaker, is_failure
-from flowgate import tracing
+from flowgate.common import tracing
 
 OK = Response(200, {}, b"{}")
 

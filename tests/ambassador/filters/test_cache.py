@@ -15,8 +15,8 @@ from ambassador.chain import Response, error_response
 from ambassador.filters.auth import Identity
 from ambassador.filters.cache import Cache, MemoryCacheStore, RedisCacheStore, cache_key
 from ambassador.filters.cache_stores import entry_bytes
-from ambassador.redis_pause import RedisPause
 from ambassador.routing_view import RoutingView
+from flowgate.common.redis_guard import RedisPause
 
 FLOWS = {
     "flows.faq.cache": {"ttl_s": 60, "stale_if_error_s": 300},

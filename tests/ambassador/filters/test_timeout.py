@@ -10,7 +10,7 @@ from ambassador.config import Retry as RetrySettings
 from ambassador.config import Timeouts
 from ambassador.filters.retry import Retry, RetryBudget
 from ambassador.filters.timeout import Timeout
-from flowgate import tracing
+from flowgate.common import tracing
 
 
 @pytest.mark.parametrize(("per_try", "total", "elapsed", "expected_per_try"), [

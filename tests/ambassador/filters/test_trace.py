@@ -9,7 +9,7 @@ import pytest
 
 from ambassador.chain import Response, error_response
 from ambassador.filters.trace import Trace
-from flowgate import tracing
+from flowgate.common import tracing
 
 W3C = re.compile(r"^00-(?P<trace>[0-9a-f]{32})-(?P<span>[0-9a-f]{16})-(?P<flags>[0-9a-f]{2})$")
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -17,7 +17,7 @@ from flow_engine.flows.validate import validate_flow
 from flow_engine.runs import runner
 from flow_engine.runs.runner import CancelToken, RunInput
 from flow_engine.runs.spans import RunSpans
-from flowgate.otel import Telemetry
+from flowgate.common.otel import Telemetry
 
 REGISTRY = langflow_hooks.registry()
 CHAT = {"id": "chat", "nodes": [

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from flowgate import tracing
+from flowgate.common import tracing
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _SECRET_WORDS = ("authorization", "api_key", "apikey", "password", "secret", "token")

@@ -13,13 +13,13 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from flowgate import gc_pauses
-from flowgate.saturation import ProcessTreeCollector
+from flowgate.common import gc_pauses
+from flowgate.common.saturation import ProcessTreeCollector
 
 
 class ServiceMetrics:
     """Base of a service's metrics class: subclasses create their metrics with
-    ``**self.options``. ``prefix`` names the process-tree series (flowgate/saturation.py)."""
+    ``**self.options``. ``prefix`` names the process-tree series (flowgate/common/saturation.py)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, prefix: str) -> None:
         self.multiprocess = registry is None and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))

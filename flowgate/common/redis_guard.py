@@ -1,13 +1,15 @@
-"""Leave Redis alone for a while after it failed.
+"""Leave Redis alone for a while after it failed — used by the ambassador's shared stores
+(rate-limit buckets, the response cache: ``ambassador/filters/ratelimit.py``,
+``cache_stores.py``) and the engine's tenant limits (``flow_engine/tenants.py``), each with a
+local fallback.
 
-The ambassador's shared stores (rate-limit buckets, the response cache) live in Redis, each
-with a local fallback. A Redis that is down answers fast (connection refused), but a hung
-one costs a socket timeout on every call: without a pause, every request would wait that
-long once per store. After a failure, :class:`RedisPause` refuses calls for ``pause_s``
-(:class:`RedisPaused`, at once), so a Redis outage costs one timeout per pause, and the
-first call after the pause finds out whether Redis is back. One pause is shared by every
-store on the same Redis (app.py), so a failure seen by one spares the others its timeout.
-The clock is injected so tests never sleep.
+A Redis that is down answers fast (connection refused), but a hung one costs a socket
+timeout on every call: without a pause, every request would wait that long once per store.
+After a failure, :class:`RedisPause` refuses calls for ``pause_s`` (:class:`RedisPaused`, at
+once), so a Redis outage costs one timeout per pause, and the first call after the pause
+finds out whether Redis is back. One pause may be shared by every store on the same Redis,
+so a failure seen by one spares the others its timeout. The clock is injected so tests never
+sleep.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ class RedisPause:
     def paused(self) -> bool:
         return self._clock() < self._down_until
 
+    def failed(self) -> None:
+        """Redis just failed: count it and leave it alone for ``pause_s`` from now."""
+        with self._lock:
+            self.failures += 1
+            self._down_until = self._clock() + self.pause_s
+        self._on_failure()
+
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()``, unless Redis failed less than ``pause_s`` ago (then RedisPaused). An
         exception from ``fn`` starts a new pause and is raised again."""
@@ -46,8 +55,5 @@ class RedisPause:
         try:
             return fn()
         except Exception:
-            with self._lock:
-                self.failures += 1
-                self._down_until = self._clock() + self.pause_s
-            self._on_failure()
+            self.failed()
             raise

@@ -18,7 +18,7 @@ room for new ones before they fill a worker.
 
 Example::
 
-    from flowgate.serving import serve
+    from flowgate.common.serving import serve
     serve(lambda: create_app(settings), host="127.0.0.1", port=8080, workers=2)
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from flowgate import gc_pauses, saturation
+from flowgate.common import gc_pauses, saturation
 
 WSGIApp = Callable[..., Any]
 
@@ -42,7 +42,7 @@ WSGIApp = Callable[..., Any]
 #: access logging off (load benchmarks would otherwise measure log I/O).
 DEFAULT_OPTIONS: dict[str, Any] = {
     "workers": 1,
-    "worker_class": "gevent",  # served by flowgate.serving.GeventWorker (see there)
+    "worker_class": "gevent",  # served by flowgate.common.serving.GeventWorker (see there)
     "worker_connections": 1000,
     "timeout": 30,
     "graceful_timeout": 30,
@@ -82,7 +82,7 @@ class GunicornApp(BaseApplication):
             if name not in self.cfg.settings:
                 raise ValueError(f"unknown gunicorn setting: {key!r}")
             if name == "worker_class" and value == "gevent":
-                value = "flowgate.serving.GeventWorker"  # gevent's, with ConnectionLimits
+                value = "flowgate.common.serving.GeventWorker"  # gevent's, with ConnectionLimits
             if value is not None or name == "accesslog":
                 self.cfg.set(name, value)
 

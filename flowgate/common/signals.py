@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flowgate.lograte import Throttled
+from flowgate.common.lograte import Throttled
 
 log = logging.getLogger(__name__)
 CHANNEL = "flowgate:signals"

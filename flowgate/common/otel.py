@@ -14,7 +14,7 @@ appends its ended span to a bounded queue. A collector that is down or slow neve
 or fails a request; what cannot be queued (the queue is full) or sent (the export failed)
 is counted in ``flowgate_<service>_spans_dropped_total{reason}``.
 
-Trace ids are Flowgate's own (``flowgate/tracing.py``): a span continues the caller's
+Trace ids are Flowgate's own (``flowgate/common/tracing.py``): a span continues the caller's
 ``traceparent`` when it sent a valid one, and a new trace otherwise starts with the trace id
 the logs already carry, so a log line and its spans always share one id. Which traces are
 recorded is this service's decision alone (:func:`sampler`), never the caller's flag.
@@ -47,7 +47,7 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
-from flowgate import tracing
+from flowgate.common import tracing
 
 log = logging.getLogger(__name__)
 ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -136,7 +136,7 @@ class Telemetry:
             "OTEL_RESOURCE_ATTRIBUTES", "")
         resource = Resource.create({} if named else {"service.name": service_name})
         # no exit hook of the SDK's own (it waits up to 30 s for a stalled collector, before
-        # the run records are written): flush() is bounded and runs last (flowgate/at_exit.py)
+        # the run records are written): flush() is bounded and runs last (flowgate/common/at_exit.py)
         self.provider = TracerProvider(resource=resource, id_generator=_FlowgateIds(),
                                        sampler=sampler(environ), shutdown_on_exit=False,
                                        span_limits=_limits(environ))
