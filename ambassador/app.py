@@ -25,11 +25,7 @@ from ambassador import pipeline as pipeline_module
 from ambassador.chain import Request, error_response
 from ambassador.filters.auth import Auth
 from ambassador.filters.breaker import CircuitBreaker
-
-try:  # TEMP until coalescing lands
-    from ambassador.filters.coalesce import Flights
-except ImportError:
-    Flights = lambda: None  # noqa
+from ambassador.filters.coalesce import Flights
 from ambassador.host_guard import HostGuard, local_host
 from ambassador.labels import FlowLabels
 from ambassador.metrics import AmbassadorMetrics

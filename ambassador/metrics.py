@@ -72,7 +72,9 @@ class AmbassadorMetrics(ServiceMetrics):
             "Readiness probes of the engine while the breaker was open, by result "
             "(ready: a trial followed).", ["result"], **kw)
         self.cache = Counter(
-            "flowgate_ambassador_cache_total", "Cache lookups by result (hit|miss|bypass|stale).",
+            "flowgate_ambassador_cache_total",
+            "Cache lookups by result (hit|miss|bypass|stale|coalesced: answered by an "
+            "identical request in flight).",
             ["result"], **kw)
         self.cache_errors = Counter(
             "flowgate_ambassador_cache_errors_total",
@@ -121,7 +123,7 @@ class AmbassadorMetrics(ServiceMetrics):
         for state in BREAKER_STATES:
             self.breaker_state.labels(state).set(1 if state == "closed" else 0)
             self.breaker_transitions.labels(state)
-        for result in ("hit", "miss", "bypass", "stale"):
+        for result in ("hit", "miss", "bypass", "stale", "coalesced"):
             self.cache.labels(result)
         for op in ("get", "set"):
             self.cache_errors.labels(op)

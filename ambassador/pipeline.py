@@ -84,7 +84,7 @@ def build(amb: Ambassador, settings: Settings) -> Pipeline:
                                on_error=m.ratelimit_errors.inc),
         "fallback": Fallback(settings, on_fallback=lambda flow: m.fallbacks.labels(
             amb.labels.of(flow)).inc()),
-        "cache": Cache(settings, store, amb.routing, **({"flights": amb.flights} if amb.flights else {}),
+        "cache": Cache(settings, store, amb.routing, flights=amb.flights,
                        on_result=lambda result: m.cache.labels(result).inc(),
                        on_error=lambda op: m.cache_errors.labels(op).inc()),
         "breaker": Breaker(breaker),

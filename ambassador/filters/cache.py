@@ -174,8 +174,9 @@ class Cache:
         else:
             response = self._mark(follower_response(landing, request),
                                   "STALE" if landing.result == "STALE" else "COALESCED")
-        # time spent on the engine's answer, as a leader's upstream time: not overhead
-        response.meta["upstream_s"] = waited
+        # time spent waiting for the engine's answer: not the ambassador's overhead (nor an
+        # upstream attempt of this request's)
+        response.meta["waited_s"] = waited
         return response
 
     def _stale(self, key: str | None, entry: dict[str, Any] | None, cfg: FlowCache,

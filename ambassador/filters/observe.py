@@ -73,8 +73,9 @@ class _Record:
         upstream_s = response.meta.get("upstream_s", 0.0)
         self.upstream_s = upstream_s
         # the ambassador's own time, plus what the engine says the hop to it cost
-        # (Server-Timing)
-        self.overhead_s = max(0.0, time.perf_counter() - started - upstream_s) \
+        # (Server-Timing); a coalesced answer's wait for another request's is not its own
+        self.overhead_s = max(0.0, time.perf_counter() - started - upstream_s
+                              - response.meta.get("waited_s", 0.0)) \
             + response.meta.get("hop_s", 0.0)
         self.cache = response.meta.get("cache", "none")
 

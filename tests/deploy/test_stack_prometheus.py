@@ -68,6 +68,9 @@ QUIET = {
         "counted when the shared (Redis) cache store fails; `flowgate up` uses the in-memory store",
     "flowgate_engine_ws_rejected_total":
         "counted when a worker refuses a WebSocket past FLOW_ENGINE_WS_MAX_CONNECTIONS (500)",
+    "flowgate_ambassador_faults_injected_total":
+        "counted only during a fault drill (README, \"Fault drills\"; "
+        "tests/integration/test_ambassador_faults.py); the stack here runs none",
 }
 
 APP_KEY = "stack-test-app-key-0001"
