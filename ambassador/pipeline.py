@@ -71,8 +71,9 @@ def build(amb: Ambassador, settings: Settings) -> Pipeline:
                        lambda: RetryBudget(r.budget_ratio, r.budget_min_per_s,
                                            r.budget_window_s))
     buckets = parts.get("buckets", None, LocalBuckets)
-    shared_buckets = parts.get("shared_buckets", settings.redis_url, lambda: RedisBuckets(
-        redis_client, pause=redis_pause) if redis_client else None)
+    shared_buckets = parts.get(
+        "shared_buckets", (settings.redis_url, settings.redis_pause_s),
+        lambda: RedisBuckets(redis_client, pause=redis_pause) if redis_client else None)
     store = parts.get("cache_store", key_of(settings.redis_url, settings.redis_pause_s,
                                             settings.cache.max_entries, settings.cache.max_bytes),
                       lambda: _cache_store(amb, settings, redis_client, redis_pause))

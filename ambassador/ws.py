@@ -93,9 +93,15 @@ class Upgrade:
     def __init__(self, amb: Ambassador, settings: Settings) -> None:
         self.amb, self.settings = amb, settings
 
+    def guard(self, request: Request) -> Guard:
+        """The checks of the connection's messages, starting from the settings whose auth
+        admitted the handshake (a reload landing meanwhile is checked at the first tick)."""
+        return Guard(self.amb, request.headers, request.ctx.get("identity"),
+                     request.ctx["trace"], admitted_with=self.settings)
+
     def __call__(self, request: Request) -> Response:
         trace = request.ctx["trace"]
-        guard = Guard(self.amb, request.headers, request.ctx.get("identity"), trace)
+        guard = self.guard(request)
         settings, span = self.settings, request.ctx.get("span")
 
         def run(environ: dict[str, Any]) -> str:

@@ -53,13 +53,16 @@ class Guard:
     the forwardable handshake ``headers`` (its credentials among them)."""
 
     def __init__(self, amb: Ambassador, headers: dict[str, str], identity: Identity | None,
-                 trace: TraceContext, *, clock: Callable[[], float] = time.time) -> None:
+                 trace: TraceContext, *, clock: Callable[[], float] = time.time,
+                 admitted_with: Any = None) -> None:
         self.amb = amb
         self.headers = headers
         self.identity = identity
         self.trace = trace
         self._clock = clock
-        self._checked_with = amb.settings
+        # the settings whose auth admitted the caller — not the ones in force by now: a
+        # reload that landed during the handshake is checked at the first tick
+        self._checked_with = admitted_with if admitted_with is not None else amb.settings
 
     def tick(self) -> Close | None:
         """Is the credential still good? Checked in full only when the config changed or

@@ -222,7 +222,9 @@ class Breaker:
         except BaseException:
             self.breaker.release()  # the ambassador's own error, not the engine's
             raise
-        if is_local(response):
+        if is_local(response) or response.meta.get("fault_source") == "header":
+            # the ambassador's own answer, or a fault one caller injected for itself
+            # (ambassador/filters/fault.py): says nothing of the engine's health
             self.breaker.release()
         else:
             self.breaker.record(is_failure(response))

@@ -24,7 +24,9 @@ was a stale entry): the same status and body, errors included, and the leader's
 leader stores its answer before its followers wake, so a request arriving later finds it
 cached. ``no-cache`` requests never join a flight (they may lead one); ``no-store`` has no
 bearing on coalescing. Requests whose version is not known before the answer (a
-non-sticky canary) are neither looked up nor coalesced.
+non-sticky canary) are neither looked up nor coalesced; a request with the caller's own
+``Idempotency-Key`` (its answer may be a replay or a 409 of its own) is looked up but never
+coalesced; a fault drill's request (``X-Flowgate-Fault``) bypasses the cache altogether.
 
 Storage (:mod:`ambassador.filters.cache_stores`) is Redis when ``REDIS_URL`` is set — with
 an in-process fallback while Redis fails — else an in-process LRU bounded by entries and
@@ -87,7 +89,9 @@ class Cache:
         policy = self.settings.flows.get(request.flow_id or "")
         cfg = policy.cache if policy else None
         directives = {d.strip().lower() for d in (request.header("cache-control") or "").split(",")}
-        if cfg is None or request.stream:
+        if cfg is None or request.stream or request.header("x-flowgate-fault") is not None:
+            # a fault drill's request (ambassador/filters/fault.py) is the drill's own: never
+            # answered from the cache, stored in it or shared with identical requests
             return self._mark(next(request), "BYPASS")
         version = self.routing.version_for(request.flow_id or "", request.body or {})
         if version is None:  # the engine draws the version: no lookup, no flight
@@ -100,6 +104,10 @@ class Cache:
             entry = self._get(key)
             if self._fresh(entry, cfg):
                 return self._mark(_from_entry(entry), "HIT")
+        if request.header("idempotency-key") is not None:
+            # the caller's own key makes the engine's answer its own (a replay of its earlier
+            # run, a 409 for a key reused): it neither leads nor joins a flight
+            return self._fetch(request, next, cfg, directives, key, entry)
         trace = request.ctx.get("trace")
         # no-cache asked for a fresh answer: it never joins a flight (it may lead one)
         flight, leads = self.flights.claim(key, join=not no_cache,

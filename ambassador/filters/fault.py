@@ -30,7 +30,9 @@ the config refuses it anywhere else). So
 
 - an injected **abort** is answered as the engine would — ``{"error": {"code":
   "fault_injected", ...}}`` with the status asked for (503 and 429 with ``Retry-After: 1``,
-  as the engine's) and ``meta["engine_answered"]`` — which the breaker counts (500/503/504)
+  as the engine's) and ``meta["engine_answered"]`` — which the breaker counts (500/503/504;
+  a config fault only: a header's fault is that caller's own and never counted, or one
+  caller allowed to drill could open the circuit for every app behind the sidecar)
   and retry (503 with ``Retry-After``) and fallback act on exactly as on a real answer;
 - an injected **delay** happens inside the attempt, after the timeout filter set its
   deadlines: it uses up the attempt's per-try (for a stream, first-byte) limit, what is
@@ -38,8 +40,9 @@ the config refuses it anywhere else). So
   ``upstream_timeout`` (``meta["upstream_error"] = "timeout"``), retried like one. The
   delay is counted as upstream time, not as the ambassador's overhead.
 
-A request another filter answers first (a cache hit, an open breaker, a rate limit) meets
-no fault, and its header is not looked at. Each injected fault is counted in
+A request another filter answers first (an open breaker, a rate limit) meets no fault,
+and its header is not looked at; a request with the header is never answered from the
+cache nor coalesced with others (ambassador/filters/cache.py). Each injected fault is counted in
 ``flowgate_ambassador_faults_injected_total{flow, kind}`` (``kind`` = delay | abort), noted
 on the request's span, and logged (one warning line per attempt, with the trace id). The
 sleep and the random draw are injected (``sleep``, ``rand``) so tests never wait.
@@ -179,12 +182,20 @@ class Fault:
             self._sleep(slept)
             request.ctx["upstream_s"] = request.ctx.get("upstream_s", 0.0) + slept
             if seconds >= budget:
-                return self._timed_out(request, budget, seconds)
+                return self._marked(self._timed_out(request, budget, seconds), source)
             left = budget - slept
         if injection.abort_status is not None:
             self._on_fault(request.flow_id, "abort")
-            return self._abort(request, injection.abort_status)
+            return self._marked(self._abort(request, injection.abort_status), source)
         return next(request) if left is None else self._send(request, next, left)
+
+    @staticmethod
+    def _marked(response: Response, source: str) -> Response:
+        """Where the fault came from: the breaker counts the config's faults (the platform
+        team's drill of the whole sidecar) but not a header's — one caller allowed to drill
+        must not open the circuit for every app behind this sidecar."""
+        response.meta["fault_source"] = source
+        return response
 
     def _budget(self, request: Request) -> float:
         """The attempt's limit a delay uses up, as upstream.py reads it."""

@@ -114,3 +114,20 @@ def test_an_idle_ambassador_takes_an_edit_without_a_request(make_app, engine, cf
     write(cfg, 2_000_000, ttl=300)
     wait_until(lambda: amb.settings.flows["faq"].cache.ttl_s == 300,
                "the watch to reload the edited config")
+
+
+def test_an_edit_that_cannot_be_put_in_force_is_refused_and_shows(make_app, engine, cfg) -> None:
+    """Not only an invalid file: one that is valid YAML but fails while the pipeline is
+    built (a malformed redis_url) keeps the last good config whole — and says so — instead
+    of escaping as a 500 or being dropped silently."""
+    client, amb = make_app(path=str(cfg))
+    before = amb.pipeline
+    cfg.write_text(cfg.read_text() + 'redis_url: "redis//typo:6379"\n')
+    os.utime(cfg, (2_000_000, 2_000_000))
+    assert amb.holder.maybe_reload(due=True) is False
+    assert amb.pipeline is before
+    assert "could not be put in force" in amb.holder.last_error
+    assert amb.metrics.registry.get_sample_value(
+        "flowgate_ambassador_config_reload_errors_total") == 1
+    assert run_flow(client).status_code == 200
+    assert client.get("/readyz?verbose=1").get_json()["config"]["last_reload_failed"] is True

@@ -188,6 +188,25 @@ def test_a_key_removed_by_a_reload_closes_the_connection(make_app) -> None:
     assert isinstance(guard.check(run), Close)
 
 
+def test_a_key_removed_while_its_handshake_was_admitted_is_checked_at_the_first_tick(
+        make_app) -> None:
+    """The race (security review): a reload that revokes the key lands after the auth filter
+    admitted the handshake but before the upgrade built the guard. The guard remembers the
+    settings that admitted the caller, so its first tick checks again and closes."""
+    from ambassador.chain import Request
+    from ambassador.ws import Upgrade
+
+    _, amb = make_app(KEYS_MODE)
+    admitting = amb.pipeline
+    headers = {"x-api-key": APP_KEY}
+    request = Request("GET", "/api/v1/ws/runs", headers, "/ws/run-flow")
+    request.ctx["trace"] = tracing.from_headers(None, None)
+    request.ctx["identity"] = amb.auth.identify(Request("GET", "/", headers, "/ws/run-flow"))
+    reconfigure(amb, **{"inbound_auth.api_keys": KEYS[1:]})  # lands mid-handshake
+    closing = Upgrade(amb, admitting.settings).guard(request).tick()
+    assert isinstance(closing, Close) and closing.code == 1008
+
+
 def test_a_narrower_allowlist_applies_to_the_next_message(make_app) -> None:
     _, amb = make_app(KEYS_MODE)
     guard = guard_for(amb, {"x-api-key": APP_KEY})

@@ -726,3 +726,54 @@ def test_a_followers_error_body_carries_its_own_trace_id(body, expected) -> None
 def test_a_body_that_is_not_json_is_shared_as_it_is() -> None:
     landing = Landing("answer", 502, {"Content-Type": "text/plain"}, b"Bad Gateway", "MISS")
     assert follower_response(landing, run_request()).body == b"Bad Gateway"
+
+
+# -- answers that are one request's own are never shared (security review) ---------------------
+
+
+@pytest.mark.parametrize("own", [
+    pytest.param({"X-Flowgate-Fault": "abort=503"}, id="a-fault-drill-header"),
+    pytest.param({"Idempotency-Key": "order-1001"}, id="the-callers-idempotency-key"),
+])
+@pytest.mark.parametrize("first", ["own", "plain"])
+def test_a_request_whose_answer_is_its_own_neither_leads_nor_joins(make_cache, outcomes, own,
+                                                                   first) -> None:
+    """The attack: a caller sends a fault header it may not send (refused 403 further in),
+    or an Idempotency-Key it used before for another input (the engine's 409), while an
+    identical request of another app of its tenant is in flight — or the other way round.
+    Had they shared one flight, one would get the other's refusal. Each reaches the engine
+    (here: its own call) and gets its own answer."""
+    waiters = Waiters()
+    flights = Flights(on_change=waiters)
+    cache, _ = make_cache(flights)
+
+    def reply(request: Request, n: int) -> Response:
+        if request.header("x-flowgate-fault") or request.header("idempotency-key"):
+            return error_response(409, "conflict", "this one's own refusal", request)
+        return answer()
+
+    engine = HeldEngine(reply)
+    handler = chain(cache, engine)
+    requests = {"own": run_request(headers=own), "plain": run_request(identity="billing-app")}
+    second = "plain" if first == "own" else "own"
+    outcomes.start(handler, requests[first])
+    engine.arrived(1)
+    outcomes.start(handler, requests[second])
+    engine.arrived(2)  # a call of its own: it did not join the first
+    assert waiters.waiting == 0
+    engine.release()
+    answers = dict(zip((first, second), outcomes.join(), strict=True))
+    assert answers["own"].status == 409
+    assert answers["plain"].status == 200 and answers["plain"].headers["X-Cache"] != "COALESCED"
+    assert len(flights) == 0
+
+
+def test_a_fault_drill_request_is_never_answered_from_the_cache(make_cache) -> None:
+    cache, _ = make_cache()
+    engine = HeldEngine()
+    engine.release()
+    handler = chain(cache, engine)
+    assert handler(run_request()).headers["X-Cache"] == "MISS"
+    assert handler(run_request()).headers["X-Cache"] == "HIT"
+    drill = handler(run_request(headers={"X-Flowgate-Fault": "delay=1"}))
+    assert drill.headers["X-Cache"] == "BYPASS" and engine.count == 2

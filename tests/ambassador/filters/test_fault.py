@@ -234,6 +234,26 @@ def test_an_abort_opens_the_breaker_is_retried_and_falls_back(settings_with, req
     assert rec.faults == [("faq", "abort")] * 4  # two attempts each; the open breaker: none
 
 
+@pytest.mark.parametrize("value", ["abort=503", "delay=60000"])
+def test_a_header_fault_never_opens_the_breaker_for_the_other_apps(settings_with, request_for,
+                                                                   downstream, clock, value):
+    """The attack (security review): an identity allowed to drill sends aborts (or delays
+    as long as the attempt) until the sidecar's one breaker would open for every app behind
+    it. Its own requests fail as it asked; the breaker counts none of them, and the next
+    app's request reaches the engine."""
+    settings = settings_with(**{**KEYS_MODE, "retry.max_attempts": 1,
+                                "breaker.consecutive_failures": 1,
+                                "breaker.readiness_path": None})
+    breaker = CircuitBreaker(settings.breaker, clock=clock)
+    chain = build_chain([Breaker(breaker), Timeout(settings.upstream.timeouts, clock=clock),
+                         Fault(settings, sleep=clock.sleep)], down := downstream(OK))
+    for _ in range(5):
+        assert chain(with_header(request_for, value)).status in (503, 504)
+    assert breaker.state == "closed"
+    other = request_for("faq", ctx={"identity": OTHER_APP})
+    assert chain(other).status == 200 and down.count == 1
+
+
 def test_a_4xx_abort_is_not_retried_nor_a_breaker_failure(settings_with, request_for, downstream,
                                                          clock):
     settings = settings_with(**{"flows.faq.fault": {"abort": {"percent": 100, "status": 429}}})
