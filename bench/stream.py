@@ -180,6 +180,7 @@ class Stream:
     tokens: int = 0
     last: str = ""
     error: str = ""
+    last_frame: bytes = b""  # the last frame itself: an error frame says why
 
     def ok(self, target: Target, tokens: int) -> bool:
         return (not self.error and self.status == 200 and self.end is not None
@@ -187,7 +188,8 @@ class Stream:
 
     def why(self, target: Target, tokens: int) -> str:
         return self.error or (f"status {self.status}, {self.tokens}/{tokens} tokens, "
-                              f"last frame {self.last!r} (want {target.last_event!r})")
+                              f"last frame {self.last!r} (want {target.last_event!r})"
+                              + (f": {self.last_frame[:160]!r}" if self.last == "error" else ""))
 
 
 def _consume(stream: Stream, response: SSEResponse, target: Target, data: bytes, t: float) -> None:
@@ -197,7 +199,7 @@ def _consume(stream: Stream, response: SSEResponse, target: Target, data: bytes,
             stream.tokens += 1
             if stream.first_token is None:
                 stream.first_token = t
-        stream.last = kind
+        stream.last, stream.last_frame = kind, frame
     if response.done:
         stream.end, stream.status = t, response.status
         if response.status != 200:

@@ -174,6 +174,11 @@ def _metrics_dir(prefix: str, workers: int) -> None:
     import tempfile
 
     if workers <= 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # set but empty (flowgate up, a bench, a manifest) must mean unset: prometheus_client
+        # picks its mmap-backed values when the variable merely exists, and writes their
+        # files into the working directory
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        os.environ.pop("prometheus_multiproc_dir", None)
         return
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=prefix)
