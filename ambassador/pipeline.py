@@ -55,8 +55,9 @@ class Pipeline:
 
 
 def build(amb: Ambassador, settings: Settings) -> Pipeline:
-    """Everything ``settings`` needs; raises ConfigError (an unreadable key file) before
-    anything is in force."""
+    """Everything ``settings`` need. What can fail (an unreadable key file, a malformed
+    Redis URL) is built first, before any held part is adjusted; nothing is in force until
+    the caller assigns the result (ambassador/app.py ``rebuild``)."""
     m, parts = amb.metrics, amb.parts
     auth = Auth(settings.inbound_auth,
                 on_failure=lambda reason: m.auth_failures.labels(reason).inc())

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ambassador.chain import Request, Response
 from ambassador.filters.validate import EVENTS_ROUTE
 from ambassador.ws_guard import ROUTE as WS_ROUTE
+from flowgate.common import tracing
 
 if TYPE_CHECKING:
     from ambassador.app import Ambassador
@@ -67,16 +68,23 @@ class Gateway:
         self.amb.holder.maybe_reload()  # (the watcher does it too; this is one clock read)
         response = self.amb.pipeline.routes[route](request)
         if response.status == 101:
-            return _upgraded(response, environ)
+            return _upgraded(response, environ, request.ctx["trace"])
         start_response(_status_line(response.status), _headers(response))
         return _Closing(response)
 
 
+# the reason phrases the ambassador has always sent where Python's differ (RFC 7231's 413)
+_PHRASES = {413: "Payload Too Large"}
+
+
 def _status_line(status: int) -> str:
-    try:
-        return f"{status} {HTTPStatus(status).phrase}"
-    except ValueError:
-        return f"{status} Status"
+    phrase = _PHRASES.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Status"
+    return f"{status} {phrase}"
 
 
 def _headers(response: Response) -> list[tuple[str, str]]:
@@ -86,12 +94,16 @@ def _headers(response: Response) -> list[tuple[str, str]]:
     return out
 
 
-def _upgraded(response: Response, environ: dict[str, Any]) -> Iterable[bytes]:
-    """Run the WebSocket session; then tell the server the connection is handled (under
-    gunicorn: StopIteration, as flask-sock does, and it closes the connection)."""
+def _upgraded(response: Response, environ: dict[str, Any],
+              trace: tracing.TraceContext) -> Iterable[bytes]:
+    """Run the WebSocket session (its log lines carry the handshake's trace); then tell
+    the server the connection is handled (under gunicorn: StopIteration, as flask-sock
+    does, and it closes the connection)."""
+    token = tracing.current.set(trace)
     try:
         mode = response.meta["upgrade"](environ)
     finally:
+        tracing.current.reset(token)
         _run_after(response)
     if mode == "gunicorn":
         raise StopIteration

@@ -90,3 +90,15 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 UPGRADE_HEADERS = {"Connection": "Upgrade", "Upgrade": "websocket",
                    "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+@pytest.mark.parametrize(("body", "status_line"), [
+    pytest.param(b"x" * 2048, "413 Payload Too Large", id="too-large"),
+    pytest.param(b"{", "400 Bad Request", id="bad-json"),
+])
+def test_the_status_line_keeps_its_reason_phrases(make_app, engine, body, status_line) -> None:
+    """What slow-loris and other raw-socket clients read (tests/chaos): the ambassador's
+    phrases, not Python's older names (413 "Request Entity Too Large")."""
+    client, _ = make_app(max_body_bytes=1024)
+    response = client.post("/run-flow", data=body, content_type="application/json")
+    assert response.status == status_line
