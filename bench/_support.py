@@ -14,10 +14,12 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,6 +112,47 @@ def timed_ms(fn, n: int) -> list[float]:
         fn()
         out.append((time.perf_counter() - t0) * 1000)
     return out
+
+
+def blocks_ms(calls: dict[str, Callable[[], object]], rounds: int, per_round: int,
+              block: int = 20) -> dict[str, list[list[float]]]:
+    """Each path's latencies by round, the paths taking turns in blocks of ``block`` calls
+    (the order reversed every other block): a noisy minute hits every path alike, and each
+    round's figures compare paths measured seconds apart, never minutes."""
+    out: dict[str, list[list[float]]] = {name: [] for name in calls}
+    names = list(calls)
+    for _ in range(rounds):
+        for name in names:
+            out[name].append([])
+        done = 0
+        flip = False
+        while done < per_round:
+            n = min(block, per_round - done)
+            for name in (names[::-1] if flip else names):
+                out[name][-1] += timed_ms(calls[name], n)
+            done += n
+            flip = not flip
+    return out
+
+
+def median_of_rounds(a: list[list[float]], b: list[list[float]], *, ratio: bool) -> float:
+    """The median over rounds of p50(a) / p50(b) (``ratio``) or p50(a) − p50(b): one bad
+    round moves it less than pooling every round's samples does."""
+    per_round = [statistics.median(x) / statistics.median(y) if ratio
+                 else statistics.median(x) - statistics.median(y) for x, y in zip(a, b, strict=True)]
+    return statistics.median(per_round)
+
+
+def calibration_ms(repeat: int = 7) -> float:
+    """A fixed pure-Python loop's median time in this process: printed with every run, so
+    runs on a busier (or another) machine can be told apart from a real change."""
+    def loop() -> int:
+        total = 0
+        for i in range(200_000):
+            total += i * i % 7
+        return total
+
+    return statistics.median(timed_ms(loop, repeat))
 
 
 def pct(values: list[float], q: float) -> float:
