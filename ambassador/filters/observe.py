@@ -1,4 +1,4 @@
-"""Observe: the outermost filter of every proxied route (ambassador/wsgi.py puts it there).
+"""Observe: the outermost filter of every proxied route (ambassador/pipeline.py puts it there).
 
 It starts (or continues) the request's W3C trace and makes it the context of every log
 line, holds the in-flight gauge, opens the request's span when spans are exported, turns
