@@ -230,18 +230,6 @@ def quick_stop(proc: ServerProcess) -> None:
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, llm_sim) -> Iterator[ServerProcess]:
-    """The engine most tests share (never stopped by a test)."""
-    proc = start_engine(tmp_path_factory.mktemp("engine"), llm_sim)
-    try:
-        ensure_flow(proc.url)
-        warm_up(proc.url, llm_sim)
-        yield proc
-    finally:
-        quick_stop(proc)
-
-
 class PrivateEngines:
     """Engines a test may kill and restart: same SQLite file and port across restarts."""
 
@@ -341,17 +329,6 @@ class Ambassadors:
     def stop_all(self) -> None:
         for proc in self.started:
             quick_stop(proc)
-
-
-@pytest.fixture
-def start_ambassador(tmp_path) -> Iterator[Callable[..., Ambassador]]:
-    """``start_ambassador(config, upstream_url, redis_url=None)`` → a running ambassador of
-    this test alone (stopped after it)."""
-    ambassadors = Ambassadors(tmp_path)
-    try:
-        yield ambassadors.start
-    finally:
-        ambassadors.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,15 +25,10 @@ import requests
 from test_ambassador import (
     FLOW_ID,
     Ambassador,
-    Ambassadors,
     assert_error_contract,
     engine_run_record,
-    ensure_flow,
     expected_output,
-    quick_stop,
-    start_engine,
     wait_for,
-    warm_up,
 )
 
 pytestmark = pytest.mark.integration
@@ -47,26 +41,6 @@ CONFIG: dict[str, Any] = {
     "upstream": {"timeouts": {"per_try_s": 60, "total_s": 120}},
 }
 DEBUG = {"AMBASSADOR_LOG_LEVEL": "DEBUG"}
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, llm_sim):
-    proc = start_engine(tmp_path_factory.mktemp("engine"), llm_sim)
-    try:
-        ensure_flow(proc.url)
-        warm_up(proc.url, llm_sim)
-        yield proc
-    finally:
-        quick_stop(proc)
-
-
-@pytest.fixture
-def start_ambassador(tmp_path) -> Iterator[Callable[..., Ambassador]]:
-    ambassadors = Ambassadors(tmp_path)
-    try:
-        yield ambassadors.start
-    finally:
-        ambassadors.stop_all()
 
 
 @pytest.fixture

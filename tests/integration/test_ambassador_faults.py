@@ -17,26 +17,19 @@ bounded loops on a condition, and what a test proves is read from answers and me
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import requests
 import yaml
-from support.procs import ServerProcess
 from test_ambassador import (
     BASE_CONFIG,
     FLOW_ID,
     Ambassador,
-    Ambassadors,
     assert_error_contract,
-    ensure_flow,
     expected_output,
     merged,
-    quick_stop,
-    start_engine,
     wait_for,
-    warm_up,
 )
 
 pytestmark = pytest.mark.integration
@@ -44,26 +37,6 @@ WAIT_S = 15
 FAULTS = "flowgate_ambassador_faults_injected_total"
 DRILL_KEY = "drill-secret-0001"
 APP_KEY = "orders-secret-0001"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, llm_sim) -> Iterator[ServerProcess]:
-    proc = start_engine(tmp_path_factory.mktemp("engine"), llm_sim)
-    try:
-        ensure_flow(proc.url)
-        warm_up(proc.url, llm_sim)
-        yield proc
-    finally:
-        quick_stop(proc)
-
-
-@pytest.fixture
-def start_ambassador(tmp_path) -> Iterator[Callable[..., Ambassador]]:
-    ambassadors = Ambassadors(tmp_path)
-    try:
-        yield ambassadors.start
-    finally:
-        ambassadors.stop_all()
 
 
 def test_an_injected_abort_is_retried_opens_the_breaker_and_the_fallback_answers(

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -37,15 +37,10 @@ from test_ambassador import (
     ORDERS_KEY,
     REPORTS_KEY,
     Ambassador,
-    Ambassadors,
     assert_error_contract,
-    ensure_flow,
     expected_output,
     merged,
-    quick_stop,
-    start_engine,
     wait_for,
-    warm_up,
 )
 
 pytestmark = pytest.mark.integration
@@ -58,17 +53,6 @@ JWT = {"inbound_auth": {"mode": "jwt", "jwt": {
     "algorithm": "HS256", "secret": JWT_SECRET, "audience": JWT_AUDIENCE, "leeway_s": 0}}}
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, llm_sim) -> Iterator[ServerProcess]:
-    proc = start_engine(tmp_path_factory.mktemp("engine"), llm_sim)
-    try:
-        ensure_flow(proc.url)
-        warm_up(proc.url, llm_sim)
-        yield proc
-    finally:
-        quick_stop(proc)
-
-
 @pytest.fixture
 def dead_port() -> Iterator[int]:
     """A loopback port that refuses connections for the whole test: bound, not listening
@@ -76,15 +60,6 @@ def dead_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as reserved:
         reserved.bind(("127.0.0.1", 0))
         yield reserved.getsockname()[1]
-
-
-@pytest.fixture
-def start_ambassador(tmp_path) -> Iterator[Callable[..., Ambassador]]:
-    ambassadors = Ambassadors(tmp_path)
-    try:
-        yield ambassadors.start
-    finally:
-        ambassadors.stop_all()
 
 
 # -- WebSocket helpers ----------------------------------------------------------------------------

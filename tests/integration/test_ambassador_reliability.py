@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,8 +26,6 @@ import websocket
 from test_ambassador import (
     ENGINE_KEY,
     FLOW_ID,
-    Ambassador,
-    Ambassadors,
     PrivateEngines,
     expected_output,
     kill_group,
@@ -36,15 +34,6 @@ from test_ambassador import (
 
 pytestmark = pytest.mark.integration
 WAIT_S = 15
-
-
-@pytest.fixture
-def start_ambassador(tmp_path) -> Iterator[Callable[..., Ambassador]]:
-    ambassadors = Ambassadors(tmp_path)
-    try:
-        yield ambassadors.start
-    finally:
-        ambassadors.stop_all()
 
 
 @pytest.fixture
