@@ -44,11 +44,6 @@ class Parts:
             close(held[1])
         return part
 
-    def peek(self, kind: str) -> Any:
-        """The part held for ``kind``, or None."""
-        held = self._held.get(kind)
-        return held[1] if held is not None else None
-
 
 def key_of(*settings: Any) -> tuple:
     """A hashable key for pydantic models and plain values (models by their content)."""
