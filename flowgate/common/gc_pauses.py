@@ -66,6 +66,8 @@ def watch(histogram: Any, longest: Any) -> None:
     and ``longest`` (a gauge): the service's own metrics (flow_engine/metrics.py,
     ambassador/metrics.py)."""
     longest.set(_TIMER.longest)
+    for generation in range(3):  # every series from the start, not at its first collection
+        histogram.labels(str(generation))
     _TIMER.metrics = (histogram, longest)
     if _TIMER not in gc.callbacks:
         gc.callbacks.append(_TIMER)

@@ -75,3 +75,13 @@ def test_the_services_export_their_pauses(restore_timer):
     longest = [line for line in text.splitlines()
                if line.startswith("flowgate_engine_gc_pause_max_seconds ")]
     assert float(longest[0].rsplit(" ", 1)[1]) > 0
+
+
+def test_every_generations_series_exists_before_its_first_collection(restore_timer):
+    """A series born mid-run (the first full collection) would look like a label an attacker
+    added (tests/flow_engine/api/security/test_hostile_input_attack.py), and Prometheus
+    never sees its first increase: all three exist from the start."""
+    metrics = EngineMetrics(CollectorRegistry())
+    text = metrics.render()[0].decode()
+    for generation in range(3):
+        assert f'flowgate_engine_gc_pause_seconds_count{{generation="{generation}"}}' in text
