@@ -30,6 +30,7 @@ from typing import Any
 from flow_engine.config import Settings
 from flow_engine.errors import Conflict, FlowgateError
 from flow_engine.metrics import EngineMetrics
+from flow_engine.runs.claims import ClaimWriter
 from flow_engine.runs.request import PreparedRun, RunRequest
 from flow_engine.store.base import FlowStore, RunRecord
 from flowgate.common.backoff import Backoff
@@ -59,12 +60,13 @@ class Idempotency:
         self.settings = settings
         self.metrics = metrics
         self._now = clock
+        self.claims = ClaimWriter(store)  # concurrent claims share a transaction
 
     def claim(self, prepared: PreparedRun) -> None:
         """Insert the keyed run's record, or set ``prepared.replay`` to the run that holds
         the key (409 when it was used for another request)."""
         record = prepared.record
-        existing = self.store.insert_run(record)
+        existing = self.claims.claim(record)
         if existing is not None and self._expired(existing):
             self.store.delete_run(existing.run_id)
             existing = self.store.insert_run(record)

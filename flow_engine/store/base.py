@@ -137,6 +137,10 @@ class FlowStore(Protocol):
     def insert_run(self, record: RunRecord) -> RunRecord | None:
         """Insert; when the idempotency key is taken, return the existing record instead."""
         ...
+    def claim_runs(self, records: list[RunRecord]) -> set[str]:
+        """Insert many keyed runs in one transaction, skipping those whose run id or key is
+        taken; the run ids inserted (runs/claims.py)."""
+        ...
     def finish_run(self, run_id: str, *, status: str, duration_ms: float,
                    result: dict[str, Any] | None, error: dict[str, Any] | None) -> None: ...
     def record_run_ends(self, inserts: list[RunRecord], finishes: list[dict[str, Any]]) -> None:

@@ -30,6 +30,8 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from flow_engine.errors import Conflict, FlowNotFound, RunNotFound
@@ -190,6 +192,18 @@ class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
                 return _VANISHED
             raise Conflict(f"run id '{record.run_id}' already exists") from None
         return None
+
+    def claim_runs(self, records: list[RunRecord]) -> set[str]:
+        """Insert keyed runs' records in one transaction, skipping each whose run id or
+        idempotency key is taken (``insert_run`` then tells why); the run ids inserted. In
+        key order: two processes' batches sharing two keys never wait for each other in
+        opposite orders (a PostgreSQL deadlock)."""
+        insert = (sqlite_insert if self.is_sqlite else postgresql_insert)(runs)
+        ordered = sorted(records, key=lambda r: (r.idempotency_key or "", r.run_id))
+        with self._write(log=True) as conn:
+            done = conn.execute(insert.on_conflict_do_nothing().returning(runs.c.run_id),
+                                [_run_values(r) for r in ordered])
+            return set(done.scalars().all())
 
     def _run_exists(self, run_id: str) -> bool:
         with self._read() as conn:

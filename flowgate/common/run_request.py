@@ -31,9 +31,10 @@ def input_problem(value: Any, name: str = "input") -> str | None:
 
 
 def session_id_problem(value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and 0 < len(value) <= MAX_SESSION_ID):
+    if value is None or (isinstance(value, str) and 0 < len(value) <= MAX_SESSION_ID
+                         and "\x00" not in value):  # PostgreSQL text cannot hold NUL
         return None
-    return f"session_id must be a string of 1-{MAX_SESSION_ID} characters"
+    return f"session_id must be a string of 1-{MAX_SESSION_ID} characters, without NUL"
 
 
 def tweaks_problem(value: Any) -> str | None:

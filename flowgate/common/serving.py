@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import socket
 import time
@@ -37,6 +38,16 @@ from gunicorn.app.base import BaseApplication
 from flowgate.common import gc_pauses, saturation
 
 WSGIApp = Callable[..., Any]
+# when the head of the request being served arrived (its last piece, perf_counter), before
+# gunicorn parsed it; None when unknown (its bytes came with the previous request's)
+_ARRIVED: contextvars.ContextVar[float | None] = contextvars.ContextVar("arrived", default=None)
+
+
+def request_arrived() -> float | None:
+    """``time.perf_counter()`` when the head of the request this greenlet serves arrived:
+    the start of the time its answer took this process, parsing included (None: not served
+    by a worker of this module, or pipelined behind another)."""
+    return _ARRIVED.get()
 
 #: Defaults applied unless the caller overrides them.  ``accesslog=None`` keeps
 #: access logging off (load benchmarks would otherwise measure log I/O).
@@ -311,12 +322,13 @@ class _Conn:
     than the request's phase allows (see ConnectionLimits). The app and the response get
     the plain socket (``sock``), so a WebSocket after its upgrade has no such limit."""
 
-    __slots__ = ("deadline", "idle_since", "limits", "phase", "reaped", "served", "sock",
-                 "timed_out")
+    __slots__ = ("arrived", "deadline", "idle_since", "limits", "phase", "reaped", "served",
+                 "sock", "timed_out")
 
     def __init__(self, sock: socket.socket, limits: ConnectionLimits) -> None:
         self.sock, self.limits = sock, limits
         self.reaped = self.timed_out = False
+        self.arrived: float | None = None
         self.served = 0
         self.wait(limits.header_timeout)
 
@@ -353,9 +365,11 @@ class _Conn:
             self.timed_out = True
             raise BodyTimeout(f"the request body did not arrive within "
                               f"{self.limits.body_timeout:g} s")
-        if self.phase == _WAIT and data:
-            self.phase, self.deadline = _HEAD, time.monotonic() + self.limits.header_timeout
-        return data
+        if data and self.phase in (_WAIT, _HEAD):
+            if self.phase == _WAIT:
+                self.phase, self.deadline = _HEAD, time.monotonic() + self.limits.header_timeout
+            self.arrived = time.perf_counter()  # the head's latest piece: a slow client's
+        return data  # sending is not counted, the parsing of what it sent is
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
@@ -450,11 +464,15 @@ def _gevent_worker_class() -> type:
             if not isinstance(sock, _Conn):
                 return super().handle_request(listener_name, req, sock, addr)
             sock.body()
+            arrived = _ARRIVED.set(sock.arrived)
+            sock.arrived = None  # a request pipelined behind this one arrives unseen
             try:
                 kept = super().handle_request(listener_name, req, sock.sock, addr)
             except StopIteration:
                 _settle(sock, req)
                 raise
+            finally:
+                _ARRIVED.reset(arrived)
             sock.served += 1
             if not _settle(sock, req):
                 raise StopIteration()

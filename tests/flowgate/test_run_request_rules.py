@@ -40,10 +40,12 @@ def test_good_bodies_pass(body: dict[str, Any]) -> None:
     pytest.param({"input": "x"}, "flow_id is required: the id or name of a flow "
                  "(letters, digits, '_', '.', '-')", id="no-flow-id"),
     pytest.param({**OK, "input": 3}, "input must be a string", id="input"),
-    pytest.param({**OK, "session_id": ""}, "session_id must be a string of 1-200 characters",
-                 id="session-empty"),
+    pytest.param({**OK, "session_id": ""}, "session_id must be a string of 1-200 characters, "
+                 "without NUL", id="session-empty"),
     pytest.param({**OK, "session_id": "s" * 201}, "session_id must be a string of 1-200 "
-                 "characters", id="session-long"),
+                 "characters, without NUL", id="session-long"),
+    pytest.param({**OK, "session_id": "a\x00b"}, "session_id must be a string of 1-200 "
+                 "characters, without NUL", id="session-nul"),
     pytest.param({**OK, "tweaks": []}, "tweaks must be an object {node_id: {param: value}}",
                  id="tweaks"),
     pytest.param({**OK, "version": 0}, "version must be an integer from 1 to 2147483647",

@@ -7,6 +7,7 @@ and the bytes are parsed back as HTTP."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -105,3 +106,31 @@ def test_connection_limits_come_from_options_and_the_config_file(tmp_path) -> No
     assert app.cfg.worker_class is serving.GeventWorker
     assert issubclass(serving.GeventWorker, GeventWorker)  # gunicorn's, with the limits
 
+
+
+def test_a_request_arrives_with_the_last_piece_of_its_head_not_with_its_body() -> None:
+    """``request_arrived`` (the start of X-Ambassador-Overhead-Ms and the request duration)
+    is when the head's latest piece came in: a client that sends its head slowly is not
+    counted as the server's time, gunicorn's parsing of the head is."""
+    from flowgate.common.serving import ConnectionLimits, _Conn
+
+    client, server = socket.socketpair()
+    try:
+        conn = _Conn(server, ConnectionLimits())
+        assert conn.arrived is None
+        before = time.perf_counter()
+        client.sendall(b"POST /run-flow HTTP/1.1\r\n")
+        assert conn.recv(65536)
+        first = conn.arrived
+        assert first is not None and first >= before
+        client.sendall(b"Host: t\r\nContent-Length: 2\r\n\r\n")
+        assert conn.recv(65536)
+        last = conn.arrived
+        assert last > first
+        conn.body()  # the head is parsed: reading the body does not move it
+        client.sendall(b"{}")
+        assert conn.recv(65536) == b"{}"
+        assert conn.arrived == last
+    finally:
+        client.close()
+        server.close()

@@ -108,6 +108,9 @@ def test_invalid_tweaks_are_422_with_paths(defs, create_flow, run_flow, tweaks, 
     pytest.param({"session_id": ""}, "session_id", id="empty-session-id"),
     pytest.param({"session_id": 7}, "session_id", id="session-id-a-number"),
     pytest.param({"session_id": "s" * 201}, "session_id", id="session-id-too-long"),
+    # PostgreSQL text cannot hold NUL: it was a 503 "store unavailable", and in a batch of
+    # claims it failed other callers' claims with it (flow_engine/runs/claims.py)
+    pytest.param({"session_id": "a\u0000b"}, "NUL", id="session-id-with-nul"),
     pytest.param({"version": 0}, "version", id="version-zero"),
     pytest.param({"version": "1"}, "version", id="version-a-string"),
     pytest.param({"version": True}, "version", id="version-boolean"),

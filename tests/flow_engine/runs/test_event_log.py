@@ -8,6 +8,7 @@ When Redis is unreachable they skip, except under CI (``CI`` set), where they fa
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -171,6 +172,43 @@ def test_memory_error_event_is_terminal_too():
     started = time.monotonic()
     assert log.read("r1", 2, timeout_s=LONG_S) == []
     assert time.monotonic() - started < LONG_S / 2
+
+
+def test_memory_finished_runs_are_kept_whole_as_one_object_each_for_the_collector():
+    """A finished run's events are packed: thousands of kept runs must not give every full
+    garbage collection of the worker ~45 objects each to walk (issue: 35–75 ms pauses)."""
+    log = MemoryEventLog()
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(300):
+        for event in run_events(f"r{i}", tokens=5):
+            log.append(f"r{i}", event)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 2 * 300
+    assert log.read("r7", 0, timeout_s=0) == run_events("r7", tokens=5)
+    assert log.read("r7", 4, timeout_s=0) == run_events("r7", tokens=5)[4:]
+    assert log.finished("r7") and log.owner("r7") is None
+
+
+def test_memory_a_run_whose_events_json_cannot_hold_still_ends():
+    """Packing encodes each event; an event JSON cannot hold (a non-string key) must not
+    cost the run its end: it stays as it was, readable and finished."""
+    log = MemoryEventLog()
+    odd = RunEvent(1, "node_finished", {"output": {("a", 1): "tuple key"}})
+    log.append("r1", odd)
+    log.append("r1", RunEvent(2, "run_finished", {"run_id": "r1"}))
+    assert log.finished("r1")
+    assert log.read("r1", 0, timeout_s=0) == [odd, RunEvent(2, "run_finished", {"run_id": "r1"})]
+
+
+def test_memory_an_event_after_the_last_one_is_kept_too():
+    log = MemoryEventLog()
+    events = run_events(tokens=1)
+    for event in events:
+        log.append("r1", event)
+    late = RunEvent(len(events) + 1, "note", {"text": "late"})
+    log.append("r1", late)
+    assert log.read("r1", 0, timeout_s=0) == [*events, late]
 
 
 def test_memory_finished_runs_expire_after_ttl_with_an_injected_clock():

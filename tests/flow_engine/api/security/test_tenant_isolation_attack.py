@@ -79,7 +79,8 @@ def test_a_run_in_progress_cannot_be_seen_or_cancelled_by_another_tenant(
     assert events[-1].event == "run_finished"  # B's cancel did nothing
 
 
-def test_another_tenant_cannot_watch_over_the_websocket(keyed_app, a_run, defs):
+def test_another_tenant_cannot_watch_over_the_websocket(keyed_app, api, a_run, defs):
+    api.application.extensions["flowgate"].runs.executor.flush()  # its record is written
     app = keyed_app()
     eng = app.extensions["flowgate"]
     # the same database as `a_run`'s app: a second process of one engine
