@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,15 +161,36 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+FRESH = "<fresh>"  # a header value wrk() replaces with a new one on every request
+
+
 def wrk(url: str, body: dict, headers: dict[str, str], *, connections: int, seconds: float,
         threads: int = 2) -> dict:
-    """Run wrk (Debian package ``wrk``) with a POST body; requests/s, latency, errors."""
+    """Run wrk (Debian package ``wrk``) with a POST body; requests/s, latency, errors. A
+    header whose value is ``FRESH`` gets a value of its own on every request (an
+    Idempotency-Key: unique per wrk thread, run and request)."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
+    fresh = [name for name, value in headers.items() if value == FRESH]
     for name, value in {"Content-Type": "application/json", **headers}.items():
-        lines.append(f'wrk.headers["{name}"] = "{value}"')
+        if value != FRESH:
+            lines.append(f'wrk.headers["{name}"] = "{value}"')
+    if fresh:
+        lines.append(f"""local threads = 0
+setup = function(thread)
+  threads = threads + 1
+  thread:set("prefix", "{uuid.uuid4().hex}-" .. threads .. "-")
+end
+local n = 0
+request = function()
+  n = n + 1
+  for _, name in ipairs({{{", ".join(json.dumps(h) for h in fresh)}}}) do
+    wrk.headers[name] = prefix .. n
+  end
+  return wrk.format()
+end""")
     lines.append("""done = function(summary, latency, requests)
   io.write(string.format("JSON %d %d %d %d %f %f %f\\n", summary.requests, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write, summary.errors.timeout,

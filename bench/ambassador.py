@@ -26,7 +26,8 @@ One engine (FLOW_ENGINE_WORKERS=2, SQLite in a temp dir) serves every path:
 
 Concurrency 1: interleaved rounds on keep-alive connections (p50/p99; CPU per request of the
 proxy and of the engine, read around each batch). Concurrency 16: wrk,
-``--wrk-rounds`` rounds of ``--seconds`` per path, alternating order (requests/s, latency,
+``--wrk-rounds`` rounds of ``--seconds`` per path (direct with a fresh Idempotency-Key per
+request among them: what the claim costs the engine under load), alternating order (requests/s, latency,
 and CPU ms per request of the proxy and of the engine, read from /proc/<pid>/stat of each
 gunicorn master and its workers before and after). Then ``--slow`` requests at once, each a
 run of ChatInput → ChatModel(openai) → ChatOutput against llm-sim with ttft 1 s, straight to
@@ -61,6 +62,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _support import (
+    FRESH,
     Client,
     calibration_ms,
     children,
@@ -448,6 +450,9 @@ def main() -> None:
         paths = {
             "direct": (f"http://127.0.0.1:{engine_port}/api/v1/run/{FLOW['id']}", direct_body,
                        auth, 0),
+            "direct + Idempotency-Key": (f"http://127.0.0.1:{engine_port}/api/v1/run/"
+                                         f"{FLOW['id']}", direct_body,
+                                         {**auth, "Idempotency-Key": FRESH}, 0),
             "ambassador, no cache": (f"http://127.0.0.1:{amb_port}/run-flow", amb_body, {},
                                      amb_proc.pid),
             "ambassador, cache hit": (f"http://127.0.0.1:{amb_port}/run-flow",
@@ -522,6 +527,9 @@ def main() -> None:
     if ref_port:
         print(f"  throughput {reference}/direct   {c16[reference]['rps'] / c16[direct]['rps']:.2f}")
     print(f"  throughput floor/direct   {c16[FLOOR]['rps'] / c16[direct]['rps']:.2f}")
+    keyed = c16["direct + Idempotency-Key"]
+    print(f"  throughput direct + Idempotency-Key/direct   {keyed['rps'] / c16[direct]['rps']:.2f}"
+          f"   (the claim every run through the ambassador makes)")
     # the median over rounds of each round's difference: one noisy round moves it less
     over_floor = median_of_rounds(by_round[amb], by_round[FLOOR], ratio=False)
     vs_floor = c16[amb]["rps"] / c16[FLOOR]["rps"]
@@ -591,6 +599,8 @@ def main() -> None:
         "throughput_ratio_vs_floor_c16": round(vs_floor, 3),
         "calibration_ms": round(calibration, 2),
         "floor_cpu_ms_per_request": ms(c16[FLOOR]["proxy_cpu_ms"]),
+        "keyed_throughput_ratio_c16": round(keyed["rps"] / c16[direct]["rps"], 3),
+        "engine_cpu_ms_per_keyed_request": ms(keyed["engine_cpu_ms"]),
     })
     if ref_port:
         result.update({
