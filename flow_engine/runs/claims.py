@@ -108,15 +108,12 @@ class ClaimWriter:
         unavailable: StoreError | None = None
         try:
             inserted = self.store.claim_runs([w.record for w in batch])
-        except StoreError as exc:
-            if _unavailable(exc):
+        except Exception as exc:
+            if isinstance(exc, StoreError) and _unavailable(exc):
                 unavailable = exc
             else:
                 log.info("a batch of %d run claims failed (%s); each is written alone",
-                         len(batch), exc)
-        except Exception as exc:
-            log.info("a batch of %d run claims failed (%s); each is written alone",
-                     len(batch), type(exc).__name__)
+                         len(batch), type(exc).__name__)
         finally:  # whatever happened, no request is left waiting
             with self._lock:
                 self._writing = False

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy.exc import OperationalError
+from support.waiting import wait_until
 
 from flow_engine.errors import Conflict, RunNotFound
 from flow_engine.runs.claims import ClaimWriter
@@ -20,13 +20,6 @@ def claim(run_id: str, key: str, **fields) -> RunRecord:
     return RunRecord(run_id=run_id, flow_id="f", version=1, status="running", created_at=now,
                      idempotency_key=key, request_hash="h" * 64, heartbeat_at=now, tenant="t",
                      **fields)
-
-
-def wait_until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.001)
 
 
 class HeldStore:
@@ -70,7 +63,7 @@ def test_claims_waiting_together_share_one_transaction_and_each_gets_its_answer(
         others = [claim(f"r{i:02d}", f"k{i:02d}") for i in range(30)]
         others.append(claim("r-dup", "k05"))  # the same key as r05, in the same batch
         futures = [pool.submit(writer.claim, r) for r in others]
-        wait_until(lambda: len(writer._queue) == len(others))
+        wait_until(lambda: len(writer._queue) == len(others), "every claim queued behind the held batch")
         held.release.set()
         assert firsts.result(10) is None
         answers = [f.result(10) for f in futures]
@@ -126,7 +119,7 @@ def test_after_a_batch_with_company_claims_keep_going_to_the_writer(store):
         first = pool.submit(writer.claim, claim("a", "ka"))
         assert held.entered.wait(10)
         rest = [pool.submit(writer.claim, claim(r, f"k{r}")) for r in ("b", "c")]
-        wait_until(lambda: len(writer._queue) == 2)
+        wait_until(lambda: len(writer._queue) == 2, "both claims queued behind the held batch")
         held.release.set()
         assert [f.result(10) for f in (first, *rest)] == [None, None, None]
     assert writer.claim(claim("d", "kd")) is None  # the last batch had company: batched
