@@ -141,9 +141,13 @@ def test_one_run_through_the_ambassador_is_one_trace_down_to_the_llm_call(
     first = llm.event("gen_ai.first_token")
     assert first is not None and first["gen_ai.response.time_to_first_token"] >= 0
     # children inside their parents' time
-    for child, parent in ((attempt, server), (engine, attempt), (run, engine),
-                          (llm, nodes["llm"])):
+    for child, parent in ((attempt, server), (run, engine), (llm, nodes["llm"])):
         assert parent.start_ns <= child.start_ns and child.end_ns <= parent.end_ns, child.name
+    # across the hop only what causality orders: the engine's request began after the
+    # attempt sent it, and its run ended before the answer the attempt waits for was sent.
+    # The engine's server span ends once its answer is written, which can be after the
+    # ambassador has read it and closed its attempt (it failed so once in CI, by 1.6 ms).
+    assert attempt.start_ns <= engine.start_ns and run.end_ns <= attempt.end_ns
     assert not any(s.error for s in spans)
 
 
