@@ -67,7 +67,8 @@ class EngineMetrics(ServiceMetrics):
             "flowgate_engine_llm_tokens_total",
             "LLM tokens by flow, version and direction (input|output).",
             ["flow", "version", "direction"], **kw)
-        # each LLM call (flow_engine/runs/runner.py: LlmCall), by the model it was sent to
+        # each LLM call (flow_engine/components/llm_calls.py: LlmCall; a sub-flow's too), by
+        # the model it was sent to
         self.llm_calls = Counter(
             "flowgate_engine_llm_calls_total",
             "LLM calls by provider (the endpoint's host), model and outcome (ok, error, "

@@ -12,8 +12,10 @@ greenlet, with the same cancel token (cancelling the parent stops it at its next
 token), the same tenant and session (its ChatHistory nodes read that conversation), and
 takes no second tenant run slot — a tenant allowed one run at a time could otherwise never
 finish a run that calls a flow. It has no run record or events of its own, and its turn is
-not added to the chat history; the caller's ``tool_result`` event carries its answer, and
-its LLM usage is added to the caller's (the tool's artifact, which the runner counts).
+not added to the chat history; the caller's ``tool_result`` event carries its answer. Each
+of its LLM calls goes into the calling run's ledger as it ends (components/llm_calls.py):
+the run's usage and per-model figures include it, also when the sub-flow fails afterwards.
+The tool's artifact reports the sub-flow's usage too, for the agent's own figures.
 
 :class:`EngineSubflows` is what the engine puts in ``BuildContext.extra[SUBFLOWS]``: it finds
 the flow's live version and its compiled graph through the flow service (cached like any
@@ -26,9 +28,11 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
+from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
+from flow_engine.components.llm_calls import USAGE_KEYS, Ledger
 from flow_engine.errors import RunCancelled
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,8 @@ class RunContext:
     trace_id: str | None = None
     chain: tuple[str, ...] = ()  # the flows of this run, outermost first (its own last)
     cancel: Any = field(default=None, compare=False)  # has .cancelled (runs.runner.CancelToken)
+    # where the LLM calls of this run and of the flows it calls are counted as they end
+    ledger: Ledger | None = field(default=None, compare=False)
 
     def child(self, flow_id: str) -> RunContext:
         return replace(self, flow_id=flow_id, chain=(*self.chain, flow_id))
@@ -132,7 +138,8 @@ class EngineSubflows:
 
 
 class _SubflowWatch(BaseCallbackHandler):
-    """Stops the sub-flow when the calling run is cancelled, and counts its LLM usage."""
+    """Stops the sub-flow when the calling run is cancelled; counts each of its LLM calls in
+    the calling run's ledger and sums its usage for the tool's artifact."""
 
     raise_error = True
     run_inline = True
@@ -148,16 +155,33 @@ class _SubflowWatch(BaseCallbackHandler):
     def on_chain_start(self, *args: Any, **kwargs: Any) -> None:
         self._check()
 
-    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID,
+                            **kwargs: Any) -> None:
         self._check()
+        if self.parent.ledger is not None:
+            self.parent.ledger.started(run_id, kwargs)
+
+    def on_llm_start(self, serialized: Any, prompts: Any, *, run_id: UUID,
+                     **kwargs: Any) -> None:
+        self._check()
+        if self.parent.ledger is not None:
+            self.parent.ledger.started(run_id, kwargs)
 
     def on_tool_start(self, *args: Any, **kwargs: Any) -> None:
         self._check()
 
-    def on_llm_new_token(self, *args: Any, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: str, *, run_id: UUID, **kwargs: Any) -> None:
         self._check()
+        if token and self.parent.ledger is not None:
+            self.parent.ledger.token(run_id)
 
-    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        if self.parent.ledger is not None:
+            self.parent.ledger.failed(run_id, error)
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if self.parent.ledger is not None:
+            self.parent.ledger.ended(run_id, response)
         try:
             message = response.generations[0][0].message
         except (IndexError, AttributeError):
@@ -166,9 +190,6 @@ class _SubflowWatch(BaseCallbackHandler):
 
     def on_tool_end(self, output: Any, **kwargs: Any) -> None:
         add_usage(self.usage, artifact_usage(output))  # a flow this sub-flow called
-
-
-USAGE_KEYS = ("input_tokens", "output_tokens", "total_tokens")
 
 
 def add_usage(total: dict[str, int], usage: Mapping[str, Any], calls: int | None = None) -> None:

@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+from flow_engine.components.llm_calls import LlmCall
 from flow_engine.errors import Conflict, FlowgateError, RunFailed, TenantLimited
 from flow_engine.metrics import EngineMetrics, ModelLabels, VersionLabels, forget_version
 from flow_engine.rollouts.outcomes import OutcomeRecorder, counts_failure
 from flow_engine.runs import runner
 from flow_engine.runs.events import RunEventLog
 from flow_engine.runs.record_writer import RecordWriter, RunEnd
-from flow_engine.runs.recorder import LlmCall
 from flow_engine.runs.request import PreparedRun
 from flow_engine.runs.runner import RunEvent, RunResult
 from flow_engine.runs.spans import RunSpans

@@ -1,6 +1,7 @@
 """What a run did, from LangChain's callbacks: :class:`RunRecorder` turns them into run
-events (``runs/runner.py`` lists them), sums the usage of every LLM call, keeps each call
-for the per-model figures (:class:`LlmCall`) and stops a cancelled run by raising.
+events (``runs/runner.py`` lists them), counts every LLM call in the run's ledger (usage, and
+each call for the per-model figures: ``components/llm_calls.py``) and stops a cancelled run
+by raising.
 
 The compiled graph runs each node as a child run of its own, so runs are mapped to nodes by
 their parent: the graph's root run is the flow, its direct children named like a node are
@@ -11,13 +12,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from flow_engine.components.subflows import add_usage, artifact_usage
+from flow_engine.components.llm_calls import Ledger
 from flow_engine.errors import RunCancelled
 from flow_engine.flows.values import to_jsonable, to_text
 
@@ -26,18 +26,6 @@ if TYPE_CHECKING:
 
 Emit = Callable[[str, dict[str, Any]], None]
 MAX_TOOL_EVENT_CHARS = 4000  # of a tool's answer in its tool_result event
-
-
-@dataclass(frozen=True, slots=True)
-class LlmCall:
-    """One LLM call of a run, for the engine's per-model figures (metrics.py)."""
-
-    provider: str  # the endpoint (host[:port]) for OpenAI-compatible models
-    model: str
-    seconds: float
-    outcome: str  # ok | error | rate_limited | timeout
-    input_tokens: int = 0
-    output_tokens: int = 0
 
 
 class RunRecorder(BaseCallbackHandler):
@@ -57,10 +45,11 @@ class RunRecorder(BaseCallbackHandler):
         self._tools: dict[UUID, str] = {}  # tool runs in progress → the tool's name
         self.durations: dict[str, float] = {}
         self.failed_node: str | None = None
-        self.usage = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "llm_calls": 0}
-        self._streamed: dict[UUID, int] = {}  # tokens of LLM calls that have not ended
-        self._calling: dict[UUID, tuple[float, str, str]] = {}  # LLM calls: start, provider, model
-        self.llm_calls: list[LlmCall] = []
+        # the run's LLM usage and calls; also fed by the flows it calls (the run's context
+        # carries it: components/llm_calls.py)
+        self.ledger = Ledger()
+        self.usage = self.ledger.usage
+        self.llm_calls = self.ledger.calls
 
     def _check_cancel(self) -> None:
         if self._cancel.cancelled:
@@ -100,29 +89,11 @@ class RunRecorder(BaseCallbackHandler):
 
     def on_chat_model_start(self, serialized, messages, *, run_id, parent_run_id=None, **kw):
         self._start(run_id, parent_run_id, kw.get("name"))
-        self._call_started(run_id, kw)
+        self.ledger.started(run_id, kw)
 
     def on_llm_start(self, serialized, prompts, *, run_id, parent_run_id=None, **kw):
         self._start(run_id, parent_run_id, kw.get("name"))
-        self._call_started(run_id, kw)
-
-    def _call_started(self, run_id: UUID, kw: dict[str, Any]) -> None:
-        meta = kw.get("metadata") or {}
-        params = kw.get("invocation_params") or {}
-        model = meta.get("ls_model_name") or params.get("model") or params.get("model_name")
-        provider = meta.get("flowgate_endpoint") or meta.get("ls_provider") or "unknown"
-        self._calling[run_id] = (time.perf_counter(), str(provider), str(model or "unknown"))
-
-    def _call_ended(self, run_id: UUID, outcome: str, usage: dict[str, Any] | None = None,
-                    streamed: int = 0) -> None:
-        started = self._calling.pop(run_id, None)
-        if started is None:
-            return
-        usage = usage or {}
-        self.llm_calls.append(LlmCall(
-            started[1], started[2], time.perf_counter() - started[0], outcome,
-            max(0, int(usage.get("input_tokens") or 0)),
-            max(0, int(usage.get("output_tokens") or 0)) or streamed))
+        self.ledger.started(run_id, kw)
 
     def on_retriever_start(self, serialized, query, *, run_id, parent_run_id=None, **kw):
         self._start(run_id, parent_run_id, kw.get("name"))
@@ -132,7 +103,7 @@ class RunRecorder(BaseCallbackHandler):
         self._check_cancel()
         if not token:
             return
-        self._streamed[run_id] = self._streamed.get(run_id, 0) + 1
+        self.ledger.token(run_id)
         node = self._node_of.get(run_id)
         if node is None:
             return
@@ -148,29 +119,11 @@ class RunRecorder(BaseCallbackHandler):
         self._end(run_id, documents)
 
     def on_llm_end(self, response, *, run_id, parent_run_id=None, **kw):
-        message = None
-        try:
-            generation = response.generations[0][0]
-            message = getattr(generation, "message", None)
-        except (IndexError, AttributeError):
-            generation = None
-        usage = getattr(message, "usage_metadata", None) or {}
-        streamed = self._streamed.pop(run_id, 0)
-        self.usage["llm_calls"] += 1
-        for key in ("input_tokens", "output_tokens", "total_tokens"):
-            self.usage[key] += max(0, int(usage.get(key) or 0))  # a provider's, not trusted
-        if not usage:  # no usage reported: what was streamed is the least it cost
-            self.usage["output_tokens"] += streamed
-            self.usage["total_tokens"] += streamed
-        self._call_ended(run_id, "ok", usage, streamed)
-        self._end(run_id, message if message is not None else getattr(generation, "text", None))
+        self._end(run_id, self.ledger.ended(run_id, response))
 
     def spent(self) -> dict[str, int]:
-        """Usage so far, counting the tokens streamed by LLM calls that never ended (a
-        failed or cancelled run still cost them; their input is unknown, so not counted)."""
-        pending = sum(self._streamed.values())
-        return {**self.usage, "output_tokens": self.usage["output_tokens"] + pending,
-                "total_tokens": self.usage["total_tokens"] + pending}
+        """Usage so far, with the tokens of LLM calls that never ended (Ledger.spent)."""
+        return self.ledger.spent()
 
     # tools (an Agent's calls: child runs of its node)
     def on_tool_start(self, serialized, input_str, *, run_id, parent_run_id=None, inputs=None,
@@ -184,7 +137,7 @@ class RunRecorder(BaseCallbackHandler):
                                 "args": to_jsonable(inputs if inputs is not None else input_str)})
 
     def on_tool_end(self, output, *, run_id, parent_run_id=None, **kw):
-        add_usage(self.usage, artifact_usage(output))  # a FlowTool's flow: its LLM calls
+        # (a FlowTool's flow counted its LLM calls into the ledger itself, as they ended)
         node, tool = self._node_of.get(run_id), self._tools.pop(run_id, None)
         if node is None:
             return
@@ -201,10 +154,7 @@ class RunRecorder(BaseCallbackHandler):
 
     def on_llm_error(self, error, *, run_id, parent_run_id=None, **kw):
         self._error(run_id)
-        outcome = ("rate_limited" if getattr(error, "status_code", None) == 429
-                   else "timeout" if isinstance(error, TimeoutError)
-                   else "cancelled" if isinstance(error, RunCancelled) else "error")
-        self._call_ended(run_id, outcome, streamed=self._streamed.get(run_id, 0))
+        self.ledger.failed(run_id, error)
 
     def on_retriever_error(self, error, *, run_id, parent_run_id=None, **kw):
         self._error(run_id)

@@ -39,12 +39,13 @@ from typing import Any
 
 from langchain_core.callbacks import BaseCallbackHandler
 
+from flow_engine.components.llm_calls import LlmCall
 from flow_engine.components.openai_compat import ProviderError
 from flow_engine.components.subflows import RUN_CONTEXT, RunContext
 from flow_engine.errors import FlowgateError, LLMError, RunFailed, RunTimeout
 from flow_engine.flows.compile import STREAM_TOKENS, CompiledFlow
 from flow_engine.flows.values import to_text
-from flow_engine.runs.recorder import Emit, LlmCall, RunRecorder
+from flow_engine.runs.recorder import Emit, RunRecorder
 
 _MAX_ERROR_MESSAGE = 500
 # stream_with hands these to the consumer at once; other events wait for the run to wait
@@ -152,7 +153,8 @@ def execute(
     recorder = RunRecorder(emit, dict(compiled.node_types), cancel)
     context = RunContext(flow_id=compiled.flow_id, tenant=run_input.tenant,
                          identity=run_input.identity, session_id=run_input.session_id,
-                         trace_id=run_input.trace_id, chain=(compiled.flow_id,), cancel=cancel)
+                         trace_id=run_input.trace_id, chain=(compiled.flow_id,), cancel=cancel,
+                         ledger=recorder.ledger)
     try:
         values = compiled.runnable.invoke(
             {**run_input.graph_input(), "flow_id": compiled.flow_id},

@@ -4,6 +4,7 @@ the run (its tenant, session and trace; cycles refused), and the events say so."
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import sseclient
 from support.keys import KEYS, as_, tenant
 from support.langflow_hooks import needs_runner_hook
+from support.prom import metric_value
 
 from flow_engine.auth import parse_key, principal_for
 from flow_engine.store.base import ChatMessage
@@ -171,3 +173,53 @@ def test_the_called_flow_carries_the_callers_trace(engine_client, caplog) -> Non
     [record] = [r for r in caplog.records if r.getMessage() == "subflow"]
     assert record.trace_id == resp.headers["X-Trace-ID"]
     assert (record.flow_id, record.parent_flow_id, record.depth) == ("orders", "assistant", 2)
+
+
+def orders_with(*models: str) -> dict[str, Any]:
+    """The orders flow, its answer made by a chain of these models."""
+    nodes = [n for n in ORDERS["nodes"] if n["type"] != "ChatModel"]
+    nodes += [{"id": f"llm{i}", "type": "ChatModel", "params": {"model": m}}
+              for i, m in enumerate(models)]
+    edges = [e for e in ORDERS["edges"] if "llm" not in (e["source"], e["target"])]
+    chain = ["p", *(f"llm{i}" for i in range(len(models))), "out"]
+    edges += [{"source": a, "target": b} for a, b in itertools.pairwise(chain)]
+    return {**ORDERS, "nodes": nodes, "edges": edges}
+
+
+def llm_calls(client: Any, model: str, outcome: str) -> float:
+    text = client.get("/metrics").get_data(as_text=True)
+    return metric_value(text, "flowgate_engine_llm_calls_total", model=model, outcome=outcome)
+
+
+@needs_runner_hook
+def test_the_called_flows_llm_calls_are_in_the_per_model_figures(engine_client,
+                                                                 fresh_llm_sim) -> None:
+    create(engine_client, orders_with("orders-model"))
+    create(engine_client, assistant())
+
+    out = run(engine_client, "assistant", QUESTION).get_json()
+
+    assert llm_calls(engine_client, "orders-model", "ok") == 1
+    assert llm_calls(engine_client, "flowgate-sim", "ok") == 3
+    assert out["usage"]["llm_calls"] == 4
+
+
+@needs_runner_hook
+def test_a_called_flow_that_fails_after_an_llm_call_still_has_its_calls_counted(
+        engine_client, fresh_llm_sim) -> None:
+    """The sub-flow's first model answers, its second fails: the tool answers the error and
+    the agent goes on. What the first call cost is the run's (the tenant's budget is charged
+    it), and both calls are in the per-model figures — the failure is what an SRE looks for."""
+    create(engine_client, orders_with("orders-model", "broken-model"))
+    create(engine_client, assistant())
+    fresh_llm_sim.configure(model_error_rates={"broken-model": 1.0}, error_kinds=["500"])
+
+    out = run(engine_client, "assistant", QUESTION).get_json()
+
+    assert tool_messages(fresh_llm_sim)[0].startswith("flow 'orders' failed")
+    assert llm_calls(engine_client, "orders-model", "ok") == 1
+    # (a model no call has succeeded with is counted as "other": metrics.ModelLabels)
+    assert llm_calls(engine_client, "other", "error") >= 1
+    assert out["usage"]["llm_calls"] == 4  # the agent's three, the sub-flow's one that answered
+    orders_call = next(r for r in fresh_llm_sim.requests() if r["body"]["model"] == "orders-model")
+    assert orders_call["body"]["messages"][-1]["content"] == QUESTION  # it did reach the model
