@@ -210,6 +210,25 @@ def test_memory_a_run_whose_events_json_cannot_hold_still_ends():
     assert log.read("r1", 0, timeout_s=0) == [odd, RunEvent(2, "run_finished", {"run_id": "r1"})]
 
 
+def test_memory_an_event_holding_itself_is_counted_once_and_the_run_still_ends():
+    """Data JSON cannot hold because it contains itself: counting its bytes must not walk
+    the cycle forever, and the run must still end, readable."""
+    log = MemoryEventLog()
+    loop: dict[str, Any] = {"text": "x" * 1000}
+    loop["self"] = loop
+    log.append("r1", RunEvent(1, "node_finished", {"output": loop}))
+    log.append("r1", RunEvent(2, "run_finished", {"run_id": "r1"}))
+    assert log.finished("r1")
+    assert [e.seq for e in log.read("r1", 0, timeout_s=0)] == [1, 2]
+    assert 1000 < log.bytes < 1300
+
+
+def test_memory_counts_an_event_as_about_its_json_length():
+    log = MemoryEventLog()
+    log.append("r1", RunEvent(1, "token", {"text": "é" * 10_000}))  # 2 bytes each in UTF-8
+    assert 20_000 <= log.bytes < 20_100
+
+
 def test_memory_an_event_after_the_last_one_is_kept_too():
     log = MemoryEventLog()
     events = run_events(tokens=1)
