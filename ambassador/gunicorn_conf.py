@@ -13,7 +13,7 @@ worker_connections = int(os.environ.get("AMBASSADOR_WORKER_CONNECTIONS", "2000")
 timeout = int(os.environ.get("AMBASSADOR_WORKER_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("AMBASSADOR_GRACEFUL_TIMEOUT", "30"))
 keepalive = int(os.environ.get("AMBASSADOR_KEEPALIVE", "75"))
-# Slow clients (flowgate/common/serving.py): a request head must arrive within
+# Slow clients (flowgate/common/gevent_worker.py): a request head must arrive within
 # AMBASSADOR_HEADER_TIMEOUT_S (a new connection's first byte too), its body within
 # AMBASSADOR_BODY_TIMEOUT_S (408 after); a body left unread (413) is drained up to
 # AMBASSADOR_DRAIN_BYTES (twice the default body limit), then the connection

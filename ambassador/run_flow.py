@@ -30,7 +30,7 @@ def parse(request: Request, settings: Settings) -> Response | None:
                               request)
     try:
         data = environ["wsgi.input"].read(length if length is not None else limit + 1)
-    except TimeoutError as exc:  # flowgate.common.serving.BodyTimeout: the body stalled
+    except TimeoutError as exc:  # flowgate.common.gevent_worker.BodyTimeout: the body stalled
         # the rest of the body may still come: the connection cannot be reused
         return error_response(408, "request_timeout", str(exc), request,
                               headers={"Connection": "close"})

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ambassador.chain import Request, Response
 from ambassador.filters.validate import EVENTS_ROUTE
 from ambassador.ws_guard import ROUTE as WS_ROUTE
-from flowgate.common import serving, tracing
+from flowgate.common import gevent_worker, tracing
 
 if TYPE_CHECKING:
     from ambassador.app import Ambassador
@@ -64,7 +64,7 @@ class Gateway:
             return self.app(environ, start_response)
         route, run_id = found
         request = Request(environ.get("REQUEST_METHOD", "GET"), "", forwarded(environ), route)
-        arrived = serving.request_arrived()  # before gunicorn parsed it: its time is ours
+        arrived = gevent_worker.request_arrived()  # before gunicorn parsed it: its time is ours
         request.ctx.update(environ=environ, run_id=run_id,
                            started=arrived if arrived is not None else time.perf_counter())
         self.amb.holder.maybe_reload()  # (the watcher does it too; this is one clock read)

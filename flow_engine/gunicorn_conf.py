@@ -20,8 +20,8 @@ timeout = int(os.environ.get("FLOW_ENGINE_WORKER_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("FLOW_ENGINE_GRACEFUL_TIMEOUT", "30"))
 # Idle keep-alive connections hold a graceful shutdown open, so keep this short.
 keepalive = int(os.environ.get("FLOW_ENGINE_KEEPALIVE", "5"))
-# What one connection may cost (flowgate/common/serving.py ConnectionLimits): a request head must
-# arrive within FLOW_ENGINE_HEADER_TIMEOUT_S (a new connection's first byte too), its body
+# What one connection may cost (flowgate/common/gevent_worker.py ConnectionLimits): a request
+# head must arrive within FLOW_ENGINE_HEADER_TIMEOUT_S (a new connection's first byte too), its body
 # within FLOW_ENGINE_BODY_TIMEOUT_S (408 after); a body left unread (413) is drained up to
 # twice the body limit so the client reads the answer; idle connections make room for new
 # ones when a worker is nearly full.

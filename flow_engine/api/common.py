@@ -84,7 +84,7 @@ def body_bytes() -> bytes:
     """The whole request body, at most ``max_body_bytes``. Werkzeug refuses a Content-Length
     over the limit (413) but reads a chunked body only up to it, and what it read parsed as
     if it were all: here a body of unknown length is read one byte past the limit, and
-    over is 413. The server's body timeout (flowgate/common/serving.py) surfaces as a 408."""
+    over is 413. The server's body timeout (flowgate/common/gevent_worker.py) surfaces as a 408."""
     cached = g.get("body")
     if cached is not None:
         return cached

@@ -92,6 +92,7 @@ def test_an_empty_body_sends_the_head_once(make_response) -> None:
 def test_connection_limits_come_from_options_and_the_config_file(tmp_path) -> None:
     from gunicorn.workers.ggevent import GeventWorker  # (imports gevent: only here)
 
+    import flowgate.common.gevent_worker as gevent_worker
     import flowgate.common.serving as serving
 
     conf = tmp_path / "gunicorn_conf.py"
@@ -100,11 +101,11 @@ def test_connection_limits_come_from_options_and_the_config_file(tmp_path) -> No
     app = serving.GunicornApp(lambda: None, {"flowgate_header_timeout": 2, "bind": "127.0.0.1:1"},
                               config_file=str(conf))
 
-    assert app.limits == serving.ConnectionLimits(header_timeout=2.0, body_timeout=3.0)
+    assert app.limits == gevent_worker.ConnectionLimits(header_timeout=2.0, body_timeout=3.0)
     assert app.cfg.keepalive == 7
-    assert app.cfg.worker_class_str == "flowgate.common.serving.GeventWorker"
-    assert app.cfg.worker_class is serving.GeventWorker
-    assert issubclass(serving.GeventWorker, GeventWorker)  # gunicorn's, with the limits
+    assert app.cfg.worker_class_str == "flowgate.common.gevent_worker.GeventWorker"
+    assert app.cfg.worker_class is gevent_worker.GeventWorker
+    assert issubclass(gevent_worker.GeventWorker, GeventWorker)  # gunicorn's, with the limits
 
 
 
@@ -112,7 +113,7 @@ def test_a_request_arrives_with_the_last_piece_of_its_head_not_with_its_body() -
     """``request_arrived`` (the start of X-Ambassador-Overhead-Ms and the request duration)
     is when the head's latest piece came in: a client that sends its head slowly is not
     counted as the server's time, gunicorn's parsing of the head is."""
-    from flowgate.common.serving import ConnectionLimits, _Conn
+    from flowgate.common.gevent_worker import ConnectionLimits, _Conn
 
     client, server = socket.socketpair()
     try:

@@ -194,7 +194,7 @@ def test_store_survives_restart(tmp_path, fresh_llm_sim):
         assert json.loads(json.dumps(flow["definition"]))["nodes"] == FLOW["nodes"]
 
 
-# -- what one connection may cost (flowgate/common/serving.py ConnectionLimits) --------------------------
+# -- what one connection may cost (flowgate/common/gevent_worker.py ConnectionLimits) ------------
 
 ECHO = {"id": "echo", "nodes": [{"id": "in", "type": "ChatInput"},
                                 {"id": "llm", "type": "ChatModel", "params": {"provider": "echo"}},
