@@ -148,7 +148,9 @@ schema_version = sa.Table(
     sa.Column("applied_at", TS, nullable=False),
 )
 
-# one statement, built once: a run's end (status, result, ...) by run id
+# statements built once (SQLite's DriverWrites compiles each once): a run's whole record,
+# and a run's end (status, result, ...) by run id
+INSERT_RUN = runs.insert()
 FINISH_RUN = runs.update().where(runs.c.run_id == sa.bindparam("key_run_id")).values(
     status=sa.bindparam("status"), duration_ms=sa.bindparam("duration_ms"),
     result=sa.bindparam("result"), error=sa.bindparam("error"),

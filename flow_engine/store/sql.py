@@ -13,7 +13,9 @@ they go through a second connection pool whose sessions commit with
 ``synchronous_commit=off``: the commit does not wait for the WAL flush (about 1 ms here), a
 constraint still holds at once (an idempotency key is claimed atomically), and only a crash of
 the database server itself can lose the last few hundred milliseconds of them. Flows and
-versions always commit synchronously.
+versions always commit synchronously. On SQLite, a run's claim and end (``_log_write``) go
+straight to the driver instead, with SQLAlchemy's own value conversions (engines.py,
+``DriverWrites``): its transaction cost more than the write.
 
 Around it: ``store/schema.py`` (tables, migrations), ``store/engines.py`` (pools, their sizes,
 transactions, a connection that died while idle replaced without failing its caller) and
@@ -37,7 +39,10 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from flow_engine.errors import Conflict, FlowNotFound, RunNotFound
 from flow_engine.store.base import ChatMessage, RunRecord, StoreError
 from flow_engine.store.engines import (
+    Checkpoints,
+    DriverWrites,
     PoolSize,
+    on_write_commit,
     postgres_engine,
     postgres_transaction,
     sqlite_engine,
@@ -46,6 +51,7 @@ from flow_engine.store.engines import (
 from flow_engine.store.flow_tables import FlowTables
 from flow_engine.store.outcome_tables import OutcomeTables
 from flow_engine.store.schema import FINISH_RUN as _FINISH_RUN
+from flow_engine.store.schema import INSERT_RUN as _INSERT_RUN
 from flow_engine.store.schema import (
     MIGRATIONS,
     TS,
@@ -65,6 +71,10 @@ log = logging.getLogger(__name__)
 PING_IDLE_S = 2.0  # a pooled PostgreSQL connection idle longer than this is pinged before use
 _VANISHED = object()  # insert_run: the idempotency key's holder disappeared mid-insert
 _aware = aware
+# claim_runs: a run's record unless its run id or idempotency key is taken; on SQLite one
+# record per execution (in key order), on PostgreSQL all of them, returning those inserted
+_CLAIM_RUN = sqlite_insert(runs).on_conflict_do_nothing()
+_CLAIM_RUNS = postgresql_insert(runs).on_conflict_do_nothing().returning(runs.c.run_id)
 
 
 class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
@@ -81,9 +91,14 @@ class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
         self._on_error = on_error
         self._on_reconnect = on_reconnect or (lambda op: None)
         self._on_audit = on_audit or (lambda entry: None)  # each committed change
+        self._driver: DriverWrites | None = None
+        self._checkpoints: Checkpoints | None = None
         if self.is_sqlite:
             self.engine = self.log_engine = sqlite_engine(self.url, echo=echo,
                                                           lock_timeout_s=lock_timeout_s)
+            self._driver = DriverWrites(self.engine)  # ``echo`` does not show its statements
+            self._checkpoints = Checkpoints.for_engine(self.engine)
+            on_write_commit(self.engine, self._committed)
             return
         pool = pool or PoolSize()
         self.engine = postgres_engine(self.url, pool, echo=echo, ping_idle_s=PING_IDLE_S)
@@ -99,6 +114,25 @@ class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
         with self._guard("write"), self._transaction(self.log_engine if log else self.engine,
                                                      "write") as conn:
             yield conn
+
+    @contextmanager
+    def _log_write(self) -> Iterator[Any]:
+        """A run's claim or end: ``_write(log=True)``, or on SQLite a driver transaction
+        (see the docstring), whose ``execute`` takes only statements built once
+        (``_INSERT_RUN``, ``_FINISH_RUN``, ``_CLAIM_RUN``)."""
+        if self._driver is None:
+            with self._write(log=True) as conn:
+                yield conn
+            return
+        with self._guard("write"), self._driver.transaction(self.lock_timeout_s) as conn:
+            yield conn
+        self._committed()
+
+    def _committed(self) -> None:
+        """SQLite: a write transaction committed (here or through SQLAlchemy, the knowledge
+        store's too), one more towards the next background checkpoint."""
+        if self._checkpoints is not None:
+            self._checkpoints.committed()
 
     @contextmanager
     def _read(self) -> Iterator[Any]:
@@ -181,8 +215,8 @@ class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
 
     def _insert_run_once(self, record: RunRecord):
         try:
-            with self._write(log=True) as conn:
-                conn.execute(runs.insert(), _run_values(record))
+            with self._log_write() as conn:
+                conn.execute(_INSERT_RUN, _run_values(record))
         except IntegrityError:
             existing = (self.find_run_by_key(record.idempotency_key)
                         if record.idempotency_key is not None else None)
@@ -198,11 +232,12 @@ class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
         idempotency key is taken (``insert_run`` then tells why); the run ids inserted. In
         key order: two processes' batches sharing two keys never wait for each other in
         opposite orders (a PostgreSQL deadlock)."""
-        insert = (sqlite_insert if self.is_sqlite else postgresql_insert)(runs)
         ordered = sorted(records, key=lambda r: (r.idempotency_key or "", r.run_id))
-        with self._write(log=True) as conn:
-            done = conn.execute(insert.on_conflict_do_nothing().returning(runs.c.run_id),
-                                [_run_values(r) for r in ordered])
+        with self._log_write() as conn:
+            if self.is_sqlite:
+                return {r.run_id for r in ordered
+                        if conn.execute(_CLAIM_RUN, _run_values(r)).rowcount == 1}
+            done = conn.execute(_CLAIM_RUNS, [_run_values(r) for r in ordered])
             return set(done.scalars().all())
 
     def _run_exists(self, run_id: str) -> bool:
@@ -211,7 +246,7 @@ class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
 
     def finish_run(self, run_id: str, *, status: str, duration_ms: float,
                    result: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
-        with self._write(log=True) as conn:
+        with self._log_write() as conn:
             conn.execute(_FINISH_RUN, {"key_run_id": run_id, "status": status,
                                        "duration_ms": duration_ms, "result": result,
                                        "error": error, "finished_at": now()})
@@ -221,9 +256,9 @@ class SqlFlowStore(FlowTables, OutcomeTables, Upkeep):
         ``finishes`` the ends (``run_id``, ``status``, ``duration_ms``, ``result``,
         ``error``) of keyed runs whose claim is stored. All or nothing: on any error nothing
         is written (runs/record_writer.py then writes them one by one)."""
-        with self._write(log=True) as conn:
+        with self._log_write() as conn:
             if inserts:
-                conn.execute(runs.insert(), [_run_values(r) for r in inserts])
+                conn.execute(_INSERT_RUN, [_run_values(r) for r in inserts])
             if finishes:
                 at = now()
                 conn.execute(_FINISH_RUN, [{"key_run_id": f["run_id"], "status": f["status"],

@@ -582,6 +582,8 @@ def test_an_unreachable_database_raises_store_error_and_calls_on_error(unreachab
     try:
         for op, call in [("read", store.ping), ("read", lambda: store.get_flow("rag")),
                          ("write", lambda: store.create_flow("rag", "rag", "", {})),
+                         ("write", lambda: store.insert_run(make_run(key="key-1"))),
+                         ("write", lambda: store.record_run_ends([make_run()], [])),
                          ("write", store.migrate)]:
             with pytest.raises(StoreError) as info:
                 call()
@@ -589,7 +591,7 @@ def test_an_unreachable_database_raises_store_error_and_calls_on_error(unreachab
             assert not isinstance(info.value, SQLAlchemyError)
             assert isinstance(info.value.__cause__, SQLAlchemyError)  # translated once, at the boundary
             assert on_error[-1] == op
-        assert len(on_error) == 4
+        assert len(on_error) == 6
     finally:
         store.close()
 
