@@ -49,7 +49,7 @@ _SCAN = 64  # eviction looks this far from the oldest end for a finished run
 
 class _RunEvents:
     """One run's events. Live, a list of RunEvent and a Condition readers wait on. Each event
-    is also encoded as it is appended — its data as JSON bytes (orjson: the 12 events of
+    is also encoded as it is appended — its data as JSON (orjson: the 12 events of
     a five-node run in 4 µs, the stdlib's json in 59) — which is what the event is counted as in the
     memory bound, and what a finished run is kept as. Once its last event is in,
     the run keeps only three tuples (``packed``: seqs, types, JSON data) and drops the rest:
@@ -66,15 +66,15 @@ class _RunEvents:
     def __init__(self) -> None:
         self.events: list[RunEvent] | None = []
         self.seqs: list[int] | None = []
-        self.blobs: list[bytes] | None = []
+        self.blobs: list[str] | None = []
         self.cond: threading.Condition | None = threading.Condition()
         self.finished_at: float | None = None
         self.owner: str | None = None
         self.bytes = 0
         self.waiting = 0  # readers waiting on cond
-        self.packed: tuple[tuple[int, ...], tuple[str, ...], tuple[bytes, ...]] | None = None
+        self.packed: tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]] | None = None
 
-    def add(self, event: RunEvent, blob: bytes | None, size: int) -> None:
+    def add(self, event: RunEvent, blob: str | None, size: int) -> None:
         """With ``cond`` held: one more event (``blob``: its data's JSON, None if it has none)."""
         self.events.append(event)
         self.seqs.append(event.seq)
@@ -100,7 +100,7 @@ class _RunEvents:
         self.packed, self.cond = None, threading.Condition()
 
 
-def _unpacked(packed: tuple[tuple[int, ...], tuple[str, ...], tuple[bytes, ...]],
+def _unpacked(packed: tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]],
               after: int) -> list[RunEvent]:
     """The events with seq > ``after`` of a packed run: only those are decoded."""
     seqs, types, blobs = packed
@@ -108,14 +108,17 @@ def _unpacked(packed: tuple[tuple[int, ...], tuple[str, ...], tuple[bytes, ...]]
             for i in range(bisect.bisect_right(seqs, after), len(seqs))]
 
 
-def _encoded(event: RunEvent) -> tuple[bytes | None, int]:
-    """The event's data as JSON and the size it is counted as (about its JSON length); no
-    JSON for data JSON cannot hold — then the size is estimated by walking it."""
+def _encoded(event: RunEvent) -> tuple[str | None, int]:
+    """The event's data as JSON and the size it is counted as (about its JSON length, in
+    bytes); no JSON for data JSON cannot hold — then the size is estimated by walking it.
+    Kept as a str, not orjson's bytes: orjson writes into a buffer of a few kB and shrinks
+    it, and thousands of kept blobs each pinned the start of one, leaving gaps the next
+    buffers did not fit (46 MB for 10,000 tokens instead of 4)."""
     try:
         blob = orjson.dumps(event.data, default=str)
     except (TypeError, ValueError, RecursionError):
         return None, event_size(event)
-    return blob, 32 + len(event.type) + len(blob)
+    return blob.decode(), 32 + len(event.type) + len(blob)
 
 
 class MemoryEventLog:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -227,6 +230,34 @@ def test_memory_counts_an_event_as_about_its_json_length():
     log = MemoryEventLog()
     log.append("r1", RunEvent(1, "token", {"text": "é" * 10_000}))  # 2 bytes each in UTF-8
     assert 20_000 <= log.bytes < 20_100
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import os
+    from flow_engine.runs.events import MemoryEventLog
+    from flow_engine.runs.runner import RunEvent
+
+    def rss_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+    log, before = MemoryEventLog(), rss_mb()
+    for r in range(200):
+        for t in range(50):
+            log.append(f"run-{r}", RunEvent(t + 1, "token", {"node": "llm", "index": t,
+                                                              "text": f" tok{t}"}))
+        log.append(f"run-{r}", RunEvent(51, "run_finished", {"output": "x" * 300}))
+    print(rss_mb() - before, log.bytes / 1e6)
+""")
+
+
+def test_memory_kept_events_cost_the_process_about_what_they_are_counted_as():
+    """10,000 small events (counted as ~0.9 MB) must not cost the process tens of MB: the
+    encoded events once pinned one encoder buffer each (46 MB)."""
+    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True,
+                          timeout=120, check=True)
+    grown_mb, counted_mb = map(float, done.stdout.split())
+    assert counted_mb > 0.5
+    assert grown_mb < 10 * counted_mb
 
 
 def test_memory_an_event_after_the_last_one_is_kept_too():
