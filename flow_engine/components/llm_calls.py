@@ -75,15 +75,20 @@ class Ledger:
         return message if message is not None else getattr(generation, "text", None)
 
     def failed(self, run_id: UUID, error: BaseException) -> None:
-        """An LLM call failed; its streamed tokens stay counted as pending (:meth:`spent`)."""
+        """An LLM call failed: what it streamed before is charged now (its input is
+        unknown, so not counted) — the run may well go on and succeed (a sub-flow's
+        failure is its tool's answer, a fallback takes over)."""
         outcome = ("rate_limited" if getattr(error, "status_code", None) == 429
                    else "timeout" if isinstance(error, TimeoutError)
                    else "cancelled" if isinstance(error, RunCancelled) else "error")
-        self._call_ended(run_id, outcome, streamed=self._streamed.get(run_id, 0))
+        streamed = self._streamed.pop(run_id, 0)
+        self.usage["output_tokens"] += streamed
+        self.usage["total_tokens"] += streamed
+        self._call_ended(run_id, outcome, streamed=streamed)
 
     def spent(self) -> dict[str, int]:
-        """Usage so far, counting the tokens streamed by LLM calls that never ended (a
-        failed or cancelled run still cost them; their input is unknown, so not counted)."""
+        """Usage so far, counting the tokens streamed by LLM calls still in flight (a run
+        that stops now — failed, cancelled — still cost them)."""
         pending = sum(self._streamed.values())
         return {**self.usage, "output_tokens": self.usage["output_tokens"] + pending,
                 "total_tokens": self.usage["total_tokens"] + pending}

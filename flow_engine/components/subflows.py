@@ -195,7 +195,7 @@ class _SubflowWatch(BaseCallbackHandler):
 def add_usage(total: dict[str, int], usage: Mapping[str, Any], calls: int | None = None) -> None:
     """Add LLM ``usage`` (LangChain's usage_metadata, or a run's usage) into ``total``."""
     for key in USAGE_KEYS:
-        total[key] += int(usage.get(key) or 0)
+        total[key] += max(0, int(usage.get(key) or 0))  # a provider's, not trusted
     total["llm_calls"] += calls if calls is not None else int(usage.get("llm_calls") or 0)
 
 

@@ -4,6 +4,7 @@ form of a node's output used in run events and results."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from langchain_core.documents import Document
@@ -51,9 +52,13 @@ COERCE = {"text": to_text, "prompt": to_prompt, "any": lambda v: v}
 
 
 def to_jsonable(value: Any) -> Any:
-    """A JSON-serialisable view of a node output (for events, run records and results)."""
-    if value is None or isinstance(value, str | int | float | bool):
+    """A JSON-serialisable view of a node output (for events, run records and results).
+    NaN and the infinities (a model's JSON may hold them) become null: they are not JSON —
+    a browser's JSON.parse and PostgreSQL's jsonb refuse them."""
+    if value is None or isinstance(value, str | int | bool):
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, BaseMessage):
         out: dict[str, Any] = {"type": value.type, "content": value.text}
         usage = getattr(value, "usage_metadata", None)

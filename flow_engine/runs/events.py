@@ -32,10 +32,12 @@ Protocol (what ``GET /runs/{id}/events`` relies on):
 from __future__ import annotations
 
 import bisect
+import json
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -45,6 +47,7 @@ from flow_engine.runs.runner import RunEvent
 __all__ = ["TERMINAL", "EventLogUnavailable", "MemoryEventLog", "RedisEventLog", "RunEventLog",
            "contiguous", "event_size", "lost_event"]
 _SCAN = 64  # eviction looks this far from the oldest end for a finished run
+_STDLIB = " "  # leads an event's JSON written by the stdlib's json (valid JSON whitespace)
 
 
 class _RunEvents:
@@ -104,21 +107,33 @@ def _unpacked(packed: tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]],
               after: int) -> list[RunEvent]:
     """The events with seq > ``after`` of a packed run: only those are decoded."""
     seqs, types, blobs = packed
-    return [RunEvent(seqs[i], types[i], orjson.loads(blobs[i]))
+    return [RunEvent(seqs[i], types[i], _decoded(blobs[i]))
             for i in range(bisect.bisect_right(seqs, after), len(seqs))]
+
+
+def _decoded(blob: str) -> Any:
+    if blob.startswith(_STDLIB):  # written by the stdlib (see _encoded): read by it too
+        return json.loads(blob)  # (orjson would read an int over 64 bits as a float)
+    return orjson.loads(blob)
 
 
 def _encoded(event: RunEvent) -> tuple[str | None, int]:
     """The event's data as JSON and the size it is counted as (about its JSON length, in
-    bytes); no JSON for data JSON cannot hold — then the size is estimated by walking it.
+    bytes); no JSON for data JSON cannot hold (a circular value) — then the size is
+    estimated by walking it.
     Kept as a str, not orjson's bytes: orjson writes into a buffer of a few kB and shrinks
     it, and thousands of kept blobs each pinned the start of one, leaving gaps the next
     buffers did not fit (46 MB for 10,000 tokens instead of 4)."""
     try:
-        blob = orjson.dumps(event.data, default=str)
-    except (TypeError, ValueError, RecursionError):
-        return None, event_size(event)
-    return blob.decode(), 32 + len(event.type) + len(blob)
+        raw = orjson.dumps(event.data, default=str)
+        blob, size = raw.decode(), len(raw)
+    except (TypeError, ValueError, RecursionError):  # orjson refuses lone surrogates (a
+        try:  # client's input), ints over 64 bits and non-string keys; the stdlib does not
+            blob = _STDLIB + json.dumps(event.data, separators=(",", ":"), default=str)
+        except (TypeError, ValueError, RecursionError):
+            return None, event_size(event)
+        size = len(blob)  # (ASCII)
+    return blob, 32 + len(event.type) + size
 
 
 class MemoryEventLog:

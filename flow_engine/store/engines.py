@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -194,9 +196,15 @@ class DriverTransaction:
     def execute(self, statement: sa.Executable,
                 parameters: Mapping[str, Any] | list[Mapping[str, Any]]) -> sqlite3.Cursor:
         prepared = self._prepared(statement)
-        if isinstance(parameters, list):
-            return self._conn.executemany(prepared.sql, map(prepared.parameters, parameters))
-        return self._conn.execute(prepared.sql, prepared.parameters(parameters))
+        many = isinstance(parameters, list)
+        try:
+            values = ([prepared.parameters(p) for p in parameters] if many
+                      else prepared.parameters(parameters))
+        except Exception as exc:  # a value its column cannot take: said as SQLAlchemy says it
+            raise sa.exc.StatementError(str(exc), prepared.sql, None, exc) from exc
+        if many:
+            return self._conn.executemany(prepared.sql, values)
+        return self._conn.execute(prepared.sql, values)
 
 
 class Checkpoints:
@@ -245,10 +253,17 @@ class Checkpoints:
             self._running = False
             log.warning("sqlite checkpoint not started: %s", exc)
 
+    def _existing(self) -> str:
+        """The file as a URI that opens it only if it exists (a checkpoint after the file
+        was deleted must not create an empty database)."""
+        if not self.uri:
+            return f"file:{urllib.parse.quote(self.path)}?mode=rw"
+        return self.path + ("&" if "?" in self.path else "?") + "mode=rw"
+
     def checkpoint(self) -> None:
         """One PASSIVE checkpoint (in the OS thread: nothing here may log or switch)."""
         try:
-            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, uri=self.uri)
+            conn = sqlite3.connect(self._existing(), timeout=0, isolation_level=None, uri=True)
             try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             finally:
@@ -269,16 +284,23 @@ def on_write_commit(engine: Engine, action: Callable[[], None]) -> None:
             action()
 
 
+_pool: tuple[int, Any] | None = None  # (pid, a gevent ThreadPool of this process's own)
+
+
 def run_in_os_thread(action: Callable[[], None], name: str) -> None:
     """Start ``action`` in an operating-system thread; do not wait for it. In a gevent
     worker, ``threading`` is monkey-patched and its threads are greenlets of the worker's
-    one thread, where a blocking call stalls every request: gevent's threadpool has real
-    ones."""
+    one thread, where a blocking call stalls every request: a gevent ThreadPool has real
+    ones. A pool of its own, not the hub's: the hub's also resolves host names, and a spawn
+    on a full pool waits — in a commit, holding the database's write lock."""
+    global _pool
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None and monkey.is_module_patched("threading"):
-        import gevent
+        if _pool is None or _pool[0] != os.getpid():  # (a forked worker makes its own)
+            from gevent.threadpool import ThreadPool
 
-        gevent.get_hub().threadpool.spawn(action)
+            _pool = (os.getpid(), ThreadPool(2))
+        _pool[1].spawn(action)
     else:
         threading.Thread(target=action, name=name, daemon=True).start()
 

@@ -149,7 +149,8 @@ schema_version = sa.Table(
 )
 
 # statements built once (SQLite's DriverWrites compiles each once): a run's whole record,
-# and a run's end (status, result, ...) by run id
+# and a run's end (status, result, ...) by run id. DriverWrites takes every value from the
+# caller (sql.py _run_values): a new column of runs needs its value there, not a default=
 INSERT_RUN = runs.insert()
 FINISH_RUN = runs.update().where(runs.c.run_id == sa.bindparam("key_run_id")).values(
     status=sa.bindparam("status"), duration_ms=sa.bindparam("duration_ms"),

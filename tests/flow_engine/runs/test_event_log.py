@@ -9,6 +9,7 @@ When Redis is unreachable they skip, except under CI (``CI`` set), where they fa
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 import subprocess
@@ -202,6 +203,37 @@ def test_memory_finished_runs_are_kept_whole_as_one_object_each_for_the_collecto
     assert log.finished("r7") and log.owner("r7") is None
 
 
+def tracked_objects_of(root: Any) -> int:
+    """How many objects the garbage collector walks of what ``root`` holds."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or not gc.is_tracked(obj) or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        stack.extend(gc.get_referents(obj))
+    return len(seen)
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param({"output": "hello \ud800"}, id="lone-surrogate"),  # a client's input
+    pytest.param({"output": 2 ** 70}, id="int-over-64-bits"),
+    pytest.param({"output": {1: "a", "b": [1.5, None, "é"]}}, id="non-string-key"),
+])
+def test_memory_events_only_the_stdlib_can_encode_are_packed_and_read_back_as_it_reads(data):
+    """orjson refuses these; the log then writes them with the stdlib's json, so the run is
+    still packed (one object for the collector) and reads back as JSON gives it back."""
+    log = MemoryEventLog()
+    gc.collect()
+    log.append("r1", RunEvent(1, "node_finished", data))
+    log.append("r1", RunEvent(2, "run_finished", {"run_id": "r1"}))
+    gc.collect()
+    gc.collect()
+    assert tracked_objects_of(log._runs["r1"]) <= 2
+    assert log.read("r1", 0, timeout_s=0)[0].data == json.loads(json.dumps(data))
+
+
 def test_memory_a_run_whose_events_json_cannot_hold_still_ends():
     """Packing encodes each event; an event JSON cannot hold (a non-string key) must not
     cost the run its end: it stays as it was, readable and finished."""
@@ -240,7 +272,10 @@ RSS_SCRIPT = textwrap.dedent("""
     def rss_mb():
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
-    log, before = MemoryEventLog(), rss_mb()
+    log = MemoryEventLog()
+    log.append("warm-up", RunEvent(1, "token", {"node": "llm", "index": 0, "text": " w"}))
+    log.append("warm-up", RunEvent(2, "run_finished", {"output": "w"}))
+    before = rss_mb()
     for r in range(200):
         for t in range(50):
             log.append(f"run-{r}", RunEvent(t + 1, "token", {"node": "llm", "index": t,
@@ -254,10 +289,11 @@ def test_memory_kept_events_cost_the_process_about_what_they_are_counted_as():
     """10,000 small events (counted as ~0.9 MB) must not cost the process tens of MB: the
     encoded events once pinned one encoder buffer each (46 MB)."""
     done = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True,
-                          timeout=120, check=True)
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
     grown_mb, counted_mb = map(float, done.stdout.split())
     assert counted_mb > 0.5
-    assert grown_mb < 10 * counted_mb
+    assert grown_mb < 10 * counted_mb, (grown_mb, counted_mb)
 
 
 def test_memory_an_event_after_the_last_one_is_kept_too():

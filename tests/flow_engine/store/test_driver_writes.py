@@ -364,3 +364,25 @@ def test_under_gevent_a_checkpoint_runs_in_an_os_thread_and_the_worker_goes_on(d
     assert report["threads"] and report["threads"][0] != report["main"]
     assert report["checkpoint_error"] == "None"
     assert report["runs_in_file"] >= 3  # those written before it started, at least
+
+
+def test_a_checkpoint_after_the_file_was_deleted_creates_no_empty_database(tmp_path):
+    gone = tmp_path / "gone.db"
+    sqlite3.connect(gone).close()
+    checkpoints = Checkpoints(str(gone))
+    gone.unlink()
+    checkpoints.checkpoint()
+    assert not gone.exists()
+    assert checkpoints.failure is not None  # told at the next start, like any failure
+
+
+def test_a_value_its_column_cannot_take_is_a_store_error_and_writes_nothing(lite):
+    """A conversion that fails on the driver path (a result JSON cannot hold) is said as
+    SQLAlchemy says it: a StoreError at the boundary, counted, not a bare TypeError."""
+    errors: list[str] = []
+    lite._on_error = errors.append
+    with pytest.raises(StoreError):
+        lite.record_run_ends([run("r1", result={"output": object()})], [])
+    assert errors == ["write"]
+    with pytest.raises(RunNotFound):
+        lite.get_run("r1")
