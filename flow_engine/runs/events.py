@@ -52,15 +52,15 @@ _STDLIB = " "  # leads an event's JSON written by the stdlib's json (valid JSON 
 
 class _RunEvents:
     """One run's events. Live, a list of RunEvent and a Condition readers wait on. Each event
-    is also encoded as it is appended — its data as JSON (orjson: the 12 events of
-    a five-node run in 4 µs, the stdlib's json in 59) — which is what the event is counted as in the
-    memory bound, and what a finished run is kept as. Once its last event is in,
-    the run keeps only three tuples (``packed``: seqs, types, JSON data) and drops the rest:
+    is also encoded as it is appended — its data as JSON (orjson: the 12 events of a
+    five-node run in 4 µs, the stdlib's json in 59) — which is what the event is counted as
+    in the memory bound, and what a finished run is kept as. Once its last event is in, the
+    run keeps only three tuples (``packed``: seqs, types, JSON data) and drops the rest:
     a finished run kept for late readers is then one object the garbage collector walks
     (tuples of strings and ints are left out of its walks) instead of about 45 — events,
     their dicts, the condition, its lock and deque. With thousands of runs kept, those were
     what full collections of a busy worker spent 35–75 ms on. A read decodes only the events
-    it returns. A run with an event JSON cannot hold (a circular value, a non-string key)
+    it returns. A run with an event JSON cannot hold (a circular value, a tuple as a key)
     is never packed: ``blobs`` is None."""
 
     __slots__ = ("blobs", "bytes", "cond", "events", "finished_at", "owner", "packed", "seqs",
