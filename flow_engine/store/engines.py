@@ -213,9 +213,8 @@ class Checkpoints:
     the WAL past ``wal_autocheckpoint`` pages; in a gevent worker that stalls every request
     of the process meanwhile, and it added ~65 µs of wall time to each commit on average
     here. Instead, every ``every``-th write transaction of this process (``committed``)
-    starts a PASSIVE
-    checkpoint in an operating-system thread (:func:`run_in_os_thread`), one at a time, on
-    a connection of its own. PASSIVE never waits: readers and writers — of any process —
+    starts a PASSIVE checkpoint in an operating-system thread (:func:`run_in_os_thread`),
+    one at a time, on a connection of its own. PASSIVE never waits: readers and writers — of any process —
     go on meanwhile, and a checkpoint that meets another one or a reader still using the
     WAL's start copies what it can (SQLite's own auto-checkpoints are PASSIVE too). Commits
     still checkpoint past ``WAL_AUTOCHECKPOINT`` pages, should these fall behind — and under
