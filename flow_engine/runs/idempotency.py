@@ -14,7 +14,9 @@ A keyed run's process marks it alive every ``RunExecutor.heartbeat_s`` while it 
 duplicate that finds it running with no heartbeat for ``stale_after_s`` (its engine crashed
 or was killed) marks it failed (``run_abandoned``), which frees the key, and runs the
 request itself — instead of waiting for a run that will never end and answering 409 until
-the key expires.
+the key expires. A run this very process is running (or still recording) is never judged
+by its heartbeat: its owner is right here, and a pause of the whole process (a long
+collection, a starved CPU) that delayed the beat would have delayed the judge as well.
 """
 
 from __future__ import annotations
@@ -55,11 +57,13 @@ class Idempotency:
     stale_after_s = 20.0  # a running keyed run not marked alive for this long is abandoned
 
     def __init__(self, store: FlowStore, settings: Settings, metrics: EngineMetrics, *,
-                 clock: Callable[[], datetime]) -> None:
+                 clock: Callable[[], datetime],
+                 here: Callable[[str], bool] = lambda run_id: False) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics
         self._now = clock
+        self._here = here  # is this run_id running (or being recorded) in this process?
         self.claims = ClaimWriter(store)  # concurrent claims share a transaction
 
     def claim(self, prepared: PreparedRun) -> None:
@@ -95,10 +99,11 @@ class Idempotency:
         return record.created_at < self._now() - timedelta(seconds=self.settings.idempotency_ttl_s)
 
     def _stale(self, record: RunRecord) -> bool:
-        """Running, and not marked alive for stale_after_s (no heartbeat at all: a record
-        from before heartbeats, never judged)."""
+        """Running elsewhere, and not marked alive for stale_after_s (no heartbeat at all: a
+        record from before heartbeats, never judged)."""
         return (record.status == "running" and record.heartbeat_at is not None
-                and (self._now() - record.heartbeat_at).total_seconds() > self.stale_after_s)
+                and (self._now() - record.heartbeat_at).total_seconds() > self.stale_after_s
+                and not self._here(record.run_id))
 
     def _abandon(self, record: RunRecord) -> None:
         silent = (self._now() - record.heartbeat_at).total_seconds()

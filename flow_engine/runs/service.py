@@ -65,7 +65,8 @@ class RunService:
                                     record_retry_s=settings.record_retry_s,
                                     record_batch_s=settings.record_batch_s, outcomes=outcomes,
                                     telemetry=telemetry)
-        self.idempotency = Idempotency(store, settings, metrics, clock=self._now)
+        self.idempotency = Idempotency(store, settings, metrics, clock=self._now,
+                                       here=self._here)
         self.watcher = RunWatcher(store, self.events, settings)
         if signals is not None:
             signals.on("cancel", lambda message: self.executor.cancel_local(message.get("run_id", "")))
@@ -111,6 +112,10 @@ class RunService:
               caller: Principal) -> Iterator[RunEvent | None]:
         _known(run_id)
         return self.watcher.watch(run_id, after, keepalive_s, caller)
+
+    def _here(self, run_id: str) -> bool:
+        """This process is running the run, or writing its end."""
+        return (self.executor.active(run_id) or self.executor.unrecorded(run_id)) is not None
 
     def get(self, run_id: str, caller: Principal) -> dict[str, Any]:
         _known(run_id)

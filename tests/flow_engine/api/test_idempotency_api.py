@@ -5,9 +5,14 @@ with the same key is a 409; failed runs replay their error."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
+from flask import Flask
+from support.prom import metric_value
+from support.waiting import wait_until
 
+from flow_engine.runs.idempotency import scoped_key
 from flow_engine.runs.request import RunRequest
 
 BODY = {"input_value": "hello", "session_id": "s-1"}
@@ -225,31 +230,78 @@ def test_a_duplicate_waiting_on_a_run_that_stops_beating_takes_it_over(make_app,
     assert retry.get_json()["run_id"] != first
 
 
-def test_a_slow_keyed_run_that_beats_is_never_taken_over(fresh_llm_sim, make_app, auth, defs):
-    """Its heartbeats keep the run alive far past stale_after_s: the duplicate waits for it
-    and replays it; the LLM is called once."""
-    fresh_llm_sim.configure(ttft_s=1.2)
+def _replays(app: Flask) -> float:
+    """How many requests to this engine waited for (or replayed) an earlier keyed run."""
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    return metric_value(text, "flowgate_engine_idempotent_replays_total")
+
+
+def test_a_keyed_run_beating_in_another_engine_is_never_taken_over(fresh_llm_sim, make_app,
+                                                                   auth, defs, caller):
+    """Engine A runs a keyed request whose model is held; its heartbeats carry the run far
+    past engine B's stale_after_s. A duplicate sent to B waits for A's run and replays it:
+    the model is called once. (The beats are what keeps it: without them the record's
+    heartbeat_at would be its claim's, older than stale_after_s when B judges it.)"""
+    fresh_llm_sim.configure(hold=True)
+    owner = make_app(openai_base_url=fresh_llm_sim.base_url)
+    judge = make_app(openai_base_url=fresh_llm_sim.base_url)  # the same store: another worker
+    owner.extensions["flowgate"].runs.executor.heartbeat_s = 0.05
+    stale_after_s = judge.extensions["flowgate"].runs.idempotency.stale_after_s = 2.0
+    assert owner.test_client().post("/api/v1/flows", json=defs.openai(id="llm"),
+                                    headers=auth).status_code == 201
+    headers = {**auth, "Idempotency-Key": "slow-but-alive"}
+    answers: dict[str, Any] = {}
+
+    def send(name: str, app: Flask) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.__setitem__(
+            name, app.test_client().post("/api/v1/run/llm", json=BODY, headers=headers)))
+        thread.start()
+        return thread
+
+    first = send("first", owner)
+    store = owner.extensions["flowgate"].store
+    claim = wait_until(lambda: store.find_run_by_key(scoped_key(caller.tenant, "slow-but-alive")),
+                       what="the first run's claim")
+    wait_until(lambda: (store.get_run(claim.run_id).heartbeat_at - claim.created_at)
+               .total_seconds() > stale_after_s, timeout_s=30,
+               what="a heartbeat later than stale_after_s after the claim")
+    duplicate = send("duplicate", judge)
+    wait_until(lambda: _replays(judge) == 1, what="the duplicate waiting for the first run")
+    fresh_llm_sim.configure(hold=False)
+    first.join(30), duplicate.join(30)
+
+    assert answers["duplicate"].status_code == answers["first"].status_code == 200
+    assert answers["duplicate"].headers.get("Idempotent-Replayed") == "true"
+    assert answers["duplicate"].get_json()["run_id"] == answers["first"].get_json()["run_id"]
+    assert fresh_llm_sim.stats()["chat_completions_started"] == 1
+
+
+def test_a_duplicate_on_the_engine_running_the_key_waits_however_silent_its_heartbeat(
+        fresh_llm_sim, make_app, auth, defs):
+    """The owner is this very process: its run is never judged by heartbeats (a pause of the
+    whole process would delay the beat and the judge alike)."""
+    fresh_llm_sim.configure(hold=True)
     app = make_app(openai_base_url=fresh_llm_sim.base_url)
     runs = app.extensions["flowgate"].runs
-    runs.executor.heartbeat_s, runs.idempotency.stale_after_s = 0.05, 0.4
-    client = app.test_client()
-    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=auth).status_code == 201
-    headers = {**auth, "Idempotency-Key": "slow-but-alive"}
-    answers: list = []
-    first = threading.Thread(target=lambda: answers.append(
-        app.test_client().post("/api/v1/run/llm", json=BODY, headers=headers)))
-    first.start()
-    for _ in range(100):  # until the first run holds the key
-        if runs.store.find_run_by_key("slow-but-alive") is not None:
-            break
-        threading.Event().wait(0.01)
+    runs.executor.heartbeat_s, runs.idempotency.stale_after_s = 3600.0, 0.0  # never beats
+    assert app.test_client().post("/api/v1/flows", json=defs.openai(id="llm"),
+                                  headers=auth).status_code == 201
+    headers = {**auth, "Idempotency-Key": "here"}
+    answers: dict[str, Any] = {}
+    threads = [threading.Thread(target=lambda name=name: answers.__setitem__(
+        name, app.test_client().post("/api/v1/run/llm", json=BODY, headers=headers)))
+        for name in ("first", "duplicate")]
+    threads[0].start()
+    wait_until(lambda: len(fresh_llm_sim.requests()) == 1, what="the first run at the model")
+    threads[1].start()
+    wait_until(lambda: _replays(app) == 1,
+               what="the duplicate waiting for the first run")
+    fresh_llm_sim.configure(hold=False)
+    for thread in threads:
+        thread.join(30)
 
-    duplicate = client.post("/api/v1/run/llm", json=BODY, headers=headers)
-    first.join(10)
-
-    assert duplicate.status_code == answers[0].status_code == 200
-    assert duplicate.headers.get("Idempotent-Replayed") == "true"
-    assert duplicate.get_json()["run_id"] == answers[0].get_json()["run_id"]
+    assert answers["duplicate"].headers.get("Idempotent-Replayed") == "true"
+    assert answers["duplicate"].get_json()["run_id"] == answers["first"].get_json()["run_id"]
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
 
 
