@@ -33,7 +33,7 @@ from flow_engine.runs.record_writer import RecordWriter, RunEnd
 from flow_engine.runs.request import PreparedRun
 from flow_engine.runs.runner import RunEvent, RunResult
 from flow_engine.runs.spans import RunSpans
-from flow_engine.store.base import ChatMessage, FlowStore
+from flow_engine.store.base import ChatMessage, FlowStore, RunRecord
 from flow_engine.tenants import TenantLimits
 from flowgate.common.backoff import Backoff
 from flowgate.common.otel import Telemetry
@@ -239,7 +239,8 @@ class RunExecutor:
                 # The client has its answer; the record is written again in the background.
                 log.warning("could not record the end of run %s (%s); retrying for up to %g s",
                             prepared.run_id, exc.code, self.record_retry_s)
-                threading.Thread(target=self._record_later, args=(prepared.run_id, write),
+                threading.Thread(target=self._record_later,
+                                 args=(prepared.run_id, write, record if whole else None),
                                  name="flowgate-record-retry", daemon=True).start()
             else:
                 self._recorded([prepared.run_id])
@@ -254,7 +255,13 @@ class RunExecutor:
             for run_id in run_ids:
                 self._unrecorded.pop(run_id, None)
 
-    def _record_later(self, run_id: str, write: Callable[[], None]) -> None:
+    def _record_later(self, run_id: str, write: Callable[[], None],
+                      whole: RunRecord | None) -> None:
+        """Retry the write for up to record_retry_s. A keyed run's record is in the store
+        already (``running``): given up, the maintenance job marks it failed. A plain run's
+        (``whole``) is written only at its end: given up, the store never has it, so the
+        record — flow, version, tenant, status, duration, usage, error — goes into the error
+        log line instead."""
         deadline = time.monotonic() + self.record_retry_s
         delays = Backoff(0.25, 10.0).delays()
         delay = next(delays)
@@ -271,8 +278,17 @@ class RunExecutor:
                 log.info("recorded the end of run %s after all", run_id)
                 return
             self.metrics.record_retries.labels("given_up").inc()
-            log.error("gave up recording the end of run %s after %g s; the maintenance job "
-                      "will mark it failed", run_id, self.record_retry_s)
+            if whole is None:
+                log.error("gave up recording the end of run %s after %g s; the maintenance "
+                          "job will mark it failed", run_id, self.record_retry_s)
+            else:
+                log.error("gave up recording run %s after %g s: the store never got it, so "
+                          "this line holds its record", run_id, self.record_retry_s, extra={
+                              "run_id": run_id, "flow_id": whole.flow_id,
+                              "version": whole.version, "tenant": whole.tenant,
+                              "run_status": whole.status, "duration_ms": whole.duration_ms,
+                              "usage": (whole.result or {}).get("usage"),
+                              "error": whole.error})
         finally:
             with self._lock:
                 self._unrecorded.pop(run_id, None)

@@ -73,6 +73,35 @@ def test_an_end_the_store_refused_is_recorded_in_the_background(make_app, auth, 
     assert sample(app, "flowgate_engine_run_record_retries_total", outcome="recorded") == 1
 
 
+def test_a_plain_run_whose_end_is_never_recorded_leaves_its_record_in_the_log(
+        make_app, auth, defs, caller, tmp_path, caplog):
+    """A plain run reaches the store only at its end: when the store refuses that write for
+    longer than record_retry_s, the error line says so and carries the record."""
+    app = make_app(record_retry_s=0.5)
+    client = app.test_client()
+    assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=auth).status_code == 201
+    runs, store = app.extensions["flowgate"].runs, app.extensions["flowgate"].store
+    prepared = runs.prepare("f", RunRequest.from_body({"input_value": "hi"}), caller=caller,
+                            idempotency_key=None, trace_id=None)
+    store.lock_timeout_s = 0.2
+    holder = hold_write_lock(tmp_path / "engine.db")
+    try:
+        runs.run(prepared)
+        wait_until(lambda: sample(app, "flowgate_engine_run_record_retries_total",
+                                  outcome="given_up") == 1, "the background writer to give up")
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert get_run_or_none(store, prepared.run_id) is None
+    lines = [r for r in caplog.records if getattr(r, "run_id", None) == prepared.run_id
+             and r.levelname == "ERROR"]
+    assert len(lines) == 1 and "the store never got it" in lines[0].getMessage()
+    line = lines[0]
+    assert (line.flow_id, line.version, line.run_status) == ("f", 1, "succeeded")
+    assert line.tenant == caller.tenant and line.duration_ms > 0
+
+
 ORPHAN = "0fa1" * 8  # a run id as the engine makes them (32 hex digits)
 
 
