@@ -193,7 +193,14 @@ def knowledge(node: LfNode, b: Builder) -> None:
         b.unsupported(node, "Knowledge in Ingest mode: add documents to a knowledge base with "
                             "`flowgate knowledge` (or its API), and search it from the flow")
         return
-    params: dict[str, Any] = {"knowledge_id": node.text("knowledge_base")}
+    base = node.text("knowledge_base").strip()
+    if not base:  # LangFlow's starter flows leave the dropdown empty
+        b.problem(node.field_path("knowledge_base"), f"Knowledge {node.label} has no knowledge "
+                  "base chosen: pick a Flowgate knowledge base (GET /api/v1/knowledge, or "
+                  "`flowgate knowledge list`) and write its id or name in this field")
+        b.drop(node, "no knowledge base is chosen", status="invalid")
+        return
+    params: dict[str, Any] = {"knowledge_id": base}
     carried = {"knowledge_id": "knowledge_base"}
     top_k = clamp(node.number("top_k"), 1, 100)
     if top_k is not None:

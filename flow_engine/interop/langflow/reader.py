@@ -15,7 +15,9 @@ same)::
 Only values are read: ``template.code`` (a component's Python source) and every other
 string stay strings, never parsed as code, imported or evaluated. An edge's handles are
 read from ``data``; when that is missing, from the ``sourceHandle``/``targetHandle``
-strings, which are JSON with ``œ`` for quotes (parsed as JSON, nothing else).
+strings, which are JSON with ``œ`` for quotes (parsed as JSON, nothing else). LangFlow's
+loop-back edge (into a Loop component's ``item`` output) has ``targetHandle.name`` and no
+``fieldName``: it is read as such (``loop_into``), for the translation to report once.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ class LfEdge:
     source: str
     target: str
     output: str  # sourceHandle.name
-    field: str  # targetHandle.fieldName
+    field: str  # targetHandle.fieldName ("" on a loop-back edge)
+    loop_into: str = ""  # a loop-back edge: the target's output it goes into (targetHandle.name)
 
 
 @dataclass
@@ -191,6 +194,10 @@ def _edge(index: int, raw: Any, path: str, problems: list[Problem]) -> LfEdge | 
     target_handle = _handle(data.get("targetHandle"), raw.get("targetHandle"))
     source, target = raw.get("source"), raw.get("target")
     output, field_name = source_handle.get("name"), target_handle.get("fieldName")
+    loop_into = target_handle.get("name") if field_name is None else None
+    if isinstance(loop_into, str) and loop_into and all(
+            isinstance(v, str) and v for v in (source, target, output)):
+        return LfEdge(index, path, source, target, output, "", loop_into)
     if not all(isinstance(v, str) and v for v in (source, target, output, field_name)):
         problems.append(Problem(path, "an edge needs source, target, sourceHandle.name and "
                                       "targetHandle.fieldName"))

@@ -127,7 +127,8 @@ def translate(export: Any, registry: ComponentRegistry, *, root: str = "$.flow")
 def _map_edges(b: Builder) -> None:
     for edge in b.flow.edges:
         entry: dict[str, Any] = {"path": edge.path, "source": edge.source, "target": edge.target,
-                                 "output": edge.output, "field": edge.field}
+                                 "output": edge.output}
+        entry.update({"into_output": edge.loop_into} if edge.loop_into else {"field": edge.field})
         b.edge_reports.append(entry)
         src, dst = b.by_id.get(edge.source), b.by_id.get(edge.target)
         if src is None or dst is None:
@@ -139,6 +140,12 @@ def _map_edges(b: Builder) -> None:
         statuses = (b.report(src).status, b.report(dst).status)
         if {"unsupported", "invalid", "dropped"} & set(statuses):
             entry.update(status="dropped", reason="a node it joins was not imported")
+            continue
+        if edge.loop_into:  # its Loop node is reported already (unsupported) when it has one
+            b.problem(edge.path, f"a loop-back edge from {src.label} into output "
+                                 f"'{edge.loop_into}' of {dst.label}: Flowgate flows are "
+                                 "acyclic; loop in your app, or let an Agent call a FlowTool")
+            entry["status"] = "dropped"
             continue
         if statuses[0] == "merged" and edge.output == "model_output":
             entry.update(status="merged", reason="the agent took this model's settings")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from support import langflow_hooks
 
+from flow_engine.components import default_registry
 from flow_engine.components.agent import AgentIterationLimit, AgentRunnable
 from flow_engine.components.base import BuildContext, Limits
 from flow_engine.components.tools import Calculator
@@ -22,7 +22,7 @@ from flow_engine.runs.recorder import RunRecorder
 from flow_engine.runs.runner import CancelToken, RunInput
 from flowgate.llm_sim import count_prompt_tokens
 
-REGISTRY = langflow_hooks.registry()
+REGISTRY = default_registry()
 SYSTEM = "You are exact. Use the calculator for arithmetic."
 QUESTION = "What is (12 + 30) * 2?"
 
@@ -102,8 +102,8 @@ class ToolCalls(BaseCallbackHandler):
 
 
 def test_tool_runs_are_child_runs_of_the_agent_node(fresh_llm_sim) -> None:
-    """The runner turns these callbacks into tool_call / tool_result events (the hook
-    patch); here: they fire, under the node's run, with the call's id and arguments."""
+    """The runner turns these callbacks into tool_call / tool_result events
+    (runs/recorder.py); here: they fire, under the node's run, with the call's id and arguments."""
     calls = ToolCalls()
     graph = compiled(fresh_llm_sim, agent_flow()).runnable
 

@@ -8,8 +8,8 @@ import pytest
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from support import langflow_hooks
 
+from flow_engine.components import default_registry
 from flow_engine.components.base import BuildContext, Limits
 from flow_engine.components.subflows import MAX_DEPTH, EngineSubflows, RunContext, SubflowRefused
 from flow_engine.components.template_parser import Parser
@@ -23,7 +23,7 @@ from flow_engine.components.tools import (
 from flow_engine.errors import FlowInvalid
 from flow_engine.flows.validate import validate_flow
 
-REGISTRY = langflow_hooks.registry()
+REGISTRY = default_registry()
 
 
 def call(tool: Any, **args: Any) -> Any:
@@ -89,10 +89,9 @@ def test_knowledge_search_is_checked_and_searched_through_the_engines_lookup() -
                                   "params": {"knowledge_id": "missing"}},
                                  {"id": "out", "type": "ChatOutput"}],
             "edges": [{"source": "in", "target": "out"}]}
-    registry = langflow_hooks.registry(KnowledgeSearchTool)
 
     with pytest.raises(FlowInvalid, match=r"\$\.nodes\[1\]\.params\.knowledge_id: no knowledge"):
-        validate_flow(flow, registry, Limits(extra={"knowledge": Bases()}))
+        validate_flow(flow, REGISTRY, Limits(extra={"knowledge": Bases()}))
     tool = component.make_tool("kb", component.with_defaults({"knowledge_id": "handbook", "k": 1}),
                                BuildContext(extra={"knowledge": Bases()}))
 

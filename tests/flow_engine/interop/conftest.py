@@ -1,7 +1,7 @@
-"""Fixtures of the LangFlow import/export tests: an engine app built by ``create_app`` as
-production builds it (SQLite under ``tmp_path``, the named keys of every role, the session's
-real llm-sim as its OpenAI endpoint), with the hooks of the patch applied in-process
-(support/langflow_hooks.py), and LangFlow-shaped fixtures from examples/langflow/."""
+"""Fixtures of the LangFlow import/export tests: an engine app built by ``create_app`` exactly
+as production builds it (SQLite under ``tmp_path``, the named keys of every role, the session's
+real llm-sim as its OpenAI endpoint; its own registry, routes and roles, nothing added), and
+LangFlow-shaped fixtures from examples/langflow/."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
-from support import langflow_hooks
 from support.keys import KEYS, as_
 
+from flow_engine.api import knowledge as knowledge_api
 from flow_engine.app import create_app
 from flow_engine.metrics import EngineMetrics
 
@@ -31,23 +31,22 @@ class ClosingClient(FlaskClient):
 
 
 @pytest.fixture
-def make_engine(tmp_path: Path, fresh_llm_sim: Any,
-                monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Flask]]:
+def make_engine(tmp_path: Path, fresh_llm_sim: Any) -> Iterator[Callable[..., Flask]]:
     apps: list[Flask] = []
 
-    def make(*extra_components: type, **config: Any) -> Flask:
+    def make(**config: Any) -> Flask:
         config = {"database_url": f"sqlite:///{tmp_path / 'engine.db'}", "api_keys": KEYS,
                   "maintenance_interval_s": 0, "rollout_interval_s": 0,
                   "openai_base_url": fresh_llm_sim.base_url,
                   **config}
         app = create_app(config, metrics=EngineMetrics(CollectorRegistry()))
         app.test_client_class = ClosingClient
-        langflow_hooks.apply(app, monkeypatch, *extra_components)
         apps.append(app)
         return app
 
     yield make
     for app in apps:
+        app.extensions[knowledge_api.EXTENSION].close()
         eng = app.extensions["flowgate"]
         eng.maintenance.stop()
         eng.runs.executor.close()

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import sseclient
 from support.keys import KEYS, as_, tenant
-from support.langflow_hooks import needs_runner_hook
 from support.prom import metric_value
 
 from flow_engine.auth import parse_key, principal_for
@@ -125,7 +124,6 @@ def test_an_unknown_flow_is_the_tools_answer(engine_client, fresh_llm_sim) -> No
     assert tool_messages(fresh_llm_sim) == ["there is no flow 'no-such-flow'"]
 
 
-@needs_runner_hook
 def test_tool_events_stream_between_the_agents_tokens(engine_client, fresh_llm_sim) -> None:
     create(engine_client, ORDERS)
     create(engine_client, assistant())
@@ -145,7 +143,6 @@ def test_tool_events_stream_between_the_agents_tokens(engine_client, fresh_llm_s
     assert usage["llm_calls"] == 4  # the orders flow's call counts in the run's usage
 
 
-@needs_runner_hook
 @pytest.mark.parametrize(("caller", "sees"), [("t1", True), ("t2", False)])
 def test_the_called_flow_runs_for_the_callers_tenant_and_session(
         engine_client, make_engine, fresh_llm_sim, caller: str, sees: bool) -> None:
@@ -162,7 +159,6 @@ def test_the_called_flow_runs_for_the_callers_tenant_and_session(
     assert ("Human: my order is 42" in system) is sees
 
 
-@needs_runner_hook
 def test_the_called_flow_carries_the_callers_trace(engine_client, caplog) -> None:
     create(engine_client, ORDERS)
     create(engine_client, assistant())
@@ -173,6 +169,20 @@ def test_the_called_flow_carries_the_callers_trace(engine_client, caplog) -> Non
     [record] = [r for r in caplog.records if r.getMessage() == "subflow"]
     assert record.trace_id == resp.headers["X-Trace-ID"]
     assert (record.flow_id, record.parent_flow_id, record.depth) == ("orders", "assistant", 2)
+
+
+def test_the_called_flow_is_logged_with_the_callers_identity(engine_client, caplog) -> None:
+    """Whose call a sub-flow serves is in its log record: the tenant and the end user the
+    ambassador forwarded (x-flowgate-identity), as the caller's own run has them."""
+    create(engine_client, ORDERS)
+    create(engine_client, assistant())
+
+    with caplog.at_level(logging.INFO, logger="flow_engine.components.subflows"):
+        run(engine_client, "assistant", QUESTION, headers=tenant("t1", identity="user-7"))
+
+    [record] = [r for r in caplog.records if r.getMessage() == "subflow"]
+    assert (record.identity, record.tenant) == ("user-7", principal_for(
+        parse_key(KEYS.split(",")[-1]), "user-7", "t1").tenant)
 
 
 def orders_with(*models: str) -> dict[str, Any]:
@@ -191,7 +201,6 @@ def llm_calls(client: Any, model: str, outcome: str) -> float:
     return metric_value(text, "flowgate_engine_llm_calls_total", model=model, outcome=outcome)
 
 
-@needs_runner_hook
 def test_the_called_flows_llm_calls_are_in_the_per_model_figures(engine_client,
                                                                  fresh_llm_sim) -> None:
     create(engine_client, orders_with("orders-model"))
@@ -204,7 +213,6 @@ def test_the_called_flows_llm_calls_are_in_the_per_model_figures(engine_client,
     assert out["usage"]["llm_calls"] == 4
 
 
-@needs_runner_hook
 def test_a_called_flow_that_fails_after_an_llm_call_still_has_its_calls_counted(
         engine_client, fresh_llm_sim) -> None:
     """The sub-flow's first model answers, its second fails: the tool answers the error and

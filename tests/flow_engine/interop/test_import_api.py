@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import sseclient
 from support.keys import as_
-from support.langflow_hooks import RUNNER_HOOKED
 
 
 def run(client: Any, flow_id: str, text: str, stream: bool = False, **body: Any) -> Any:
@@ -152,6 +151,19 @@ def test_knowledge_nodes_are_checked_against_the_engines_bases(import_flow, exam
     assert "handbook" in problem["message"] or "knowledge" in problem["message"]
 
 
+def test_a_knowledge_node_with_no_base_chosen_is_a_422_saying_how_to_pick_one(
+        import_flow, example) -> None:
+    export = example("knowledge-search")
+    export["data"]["nodes"][1]["data"]["node"]["template"]["knowledge_base"]["value"] = ""
+
+    resp = import_flow(export)
+
+    assert resp.status_code == 422
+    [problem] = resp.get_json()["error"]["problems"]
+    assert problem["path"] == "$.flow.data.nodes[1].data.node.template.knowledge_base.value"
+    assert "pick a Flowgate knowledge base (GET /api/v1/knowledge" in problem["message"]
+
+
 def test_an_import_with_an_id_is_a_new_version_published_only_when_asked(
         engine_client, import_flow, example) -> None:
     first = imported(import_flow, example("basic-prompting"), id="assistant")
@@ -180,7 +192,6 @@ def test_unsupported_components_are_a_422_listing_each(import_flow, example, eng
     assert engine_client.get("/api/v1/flows", headers=as_("runner")).get_json()["flows"] == []
 
 
-@pytest.mark.skipif(not RUNNER_HOOKED, reason="needs the runner part of the hook patch")
 def test_an_imported_agent_streams_its_tool_events(engine_client, import_flow, example) -> None:
     flow_id = imported(import_flow, example("agent-calculator"))["flow"]["id"]
 

@@ -1,19 +1,17 @@
-"""``flowgate flows import FILE.json``, against a real engine over HTTP (the hooked app served
-by werkzeug in a thread), and ``--dry-run`` offline."""
+"""``flowgate flows import FILE.json``, against a real engine over HTTP (the app ``create_app``
+builds, served by werkzeug in a thread), and ``--dry-run`` offline."""
 
 from __future__ import annotations
 
-import argparse
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support.keys import SECRETS
 from werkzeug.serving import make_server
 
-from flowgate import flows_cli, import_cli
+from flowgate import cli
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "langflow"
 
@@ -29,13 +27,8 @@ def engine_url(make_engine) -> Iterator[str]:
 
 
 def flowgate_flows(*argv: str) -> int:
-    """``flowgate flows ARGV`` as the CLI runs it (import_cli's command under flows_cli's
-    options and error handling, which is what the hook patch wires in)."""
-    parser = argparse.ArgumentParser(prog="flowgate flows")
-    parser.add_argument("--engine-url", default=None)
-    parser.add_argument("--api-key", default=None)
-    import_cli.add_command(parser.add_subparsers())
-    return flows_cli.dispatch(parser.parse_args(list(argv)))
+    """``flowgate flows ARGV``, through the CLI's own entry point."""
+    return cli.main(["flows", *argv])
 
 
 def test_an_import_prints_the_report_and_the_flow(engine_url, capsys) -> None:
@@ -78,13 +71,7 @@ def test_an_export_that_cannot_be_imported_lists_every_problem(engine_url, capsy
     assert "  $.flow.data.nodes[3]: LangFlow node 'My Component'" in err
 
 
-def test_dry_run_translates_and_validates_offline(capsys, monkeypatch: Any) -> None:
-    from support import langflow_hooks
-
-    import flow_engine.components as components
-
-    monkeypatch.setattr(components, "default_registry", langflow_hooks.registry)
-
+def test_dry_run_translates_and_validates_offline(capsys) -> None:
     ok = flowgate_flows("import", str(EXAMPLES / "agent-calculator.json"), "--dry-run")
     bad = flowgate_flows("import", str(EXAMPLES / "unsupported.json"), "--dry-run")
 

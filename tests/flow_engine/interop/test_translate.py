@@ -9,13 +9,12 @@ import json
 from typing import Any
 
 import pytest
-from support import langflow_hooks
 
-from flow_engine.components.tools import KnowledgeSearchTool
+from flow_engine.components import ComponentRegistry, default_registry
 from flow_engine.flows.validate import validate_flow
 from flow_engine.interop.langflow import LangFlowImportError, translate
 
-REGISTRY = langflow_hooks.registry()
+REGISTRY = default_registry()
 
 
 def nodes_of(translation: Any) -> dict[str, dict[str, Any]]:
@@ -183,7 +182,7 @@ def test_message_history_feeds_a_prompt(example) -> None:
 
 def test_knowledge_maps_once_the_engine_has_knowledge_retrievers(example) -> None:
     export = example("knowledge-search")
-    without = langflow_hooks.ComponentRegistry(
+    without = ComponentRegistry(
         c for c in REGISTRY if c.type_name not in ("KnowledgeRetriever", "KnowledgeSearchTool"))
 
     [unsupported] = refused(export, without).details["unsupported"]
@@ -191,7 +190,7 @@ def test_knowledge_maps_once_the_engine_has_knowledge_retrievers(example) -> Non
     assert unsupported["langflow_type"] == "Knowledge"
     assert "knowledge bases are not available on this engine" in unsupported["what_to_do"]
 
-    t = translate(export, langflow_hooks.registry(KnowledgeSearchTool))
+    t = translate(export, REGISTRY)
     assert nodes_of(t)["Knowledge-kn0w1"]["params"] == {"knowledge_id": "handbook", "k": 3}
     assert nodes_of(t)["Knowledge-kn0w1"]["type"] == "KnowledgeRetriever"
     assert ("ChatInput-a1b2c", "Knowledge-kn0w1", "query") in edges_of(t)
@@ -207,7 +206,7 @@ def test_knowledge_as_an_agents_tool_becomes_a_search_tool(example) -> None:
     export["data"]["edges"].append({"source": "Knowledge-kn0w1", "target": "Agent-4g3nt", "data": {
         "sourceHandle": {"name": "component_as_tool"}, "targetHandle": {"fieldName": "tools"}}})
 
-    t = translate(export, langflow_hooks.registry(KnowledgeSearchTool))
+    t = translate(export, REGISTRY)
 
     assert nodes_of(t)["Knowledge-kn0w1"]["type"] == "KnowledgeSearchTool"
     assert nodes_of(t)["Knowledge-kn0w1"]["params"] == {
@@ -353,3 +352,61 @@ def test_both_parser_types_and_modes(example, type_: str, mode: str, params: dic
     parser["node"]["template"]["mode"]["value"] = mode
 
     assert nodes_of(translate(export, REGISTRY))["parser-p4rs3"]["params"] == params
+
+
+@pytest.mark.parametrize("value", ["", "   ", None])
+def test_a_knowledge_node_with_no_base_chosen_says_how_to_pick_one(example, value) -> None:
+    """LangFlow's starter flows ship their Knowledge node with the dropdown empty."""
+    export = example("knowledge-search")
+    export["data"]["nodes"][1]["data"]["node"]["template"]["knowledge_base"]["value"] = value
+
+    [problem] = refused(export).problems
+
+    assert problem.path == "$.flow.data.nodes[1].data.node.template.knowledge_base.value"
+    assert problem.message == (
+        "Knowledge 'Knowledge' (Knowledge-kn0w1) has no knowledge base chosen: pick a Flowgate "
+        "knowledge base (GET /api/v1/knowledge, or `flowgate knowledge list`) and write its id "
+        "or name in this field")
+
+
+def loop_export(example: Any) -> dict[str, Any]:
+    """basic-prompting with a Loop component and LangFlow's loop-back edge: the Prompt's
+    output goes back into the Loop's ``item`` *output* (``targetHandle.name``, no
+    ``fieldName``), as LangFlow writes a loop."""
+    export = example("basic-prompting")
+    loop = copy.deepcopy(export["data"]["nodes"][1])
+    loop["id"] = loop["data"]["id"] = "LoopComponent-l00p1"
+    loop["data"]["type"] = "LoopComponent"
+    loop["data"]["node"]["display_name"] = "Loop"
+    export["data"]["nodes"].append(loop)
+    export["data"]["edges"].append({
+        "source": "Prompt-p1q2r", "target": "LoopComponent-l00p1", "data": {
+            "sourceHandle": {"dataType": "Prompt", "id": "Prompt-p1q2r", "name": "prompt",
+                             "output_types": ["Message"]},
+            "targetHandle": {"dataType": "LoopComponent", "id": "LoopComponent-l00p1",
+                             "name": "item", "output_types": ["Data"]}}})
+    return export
+
+
+def test_a_loop_is_reported_once_not_again_for_its_loop_back_edge(example) -> None:
+    error = refused(loop_export(example))
+
+    [problem] = error.problems
+    assert problem.path == "$.flow.data.nodes[5]"
+    assert "flows are acyclic" in problem.message
+    assert [u["langflow_type"] for u in error.details["unsupported"]] == ["LoopComponent"]
+
+
+def test_a_loop_back_edge_into_a_mapped_node_is_one_clear_problem(example) -> None:
+    export = loop_export(example)
+    export["data"]["nodes"].pop()  # the edge now loops back into the Prompt itself
+    edge = export["data"]["edges"][-1]
+    edge["target"] = edge["data"]["targetHandle"]["id"] = "Prompt-p1q2r"
+
+    [problem] = refused(export).problems
+
+    assert problem.path == "$.flow.data.edges[3]"
+    assert problem.message == (
+        "a loop-back edge from 'Prompt Template' (Prompt-p1q2r) into output 'item' of "
+        "'Prompt Template' (Prompt-p1q2r): Flowgate flows are acyclic; loop in your app, or let "
+        "an Agent call a FlowTool")
