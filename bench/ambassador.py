@@ -4,7 +4,7 @@ many concurrent slow runs through the ambassador.
 
     .venv/bin/python bench/ambassador.py [--rounds 5] [--per-round 200] [--seconds 4]
         [--wrk-rounds 2] [--slow 200] [--reference auto|haproxy|nginx|none]
-        [--install-reference]
+        [--install-reference] [--otel off|on]
 
 One engine (FLOW_ENGINE_WORKERS=2, SQLite in a temp dir) serves every path:
 
@@ -33,6 +33,12 @@ gunicorn master and its workers before and after). Then ``--slow`` requests at o
 run of ChatInput → ChatModel(openai) → ChatOutput against llm-sim with ttft 1 s, straight to
 the engine (reference: without and with a fresh Idempotency-Key each) and through the
 ambassador; every one must succeed; the ambassador's RSS is sampled during the test.
+
+``--otel on`` adds an engine and an ambassador in front of it that export every span
+(sampling 100 %) over OTLP/HTTP to a receiver in this process (bench/tracing.py's): "direct,
+export on" and "ambassador, export on" take their turns at c1 and c16 with the other paths,
+whose servers export nothing, and the on/off ratios are printed side by side; the JSON gains
+``otel_*`` keys (every other key is as without the option).
 
 Targets: ambassador − floor ≤ 0.3 ms p50 at c1 and ≥ 85 % of the floor's requests/s at
 c16 (the floor measured in the same run); cache-hit p50 below the direct p50; all slow
@@ -77,6 +83,7 @@ from _support import (
     wrk,
 )
 from engine_core import FLOW, QUESTION
+from tracing import Receiver, export_env
 
 KEY = "bench-key"
 CACHED_FLOW = {**FLOW, "id": "bench-rag-cached", "name": "bench cached"}
@@ -97,6 +104,7 @@ SIM_TTFT_S = 1.0
 TARGETS = {"added_p50_c1_ms": 0.7, "throughput_ratio_c16": 0.6,
            "over_floor_p50_c1_ms": 0.3, "throughput_ratio_vs_floor_c16": 0.85}
 FLOOR = "floor: bare gevent WSGI proxy"
+OTEL_DIRECT, OTEL_AMB = "direct, export on", "ambassador, export on"
 
 
 class Caller(Client):
@@ -234,17 +242,20 @@ def reference_proxy(name: str | None, engine_port: int, tmp: Path):
 # -- concurrency 1 and 16 ----------------------------------------------------------------------------
 
 def c1_rounds(callers: list[Caller], front: dict[str, int], engine_pid: int, rounds: int,
-              per_round: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+              per_round: int, engines: dict[str, int] | None = None,
+              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Latencies (ms) per path in interleaved rounds, the order flipped each round so no path
     always goes first; and CPU seconds [proxy in front (pid in ``front``, 0 for none),
-    engine] per path, read around each batch: only that path's servers are busy then."""
+    engine (``engine_pid``, or the path's in ``engines``)] per path, read around each batch:
+    only that path's servers are busy then."""
+    engines = engines or {}
     lat: dict[str, list[float]] = {c.name: [] for c in callers}
     by_round: dict[str, list[list[float]]] = {c.name: [] for c in callers}
     cpu = {c.name: [0.0, 0.0] for c in callers}
     for i in range(rounds):
         for caller in (callers if i % 2 == 0 else callers[::-1]):
             proxy_pids = process_tree(front[caller.name]) if front[caller.name] else []
-            engine_pids = process_tree(engine_pid)
+            engine_pids = process_tree(engines.get(caller.name, engine_pid))
             before = cpu_seconds(proxy_pids), cpu_seconds(engine_pids)
             by_round[caller.name].append(timed_ms(caller, per_round))
             lat[caller.name] += by_round[caller.name][-1]
@@ -256,15 +267,18 @@ def c1_rounds(callers: list[Caller], front: dict[str, int], engine_pid: int, rou
 
 
 def wrk_rounds(paths: dict[str, tuple[str, dict, dict[str, str], int]], *, rounds: int,
-               seconds: float, engine_pid: int) -> dict[str, dict]:
+               seconds: float, engine_pid: int,
+               engines: dict[str, int] | None = None) -> dict[str, dict]:
     """wrk at 16 connections on each path, ``rounds`` times in alternating order; CPU of the
-    proxy in front (its pid, 0 for none) and of the engine per request."""
+    proxy in front (its pid, 0 for none) and of the engine (``engine_pid``, or the path's in
+    ``engines``) per request."""
+    engines = engines or {}
     out = {name: {"requests": 0, "duration": 0.0, "p50": [], "p99": [], "errors": 0,
                   "proxy_cpu_s": 0.0, "engine_cpu_s": 0.0} for name in paths}
     for i in range(rounds):
         for name in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
             url, body, headers, proxy_pid = paths[name]
-            engine_pids = process_tree(engine_pid)
+            engine_pids = process_tree(engines.get(name, engine_pid))
             proxy_pids = process_tree(proxy_pid) if proxy_pid else []
             engine_before, proxy_before = cpu_seconds(engine_pids), cpu_seconds(proxy_pids)
             r = wrk(url, body, headers, connections=16, seconds=seconds)
@@ -371,6 +385,8 @@ def main() -> None:
     parser.add_argument("--reference", choices=("auto", "haproxy", "nginx", "none"), default="auto")
     parser.add_argument("--install-reference", action="store_true",
                         help="apt-get install -y haproxy when no reference proxy is installed")
+    parser.add_argument("--otel", choices=("off", "on"), default="off",
+                        help="on: also an engine and an ambassador exporting every span")
     args = parser.parse_args()
     reference, reference_note = find_reference(args.reference, args.install_reference)
 
@@ -412,6 +428,8 @@ def main() -> None:
         ref_proc, ref_port = stack.enter_context(reference_proxy(reference, engine_port, tmp))
         floor_proc, _ = stack.enter_context(server(floor_cmd, floor_port, "/readyz",
                                                    {"PROMETHEUS_MULTIPROC_DIR": ""}))
+        receiver = Receiver() if args.otel == "on" else None
+        traced = stack.enter_context(traced_pair(receiver, tmp, engine_env, amb_env))
         for flow in (FLOW, CACHED_FLOW, SLOW_FLOW):
             status, text = Client(engine_port, auth).post("/api/v1/flows", flow)
             assert status == 201, text
@@ -430,6 +448,14 @@ def main() -> None:
                                   headers=auth))
         callers.append(Caller(FLOOR, floor_port, "/run-flow", {"flow_id": FLOW["id"],
                                                                "input": QUESTION}))
+        if traced:
+            callers += [Caller(OTEL_DIRECT, traced["engine_port"], f"/api/v1/run/{FLOW['id']}",
+                               direct_body, headers=auth),
+                        Caller(OTEL_AMB, traced["amb_port"], "/run-flow",
+                               {"flow_id": FLOW["id"], "input": QUESTION},
+                               x_cache=("BYPASS", "MISS"))]
+        traced_engines = {OTEL_DIRECT: traced["engine_pid"],
+                          OTEL_AMB: traced["engine_pid"]} if traced else {}
         for _ in range(200):  # warm every worker's compile cache, the pools, the cache entry
             for caller in callers:
                 caller()
@@ -440,9 +466,11 @@ def main() -> None:
         front = {c.name: (amb_proc.pid if c.port == amb_port else ref_proc.pid
                           if c.port == ref_port else floor_proc.pid if c.port == floor_port
                           else 0) for c in callers}
+        if traced:
+            front[OTEL_AMB] = traced["amb_pid"]
         calibration = calibration_ms()
         lat, cpu_c1, by_round = c1_rounds(callers, front, engine_proc.pid, args.rounds,
-                                          args.per_round)
+                                          args.per_round, traced_engines)
         overhead = {c.name: c.overhead_ms for c in callers if c.overhead_ms}
 
         # concurrency 16, wrk
@@ -462,8 +490,13 @@ def main() -> None:
             paths[reference] = (f"http://127.0.0.1:{ref_port}/api/v1/run/{FLOW['id']}",
                                 direct_body, auth, ref_proc.pid)
         paths[FLOOR] = (f"http://127.0.0.1:{floor_port}/run-flow", amb_body, {}, floor_proc.pid)
+        if traced:
+            paths[OTEL_DIRECT] = (f"http://127.0.0.1:{traced['engine_port']}/api/v1/run/"
+                                  f"{FLOW['id']}", direct_body, auth, 0)
+            paths[OTEL_AMB] = (f"http://127.0.0.1:{traced['amb_port']}/run-flow", amb_body, {},
+                               traced["amb_pid"])
         c16 = wrk_rounds(paths, rounds=args.wrk_rounds, seconds=args.seconds,
-                         engine_pid=engine_proc.pid)
+                         engine_pid=engine_proc.pid, engines=traced_engines)
 
         # many concurrent slow runs
         slow_direct_path = f"/api/v1/run/{SLOW_FLOW['id']}"
@@ -553,6 +586,7 @@ def main() -> None:
           f"{slow_amb['retried']} needed a second upstream attempt (X-Upstream-Attempts)")
     print(f"  ambassador RSS (master + worker): {rss_idle:.0f} MB before, peak {peak.peak:.0f} MB "
           f"during, {rss_after:.0f} MB after; worker {worker_rss_idle:.0f} → {worker_rss_after:.0f} MB")
+    otel = otel_figures(p50, p99, c16, receiver) if receiver is not None else {}
     print(f"calibration loop {calibration:.1f} ms (this machine's pace during the run); "
           f"total {time.monotonic() - started:.0f} s")
 
@@ -601,6 +635,7 @@ def main() -> None:
         "floor_cpu_ms_per_request": ms(c16[FLOOR]["proxy_cpu_ms"]),
         "keyed_throughput_ratio_c16": round(keyed["rps"] / c16[direct]["rps"], 3),
         "engine_cpu_ms_per_keyed_request": ms(keyed["engine_cpu_ms"]),
+        **otel,
     })
     if ref_port:
         result.update({
@@ -619,6 +654,60 @@ def main() -> None:
         "throughput_ratio_vs_floor_c16": vs_floor >= TARGETS["throughput_ratio_vs_floor_c16"],
     }
     print(json.dumps(result))
+
+
+@contextmanager
+def traced_pair(receiver: Receiver | None, tmp: Path, engine_env: dict[str, str],
+                amb_env: dict[str, str]):
+    """With a receiver: an engine (its own SQLite file, the bench flow created) and an
+    ambassador in front of it (default filters, no cache), both exporting every span to it;
+    yields their ports and master pids. Without one: an empty dict."""
+    if receiver is None:
+        yield {}
+        return
+    python, engine_port, amb_port = sys.executable, free_port(), free_port()
+    config = tmp / "ambassador-otel.yaml"
+    config.write_text(json.dumps({"upstream": {"url": f"http://127.0.0.1:{engine_port}",
+                                               "key": KEY}, "inbound_auth": {"mode": "none"}}))
+    export = export_env(receiver)
+    engine_cmd = [python, "-m", "flowgate.cli", "engine", "--port", str(engine_port)]
+    amb_cmd = [python, "-m", "flowgate.cli", "ambassador", "--port", str(amb_port),
+               "--config", str(config)]
+    with server(engine_cmd, engine_port, "/readyz", {
+            **engine_env, "DATABASE_URL": f"sqlite:///{tmp / 'otel.db'}",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp / "otel-engine-metrics"), **export}) as (
+            engine_proc, _), server(amb_cmd, amb_port, "/readyz", {**amb_env, **export}) as (
+            amb_proc, _):
+        status, text = Client(engine_port, {"Authorization": f"Bearer {KEY}"}).post(
+            "/api/v1/flows", FLOW)
+        assert status == 201, text
+        yield {"engine_port": engine_port, "amb_port": amb_port, "engine_pid": engine_proc.pid,
+               "amb_pid": amb_proc.pid}
+
+
+def otel_figures(p50: dict[str, float], p99: dict[str, float], c16: dict[str, dict],
+                 receiver: Receiver) -> dict[str, float]:
+    """Print the servers exporting every span beside those exporting none; the JSON keys."""
+    amb = "ambassador, no cache"
+    pairs = (("direct", "direct", OTEL_DIRECT), ("ambassador", amb, OTEL_AMB))
+    print("OpenTelemetry export (100 % sampled, OTLP/HTTP to a local receiver) vs none"
+          f"{'p50 c1 off/on ms':>22}{'on/off':>8}{'c16 req/s off/on':>20}{'on/off':>8}")
+    out: dict[str, float] = {}
+    for key, off, on in pairs:
+        p50_ratio, rps_ratio = p50[on] / p50[off], c16[on]["rps"] / c16[off]["rps"]
+        print(f"  {key:<73}{p50[off]:>9.3f}/{p50[on]:<9.3f}{p50_ratio:>7.2f}x"
+              f"{c16[off]['rps']:>10.0f}/{c16[on]['rps']:<8.0f}{rps_ratio:>6.2f}x")
+        out.update({f"otel_{key}_p50_c1_ms": round(p50[on], 3),
+                    f"otel_{key}_p99_c1_ms": round(p99[on], 3),
+                    f"otel_{key}_p50_c1_ratio": round(p50_ratio, 3),
+                    f"otel_{key}_rps_c16": round(c16[on]["rps"], 1),
+                    f"otel_{key}_rps_c16_ratio": round(rps_ratio, 3)})
+    added_on = p50[OTEL_AMB] - p50[OTEL_DIRECT]
+    print(f"  added by the ambassador (p50), export on {added_on:+.3f} ms, off "
+          f"{p50[amb] - p50['direct']:+.3f} ms; the receiver took {receiver.requests} exports, "
+          f"{receiver.bytes / 1e6:.1f} MB")
+    out.update({"otel_added_p50_c1_ms": round(added_on, 3), "otel_exports": receiver.requests})
+    return out
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from flow_engine.store import SqlFlowStore
 from flow_engine.store.engines import PoolSize
 from flow_engine.tenants import TenantLimits
 from flow_engine.ws_tickets import WsTickets
-from flowgate.common import jsonlog, otel, tracing
+from flowgate.common import gevent_worker, jsonlog, otel, tracing
 from flowgate.common.at_exit import flush_at_exit
 from flowgate.common.signals import Signals
 
@@ -40,6 +40,9 @@ access_log = logging.getLogger("flow_engine.access")
 API_PREFIX = "/api/v1"
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# probes and scrapes (every few seconds, per kubelet, ambassador and Prometheus) make no
+# traces: they would bury the runs in Tempo and fill the span queue
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
                413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited",
@@ -168,7 +171,8 @@ def _install_request_hooks(app: Flask, metrics: EngineMetrics,
         g.trace = tracing.from_headers(request.headers.get("traceparent"),
                                        request.headers.get("X-Request-ID"))
         g.trace_token = tracing.current.set(g.trace)
-        if telemetry is not None:
+        if telemetry is not None and (request.url_rule is None
+                                      or request.url_rule.rule not in _UNTRACED):
             _start_span(telemetry)
 
     @app.after_request
@@ -228,8 +232,10 @@ def _start_span(telemetry: otel.Telemetry) -> None:
     attrs = {"http.request.method": method, "url.path": request.path}
     if route:
         attrs["http.route"] = route
+    # from when the request's head arrived: the time it waited for the worker shows
     g.span = telemetry.server_span(f"{method} {route}" if route else method, g.trace,
-                                   request.headers.get("traceparent"), attrs)
+                                   request.headers.get("traceparent"), attrs,
+                                   gevent_worker.request_arrived())
     g.span_token = telemetry.activate(g.span)
 
 

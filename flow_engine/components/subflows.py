@@ -17,6 +17,13 @@ of its LLM calls goes into the calling run's ledger as it ends (components/llm_c
 the run's usage and per-model figures include it, also when the sub-flow fails afterwards.
 The tool's artifact reports the sub-flow's usage too, for the agent's own figures.
 
+A sub-flow is traced under the tool call that ran it: of the tool's callback handlers only
+those that make spans (:class:`SpanHandler`, ``runs/spans.py``) are asked for a handler of
+the sub-flow's own — its ``run <flow>`` span, a child of the ``execute_tool`` span, with its
+nodes and LLM calls below. The tool's other handlers (the run's recorder) are not handed
+down: they would count the sub-flow's usage a second time and stream its tokens to the
+caller as the run's own.
+
 :class:`EngineSubflows` is what the engine puts in ``BuildContext.extra[SUBFLOWS]``: it finds
 the flow's live version and its compiled graph through the flow service (cached like any
 run's) and invokes it.
@@ -25,7 +32,7 @@ run's) and invokes it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 from uuid import UUID
@@ -83,7 +90,22 @@ class SubflowResult:
 
 
 class Subflows(Protocol):
-    def run(self, flow_ref: str, input_value: str, parent: RunContext) -> SubflowResult: ...
+    def run(self, flow_ref: str, input_value: str, parent: RunContext,
+            callbacks: Any = None) -> SubflowResult: ...
+
+
+class SubflowSpans(Protocol):
+    """The spans of one sub-flow run: a callback handler, ended when the sub-flow is."""
+
+    def end(self, status: str, error: str | None = None,
+            usage: Mapping[str, int] | None = None) -> None: ...
+
+
+class SpanHandler(Protocol):
+    """A callback handler that makes spans and can make a sub-flow's under a tool call."""
+
+    def trace_subflow(self, tool_run_id: UUID | None, *, flow_id: str, version: int,
+                      node_types: Mapping[str, str]) -> SubflowSpans: ...
 
 
 class _FlowService(Protocol):  # flow_engine.service.FlowService, as far as it is used here
@@ -99,7 +121,10 @@ class EngineSubflows:
     def __init__(self, flows: _FlowService) -> None:
         self.flows = flows
 
-    def run(self, flow_ref: str, input_value: str, parent: RunContext) -> SubflowResult:
+    def run(self, flow_ref: str, input_value: str, parent: RunContext,
+            callbacks: Any = None) -> SubflowResult:
+        """``callbacks``: the tool call's child callback manager (its handlers, the tool's
+        run id as their parent): where the sub-flow's spans hang."""
         from flow_engine.errors import Conflict, NotFound
         from flow_engine.flows.values import to_text
 
@@ -123,18 +148,54 @@ class EngineSubflows:
         watch = _SubflowWatch(parent)
         log.info("subflow", extra={"flow_id": flow.id, "version": flow.live_version,
                                    "parent_flow_id": parent.flow_id, "tenant": parent.tenant,
-                                   "trace_id": parent.trace_id, "depth": len(context.chain)})
-        values = compiled.runnable.invoke(
-            {"input_value": input_value, "input_type": "chat", "session_id": parent.session_id,
-             "tenant": parent.tenant, "flow_id": flow.id},
-            {"callbacks": [watch], "configurable": {RUN_CONTEXT: context},
-             "metadata": {"flowgate_trace_id": parent.trace_id,
-                          "flowgate_parent_flow": parent.flow_id}})
+                                   "identity": parent.identity, "trace_id": parent.trace_id,
+                                   "depth": len(context.chain)})
+        spans = _subflow_spans(callbacks, flow.id, flow.live_version, compiled.node_types)
+        try:
+            values = compiled.runnable.invoke(
+                {"input_value": input_value, "input_type": "chat",
+                 "session_id": parent.session_id, "tenant": parent.tenant, "flow_id": flow.id},
+                {"callbacks": [watch, *spans], "configurable": {RUN_CONTEXT: context},
+                 "metadata": {"flowgate_trace_id": parent.trace_id,
+                              "flowgate_parent_flow": parent.flow_id}})
+        except RunCancelled as exc:
+            _end_spans(spans, "cancelled", exc.code, watch.usage)
+            raise
+        except BaseException as exc:
+            _end_spans(spans, "failed", type(exc).__name__, watch.usage)
+            raise
+        _end_spans(spans, "succeeded", None, watch.usage)
         ran = [nid for nid in compiled.output_ids if nid in values]
         chat = [nid for nid in ran if compiled.node_types[nid] == "ChatOutput"]
         first = (chat or ran or [None])[0]
         output = to_text(values[first]) if first is not None else ""
         return SubflowResult(flow.id, flow.live_version, output, watch.usage)
+
+
+def _subflow_spans(callbacks: Any, flow_id: str, version: int,
+                   node_types: Mapping[str, str]) -> list[Any]:
+    """A span handler for the sub-flow from each of the tool call's span handlers (none
+    when the run is not traced); tracing never fails a run."""
+    handlers: Iterable[Any] = getattr(callbacks, "handlers", callbacks) or ()
+    tool_run_id = getattr(callbacks, "parent_run_id", None)
+    spans = []
+    for handler in handlers:
+        if callable(getattr(handler, "trace_subflow", None)):
+            try:
+                spans.append(handler.trace_subflow(tool_run_id, flow_id=flow_id,
+                                                   version=version, node_types=node_types))
+            except Exception:
+                log.exception("the sub-flow's spans could not be started")
+    return spans
+
+
+def _end_spans(spans: Iterable[SubflowSpans], status: str, error: str | None,
+               usage: Mapping[str, int]) -> None:
+    for span in spans:
+        try:
+            span.end(status, error, usage)
+        except Exception:
+            log.exception("the sub-flow's spans could not be ended")
 
 
 class _SubflowWatch(BaseCallbackHandler):

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from langchain_core.callbacks import CallbackManagerForToolRun
 from langchain_core.documents import Document
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool, ToolException
@@ -126,12 +127,15 @@ class FlowRunnerTool(FlowgateTool):
     flow_id: str
     subflows: Any = None
 
-    def _run(self, input: str, config: RunnableConfig) -> tuple[str, dict[str, Any]]:
+    def _run(self, input: str, config: RunnableConfig,
+             run_manager: CallbackManagerForToolRun | None = None) -> tuple[str, dict[str, Any]]:
         if self.subflows is None:
             raise ToolException("running flows from flows is not available on this engine")
         parent = run_context(config)
         try:
-            result = self.subflows.run(self.flow_id, input, parent)
+            # the tool call's handlers, its run id their parent: the sub-flow's spans hang there
+            below = run_manager.get_child() if run_manager is not None else None
+            result = self.subflows.run(self.flow_id, input, parent, below)
         except RunCancelled:
             raise
         except SubflowRefused as exc:

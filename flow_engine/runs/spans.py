@@ -6,12 +6,17 @@
           chat                          gen_ai.* (OpenTelemetry GenAI semantic conventions),
                                         the first token as an event
           execute_tool                  an Agent's tool call (gen_ai.tool.name)
+            run <sub-flow>              a FlowTool's flow (flowgate.parent_flow.id), its
+              node <id>                 nodes and LLM calls as above
+                chat
 
 :class:`RunSpans` is one more LangChain callback handler next to the runner's recorder
 (``runs/runner.py``), mapping LangChain's runs to nodes the same way: the graph's root run
 is the flow, its direct children named like a node are the nodes, and anything below a node
 belongs to it. The run span's parent is the span of the request that started the run,
 captured when the run was prepared (a streamed run executes in a greenlet of its own).
+A flow a FlowTool runs gets a RunSpans of its own under the tool's span
+(:meth:`RunSpans.trace_subflow`, asked by ``components/subflows.py``).
 """
 
 from __future__ import annotations
@@ -32,15 +37,19 @@ class RunSpans(BaseCallbackHandler):
     run_inline = True  # spans start and end in the order things happen
     raise_error = False  # a tracing problem never fails a run
 
-    def __init__(self, telemetry: Telemetry, parent: Context | None, *, flow_id: str,
+    def __init__(self, telemetry: Telemetry, parent: Span | Context | None, *, flow_id: str,
                  version: int, run_id: str, node_types: Mapping[str, str],
-                 session_id: str | None, tenant: str | None) -> None:
+                 session_id: str | None, tenant: str | None,
+                 parent_flow_id: str | None = None) -> None:
         self._t = telemetry
         self._types = node_types
+        self._flow_id, self._run_id, self._session, self._tenant = (flow_id, run_id,
+                                                                    session_id, tenant)
         self.run = telemetry.child(parent, f"run {flow_id}", attributes={
             "flowgate.flow.id": flow_id, "flowgate.flow.version": version,
             "flowgate.run.id": run_id, "flowgate.tenant": tenant or "",
-            **({"session.id": session_id} if session_id else {})})
+            **({"session.id": session_id} if session_id else {}),
+            **({"flowgate.parent_flow.id": parent_flow_id} if parent_flow_id else {})})
         self._root: UUID | None = None
         self._owner: dict[UUID, Span] = {}  # every LangChain run inside a node → its span
         self._open: dict[Any, Span] = {}  # spans started here and not yet ended
@@ -65,6 +74,16 @@ class RunSpans(BaseCallbackHandler):
                 skipped.end(end_time=now)
         attrs = {f"flowgate.usage.{k}": v for k, v in (usage or {}).items()}
         ended_with(self.run, error=error, **{"flowgate.run.status": status}, **attrs)
+
+    def trace_subflow(self, tool_run_id: UUID | None, *, flow_id: str, version: int,
+                      node_types: Mapping[str, str]) -> RunSpans:
+        """The spans of a flow that the tool call ``tool_run_id`` runs (a FlowTool): a
+        handler of its own, its run span a child of the tool's span. Its caller ends it."""
+        parent = self._open.get(_tool_key(tool_run_id)) if tool_run_id else None
+        return RunSpans(self._t, parent or self._owner.get(tool_run_id) or self.run,
+                        flow_id=flow_id, version=version, run_id=self._run_id,
+                        node_types=node_types, session_id=self._session, tenant=self._tenant,
+                        parent_flow_id=self._flow_id)
 
     # -- LangChain callbacks -----------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import contextvars
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -145,17 +146,22 @@ class Telemetry:
         self.tracer = self.provider.get_tracer("flowgate")
 
     def server_span(self, name: str, trace_ctx: tracing.TraceContext, incoming: str | None,
-                    attributes: Mapping[str, Any] | None = None) -> Span:
+                    attributes: Mapping[str, Any] | None = None,
+                    arrived: float | None = None) -> Span:
         """The span of a request this service received: a child of the caller's
         ``traceparent`` (``incoming``) when it is valid, else the root of the trace whose id
-        ``trace_ctx`` (the one the logs carry) holds."""
+        ``trace_ctx`` (the one the logs carry) holds. It starts when the request ``arrived``
+        (a ``time.perf_counter()`` reading, ``gevent_worker.request_arrived``) when known:
+        the time it waited for a busy worker is the service's, and shows."""
+        start = epoch_ns(arrived)
         parsed = tracing.parse_traceparent(incoming)
         if parsed is not None:
             return self.tracer.start_span(name, remote_parent(*parsed), SpanKind.SERVER,
-                                          attributes)
+                                          attributes, start_time=start)
         token = _next_trace_id.set(int(trace_ctx.trace_id, 16))
         try:
-            return self.tracer.start_span(name, Context(), SpanKind.SERVER, attributes)
+            return self.tracer.start_span(name, Context(), SpanKind.SERVER, attributes,
+                                          start_time=start)
         finally:
             _next_trace_id.reset(token)
 
@@ -199,6 +205,13 @@ class Telemetry:
 
         threading.Thread(target=send, name="otel-flush", daemon=True).start()
         return done.wait(timeout_s)
+
+
+def epoch_ns(perf: float | None) -> int | None:
+    """A ``time.perf_counter()`` reading of a moment just past as a span's time (Unix ns)."""
+    if perf is None:
+        return None
+    return time.time_ns() - max(0, int((time.perf_counter() - perf) * 1e9))
 
 
 def remote_parent(trace_id: str, span_id: str, flags: str) -> Context:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -194,3 +195,41 @@ def test_the_callers_sampled_flag_neither_forces_nor_stops_tracing(flag, low_bit
     assert span.is_recording() is (low_bits == "0000000000000000")
     assert t.child(span, "run").is_recording() is span.is_recording()  # children follow
     span.end()
+
+
+def test_the_engines_request_span_starts_when_the_request_arrived(tmp_path, monkeypatch) -> None:
+    """A request whose head arrived 5 s ago (the gevent worker notes it; here it is set) and
+    waited for a busy worker since: the engine's span, received over OTLP, shows the wait."""
+    from prometheus_client import CollectorRegistry
+    from support.keys import KEYS, as_
+    from support.otlp import otlp_receiver
+
+    from flow_engine.app import create_app
+    from flow_engine.metrics import EngineMetrics
+    from flowgate.common import gevent_worker
+
+    trace_id = "5" * 32
+    with otlp_receiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        app = create_app({"database_url": f"sqlite:///{tmp_path / 'engine.db'}",
+                          "api_keys": KEYS, "maintenance_interval_s": 0,
+                          "rollout_interval_s": 0}, metrics=EngineMetrics(CollectorRegistry()))
+        eng = app.extensions["flowgate"]
+        try:
+            token = gevent_worker._ARRIVED.set(time.perf_counter() - 5)
+            sent = time.time_ns()
+            try:
+                resp = app.test_client().get("/api/v1/flows", headers={
+                    **as_("editor"), "traceparent": f"00-{trace_id}-{'6' * 16}-01"})
+                resp.close()
+            finally:
+                gevent_worker._ARRIVED.reset(token)
+            assert resp.status_code == 200
+            [span] = receiver.wait_for_trace(trace_id, bool, "the request's span")
+        finally:
+            eng.maintenance.stop()
+            eng.runs.executor.close()
+            eng.store.close()
+    assert span.name == "GET /api/v1/flows"
+    assert span.start_ns <= sent - 4_000_000_000 < span.end_ns

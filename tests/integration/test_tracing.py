@@ -48,6 +48,23 @@ ROUTED = {  # a router that skips one branch: the skipped node still has its spa
               {"source": "route", "source_output": "false", "target": "no"},
               {"source": "yes", "target": "out"}],
 }
+ORDERS = {"id": "traced-orders", "nodes": [  # the flow the assistant's tool runs
+    {"id": "in", "type": "ChatInput"},
+    {"id": "llm", "type": "ChatModel",
+     "params": {"provider": "openai", "model": "orders-model", "max_retries": 0}},
+    {"id": "out", "type": "ChatOutput"}],
+    "edges": [{"source": "in", "target": "llm"}, {"source": "llm", "target": "out"}]}
+ASSISTANT = {"id": "traced-assistant", "nodes": [
+    {"id": "in", "type": "ChatInput"},
+    {"id": "agent", "type": "Agent", "params": {
+        "model": "flowgate-sim", "system_prompt": "Ask orders.", "max_retries": 0,
+        "tools": ["orders"]}},
+    {"id": "orders", "type": "FlowTool", "params": {
+        "flow_id": "traced-orders", "name": "orders", "description": "Looks an order up."}},
+    {"id": "out", "type": "ChatOutput"}],
+    "edges": [{"source": "in", "target": "agent", "target_input": "input"},
+              {"source": "orders", "target": "agent", "target_input": "tools.orders"},
+              {"source": "agent", "target": "out"}]}
 
 
 def otel_env(endpoint: str) -> dict[str, str]:
@@ -177,6 +194,59 @@ def test_a_streamed_run_and_a_skipped_branch(traced, receiver, fresh_llm_sim) ->
     engine_span = one(spans, "flowgate-engine", "POST /api/v1/run/")
     assert run.parent_span_id == engine_span.span_id
     assert engine_span.end_ns >= run.end_ns  # the server span lasts until the stream ends
+
+
+def test_a_flow_a_tool_runs_has_its_llm_call_under_the_tool_span(traced, receiver,
+                                                                 fresh_llm_sim) -> None:
+    engine, amb = traced
+    for definition in (ORDERS, ASSISTANT):
+        resp = requests.post(engine.url + "/api/v1/flows", json=definition, headers=ENGINE_AUTH,
+                             timeout=10)
+        assert resp.status_code in (201, 409), resp.text
+    trace_id = uuid.uuid4().hex
+    resp = amb.run("Where is order 42?", flow_id="traced-assistant",
+                   headers={"traceparent": f"00-{trace_id}-{'f' * 16}-01"})
+    assert resp.status_code == 200, resp.text
+    usage = resp.json()["usage"]
+
+    spans = receiver.wait_for_trace(
+        trace_id, lambda s: whole(s) and bool(by_name(s, "flowgate-engine", "run traced-orders")),
+        "the run's and its sub-flow's spans")
+    tool = one(spans, "flowgate-engine", "execute_tool")
+    sub = one(spans, "flowgate-engine", "run traced-orders")
+    chats = by_name(spans, "flowgate-engine", "chat")
+    [sub_chat] = [c for c in chats if c.attributes["gen_ai.request.model"] == "orders-model"]
+    by_id = {s.span_id: s for s in spans}
+    assert sub.parent_span_id == tool.span_id
+    assert by_id[sub_chat.parent_span_id].parent_span_id == sub.span_id  # node llm
+    # Tempo's token totals for the trace are the run's usage
+    assert len(chats) == usage["llm_calls"] == 3
+    for side in ("input", "output"):
+        assert sum(c.attributes[f"gen_ai.usage.{side}_tokens"] for c in chats) \
+            == usage[f"{side}_tokens"]
+
+
+def test_probes_and_metric_scrapes_make_no_spans(traced, receiver, fresh_llm_sim) -> None:
+    """Neither service traces /healthz, /readyz, /metrics — the ambassador's own probes of
+    the engine's /readyz included, which it sends every half second. Each engine worker (one
+    here) exports its spans in the order they ended, so once a later run's spans have
+    arrived, the probes' would have too."""
+    engine, amb = traced
+    probe_trace = uuid.uuid4().hex
+    for url in (engine.url, amb.url):
+        for path in ("/healthz", "/readyz", "/metrics"):
+            requests.get(url + path, timeout=10,
+                         headers={"traceparent": f"00-{probe_trace}-{'1' * 16}-01"})
+    trace_id = uuid.uuid4().hex
+    assert amb.run("after the probes", headers={
+        "traceparent": f"00-{trace_id}-{'2' * 16}-01"}).status_code == 200
+    receiver.wait_for_trace(trace_id, whole, "the run's spans")
+    probes = {"/healthz", "/readyz", "/metrics"}
+    with receiver._lock:
+        spans = list(receiver.spans)
+    probed = [(s.service, s.name) for s in spans if s.trace_id == probe_trace
+              or probes & {s.attributes.get("url.path"), s.attributes.get("http.route")}]
+    assert probed == []
 
 
 def test_a_failed_llm_call_marks_its_spans_and_the_answer_is_the_usual_error(
