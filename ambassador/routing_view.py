@@ -6,8 +6,14 @@ version live was before a publish or rollback).
 The view of a flow (its id, live version, canary and sticky key) is the engine's
 ``GET /api/v1/flows/{ref}``, kept at most ``check_s`` (2 s). With Redis the engine's
 ``flow_changed`` signal (channel ``flowgate:signals``, flowgate/common/signals.py) drops it at
-once, so the next request reads the new routing. When the engine cannot be asked, the last
-view stands (a cached answer may still be served stale-if-error).
+once, so the next request reads the new routing. When the engine cannot be asked, the view
+keeps the time it was read: once that is ``check_s`` old the routing is unknown — the
+version is None (``X-Cache: BYPASS``, never a guess), and the engine is asked again
+``check_s`` after the failed try, not on every request meanwhile. Without Redis nothing else
+would tell the ambassador of a publish made meanwhile, so serving hits by an old view could
+serve the old version's answers for as long as the engine's flow record cannot be read.
+``last_version_for`` still answers from the last view, whatever its age: for a stale answer
+when the engine fails (stale-if-error), never for a hit.
 
 ``version_for(request)`` repeats the engine's choice (flow_engine/routing.py):
 
@@ -23,6 +29,7 @@ view stands (a cached answer may still be served stale-if-error).
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -59,57 +66,60 @@ class RoutingView:
         self._fetch = fetch
         self.check_s = check_s
         self._clock = clock
-        self._views: dict[str, tuple[float, FlowView | None]] = {}  # ref → (read at, view)
+        self._views: dict[str, _Seen] = {}
         self._generation = 0  # bumped by every forget: a read that began before is dropped
         self._lock = threading.Lock()
 
     def version_for(self, flow_ref: str, body: dict[str, Any]) -> int | None:
-        pinned = body.get("version")
-        if isinstance(pinned, float) and pinned.is_integer():
-            pinned = int(pinned)
-        if isinstance(pinned, int) and not isinstance(pinned, bool):
+        """The version that will answer; None when that is not known now."""
+        pinned = _pin(body)
+        return pinned if pinned is not None else _choose(self.view(flow_ref), body)
+
+    def last_version_for(self, flow_ref: str, body: dict[str, Any]) -> int | None:
+        """The version the last view of the flow chose, however old (for stale-if-error)."""
+        pinned = _pin(body)
+        if pinned is not None:
             return pinned
-        view = self.view(flow_ref)
-        if view is None or view.live is None:
-            return None
-        if view.canary is None or view.percent <= 0:
-            return view.live
-        session = body.get("session_id")
-        if not view.sticky_key or not isinstance(session, str):
-            return None  # the engine draws: unknown until it answers
-        digest = hashlib.sha256(f"{view.flow_id}\0{session}".encode()).digest()
-        point = int.from_bytes(digest[:8], "big") / 2**64
-        return view.canary if point * 100 < view.percent else view.live
+        with self._lock:
+            hit = self._views.get(flow_ref)
+        return _choose(hit.view if hit is not None else None, body)
 
     def view(self, flow_ref: str) -> FlowView | None:
-        """The flow's routing as the engine last said (None: no such flow, or never
-        known); asked again once it is ``check_s`` old or its flow changed."""
+        """The flow's routing as the engine said at most ``check_s`` ago (None: no such
+        flow, or not known now); asked again once it is ``check_s`` old or its flow changed,
+        or ``check_s`` after a failed try."""
         now = self._clock()
         with self._lock:
             hit = self._views.get(flow_ref)
             generation = self._generation
-        if hit is not None and now - hit[0] < self.check_s:
-            return hit[1]
+        if hit is not None and now - hit.read_at < self.check_s:
+            return hit.view
+        if hit is not None and now - hit.asked_at < self.check_s:
+            return None  # the last re-check failed: unknown until the next one
         try:
             flow = self._fetch(flow_ref)
-            fresh = FlowView.parse(flow) if flow else None
+            seen = _Seen(now, FlowView.parse(flow) if flow else None, now)
+            known = seen.view
         except Exception:
-            # not asked (or no sense made of the answer): the last view stands, and the
-            # engine is asked again after check_s, not on every request meanwhile
-            fresh = hit[1] if hit is not None else None
+            # not asked (or no sense made of the answer): unknown; the last view is kept
+            # with its own time (for stale-if-error), and the engine asked after check_s
+            seen = _Seen(hit.read_at, hit.view, now) if hit is not None else _Seen(
+                -math.inf, None, now)
+            known = None
         with self._lock:
             if generation == self._generation:  # no change was signalled while we asked
                 if len(self._views) >= MAX_FLOWS:
                     self._views.clear()
-                self._views[flow_ref] = (now, fresh)
-        return fresh
+                self._views[flow_ref] = seen
+        return known
 
     def forget(self, flow_id: str | None, name: str | None = None) -> None:
         """A flow changed (the engine's signal): its views go."""
         with self._lock:
             self._generation += 1
-            for ref, (_, view) in list(self._views.items()):
-                if ref in (flow_id, name) or (view is not None and view.flow_id == flow_id):
+            for ref, seen in list(self._views.items()):
+                if ref in (flow_id, name) or (seen.view is not None
+                                              and seen.view.flow_id == flow_id):
                     del self._views[ref]
 
     def forget_all(self) -> None:
@@ -117,3 +127,33 @@ class RoutingView:
         with self._lock:
             self._generation += 1
             self._views.clear()
+
+
+@dataclass(frozen=True)
+class _Seen:
+    read_at: float  # when the engine last answered (-inf: never)
+    view: FlowView | None
+    asked_at: float  # when it was last asked
+
+
+def _pin(body: dict[str, Any]) -> int | None:
+    pinned = body.get("version")
+    if isinstance(pinned, float) and pinned.is_integer():
+        pinned = int(pinned)
+    if isinstance(pinned, int) and not isinstance(pinned, bool):
+        return pinned
+    return None
+
+
+def _choose(view: FlowView | None, body: dict[str, Any]) -> int | None:
+    """The engine's choice (flow_engine/routing.py) by ``view``; None when not known."""
+    if view is None or view.live is None:
+        return None
+    if view.canary is None or view.percent <= 0:
+        return view.live
+    session = body.get("session_id")
+    if not view.sticky_key or not isinstance(session, str):
+        return None  # the engine draws: unknown until it answers
+    digest = hashlib.sha256(f"{view.flow_id}\0{session}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64
+    return view.canary if point * 100 < view.percent else view.live

@@ -66,7 +66,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     store = SqlFlowStore(settings.database_url,
                          on_error=lambda op: metrics.store_errors.labels(op).inc(),
                          on_reconnect=lambda op: metrics.store_reconnects.labels(op).inc(),
-                         on_audit=lambda e: metrics.flow_changes.labels(e.flow_id, e.action).inc(),
+                         on_audit=metrics.audited,
                          pool=PoolSize(settings.db_pool_size, settings.db_max_overflow,
                                        settings.db_pool_timeout_s))
     if migrate:
@@ -89,7 +89,8 @@ def create_app(config: Mapping[str, Any] | None = None, *, metrics: EngineMetric
     maintenance = Maintenance(store, settings, metrics)
     maintenance.start()  # a pass now (runs left behind by a dead process), then periodically
     rollouts = RolloutController(store, outcomes, metrics, interval_s=settings.rollout_interval_s,
-                                 on_change=flow_service.forget)
+                                 on_change=flow_service.forget,
+                                 check_builds=flow_service.check_builds)
     outcomes.start()
     rollouts.start()
     flush_at_exit(outcomes.flush)

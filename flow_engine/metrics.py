@@ -5,10 +5,16 @@ multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set (``flowgate engine`` 
 ``/metrics`` then aggregates all workers. Gauges sum over live workers. Tests pass their
 own ``CollectorRegistry``.
 
-Per-version figures (runs, duration, time to first token, tokens) carry a ``version`` label
-kept bounded by :class:`VersionLabels`: a flow's versions that served in the last hour, at
-most ``MAX_VERSIONS`` of them by number, any more as ``other``. A version idle for an hour
-loses its series (in multiprocess mode a worker's files keep them until it restarts).
+Per-version figures (runs, failures, duration, time to first token, tokens) carry a
+``version`` label kept bounded by :class:`VersionLabels`: a flow's versions that served in
+the last hour, at most ``MAX_VERSIONS`` of them by number, any more as ``other``. A version
+idle for an hour loses its series (in multiprocess mode a worker's files keep them until it
+restarts).
+
+Counters that alerts and Grafana annotations take ``increase()`` or ``rate()`` of must exist
+before their first increment (a series born at 1 shows no increase): the failures of a
+version, the calls of a model by outcome and the changes of a flow by action are
+:class:`FromZero` — all the known values of their last label appear at 0 together.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -26,6 +33,58 @@ from flowgate.common.prometheus import ServiceMetrics
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 NODE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# the known values of the last label of the FromZero counters (others still count, from 1)
+RUN_FAILURE_REASONS = ("llm_error", "run_timeout", "run_failed", "run_cancelled", "internal")
+LLM_CALL_OUTCOMES = ("ok", "error", "rate_limited", "timeout", "cancelled")
+FLOW_CHANGE_ACTIONS = ("create", "new_version", "publish", "rollback", "routing", "delete",
+                       "canary_step", "canary_promoted", "canary_aborted", "auto_rollback",
+                       "publish_verified")
+
+
+class FromZero:
+    """A labelled counter whose series start together at 0: the first time a key (every
+    label but the last) is used — or :meth:`start` names it ahead — its series for each of
+    ``values`` are created, so ``increase()`` sees the first increment of each (a series born
+    at 1 shows none). Keys are only as many as the labels before the last allow (flows,
+    bounded versions, bounded models). Everything else is the counter's own."""
+
+    def __init__(self, counter: Counter, values: tuple[str, ...]) -> None:
+        self.counter = counter
+        self.values = values
+        self._seen: dict[tuple[str, ...], set[str]] = {}  # key → its last-label values
+        self._lock = threading.Lock()
+
+    def start(self, *key: str) -> None:
+        if key not in self._seen:
+            self._add(key, None)
+
+    def labels(self, *labels: str):
+        key, last = labels[:-1], labels[-1]
+        seen = self._seen.get(key)
+        if seen is None or last not in seen:
+            self._add(key, last)
+        return self.counter.labels(*labels)
+
+    def _add(self, key: tuple[str, ...], last: str | None) -> None:
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None:
+                seen = self._seen[key] = set()
+                for value in self.values:
+                    self.counter.labels(*key, value)
+                    seen.add(value)
+            if last is not None:
+                seen.add(last)
+
+    def forget(self, *key: str) -> None:
+        """Drop a key's series (every value of its last label) from this registry."""
+        with self._lock:
+            seen = self._seen.pop(key, set())
+        for value in seen:
+            self.counter.remove(*key, value)
+
+    def __getattr__(self, name: str):
+        return getattr(self.counter, name)
 
 
 class EngineMetrics(ServiceMetrics):
@@ -69,11 +128,11 @@ class EngineMetrics(ServiceMetrics):
             ["flow", "version", "direction"], **kw)
         # each LLM call (flow_engine/components/llm_calls.py: LlmCall; a sub-flow's too), by
         # the model it was sent to
-        self.llm_calls = Counter(
+        self.llm_calls = FromZero(Counter(
             "flowgate_engine_llm_calls_total",
             "LLM calls by provider (the endpoint's host), model and outcome (ok, error, "
             "rate_limited, timeout, cancelled).",
-            ["provider", "model", "outcome"], **kw)
+            ["provider", "model", "outcome"], **kw), LLM_CALL_OUTCOMES)
         self.llm_call_duration = Histogram(
             "flowgate_engine_llm_call_duration_seconds",
             "LLM call latency, from the request to its last token, by provider and model.",
@@ -82,10 +141,11 @@ class EngineMetrics(ServiceMetrics):
             "flowgate_engine_llm_model_tokens_total",
             "LLM tokens by provider, model and direction (input|output).",
             ["provider", "model", "direction"], **kw)
-        self.run_failures = Counter(
+        self.run_failures = FromZero(Counter(
             "flowgate_engine_run_failures_total",
-            "Runs that did not succeed, by flow and reason (the error code: llm_error, "
-            "run_timeout, run_failed, run_cancelled, ...).", ["flow", "reason"], **kw)
+            "Runs that did not succeed, by flow, version and reason (the error code: "
+            "llm_error, run_timeout, run_failed, run_cancelled, ...).",
+            ["flow", "version", "reason"], **kw), RUN_FAILURE_REASONS)
         self.active_runs = Gauge(
             "flowgate_engine_active_runs", "Runs in progress.", multiprocess_mode="livesum", **kw)
         self.compile_cache = Counter(
@@ -162,10 +222,16 @@ class EngineMetrics(ServiceMetrics):
             "Changes the rollout controller made, by flow and action (canary_step|"
             "canary_promoted|canary_aborted|auto_rollback|publish_verified).",
             ["flow", "action"], **kw)
-        self.flow_changes = Counter(
+        self.flow_changes = FromZero(Counter(
             "flowgate_engine_flow_changes_total",
             "Changes to flows (audit log entries) made through this process, by flow and "
-            "action: Grafana's annotations of the Rollouts row.", ["flow", "action"], **kw)
+            "action: Grafana's annotations of the Rollouts row.", ["flow", "action"], **kw),
+            FLOW_CHANGE_ACTIONS)
+        self.canary_percent = Gauge(
+            "flowgate_engine_canary_percent",
+            "The percent of a flow's runs its routing sends to its canary version (0: no "
+            "canary), as the last change made through any process set it.",
+            ["flow"], multiprocess_mode="mostrecent", **kw)
         self.outcome_flush_errors = Counter(
             "flowgate_engine_outcome_flush_errors_total",
             "Failed additions of run outcomes to the shared window (kept for the next try).",
@@ -189,6 +255,19 @@ class EngineMetrics(ServiceMetrics):
             self.retention_deleted.labels(kind)
         for result in ("done", "skipped", "failed"):
             self.maintenance_runs.labels(result)
+
+    def audited(self, entry: Any) -> None:
+        """A committed change to a flow (the store's ``on_audit``, an AuditEntry): counted,
+        and the flow's canary percent set from the routing it left (a new version leaves
+        the routing as it was)."""
+        self.flow_changes.labels(entry.flow_id, entry.action).inc()
+        if entry.action != "new_version":
+            self.canary_percent.labels(entry.flow_id).set(canary_percent(entry.routing))
+
+
+def canary_percent(routing: dict[str, Any] | None) -> float:
+    canary = (routing or {}).get("canary") or {}
+    return float(canary.get("percent") or 0)
 
 
 MAX_VERSIONS = 10  # per flow, within VERSION_TTL_S
@@ -238,6 +317,7 @@ def forget_version(metrics: EngineMetrics, flow_id: str, version: str) -> None:
         for last in extra or (None,):
             labels = (flow_id, version) if last is None else (flow_id, version, last)
             metric.remove(*labels)
+    metrics.run_failures.forget(flow_id, version)
 
 
 MAX_MODELS = 50  # distinct (provider, model) label pairs a process reports; then "other"

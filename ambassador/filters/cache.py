@@ -94,8 +94,13 @@ class Cache:
             # answered from the cache, stored in it or shared with identical requests
             return self._mark(next(request), "BYPASS")
         version = self.routing.version_for(request.flow_id or "", request.body or {})
-        if version is None:  # the engine draws the version: no lookup, no flight
-            return self._fetch(request, next, cfg, directives, None, None)
+        if version is None:  # the engine draws, or the routing is unknown now: no lookup, no flight
+            response = self._fetch(request, next, cfg, directives, None, None)
+            last = self.routing.last_version_for(request.flow_id or "", request.body or {})
+            if last is None or not _upstream_failed(response):
+                return response
+            return self._stale(cache_key(request, cfg.session_in_key, last), None, cfg,
+                               response) or response
         key = cache_key(request, cfg.session_in_key, version)
         no_cache = "no-cache" in directives
         landed = self.flights.landed

@@ -18,13 +18,19 @@ A guarded *publish* is judged the same way with the previous live version as the
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# Duration buckets (seconds) of the outcome histograms; p95 is read off them.
-BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, math.inf)
+# Duration buckets (seconds) of the outcome histograms: upper bounds 10 ms × 1.2^i up to
+# ~14 min, then the rest. Neighbours 1.2× apart and p95 interpolated within its bucket keep
+# the latency guard's error within ±20 % of the true ratio (a 1.22× slowdown holds at a
+# ratio of 1.5, a 1.8× one breaches it) — coarser buckets rounded p95 up by 2–3×. The store
+# has a column per bucket (flow_engine/store/schema.py: OUTCOME_BUCKETS).
+BUCKET_GROWTH = 1.2
+BUCKETS = (*(round(0.01 * BUCKET_GROWTH ** i, 6) for i in range(63)), math.inf)
 
 
 @dataclass
@@ -56,29 +62,33 @@ class Outcomes:
         self.histogram = [a + b for a, b in zip(self.histogram, other.histogram, strict=True)]
 
     def p95(self) -> float | None:
-        """The upper bound of the bucket holding the 95th percentile (None: no runs)."""
+        """The 95th percentile duration, interpolated linearly within the bucket that holds
+        it (as Prometheus' ``histogram_quantile``); inf when that is the last, unbounded
+        bucket; None: no runs."""
         total = sum(self.histogram)
         if not total:
             return None
-        rank, seen = math.ceil(0.95 * total), 0
-        for upper, count in zip(BUCKETS, self.histogram, strict=True):
+        rank, seen = 0.95 * total, 0
+        for i, count in enumerate(self.histogram):
+            if count and seen + count >= rank:
+                upper = BUCKETS[i]
+                if math.isinf(upper):
+                    return upper
+                lower = BUCKETS[i - 1] if i else 0.0
+                return lower + (upper - lower) * (rank - seen) / count
             seen += count
-            if seen >= rank:
-                return upper
         return BUCKETS[-1]
 
     def as_dict(self) -> dict[str, Any]:
         p95 = self.p95()
         return {"runs": self.runs, "failed": self.failed,
                 "error_rate": round(self.error_rate, 4),
-                "p95_s": None if p95 is None or math.isinf(p95) else p95}
+                "p95_s": None if p95 is None or math.isinf(p95) else round(p95, 4)}
 
 
 def bucket_of(seconds: float) -> int:
-    for i, upper in enumerate(BUCKETS):
-        if seconds <= upper:
-            return i
-    return len(BUCKETS) - 1
+    """The first bucket whose upper bound is at least ``seconds``."""
+    return min(bisect.bisect_left(BUCKETS, seconds), len(BUCKETS) - 1)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ verdict                    change (actor ``engine``; ``reason`` holds the figure
 =========================  ==============================================================
 canary ``abort``           routing back to live only — audit ``canary_aborted``
 canary ``step``            canary percent to the next step — audit ``canary_step``
-canary ``promote``         the canary becomes live — audit ``canary_promoted``
+canary ``promote``         the canary becomes live — audit ``canary_promoted`` (once it
+                           builds, as a person's promotion must: else ``abort``)
 publish ``rollback``       live back to the previous version — audit ``auto_rollback``
 publish ``done``           the watch ends (``window_s`` passed clean) — ``publish_verified``
 =========================  ==============================================================
@@ -21,7 +22,11 @@ publish ``done``           the watch ends (``window_s`` passed clean) — ``publ
 Each change is a compare-and-set on the routing the verdict was made on: when a person
 changed the flow in between, theirs stands and the controller judges again next pass. Then
 every process is told (``flow_changed``), a metric counts the action and the audit entry is
-logged. A canary's window starts when it was set up (``started_at``), so outcomes of the
+logged. A promotion builds the canary's version first (``check_builds``: compile and build
+every component with this engine's settings, as a publish does); a version that no longer
+builds — a node type, knowledge base or provider origin gone since it became a canary — is
+not promoted: the canary is aborted, ``reason.breach`` ``build`` with the problems. A canary's
+window starts when it was set up (``started_at``), so outcomes of the
 version from before it was a canary (pinned test runs) count at most one slot.
 """
 
@@ -34,14 +39,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from flow_engine.errors import Conflict, FlowgateError, NotFound
-from flow_engine.metrics import EngineMetrics
+from flow_engine.errors import Conflict, FlowgateError, FlowInvalid, NotFound
+from flow_engine.metrics import EngineMetrics, canary_percent
 from flow_engine.rollouts.analysis import Guard, Verdict, judge_canary, judge_publish
 from flow_engine.rollouts.outcomes import OutcomeRecorder
 from flow_engine.store.base import Change, FlowRecord
 
 log = logging.getLogger(__name__)
 JOB = "rollouts"
+MAX_FLOWS_FROM_ZERO = 1000  # flows whose change series exist from the start (see start())
 ACTIONS = ("canary_step", "canary_promoted", "canary_aborted", "auto_rollback",
            "publish_verified")
 
@@ -49,12 +55,15 @@ ACTIONS = ("canary_step", "canary_promoted", "canary_aborted", "auto_rollback",
 class RolloutController:
     def __init__(self, store: Any, outcomes: OutcomeRecorder, metrics: EngineMetrics, *,
                  interval_s: float, on_change: Callable[[FlowRecord], None],
+                 check_builds: Callable[[FlowRecord, int], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.outcomes = outcomes
         self.metrics = metrics
         self.interval_s = interval_s
         self._on_change = on_change  # tell every process (FlowService.forget)
+        # FlowService.check_builds: raises FlowInvalid when a version cannot go live
+        self._check_builds = check_builds or (lambda flow, version: None)
         self._clock = clock
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -106,6 +115,8 @@ class RolloutController:
             return None
         if verdict.action == "step" and not canary.get("steps"):
             return None  # a guarded canary without steps stays where a person put it
+        if verdict.action == "promote":
+            verdict = self._builds(flow, canary["version"], verdict)
         rest = {"sticky_key": routing["sticky_key"]} if routing.get("sticky_key") else None
         if verdict.action == "abort":
             self._apply(flow, verdict, "canary_aborted", routing, new_routing=rest)
@@ -117,6 +128,16 @@ class RolloutController:
             self._apply(flow, verdict, "canary_step", routing,
                         new_routing={**routing, "canary": stepped})
         return _ACTION_OF[verdict.action]
+
+    def _builds(self, flow: FlowRecord, version: int, verdict: Verdict) -> Verdict:
+        """``verdict`` when ``version`` builds; else an abort whose reason says why."""
+        try:
+            self._check_builds(flow, version)
+        except FlowInvalid as exc:
+            return Verdict("abort", {"breach": "build", "error": exc.message,
+                                     "problems": [p.as_dict() for p in exc.problems[:20]],
+                                     **verdict.reason})
+        return verdict
 
     def _judge_publish(self, flow: FlowRecord, routing: dict[str, Any], watch: dict[str, Any],
                        now: float) -> str | None:
@@ -162,10 +183,25 @@ class RolloutController:
     # -- in the background ------------------------------------------------------------------
 
     def start(self) -> None:
+        """Judge every ``interval_s`` (0: never). First, in every process, each known flow's
+        ``flowgate_engine_flow_changes_total`` series are made at 0 — Grafana annotates and
+        alerts on their ``increase()``, which a series born at 1 (the first change after
+        this process started) would not show — and its canary percent is set."""
+        self.count_changes_from_zero()
         if self._thread is None and self.interval_s > 0:
             self._thread = threading.Thread(target=self._forever, name="flowgate-rollouts",
                                             daemon=True)
             self._thread.start()
+
+    def count_changes_from_zero(self) -> None:
+        try:
+            flows = self.store.list_flows(limit=MAX_FLOWS_FROM_ZERO)
+        except FlowgateError as exc:  # a store down at start: the series come with changes
+            log.warning("rollouts: the flows' change series were not made (%s)", exc.code)
+            return
+        for flow in flows:
+            self.metrics.flow_changes.start(flow.id)
+            self.metrics.canary_percent.labels(flow.id).set(canary_percent(flow.routing))
 
     def stop(self) -> None:
         self._stopped.set()

@@ -5,11 +5,13 @@ run does not wait for any I/O). A background thread adds what was recorded to a 
 window every ``flush_s``:
 
 - with ``REDIS_URL``: one hash per (flow, version, 5-second slot),
-  ``flowgate:outcomes:<flow>:<version>:<slot>`` with fields ``ok``, ``failed`` and ``h0``..
-  ``h11`` (the duration histogram of flow_engine/rollouts/analysis.py), added with HINCRBY
-  in one pipeline and expiring after the longest window a guard may ask for;
+  ``flowgate:outcomes2:<flow>:<version>:<slot>`` with fields ``ok``, ``failed`` and ``h0``..
+  ``h63`` (the duration histogram of flow_engine/rollouts/analysis.py; only the buckets a
+  run fell in are there), added with HINCRBY in one pipeline and expiring after the
+  longest window a guard may ask for. (``flowgate:outcomes:`` held 12 coarser buckets: an
+  engine of that layout and one of this never add into each other's hashes.)
 - without: rows of the store's ``run_outcomes`` table (one upsert per flow, version and
-  slot), deleted by the maintenance job past the same age.
+  slot, a column per bucket), deleted by the maintenance job past the same age.
 
 Reading a window sums its slots (``window``). A failure is a run that failed with a 5xx
 (LLM error, timeout, node error); runs refused for bad input (4xx) and cancelled runs are
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 SLOT_S = 5
 MAX_WINDOW_S = 3600  # the longest guard window (flow_engine/rollouts/analysis.py)
 KEEP_S = MAX_WINDOW_S + 2 * SLOT_S
-PREFIX = "flowgate:outcomes:"
+PREFIX = "flowgate:outcomes2:"  # the 64 buckets of analysis.BUCKETS ("flowgate:outcomes:": 12)
 MAX_PENDING = 50_000  # (flow, version, slot) counts held while the shared window is down
 
 Key = tuple[str, int, int]  # flow id, version, slot
@@ -75,13 +77,15 @@ class RedisWindow:
         for slot in range(first, last + 1):
             pipe.hgetall(f"{PREFIX}{flow_id}:{version}:{slot}")
         total = Outcomes()
-        for fields in pipe.execute():
-            if fields:
-                fields = {_text(k): int(v) for k, v in fields.items()}
-                total.ok += fields.get("ok", 0)
-                total.failed += fields.get("failed", 0)
-                for i in range(len(BUCKETS)):
-                    total.histogram[i] += fields.get(f"h{i}", 0)
+        for fields in pipe.execute():  # only the buckets a run fell in: a few of the 64
+            for name, value in fields.items():
+                name = _text(name)
+                if name == "ok":
+                    total.ok += int(value)
+                elif name == "failed":
+                    total.failed += int(value)
+                elif name[1:].isdigit() and int(name[1:]) < len(BUCKETS):
+                    total.histogram[int(name[1:])] += int(value)
         return total
 
 

@@ -179,9 +179,10 @@ class RunExecutor:
             self._series.add((flow_id, version))
             for outcome in OUTCOMES:
                 m.runs.labels(flow_id, version, outcome)
+            m.run_failures.start(flow_id, version)
         m.runs.labels(flow_id, version, status).inc()
         if error is not None:
-            m.run_failures.labels(flow_id, str(error.get("code", "internal"))).inc()
+            m.run_failures.labels(flow_id, version, str(error.get("code", "internal"))).inc()
         for call in (result.llm_calls if result is not None else calls):
             provider, model = self.model_label(call.provider, call.model, call.outcome == "ok")
             m.llm_calls.labels(provider, model, call.outcome).inc()

@@ -5,6 +5,14 @@ updated or deleted; a deleted flow keeps its history.
 
 Reading: ``entries(flow_id, limit, before)`` newest first (a flow's history), and
 ``since(seq, limit)`` oldest first (tailing every flow's changes).
+
+Tailing needs entries to become visible in ``seq`` order: a tailer that has read seq 4 asks
+for what is after 4, so a seq 3 committed later would never be seen. ``seq`` is given at
+insert, and on PostgreSQL transactions commit in any order — so each writer first takes one
+transaction-scoped advisory lock (:data:`PG_LOCK`), held from just before its insert until
+its commit: the next writer gets its seq only once the previous entry is committed (or
+rolled back). The entry is the last statement of each change, so the lock is held for a
+commit's time. SQLite already runs one write transaction at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from flow_engine.store.base import AuditEntry, Change
 from flow_engine.store.schema import audit_log, aware, now
 
 _log = logging.getLogger("flow_engine.audit")
+PG_LOCK = 727273  # pg_advisory_xact_lock key of audit writers (727272: migrations)
 
 
 def write(conn: Any, change: Change, action: str, flow_id: str, *,
@@ -28,6 +37,8 @@ def write(conn: Any, change: Change, action: str, flow_id: str, *,
               "flow_id": flow_id, "from_version": from_version, "to_version": to_version,
               "routing": routing, "reason": change.reason, "message": change.message,
               "trace_id": change.trace_id}
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK})
     seq = conn.execute(audit_log.insert().values(**values)).inserted_primary_key[0]
     return AuditEntry(seq=seq, **values)
 

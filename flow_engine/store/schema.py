@@ -115,7 +115,7 @@ jobs = sa.Table(
 )
 # Run outcomes per flow version and 5-second slot, summed over every engine process: canary
 # analysis reads them when the engine has no Redis (flow_engine/rollouts/outcomes.py)
-OUTCOME_BUCKETS = 12  # len(flow_engine.rollouts.analysis.BUCKETS)
+OUTCOME_BUCKETS = 64  # len(flow_engine.rollouts.analysis.BUCKETS); was 12 (migration 9)
 run_outcomes = sa.Table(
     "run_outcomes", metadata,
     sa.Column("flow_id", String(64), primary_key=True),
@@ -214,6 +214,20 @@ def _add_runs_list_indexes(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _finer_outcome_buckets(conn: Connection) -> None:
+    """run_outcomes with the finer duration buckets canary analysis reads (64, 1.2× apart;
+    they were 12, 2–3× apart). Counts of the old buckets cannot be split into the new ones,
+    so a table of the old layout is dropped and made anew: guarded rollouts lose at most the
+    last hour of outcomes (the longest guard window) and judge from the runs after the
+    upgrade. An engine still on the old layout cannot write into the new table (its rows
+    lack the new columns) and keeps its counts for a later try; a table made by migration 7
+    at this layout is left as it is."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns(run_outcomes.name)}
+    if have != {c.name for c in run_outcomes.columns}:
+        conn.execute(sa.text(f"DROP TABLE {run_outcomes.name}"))
+        run_outcomes.create(conn)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     lambda conn: metadata.create_all(conn, tables=[flows, flow_versions, runs, chat_messages]),
     _add_run_heartbeat,
@@ -223,6 +237,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _add_audit,
     _add_outcomes,
     _add_runs_list_indexes,
+    _finer_outcome_buckets,
 ]
 
 

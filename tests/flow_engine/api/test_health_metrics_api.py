@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prometheus_client.parser import text_string_to_metric_families
 from support.prom import label_values, metric_value
 
 from flow_engine.store import StoreError
@@ -109,6 +110,80 @@ def test_llm_calls_are_counted_by_provider_model_and_outcome(fresh_llm_sim, make
     assert metric("flowgate_engine_llm_model_tokens_total", **labels, direction="input") > 0
     assert metric("flowgate_engine_llm_model_tokens_total", **labels, direction="output") > 0
     assert metric("flowgate_engine_run_failures_total", flow="llm", reason="llm_error") == 2
+    assert metric("flowgate_engine_run_failures_total", flow="llm", version="1",
+                  reason="llm_error") == 2
+
+
+FAILURES = "flowgate_engine_run_failures_total"
+CHANGES = "flowgate_engine_flow_changes_total"
+
+
+def series(client, name: str, **labels: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of ``name`` whose labels include ``labels``, by their whole label set."""
+    text = client.get("/metrics").get_data(as_text=True)
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())}
+
+
+def test_failures_carry_a_bounded_version_label(client, auth, defs, create_flow, run_flow):
+    """Twelve versions of a flow that always fails, each run once: the first ten that
+    served are labelled by number, the rest are ``other``."""
+    from flow_engine.metrics import MAX_VERSIONS
+
+    create_flow(defs.json_parser(id="j"))
+    for _ in range(MAX_VERSIONS + 1):
+        assert client.put("/api/v1/flows/j", json=defs.json_parser(),
+                          headers=auth).status_code == 201
+    for version in range(1, MAX_VERSIONS + 3):
+        assert run_flow("j", {"input_value": "not json", "version": version}).status_code == 502
+
+    text = client.get("/metrics").get_data(as_text=True)
+    expected = {str(v) for v in range(1, MAX_VERSIONS + 1)} | {"other"}
+    assert label_values(text, FAILURES, "version") == expected
+    assert metric_value(text, FAILURES, flow="j", version="other", reason="run_failed") == 2
+    assert metric_value(text, FAILURES, flow="j", version="3", reason="run_failed") == 1
+
+
+def test_failure_and_llm_call_series_exist_at_zero_before_the_first_failure(
+        fresh_llm_sim, make_app, auth, defs):
+    """rate() and increase() in alerts only see a failure whose series existed before it:
+    a version's first run (here a success) makes its failure series, a model's first call
+    its series of every outcome."""
+    from flow_engine.metrics import LLM_CALL_OUTCOMES, RUN_FAILURE_REASONS
+
+    client = make_app(openai_base_url=fresh_llm_sim.base_url).test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=auth).status_code == 201
+    assert client.post("/api/v1/run/llm", json={"input_value": "hi"},
+                       headers=auth).status_code == 200
+
+    failures = series(client, FAILURES, flow="llm", version="1")
+    assert {dict(k)["reason"]: v for k, v in failures.items()} == dict.fromkeys(
+        RUN_FAILURE_REASONS, 0.0)
+    calls = series(client, LLM_CALLS, model="flowgate-sim")
+    assert {dict(k)["outcome"]: v for k, v in calls.items()} == {
+        **dict.fromkeys(LLM_CALL_OUTCOMES, 0.0), "ok": 1.0}
+
+
+def test_each_known_flow_s_change_series_exist_at_zero_after_a_restart(make_app, auth, defs):
+    """An engine process that starts (a pod restart) makes every stored flow's change
+    series at 0, so Grafana's annotations (increase() of them) show its first change."""
+    from flow_engine.metrics import FLOW_CHANGE_ACTIONS
+
+    first = make_app().test_client()
+    for flow_id in ("a", "b"):
+        assert first.post("/api/v1/flows", json=defs.echo(id=flow_id),
+                          headers=auth).status_code == 201
+
+    restarted = make_app().test_client()
+    for flow_id in ("a", "b"):
+        changes = series(restarted, CHANGES, flow=flow_id)
+        assert {dict(k)["action"]: v for k, v in changes.items()} == dict.fromkeys(
+            FLOW_CHANGE_ACTIONS, 0.0), flow_id
+    assert restarted.put("/api/v1/flows/a", json=defs.echo("V2 {question}"),
+                         headers=auth).status_code == 201
+    assert metric_value(restarted.get("/metrics").get_data(as_text=True), CHANGES, flow="a",
+                        action="new_version") == 1
 
 
 def test_model_names_from_tweaks_cannot_flood_the_metrics(fresh_llm_sim, make_app, auth, defs):
@@ -149,3 +224,26 @@ def test_a_model_name_becomes_a_label_only_once_a_call_to_it_succeeded(fresh_llm
     assert label_values(text, LLM_CALLS, "model") == {"other", "real-model", "no-such-model-0"}
     assert metric_value(text, LLM_CALLS, model="other", outcome="error") == 3
 
+
+
+def test_a_version_idle_for_an_hour_loses_its_failure_series(monkeypatch):
+    """Its series of every reason go, the known ones and any other (a clock the test moves)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from flow_engine.metrics import VERSION_TTL_S, EngineMetrics, VersionLabels, forget_version
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics, now = EngineMetrics(CollectorRegistry()), [0.0]
+    label = VersionLabels(lambda flow, version: forget_version(metrics, flow, version),
+                          clock=lambda: now[0])
+    metrics.run_failures.labels("f", label("f", 1), "llm_error").inc()
+    metrics.run_failures.labels("f", label("f", 1), "some_new_code").inc()
+    metrics.run_failures.labels("f", label("f", 2), "llm_error").inc()
+    now[0] = VERSION_TTL_S / 2
+    label("f", 2)
+    now[0] = VERSION_TTL_S + 1
+    label("f", 3)  # version 1 has not served for an hour; 2 has
+
+    text = generate_latest(metrics.registry).decode()
+    assert label_values(text, FAILURES, "version") == {"2"}
+    assert metric_value(text, FAILURES, version="2", reason="llm_error") == 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
+from statistics import NormalDist
 
 import pytest
 
@@ -15,6 +17,7 @@ from flow_engine.rollouts.analysis import (
     judge_canary,
     judge_publish,
 )
+from flow_engine.store.schema import OUTCOME_BUCKETS
 
 GUARD = Guard(max_error_rate=0.1, max_latency_ratio=2.0, min_runs=10, window_s=60)
 STEPS = (5, 25, 50, 100)
@@ -29,20 +32,71 @@ def outcomes(ok: int, failed: int = 0, seconds: float = 0.2) -> Outcomes:
     return o
 
 
-@pytest.mark.parametrize(("seconds", "bucket"), [(0.0, 0), (0.05, 0), (0.051, 1), (1.0, 4),
-                                                (119.0, 10), (500.0, len(BUCKETS) - 1)])
+@pytest.mark.parametrize(("seconds", "bucket"), [(0.0, 0), (0.01, 0), (0.0101, 1), (1.0, 26),
+                                                (1.15, 27), (811.0, 62), (900.0, len(BUCKETS) - 1)])
 def test_durations_fall_in_their_bucket(seconds, bucket):
     assert bucket_of(seconds) == bucket
 
 
-def test_p95_is_the_bucket_of_the_95th_run():
+def test_buckets_are_1_2_apart_and_the_store_has_a_column_for_each():
+    finite = BUCKETS[:-1]
+    assert all(b / a == pytest.approx(1.2, rel=1e-3) for a, b in pairwise(finite))
+    assert (finite[0], math.isinf(BUCKETS[-1])) == (0.01, True) and finite[-1] > 600
+    assert len(BUCKETS) == OUTCOME_BUCKETS
+
+
+def test_p95_is_interpolated_within_the_bucket_of_the_95th_run():
     o = outcomes(95, seconds=0.2)
     for _ in range(5):
         o.add(False, 3.0)
-    assert o.p95() == 0.25
+    assert BUCKETS[bucket_of(0.2) - 1] < o.p95() <= BUCKETS[bucket_of(0.2)]
     o.add(False, 3.0)
-    assert o.p95() == 5.0
+    assert BUCKETS[bucket_of(3.0) - 1] < o.p95() <= BUCKETS[bucket_of(3.0)]
+    assert o.p95() == pytest.approx(3.0, rel=0.2)
+    spread = Outcomes()
+    for i in range(1000):  # 1.000 s .. 1.999 s: p95 is 1.95 s
+        spread.add(False, 1 + i / 1000)
+    assert spread.p95() == pytest.approx(1.95, rel=0.02)
+    assert outcomes(20, seconds=1000.0).p95() == math.inf  # past the last bound
     assert Outcomes().p95() is None
+
+
+def durations(shape: str, median: float, n: int = 200) -> list[float]:
+    """``n`` run durations around ``median``: all equal, evenly spread ±30 %, or log-normal."""
+    if shape == "equal":
+        return [median] * n
+    if shape == "spread":
+        return [median * (0.7 + 0.6 * i / (n - 1)) for i in range(n)]
+    normal = NormalDist(0, 0.5)
+    return [median * math.exp(normal.inv_cdf((i + 0.5) / n)) for i in range(n)]
+
+
+def of(seconds: list[float]) -> Outcomes:
+    o = Outcomes()
+    for s in seconds:
+        o.add(False, s)
+    return o
+
+
+@pytest.mark.parametrize(("slowdown", "ratio", "expected"), [
+    pytest.param(1.22, 1.5, None, id="1.22x-holds-at-1.5"),
+    pytest.param(1.8, 1.5, "latency", id="1.8x-aborts-at-1.5"),
+    pytest.param(3.8, 2.0, "latency", id="3.8x-aborts-at-2.0"),
+    pytest.param(1.0, 1.5, None, id="as-fast-holds"),
+])
+@pytest.mark.parametrize("shape", ["equal", "spread", "lognormal"])
+def test_the_latency_guard_judges_the_slowdown_not_the_buckets(slowdown, ratio, expected, shape):
+    """Live runs from 20 ms to 2 min (5 % apart, so every position within a bucket), the
+    canary's ``slowdown`` × as long: the verdict is the same for every one of them."""
+    guard = Guard(max_latency_ratio=ratio, min_runs=10)
+    wrong = []
+    for k in range(180):
+        median = 0.02 * 1.05 ** k
+        live, canary = of(durations(shape, median)), of(durations(shape, median * slowdown))
+        found = (breach(canary, live, guard) or {}).get("breach")
+        if found != expected:
+            wrong.append((round(median, 3), found, round(canary.p95() / live.p95(), 2)))
+    assert not wrong, f"misjudged (live median s, verdict, measured ratio): {wrong[:5]} ..."
 
 
 @pytest.mark.parametrize(("canary", "live", "expected"), [
@@ -51,7 +105,7 @@ def test_p95_is_the_bucket_of_the_95th_run():
     pytest.param(outcomes(5, 4), outcomes(100), None, id="too-few-runs-to-judge"),
     pytest.param(outcomes(20, 1), outcomes(100), None, id="under-the-error-rate"),
     pytest.param(outcomes(20, seconds=4.0), outcomes(100, seconds=0.2), "latency", id="slower"),
-    pytest.param(outcomes(20, seconds=0.4), outcomes(100, seconds=0.2), None,
+    pytest.param(outcomes(20, seconds=0.3), outcomes(100, seconds=0.2), None,
                  id="slower-within-the-ratio"),
     pytest.param(outcomes(20, seconds=4.0), outcomes(3, seconds=0.2), None,
                  id="live-too-few-runs-for-latency"),

@@ -12,6 +12,7 @@ import redis
 from flow_engine.rollouts.analysis import BUCKETS, bucket_of
 from flow_engine.rollouts.outcomes import (
     KEEP_S,
+    PREFIX,
     SLOT_S,
     OutcomeRecorder,
     RedisWindow,
@@ -106,7 +107,7 @@ def test_redis_keys_expire_after_the_longest_window(flow_id, redis_url):
     recorder = OutcomeRecorder(RedisWindow(client))
     recorder.record(flow_id, 3, False, 0.1)
     recorder.flush()
-    [key] = client.keys(f"flowgate:outcomes:{flow_id}:3:*")
+    [key] = client.keys(f"{PREFIX}{flow_id}:3:*")
     assert 0 < client.ttl(key) <= KEEP_S
     client.delete(key)
 

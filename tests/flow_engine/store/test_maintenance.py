@@ -18,7 +18,7 @@ from flow_engine.maintenance import Maintenance
 from flow_engine.metrics import EngineMetrics
 from flow_engine.rollouts.outcomes import KEEP_S, slot_of
 from flow_engine.store import ChatMessage, RunRecord
-from flow_engine.store.schema import chat_messages
+from flow_engine.store.schema import OUTCOME_BUCKETS, chat_messages
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 DAY = timedelta(days=1)
@@ -83,14 +83,14 @@ def test_retention_deletes_old_runs_and_chat_messages_in_batches(store):
              "content": f"old {i}", "created_at": NOW - 31 * DAY} for i in range(3)])
     now_slot = slot_of(NOW.timestamp())
     old_slot = slot_of(NOW.timestamp() - KEEP_S) - 1  # older than any guard window reads
-    store.add_outcomes([("rag", 1, old_slot - i, 1, 0, [1] + [0] * 11) for i in range(3)]
-                       + [("rag", 1, now_slot, 4, 1, [5] + [0] * 11)])
+    store.add_outcomes([("rag", 1, old_slot - i, 1, 0, [1] + [0] * (OUTCOME_BUCKETS - 1)) for i in range(3)]
+                       + [("rag", 1, now_slot, 4, 1, [5] + [0] * (OUTCOME_BUCKETS - 1))])
     maintenance, metrics = job(store, batch=2)
 
     done = maintenance.run_once()
 
     assert done == {"reaped": 0, "runs": 5, "chat_messages": 3, "outcomes": 3}
-    assert store.read_outcomes("rag", 1, 0, now_slot + 1) == (4, 1, [5] + [0] * 11)
+    assert store.read_outcomes("rag", 1, 0, now_slot + 1) == (4, 1, [5] + [0] * (OUTCOME_BUCKETS - 1))
     assert [m.content for m in store.chat_history("t1", "s1", "rag", 10)] == ["today"]
     with store.engine.connect() as conn:
         left = set(conn.execute(sa.text("SELECT run_id FROM runs")).scalars())
