@@ -22,10 +22,18 @@ import io
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.formparser import parse_form_data
 
-from flow_engine.api.common import UnsupportedMediaType, int_arg, json_body, parse_json, principal
+from flow_engine.api.common import (
+    RequestTimeout,
+    UnsupportedMediaType,
+    _read_at_most,
+    int_arg,
+    json_body,
+    parse_json,
+    principal,
+)
 from flow_engine.components.openai_compat import ProviderError
 from flow_engine.errors import BadRequest, PayloadTooLarge, Problem
 from flow_engine.knowledge import parse
@@ -34,8 +42,9 @@ from flow_engine.knowledge.errors import (
     KnowledgeInvalid,
     KnowledgeUnavailable,
 )
-from flow_engine.knowledge.model import STATUSES, KnowledgeBase, document_name, parse_metadata, parse_search
+from flow_engine.knowledge.model import KnowledgeBase, document_name, parse_metadata, parse_search
 from flow_engine.knowledge.service import KnowledgeService
+from flow_engine.knowledge.vocab import STATUSES
 
 bp = Blueprint("knowledge", __name__)
 EXTENSION = "flowgate_knowledge"
@@ -102,8 +111,7 @@ def upload_document(kb_ref: str):
     if request.mimetype == "multipart/form-data":
         name, kind, data, metadata = _multipart(limit)
     elif request.mimetype == "application/json":
-        request.max_content_length = limit + _FORM_OVERHEAD
-        name, kind, data, metadata = _json_document()
+        name, kind, data, metadata = _json_document(limit + _FORM_OVERHEAD)
     else:
         raise UnsupportedMediaType("upload a file as multipart/form-data (field 'file') or send "
                                    'JSON {"name", "text", "metadata"}; got '
@@ -145,8 +153,8 @@ def _multipart(limit: int) -> tuple[str, str, bytes, dict[str, Any]]:
     return name, kind, storage.stream.getvalue(), metadata
 
 
-def _json_document() -> tuple[str, str, bytes, dict[str, Any]]:
-    body = json_body()
+def _json_document(limit: int) -> tuple[str, str, bytes, dict[str, Any]]:
+    body = parse_json(_upload_body(limit))
     if not isinstance(body, dict):
         raise KnowledgeInvalid([Problem("$", 'send {"name", "text", "metadata"}')])
     problems = [Problem(f"$.{k}", "unknown key (allowed: metadata, name, text)")
@@ -166,6 +174,32 @@ def _json_document() -> tuple[str, str, bytes, dict[str, Any]]:
     if kind == "pdf":
         kind = "text"  # JSON carries text, whatever the name says
     return name, kind, text.encode("utf-8"), metadata
+
+
+def _upload_body(limit: int) -> bytes:
+    """A JSON document's body, read up to the upload limit: ``json_body`` stops at
+    FLOW_ENGINE_MAX_BODY_BYTES, meant for flows and run requests, not for documents. A body
+    of unknown length (chunked) is read one byte past the limit, and over is 413."""
+    request.max_content_length = limit
+    try:
+        if request.content_length is not None:
+            data = request.get_data(cache=True)  # werkzeug: 413 above max_content_length
+        else:
+            data = _read_at_most(request.environ["wsgi.input"], limit + 1)
+    except RequestEntityTooLarge:
+        data = None
+    except ClientDisconnected as exc:
+        if isinstance(exc.__context__, TimeoutError):
+            raise RequestTimeout(str(exc.__context__)) from None
+        raise BadRequest("the request body ended before its declared length") from None
+    except TimeoutError as exc:
+        raise RequestTimeout(str(exc)) from None
+    if data is None or len(data) > limit:
+        raise PayloadTooLarge(f"the upload is over the {limit - _FORM_OVERHEAD} byte limit "
+                              "(FLOW_ENGINE_MAX_UPLOAD_BYTES)")
+    if not data:
+        raise BadRequest('send the document as JSON {"name", "text", "metadata"}')
+    return data
 
 
 def _metadata(raw: Any) -> dict[str, Any]:

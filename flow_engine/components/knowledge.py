@@ -23,7 +23,8 @@ from langchain_core.runnables import Runnable
 from pydantic import ConfigDict
 
 from flow_engine.components.base import BuildContext, Component, Limits, Port
-from flow_engine.knowledge.model import MODES, Hit, SearchRequest
+from flow_engine.knowledge.model import Hit, SearchRequest
+from flow_engine.knowledge.vocab import MODES
 
 LOOKUP = "knowledge"
 

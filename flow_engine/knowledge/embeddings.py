@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,11 +141,17 @@ def _vector(value: Any) -> Any:
 def client_for(base_url: str | None, model: str, *, dimensions: int | None,
                engine_base_url: str | None, api_key: str | None,
                egress: ProviderOrigins | None, timeout_s: float,
-               retry: RetryPolicy) -> EmbeddingClient:
+               retry: RetryPolicy, aliases: Mapping[str, str] | None = None) -> EmbeddingClient:
     """The client for a knowledge base's embedding spec: ``base_url`` or the engine's
     OPENAI_BASE_URL; the key only where ``egress`` says it may go. ValueError when
-    ``egress`` refuses the origin (the rules may have changed since the base was created)."""
+    ``egress`` refuses the origin (the rules may have changed since the base was created).
+
+    ``aliases`` (FLOW_ENGINE_MODEL_ALIASES) rename the model as for chat models: they name
+    what the engine's endpoint serves (``text-embedding-3-small=nomic-embed-text`` on
+    Ollama), so a base sent to another endpoint keeps its model name."""
     url = base_url or engine_base_url or DEFAULT_BASE_URL
+    if aliases and (not base_url or base_url == engine_base_url):
+        model = aliases.get(model, model)
     key = api_key or None
     if egress is not None:
         problem = egress.problem(url)

@@ -18,11 +18,9 @@ import numpy as np
 
 from flow_engine.egress import ProviderOrigins
 from flow_engine.errors import Problem
-from flow_engine.flows.validate import ID_RE
 from flow_engine.knowledge.errors import KnowledgeInvalid
+from flow_engine.knowledge.vocab import ID_RE, MODES
 
-MODES = ("vector", "keyword", "hybrid")
-STATUSES = ("queued", "indexing", "ready", "failed")
 PROVIDERS = ("openai",)  # any OpenAI-compatible /v1/embeddings endpoint
 MAX_DIMENSIONS = 4000  # pgvector indexes halfvec up to 4000 dimensions
 METADATA_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")

@@ -147,6 +147,29 @@ MISSING_VECTOR = (
     "engine, or set FLOW_ENGINE_KNOWLEDGE=off")
 
 
+MIN_PGVECTOR = (0, 8)  # hnsw.iterative_scan: filtered searches that are not left short
+
+
+def pgvector_problem(version: str | None) -> str | None:
+    """Why this pgvector version is too old (None: it will do)."""
+    if version is None:
+        return None
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None  # a build we cannot read: let it try
+    if found >= MIN_PGVECTOR:
+        return None
+    return (f"the 'vector' extension (pgvector) is version {version}; knowledge bases need "
+            f"{MIN_PGVECTOR[0]}.{MIN_PGVECTOR[1]} or later (iterative index scans): upgrade "
+            "pgvector on the server, then run ALTER EXTENSION vector UPDATE")
+
+
+def _version_problem(conn: Connection) -> str | None:
+    return pgvector_problem(conn.execute(sa.text(
+        "SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar())
+
+
 def ensure(conn: Connection) -> str | None:
     """Create the knowledge schema where possible; the reason it is unusable, else None.
     Idempotent; on PostgreSQL serialised with other starters by an advisory lock."""
@@ -173,6 +196,8 @@ def ensure(conn: Connection) -> str | None:
         if conn.execute(sa.text("SELECT to_regtype('vector')")).scalar() is None:
             return ("the 'vector' extension exists in a schema outside this connection's "
                     "search_path; add that schema to the search_path")
+    if (old := _version_problem(conn)) is not None:
+        return old
     metadata.create_all(conn, checkfirst=True)
     conn.execute(sa.text(_TSV))
     conn.execute(sa.text(_TSV_INDEX))
@@ -191,6 +216,8 @@ def problem(conn: Connection) -> str | None:
         "AND column_name = 'tsv' AND table_schema = ANY (current_schemas(false)) LIMIT 1)")).first()
     if row[0] is None:
         return MISSING_VECTOR
+    if (old := _version_problem(conn)) is not None:
+        return old
     return None if row[1] is not None and row[2] is not None else "the knowledge tables are missing"
 
 

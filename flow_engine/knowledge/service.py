@@ -22,7 +22,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flow_engine.components.openai_compat import ProviderError, ProviderResponseError, RetryPolicy
@@ -74,8 +74,9 @@ class KnowledgeService:
     def __init__(self, engine: Any, settings: KnowledgeSettings, *,
                  egress: ProviderOrigins | None = None, openai_base_url: str | None = None,
                  openai_api_key: str | None = None, sleep: Callable[[float], None] = time.sleep,
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, model_aliases: Mapping[str, str] | None = None) -> None:
         self.settings = settings
+        self.model_aliases = dict(model_aliases or {})  # FLOW_ENGINE_MODEL_ALIASES
         self.egress = egress
         self.openai_base_url = openai_base_url
         self.openai_api_key = openai_api_key
@@ -94,7 +95,8 @@ class KnowledgeService:
         """The service for an engine's Settings and SqlFlowStore, started."""
         service = cls(flow_store.engine, KnowledgeSettings.from_settings(settings),
                       egress=settings.egress, openai_base_url=settings.openai_base_url,
-                      openai_api_key=settings.openai_api_key, **options)
+                      openai_api_key=settings.openai_api_key,
+                      model_aliases=settings.aliases, **options)
         return service.start()
 
     # -- life --------------------------------------------------------------------------------
@@ -208,13 +210,18 @@ class KnowledgeService:
 
     def _search_client(self, kb: KnowledgeBase) -> EmbeddingClient:
         """A search waits for its answer: one retry, like a chat model's default."""
-        return self._client(kb, RetryPolicy(max_retries=1, sleep=self.sleep))
+        return self._client(kb, RetryPolicy(max_retries=1, sleep=self._sleep))
 
     def _ingest_client(self, kb: KnowledgeBase) -> EmbeddingClient:
         """Indexing can wait: more retries, longer backoff (Retry-After honoured)."""
         return self._client(kb, RetryPolicy(
             max_retries=self.settings.knowledge_embed_retries, backoff_s=1.0, max_backoff_s=30.0,
-            max_retry_after_s=60.0, sleep=self.sleep))
+            max_retry_after_s=60.0, sleep=self._sleep))
+
+    def _sleep(self, seconds: float) -> None:
+        """``self.sleep`` as it is when a retry waits, not when its client was built: tests
+        swap the clock of the engine's own service after ``create_app`` built it."""
+        self.sleep(seconds)
 
     def _client(self, kb: KnowledgeBase, retry: RetryPolicy) -> EmbeddingClient:
         spec = kb.embedding
@@ -226,7 +233,8 @@ class KnowledgeService:
                 client = client_for(spec.base_url, spec.model, dimensions=spec.dimensions,
                                     engine_base_url=self.openai_base_url,
                                     api_key=self.openai_api_key, egress=self.egress,
-                                    timeout_s=self.settings.knowledge_embed_timeout_s, retry=retry)
+                                    timeout_s=self.settings.knowledge_embed_timeout_s, retry=retry,
+                                    aliases=self.model_aliases)
             except ValueError as exc:  # the origin is no longer allowed
                 raise ProviderError(f"the embedding endpoint is refused: {exc}") from None
             with self._clients_lock:

@@ -1,7 +1,8 @@
 """Who holds which engine key, in docker-compose.yml and in every kustomize overlay (issue 10,
 "Isolation between callers"): each holder has its own named key with the least role it
 needs — a sidecar a ``runner+proxy`` key that is in the engine's list, a job that pushes
-flows a ``publisher`` key, and no app or sidecar an ``admin`` or ``publisher`` one. The
+flows a ``publisher`` key, the operators' CLI an ``admin`` key, and no app or sidecar an
+``admin`` or ``publisher`` one. The
 engine's settings are checked with the engine's own code (flow_engine.config, .auth,
 .egress, .tenants), so "the engine would refuse to start" is caught here, not at deploy time.
 """
@@ -25,6 +26,7 @@ BASE = REPO / "deploy" / "k8s" / "base"
 OVERLAYS = ("dev", "prod")
 # What a user exports before `docker compose up` (deploy/README.md), as test values.
 COMPOSE_SECRETS = {"FLOWGATE_CLI_KEY": "cli-secret-0123456789abcdef",
+                   "FLOWGATE_FLOWS_KEY": "flows-init-secret-0123456789abcdef",
                    "FLOWGATE_ORDERS_APP_KEY": "orders-app-secret-0123456789abcdef"}
 PUBLISHER = "pushing and publishing flows needs the publisher role, no more"
 INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?+])([^}]*))?\}|\$(\w+)")
@@ -96,11 +98,15 @@ def test_compose_gives_each_holder_its_own_key_with_the_least_role():
     pusher = key_with_secret(keys, compose_env("flows-init", COMPOSE_SECRETS)["FLOWGATE_API_KEY"],
                              "flows-init")
     assert (pusher.role, pusher.proxy) == ("publisher", False), PUBLISHER
+    cli = key_with_secret(keys, COMPOSE_SECRETS["FLOWGATE_CLI_KEY"], "the host's CLI")
+    assert (cli.name, cli.role, cli.proxy) == ("platform-cli", "admin", False), (
+        "issue #10: the operators' CLI keeps an admin key")
     privileged = {k.secret.decode() for k in keys if k.role in ("admin", "publisher")}
     for service in compose_services():
         env = compose_env(service, COMPOSE_SECRETS)
         if service != "flow-engine":
             assert "FLOW_ENGINE_API_KEYS" not in env, f"{service} must not hold the engine's key list"
+            assert cli.secret.decode() not in env.values(), f"{service} holds the CLI's admin key"
         if service in ("ambassador", "orders-app"):
             held = privileged & set(env.values())
             assert not held, f"compose {service} holds an admin or publisher key"

@@ -3,10 +3,9 @@ SQLite (exact numpy search, FTS5) and PostgreSQL 18 with pgvector (HNSW, tsvecto
 latter an embedded server started once per session (tests/support/embedded_pg.py) with a
 fresh schema per test. Embeddings come from the session's real llm-sim over HTTP.
 
-Until the hooks of /tmp/knowledge-hooks.patch are in the engine, :func:`attach` applies
-them in-process to an app built by ``create_app``: the service, the blueprint, the route
-roles, the component and the lookups given to validation and compilation. Only time is
-faked: the service's retry ``sleep`` records delays instead of waiting.
+Apps are built by ``create_app`` (kb_harness.engine_app), so the tests go through the
+engine's own wiring of knowledge bases. Only time is faked: the service's retry ``sleep``
+records delays instead of waiting.
 """
 
 from __future__ import annotations
@@ -19,16 +18,11 @@ from typing import Any
 import psycopg
 import pytest
 from flask import Flask
-from kb_harness import FakeSleep, attach
-from prometheus_client import CollectorRegistry
+from kb_harness import FakeSleep, close_app, engine_app
 from psycopg import sql
 from support.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
-from support.keys import KEYS, as_
+from support.keys import as_
 from support.needs import missing
-
-from flow_engine.api import knowledge as knowledge_api
-from flow_engine.app import create_app
-from flow_engine.metrics import EngineMetrics
 
 # -- databases ----------------------------------------------------------------------------------
 
@@ -77,25 +71,19 @@ def fake_sleep() -> FakeSleep:
 
 @pytest.fixture
 def make_kapp(kb_database: str, llm_sim: Any, fake_sleep: FakeSleep) -> Iterator[Callable[..., Flask]]:
-    """Engine apps with knowledge bases on this test's database; ``knowledge={...}``
-    overrides KnowledgeSettings fields, other keywords the engine's config."""
+    """Engine apps on this test's database; keywords override the engine's config (Settings
+    fields: ``max_upload_bytes``, ``knowledge_ingest_concurrency``, …)."""
     built: list[Flask] = []
 
-    def make(knowledge: dict[str, Any] | None = None, database_url: str | None = None,
-             **config: Any) -> Flask:
-        app = create_app({"database_url": database_url or kb_database, "api_keys": KEYS,
-                          "openai_base_url": llm_sim.base_url,
-                          "maintenance_interval_s": 0, "rollout_interval_s": 0, **config},
-                         metrics=EngineMetrics(CollectorRegistry()))
+    def make(database_url: str | None = None, **config: Any) -> Flask:
+        app = engine_app(database_url or kb_database, llm_sim.base_url, sleep=fake_sleep,
+                         **config)
         built.append(app)
-        attach(app, sleep=fake_sleep, **(knowledge or {}))
         return app
 
     yield make
     for app in built:
-        app.extensions[knowledge_api.EXTENSION].close()
-        app.extensions["flowgate"].maintenance.stop()
-        app.extensions["flowgate"].store.close()
+        close_app(app)
 
 
 @pytest.fixture
@@ -116,9 +104,6 @@ def editor() -> dict[str, str]:
 @pytest.fixture
 def runner() -> dict[str, str]:
     return as_("runner")
-
-
-
 
 @pytest.fixture
 def pdf() -> Callable[..., bytes]:

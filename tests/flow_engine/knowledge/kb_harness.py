@@ -1,43 +1,28 @@
-"""What the knowledge tests share: :func:`attach` (the hooks of /tmp/knowledge-hooks.patch,
-applied in-process to an app built by ``create_app``), a fake ``sleep`` and small API
-helpers. Imported by name (``from kb_harness import ...``), like tests/ambassador/app_harness.py.
+"""What the knowledge tests share: :func:`engine_app` (an engine built by ``create_app``, so
+knowledge bases are wired exactly as in production: the service, the blueprint, the route
+roles, the KnowledgeRetriever component and the lookups given to validation and
+compilation), a fake ``sleep`` and small API helpers. Imported by name (``from kb_harness
+import ...``), like tests/ambassador/app_harness.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
-from support.keys import as_
+from prometheus_client import CollectorRegistry
+from support.keys import KEYS, as_
 from support.waiting import wait_until
 
 from flow_engine.api import knowledge as knowledge_api
-from flow_engine.auth import ROUTE_ROLES
-from flow_engine.components import default_registry
-from flow_engine.components.base import ComponentRegistry, Limits
-from flow_engine.components.knowledge import KnowledgeRetriever
+from flow_engine.app import create_app
 from flow_engine.knowledge.service import KnowledgeService
-from flow_engine.knowledge.settings import KnowledgeSettings
+from flow_engine.metrics import EngineMetrics
 
 WAIT_S = 30.0
 EMBEDDING = {"provider": "openai", "model": "flowgate-sim-embedding", "dimensions": 128}
-KNOWLEDGE_ROLES = {  # the auth.py entries of the hooks patch
-    "knowledge.create_knowledge": "editor", "knowledge.list_knowledge": "runner",
-    "knowledge.get_knowledge": "runner", "knowledge.delete_knowledge": "admin",
-    "knowledge.upload_document": "editor", "knowledge.list_documents": "runner",
-    "knowledge.get_document": "runner", "knowledge.delete_document": "editor",
-    "knowledge.search": "runner",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class LimitsWithLookups(Limits):
-    """Limits plus the ``extra`` lookups the hooks patch adds to Limits itself."""
-
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class FakeSleep:
@@ -66,32 +51,29 @@ class FakeSleep:
             gate.set()
 
 
-def attach(app: Flask, *, sleep: Callable[[float], None], poll_s: float = 0.05,
-           **overrides: Any) -> KnowledgeService:
-    """What the hooks patch does in create_app, applied to an app already built; on an
-    engine that has the hooks, its service is replaced by one with these test settings."""
-    eng = app.extensions["flowgate"]
-    settings = KnowledgeSettings.from_settings(eng.settings, **overrides)
-    service = KnowledgeService(eng.store.engine, settings, egress=eng.settings.egress,
-                               openai_base_url=eng.settings.openai_base_url,
-                               openai_api_key=eng.settings.openai_api_key, sleep=sleep,
-                               poll_s=poll_s).start()
-    hooked = app.extensions.get(knowledge_api.EXTENSION)
-    if hooked is not None:
-        hooked.close()
-    else:
-        app.register_blueprint(knowledge_api.bp, url_prefix="/api/v1")
-        ROUTE_ROLES.update(KNOWLEDGE_ROLES)
-    app.extensions[knowledge_api.EXTENSION] = service
-    flows = eng.flows
-    if "KnowledgeRetriever" not in flows.registry:
-        flows.registry = ComponentRegistry([*default_registry(), KnowledgeRetriever()])
-    limits = {f.name: getattr(flows.limits, f.name) for f in dataclasses.fields(Limits)
-              if f.name != "extra"}
-    flows.limits = LimitsWithLookups(**limits, extra={"knowledge": service})
-    flows.build_context = dataclasses.replace(
-        flows.build_context, extra={**flows.build_context.extra, "knowledge": service})
-    return service
+def engine_app(database_url: str, openai_base_url: str, *, sleep: Callable[[float], None],
+               **config: Any) -> Flask:
+    """An engine app as ``create_app`` builds it; ``config`` overrides Settings fields
+    (``max_upload_bytes``, ``knowledge``, ``knowledge_*``). Only time is faked: the
+    service's retry ``sleep``, and its idle loop polls every 50 ms instead of every second."""
+    app = create_app({"database_url": database_url, "api_keys": KEYS,
+                      "openai_base_url": openai_base_url, "maintenance_interval_s": 0,
+                      "rollout_interval_s": 0, "outcome_flush_s": 0, **config},
+                     metrics=EngineMetrics(CollectorRegistry()))
+    service = knowledge_service(app)
+    service.sleep = sleep
+    service.ingestor.poll_s = 0.05
+    return app
+
+
+def knowledge_service(app: Flask) -> KnowledgeService:
+    return app.extensions[knowledge_api.EXTENSION]
+
+
+def close_app(app: Flask) -> None:
+    knowledge_service(app).close()
+    app.extensions["flowgate"].maintenance.stop()
+    app.extensions["flowgate"].store.close()
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -193,8 +193,7 @@ def test_an_unparsable_pdf_becomes_a_failed_document_with_the_reason(api, pdf) -
 
 
 def test_a_pdf_bomb_stops_at_the_page_and_object_limits(make_kapp, pdf) -> None:
-    api = make_kapp(knowledge={"knowledge_max_pdf_pages": 20,
-                               "knowledge_max_pdf_objects": 500}).test_client()
+    api = make_kapp(knowledge_max_pdf_pages=20, knowledge_max_pdf_objects=500).test_client()
     create_base(api)
     assert _upload(api, pdf(["x"], blank_pages=30), "pages.pdf").status_code == 202
     assert _upload(api, pdf(["x"], extra_objects=1000), "objects.pdf").status_code == 202
@@ -205,7 +204,7 @@ def test_a_pdf_bomb_stops_at_the_page_and_object_limits(make_kapp, pdf) -> None:
 
 
 def test_an_upload_over_the_limit_is_413_before_it_is_read(make_kapp) -> None:
-    api = make_kapp(knowledge={"max_upload_bytes": 1000}).test_client()
+    api = make_kapp(max_upload_bytes=1000).test_client()
     create_base(api)
     _error(_upload(api, b"a" * 200_000, "big.txt", "text/plain"), 413, "payload_too_large")
     _error(_upload(api, b"a" * 1_500, "just-over.txt", "text/plain"), 413, "payload_too_large")
@@ -271,7 +270,7 @@ def test_unknown_bases_and_documents_are_404_everywhere(api) -> None:
 
 
 def test_a_flood_of_uploads_is_indexed_a_few_at_a_time(make_kapp) -> None:
-    app = make_kapp(knowledge={"knowledge_ingest_concurrency": 2})
+    app = make_kapp(knowledge_ingest_concurrency=2)
     api = app.test_client()
     create_base(api)
     for i in range(12):
@@ -280,3 +279,18 @@ def test_a_flood_of_uploads_is_indexed_a_few_at_a_time(make_kapp) -> None:
     assert len(service.ingestor._jobs) <= 2
     for i in range(12):
         assert wait_document(api, "handbook", f"doc{i}.md")["status"] == "ready"
+
+
+def test_a_json_document_is_bounded_by_the_upload_limit_not_the_body_limit(make_kapp) -> None:
+    """FLOW_ENGINE_MAX_BODY_BYTES bounds API bodies (flows, runs); a document sent as JSON
+    is an upload, bounded by FLOW_ENGINE_MAX_UPLOAD_BYTES like a file."""
+    api = make_kapp(max_body_bytes=2_000, max_upload_bytes=100_000).test_client()
+    create_base(api)
+    text = "Refunds are issued within five business days. " * 200  # ~9.6 kB
+    doc = upload_text(api, "handbook", "refunds.md", text)
+    assert wait_document(api, "handbook", doc["id"])["status"] == "ready"
+    error = _error(api.post("/api/v1/knowledge/handbook/documents", headers=as_("editor"),
+                            json={"name": "big.md", "text": "a" * 200_000}), 413, "payload_too_large")
+    assert "FLOW_ENGINE_MAX_UPLOAD_BYTES" in error["message"]
+    assert api.post("/api/v1/flows", headers=as_("editor"), json={
+        "id": "big", "description": "x" * 5_000, "nodes": [], "edges": []}).status_code == 413

@@ -7,15 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kb_harness import FakeSleep, attach, create_base, search, upload_text, wait_document
-from prometheus_client import CollectorRegistry
-from support.keys import KEYS, as_
+from kb_harness import (
+    FakeSleep,
+    close_app,
+    create_base,
+    engine_app,
+    knowledge_service,
+    search,
+    upload_text,
+    wait_document,
+)
+from support.keys import as_
 
-from flow_engine.api.knowledge import EXTENSION
-from flow_engine.app import create_app
 from flow_engine.knowledge import schema
 from flow_engine.knowledge.service import KnowledgeConfigError
-from flow_engine.metrics import EngineMetrics
 
 CORPUS = {
     "refunds.md": "Refunds are issued within five business days after we receive the item.",
@@ -43,22 +48,15 @@ def _indexed(app) -> object:
 
 
 def _app(url: str, llm_sim, **config):
-    app = create_app({"database_url": url, "api_keys": KEYS, "openai_base_url": llm_sim.base_url,
-                      "rollout_interval_s": 0, "outcome_flush_s": 0, "maintenance_interval_s": 0,
-                      **config}, metrics=EngineMetrics(CollectorRegistry()))
-    return app
+    return engine_app(url, llm_sim.base_url, sleep=FakeSleep(), **config)
 
 
 @pytest.fixture
 def both(tmp_path: Path, vector_pg_url: str, llm_sim):
     apps = [_app(f"sqlite:///{tmp_path / 'kb.db'}", llm_sim), _app(vector_pg_url, llm_sim)]
-    for app in apps:
-        attach(app, sleep=FakeSleep())
     yield apps
     for app in apps:
-        app.extensions[EXTENSION].close()
-        app.extensions["flowgate"].maintenance.stop()
-        app.extensions["flowgate"].store.close()
+        close_app(app)
 
 
 def test_the_same_corpus_gives_the_same_top_hits_on_both_backends(both) -> None:
@@ -76,8 +74,7 @@ def test_the_same_corpus_gives_the_same_top_hits_on_both_backends(both) -> None:
 
 
 def test_without_pgvector_knowledge_is_unavailable_and_says_why(postgres_url: str, llm_sim) -> None:
-    app = _app(postgres_url, llm_sim)
-    service = attach(app, sleep=FakeSleep())  # FLOW_ENGINE_KNOWLEDGE=auto: the engine runs
+    app = _app(postgres_url, llm_sim)  # FLOW_ENGINE_KNOWLEDGE=auto: the engine runs
     try:
         api = app.test_client()
         resp = api.get("/api/v1/knowledge", headers=as_("runner"))
@@ -99,23 +96,20 @@ def test_without_pgvector_knowledge_is_unavailable_and_says_why(postgres_url: st
         assert api.post("/api/v1/run/g", headers=as_("runner"),
                         json={"input_value": "hi"}).get_json()["output"] == "hi"
     finally:
-        service.close()
-    strict = _app(postgres_url, llm_sim)
+        close_app(app)
     with pytest.raises(KnowledgeConfigError, match=r"FLOW_ENGINE_KNOWLEDGE=on: .*'vector' extension"):
-        attach(strict, sleep=FakeSleep(), knowledge="on")
-    for each in (app, strict):
-        each.extensions["flowgate"].store.close()
+        _app(postgres_url, llm_sim, knowledge="on")
 
 
 def test_knowledge_off_answers_503_and_indexes_nothing(tmp_path: Path, llm_sim) -> None:
-    app = _app(f"sqlite:///{tmp_path / 'off.db'}", llm_sim)
-    service = attach(app, sleep=FakeSleep(), knowledge="off")
+    app = _app(f"sqlite:///{tmp_path / 'off.db'}", llm_sim, knowledge="off")
+    service = knowledge_service(app)
     resp = app.test_client().get("/api/v1/knowledge", headers=as_("runner"))
     assert resp.status_code == 503 and "FLOW_ENGINE_KNOWLEDGE=off" in resp.get_json()["error"]["message"]
     upload = app.test_client().post("/api/v1/knowledge/kb/documents", headers=as_("editor"),
                                     json={"name": "a.md", "text": "x"})
     assert upload.status_code == 503 and service.ingestor.idle()
-    app.extensions["flowgate"].store.close()
+    close_app(app)
 
 
 def test_the_migration_is_idempotent(kb_database: str) -> None:

@@ -88,3 +88,31 @@ def test_the_key_goes_only_to_keyed_origins(fresh_llm_sim: Any) -> None:
     with pytest.raises(ValueError, match="not an allowed provider origin"):
         client_for("https://attacker.example/v1", "emb", **options)
     assert len(_seen(fresh_llm_sim)) == 2
+
+
+def test_model_aliases_rename_the_model_the_engine_s_endpoint_is_asked_for(fresh_llm_sim: Any) -> None:
+    """FLOW_ENGINE_MODEL_ALIASES name what the engine's endpoint serves (Ollama has no
+    text-embedding-3-small); a base sent to another endpoint keeps its model name."""
+    engine_url = fresh_llm_sim.base_url
+    other = engine_url.replace("127.0.0.1", "localhost")
+    options = {"dimensions": 8, "engine_base_url": engine_url, "api_key": None, "egress": None,
+               "timeout_s": 10, "retry": RetryPolicy(max_retries=0),
+               "aliases": {"text-embedding-3-small": "nomic-embed-text"}}
+    client_for(None, "text-embedding-3-small", **options).embed(["x"])
+    client_for(engine_url, "text-embedding-3-small", **options).embed(["x"])
+    client_for(None, "other-model", **options).embed(["x"])
+    client_for(other, "text-embedding-3-small", **options).embed(["x"])
+    assert [seen["model"] for seen in _seen(fresh_llm_sim)] == [
+        "nomic-embed-text", "nomic-embed-text", "other-model", "text-embedding-3-small"]
+
+
+def test_the_engine_applies_its_model_aliases_to_embeddings(make_kapp, fresh_llm_sim: Any) -> None:
+    from kb_harness import EMBEDDING, create_base, search, upload_text, wait_document
+
+    api = make_kapp(model_aliases="gpt-4o-mini=sim-chat,text-embedding-3-small=sim-embed").test_client()
+    create_base(api, embedding={**EMBEDDING, "model": "text-embedding-3-small"})
+    doc = upload_text(api, "handbook", "refunds.md", "Refunds are issued within five days.")
+    assert wait_document(api, "handbook", doc["id"])["status"] == "ready"
+    assert search(api, "handbook", "refunds", mode="vector")[0]["document"] == "refunds.md"
+    models = [seen["model"] for seen in _seen(fresh_llm_sim)]
+    assert models and set(models) == {"sim-embed"}, models

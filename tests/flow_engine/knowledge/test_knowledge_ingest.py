@@ -40,7 +40,7 @@ def test_an_embedding_endpoint_that_is_down_fails_the_document_after_retries(mak
 
 def test_provider_errors_fail_the_document_with_the_status(make_kapp, llm_sim, fake_sleep) -> None:
     llm_sim.restore_defaults()
-    api = make_kapp(knowledge={"knowledge_embed_retries": 2}).test_client()
+    api = make_kapp(knowledge_embed_retries=2).test_client()
     create_base(api)
     llm_sim.configure(embedding_error_rate=1, error_kinds=["500"])
     try:
@@ -73,7 +73,7 @@ def test_concurrency_is_bounded_and_a_replacement_is_atomic(make_kapp, llm_sim, 
     """While the new version of a document is indexing (its embedding request held in a
     retry), searches see exactly the old chunks; after the swap exactly the new ones."""
     llm_sim.restore_defaults()
-    api = make_kapp(knowledge={"knowledge_ingest_concurrency": 1}).test_client()
+    api = make_kapp(knowledge_ingest_concurrency=1).test_client()
     create_base(api, chunking={"size": 100, "overlap": 0})
     upload_text(api, "handbook", "refunds.md", OLD)
     wait_document(api, "handbook", "refunds.md")
@@ -143,7 +143,7 @@ def test_a_live_engines_document_is_left_alone_until_its_heartbeat_stops(make_ka
     first = make_kapp()
     create_base(first.test_client())
     doc_id = _dead_engine_left(first, "refunds.md", attempts=1, silent_s=0)
-    second = make_kapp(knowledge={"knowledge_stale_s": 600})
+    second = make_kapp(knowledge_stale_s=600)
     api = second.test_client()
     store = _service(second).store
     for _ in range(3):  # the loop polls while another engine indexes; it takes nothing
