@@ -6,7 +6,9 @@ optional message — ``"message"`` in a JSON body that is not a definition, else
 ``X-Flowgate-Message`` header (percent-encoded UTF-8) — and the trace id; the store writes
 them to the audit log in the change's own transaction. Publish, rollback and routing build every version they
 would make live first (422 if one cannot be built) and accept ``"dry_run": true`` to check
-without changing anything."""
+without changing anything. Their answers carry, under ``"audit"``, the audit entry the change
+wrote (null if it cannot be told apart), so a console shows that entry — not whichever is
+newest."""
 
 from __future__ import annotations
 
@@ -62,6 +64,19 @@ def change(body: Any = None) -> Change:
     trace = g.get("trace")
     return Change(actor=principal().actor, message=message or None,
                   trace_id=trace.trace_id if trace else None)
+
+
+def written(flow: FlowRecord, action: str, made: Change) -> dict[str, Any]:
+    """The flow with the audit entry this request's change wrote: the newest of the flow's
+    entries with this request's trace id, actor and action. (The store commits the entry with
+    the change but answers the flow only; another change of this flow by the same actor and
+    trace id, sent concurrently with one traceparent, could be taken for this one.)"""
+    entry = None
+    if made.trace_id is not None:
+        entry = next((e.as_dict() for e in engine().store.list_audit(flow.id, 20)
+                      if e.trace_id == made.trace_id and e.actor == made.actor
+                      and e.action == action), None)
+    return {**flow_json(flow), "audit": entry}
 
 
 def _options(body: Any, allowed: set[str], example: str) -> dict[str, Any]:
@@ -148,18 +163,19 @@ def publish(flow_ref: str):
             guard = Guard.parse(body["guard"], "guard").as_dict()
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-    flows = engine().flows
-    flow = flows.publish(flow_ref, number, change(body), dry_run=body.get("dry_run", False),
-                         guard=guard)
+    made = change(body)
+    flow = engine().flows.publish(flow_ref, number, made, dry_run=body.get("dry_run", False),
+                                  guard=guard)
     if flow is None:
         return jsonify({"dry_run": True, "ok": True, "version": number})
-    return jsonify(flow_json(flow))
+    return jsonify(written(flow, "publish", made))
 
 
 @bp.post("/flows/<flow_ref>/rollback")
 def rollback(flow_ref: str):
     body = _options(json_body(required=False), {"message"}, '{"message": "…"}')
-    return jsonify(flow_json(engine().flows.rollback(flow_ref, change(body))))
+    made = change(body)
+    return jsonify(written(engine().flows.rollback(flow_ref, made), "rollback", made))
 
 
 @bp.put("/flows/<flow_ref>/routing")
@@ -174,7 +190,7 @@ def set_routing(flow_ref: str):
     flow = engine().flows.set_routing(flow_ref, body, made, dry_run=dry_run)
     if flow is None:
         return jsonify({"dry_run": True, "ok": True})
-    return jsonify(flow_json(flow))
+    return jsonify(written(flow, "routing", made))
 
 
 @bp.get("/flows/<flow_ref>/audit")

@@ -231,7 +231,9 @@ def build_spec() -> dict[str, Any]:
                     "latest_version": {"type": "integer"},
                     "live_version": {"type": ["integer", "null"]},
                     "routing": {"type": ["object", "null"]},
-                    "definition": _ref("FlowDefinition")}},
+                    "definition": _ref("FlowDefinition"),
+                    # on the answers of publish, rollback and routing: the entry they wrote
+                    "audit": {"anyOf": [_ref("AuditEntry"), {"type": "null"}]}}},
                 "Version": {"type": "object", "properties": {
                     "flow_id": {"type": "string"}, "version": {"type": "integer"},
                     "live": {"type": "boolean"}, "definition": _ref("FlowDefinition")}},

@@ -8,8 +8,10 @@ Protocol
 --------
 
 Handshake. The API key travels as on every ``/api/v1`` path (``Authorization: Bearer <key>``
-or ``x-api-key: <key>``), or as ``?token=<key>`` because browsers cannot set headers on a
-WebSocket. It is checked before the upgrade: a missing or bad key gets the ordinary 401
+or ``x-api-key: <key>``). Browsers cannot set headers on a WebSocket: they first get a
+one-time ``?ticket=`` from ``POST /api/v1/ws/ticket`` (flow_engine/ws_tickets.py), so the
+key never appears in a URL; ``?token=<key>`` remains for other clients that cannot send
+headers. It is checked before the upgrade: a missing or bad key gets the ordinary 401
 JSON error response and no WebSocket. A browser's ``Origin`` must be this engine's own
 origin or one of ``FLOW_ENGINE_WS_ALLOWED_ORIGINS`` (403 otherwise), so a page on another
 site cannot drive the socket with a key the browser holds; clients that send no ``Origin``

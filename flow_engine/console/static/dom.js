@@ -26,6 +26,13 @@ export function h(tag, attrs = {}, ...children) {
   return build(document.createElement(tag), attrs, children);
 }
 
+/** Replace ``el``'s children the way h() adds them (arrays flattened; null, undefined and
+ * false left out) — replaceChildren itself would show a null as the text "null". */
+export function fill(el, ...children) {
+  el.replaceChildren();
+  return build(el, {}, children);
+}
+
 /** An SVG element, the same way. */
 export function s(tag, attrs = {}, ...children) {
   return build(document.createElementNS(SVG_NS, tag), attrs, children);

@@ -4,11 +4,23 @@
 
 import { api, get } from "./api.js";
 import { sideBySide } from "./diff.js";
-import { h, link, table, when } from "./dom.js";
+import { fill, h, link, table, when } from "./dom.js";
 import { drawGraph } from "./graph.js";
 import { RunView } from "./run.js";
 
 const enc = encodeURIComponent;
+
+// The outcome of the last change made on this page, kept across the reload that follows it
+// (the page then shows the new live version, canary and history) and shown once.
+let kept = null;
+
+/** The audit entry a change's answer carries: that change's own, never the newest one. */
+function outcomeText(entry) {
+  if (!entry) return "Done (its audit entry is in the history below).";
+  return [`Done. Audit #${entry.seq}: ${entry.action} by ${entry.actor}`,
+    entry.to_version ? ` (v${entry.from_version ?? "—"} → v${entry.to_version})` : "",
+    entry.message ? ` — ${entry.message}` : ""].join("");
+}
 
 function badges(flow) {
   const out = [h("span", { class: "badge ok" }, flow.live_version ? `live v${flow.live_version}` : "not live")];
@@ -25,6 +37,15 @@ function versionSelect(label, versions, selected) {
   const select = h("select", { id }, versions.map((v) =>
     h("option", { value: v.version, selected: v.version === selected }, `v${v.version}${v.live ? " (live)" : ""}`)));
   return { select, field: h("label", { for: id }, label, " ", select) };
+}
+
+/** Set the canary: PUT /routing replaces the whole routing, so the flow's current sticky key
+ * (read now, not when the page loaded) goes with it. No ``live``: an absent one keeps the
+ * live version, where the page's copy could undo a publish made since. */
+async function setCanary(flowId, canary, message) {
+  const current = await get(`/flows/${enc(flowId)}`);
+  const sticky = (current.routing && current.routing.sticky_key) || null;
+  return api("PUT", `/flows/${enc(flowId)}/routing`, { canary, sticky_key: sticky, message });
 }
 
 function auditRows(entries) {
@@ -80,6 +101,11 @@ export async function flowPage(main, flowId, params) {
 
   // -- changes (publisher role) -------------------------------------------------------------
   const outcome = h("p", { class: "change-outcome", role: "status" });
+  if (kept && kept.flowId === flow.id) {
+    outcome.textContent = outcomeText(kept.entry);
+    outcome.dataset.seq = kept.entry ? kept.entry.seq : "";
+  }
+  kept = null;
   const message = h("input", { id: "change-message", type: "text", maxlength: 500, required: true, placeholder: "why (kept in the audit log)" });
   const publishVersion = versionSelect("Version", versions, flow.latest_version);
   const canaryVersion = versionSelect("Canary version", versions, flow.latest_version);
@@ -88,14 +114,12 @@ export async function flowPage(main, flowId, params) {
     if (!message.reportValidity()) return;
     outcome.textContent = `${what}…`;
     try {
-      await call(message.value.trim());
-      const { entries } = await get(`/flows/${enc(flow.id)}/audit?limit=1`);
-      const e = entries[0];
-      outcome.replaceChildren(`Done. Audit #${e.seq}: ${e.action} by ${e.actor}`,
-        e.to_version ? ` (v${e.from_version ?? "—"} → v${e.to_version})` : "", e.message ? ` — ${e.message}` : "");
-      outcome.dataset.seq = e.seq;
+      const answer = await call(message.value.trim());
+      kept = { flowId: flow.id, entry: answer && answer.audit };
+      outcome.textContent = outcomeText(kept.entry);
+      outcome.dataset.seq = kept.entry ? kept.entry.seq : "";
       message.value = "";
-      setTimeout(() => dispatchEvent(new PopStateEvent("popstate")), 1500);
+      dispatchEvent(new PopStateEvent("popstate")); // the new state; the outcome stays
     } catch (err) {
       outcome.textContent = `${what} refused: ${err.code}: ${err.message}`;
       outcome.dataset.seq = "";
@@ -112,10 +136,10 @@ export async function flowPage(main, flowId, params) {
       h("span", { class: "muted" }, (flow.previous_live_versions || []).length
         ? ` to v${flow.previous_live_versions[flow.previous_live_versions.length - 1]}` : " (no earlier live version)")),
     h("div", { class: "inline" }, canaryVersion.field, h("label", { for: "canary-percent" }, "Percent"), percent,
-      h("button", { type: "button", onclick: () => change("Canary", (m) =>
-        api("PUT", `/flows/${enc(flow.id)}/routing`, { canary: { version: Number(canaryVersion.select.value), percent: Number(percent.value) }, message: m })) }, "Start canary"),
+      h("button", { type: "button", onclick: () => change("Canary", (m) => setCanary(flow.id,
+        { version: Number(canaryVersion.select.value), percent: Number(percent.value) }, m)) }, "Start canary"),
       flow.routing && flow.routing.canary ? h("button", { type: "button", onclick: () => change("Stop canary", (m) =>
-        api("PUT", `/flows/${enc(flow.id)}/routing`, { message: m })) }, "Stop canary") : null),
+        setCanary(flow.id, null, m)) }, "Stop canary") : null),
     outcome);
 
   // -- history --------------------------------------------------------------------------------
@@ -130,7 +154,7 @@ export async function flowPage(main, flowId, params) {
       + `${v.runs} runs, ${(v.failure_rate * 100).toFixed(1)}% failed, p95 ${v.p95_ms ?? "—"} ms`).join("; ")}`;
   }).catch((err) => { figures.textContent = `Last hour: ${err.message}`; });
 
-  main.replaceChildren(
+  fill(main,
     h("h1", {}, flow.name || flow.id, " ", h("small", {}, h("code", {}, flow.id))),
     flow.description ? h("p", {}, flow.description) : null,
     badges(flow), figures,

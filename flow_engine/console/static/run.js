@@ -1,7 +1,7 @@
 // A run as it happens: status, the graph's nodes lighting up, tokens as they arrive, tool
 // calls as steps, the output and usage at the end, and a Cancel button.
 
-import { h, link, ms, runPath } from "./dom.js";
+import { fill, h, link, ms, runPath } from "./dom.js";
 import { markNode } from "./graph.js";
 import { RunStream } from "./stream.js";
 
@@ -22,7 +22,7 @@ export class RunView {
       h("h3", {}, "Answer"), this.tokens,
       h("details", { class: "steps-box", open: true }, h("summary", {}, "Steps"), this.steps),
       this.result);
-    this.started = new Set();
+    this.started = new Map(); // node → when this page saw it start (performance.now())
     this.tokenEvents = 0;
     this.stream = null;
   }
@@ -45,6 +45,7 @@ export class RunView {
     this.stream = new RunStream({
       onEvent: (event) => this.show(event),
       onTransport: (name) => { this.transport.textContent = `via ${name === "websocket" ? "WebSocket" : "Server-Sent Events"}`; this.element.dataset.transport = name; },
+      onLost: () => this.lost(),
     });
     this.cancelButton.disabled = false;
     how(this.stream);
@@ -69,6 +70,17 @@ export class RunView {
     }
   }
 
+  /** No connection could follow the run to its end: say so (it may still be going). */
+  lost() {
+    this.cancelButton.disabled = true;
+    for (const el of this.graph ? this.graph.querySelectorAll("g.node[data-state='running']") : []) {
+      el.dataset.state = "unknown";
+    }
+    this.setStatus("lost", this.element.dataset.runId
+      ? "Connection lost: the run may still be going; open its watch link to follow it."
+      : "Connection lost: the engine could not be reached.");
+  }
+
   setStatus(state, text) {
     this.element.dataset.state = state;
     this.status.textContent = text;
@@ -87,7 +99,7 @@ export class RunView {
         this.element.dataset.runId = event.run_id;
         break;
       case "node_started":
-        this.started.add(node);
+        this.started.set(node, performance.now());
         if (this.graph) markNode(this.graph, node, "running");
         this.step("node", `${node} (${event.node_type}) started`);
         break;
@@ -106,23 +118,26 @@ export class RunView {
       case "tool_result":
         this.step("tool", `${event.tool} answered (${event.status}): ${event.output ?? ""}`.slice(0, 500));
         break;
-      case "error":
-        if (node && this.graph) markNode(this.graph, node, event.code === "run_cancelled" ? "stopped" : "failed");
-        this.endNodes();
+      case "error": {
+        const cancelled = event.code === "run_cancelled";
+        const took = this.failedAfter(event);
+        if (node && this.graph) markNode(this.graph, node, cancelled ? "stopped" : "failed", took);
+        if (node && !cancelled) this.step("node", `${node} failed after ${ms(took)}`);
+        this.endNodes("not-run"); // after a failure, a node not reached was not skipped
         this.cancelButton.disabled = true;
-        this.setStatus(event.code === "run_cancelled" ? "cancelled" : "failed",
-          event.code === "run_cancelled" ? "Cancelled" : `Failed: ${event.code}`);
+        this.setStatus(cancelled ? "cancelled" : "failed", cancelled ? "Cancelled" : `Failed: ${event.code}`);
         this.result.replaceChildren(h("p", { class: "error" }, `${event.code}: ${event.message ?? ""}`,
-          node ? ` (node ${node})` : ""));
+          node ? ` (node ${node}${took === undefined ? "" : `, after ${ms(took)}`})` : ""));
         break;
+      }
       case "run_finished":
-        this.endNodes();
+        this.endNodes("skipped");
         this.cancelButton.disabled = true;
         this.setStatus("finished", `Finished in ${ms(event.duration_ms)}`);
         if (!this.tokenEvents && event.output !== undefined && event.output !== null) {
           this.tokens.textContent = typeof event.output === "string" ? event.output : JSON.stringify(event.output, null, 2);
         }
-        this.result.replaceChildren(
+        fill(this.result,
           h("h3", {}, "Output"),
           h("pre", { class: "output" }, typeof event.output === "string" ? event.output : JSON.stringify(event.output, null, 2)),
           h("p", { class: "usage" }, `Usage: ${JSON.stringify(event.usage || {})}`),
@@ -133,12 +148,24 @@ export class RunView {
     }
   }
 
-  /** Nodes that never started were skipped (a branch not taken); any still running stop. */
-  endNodes() {
+  /** How long the failed node ran: the engine's figure when the event has one, else the time
+   * between its start and the error as this page saw them (a replay shows them together). */
+  failedAfter(event) {
+    if (typeof event.duration_ms === "number") return event.duration_ms;
+    const started = this.started.get(event.node);
+    return started === undefined ? undefined : performance.now() - started;
+  }
+
+  /** At the run's end, nodes that never started become ``unstarted``: "skipped" (a branch
+   * not taken) after a finished run, "not-run" after a failed or cancelled one; any still
+   * running stop. */
+  endNodes(unstarted) {
     if (!this.graph) return;
     for (const el of this.graph.querySelectorAll("g.node")) {
-      if (el.dataset.state === "idle") el.dataset.state = "skipped";
-      else if (el.dataset.state === "running") el.dataset.state = "stopped";
+      if (el.dataset.state === "idle") {
+        el.dataset.state = unstarted;
+        el.querySelector(".node-time").textContent = unstarted === "skipped" ? "skipped" : "not run";
+      } else if (el.dataset.state === "running") el.dataset.state = "stopped";
     }
   }
 }

@@ -2,7 +2,7 @@
 
 import { get } from "./api.js";
 import { drawGraph } from "./graph.js";
-import { flowPath, h, link, ms, runPath, table, when } from "./dom.js";
+import { fill, flowPath, h, link, ms, runPath, table, when } from "./dom.js";
 import { RunView } from "./run.js";
 
 export async function runsPage(main, params) {
@@ -36,7 +36,7 @@ export async function runPage(main, runId) {
     if (version) graph = drawGraph(version.definition);
   }
   const view = new RunView(graph);
-  main.replaceChildren(
+  fill(main,
     h("h1", {}, "Run ", h("code", {}, runId)),
     record ? h("p", {}, "Flow ", link(flowPath(record.flow_id), record.flow_id), ` v${record.version}, started ${when(record.created_at)}`) : null,
     graph, view.element);

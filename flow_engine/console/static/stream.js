@@ -1,10 +1,14 @@
 // Following a run's events: over the WebSocket API (opened with a one-time ticket), or over
-// Server-Sent Events when the WebSocket cannot connect. A connection that drops mid-run is
+// Server-Sent Events when the WebSocket cannot connect — refused, or not open within
+// OPEN_TIMEOUT_MS (a proxy that holds the upgrade). A connection that drops mid-run is
 // resumed over SSE from the last event seen (Last-Event-ID): no event is lost or repeated.
+// When every SSE attempt fails, the stream ends as lost: the page says so, not "running".
 
 import { api, headers } from "./api.js";
 
 const TERMINAL = new Set(["run_finished", "error"]);
+const OPEN_TIMEOUT_MS = 5000;
+const SSE_ATTEMPTS = 5;
 
 /** Parse an SSE byte stream into {id, event, data} objects. */
 async function* sseEvents(response) {
@@ -36,13 +40,15 @@ async function* sseEvents(response) {
 
 /**
  * One run followed from start to end. ``onEvent(event)`` gets each event once, in order,
- * as {type, seq, ...data}; ``onTransport(name)`` says how ("websocket", "sse").
+ * as {type, seq, ...data}; ``onTransport(name)`` says how ("websocket", "sse");
+ * ``onLost()`` that no transport could follow the run to its end (it may still be going).
  * start({flowId, input, sessionId}) runs a flow; watch(runId) follows an existing run.
  */
 export class RunStream {
-  constructor({ onEvent, onTransport = () => {}, preferWebSocket = true }) {
+  constructor({ onEvent, onTransport = () => {}, onLost = () => {}, preferWebSocket = true }) {
     this.onEvent = onEvent;
     this.onTransport = onTransport;
+    this.onLost = onLost;
     this.preferWebSocket = preferWebSocket && typeof WebSocket === "function";
     this.runId = null;
     this.lastSeq = 0;
@@ -69,6 +75,13 @@ export class RunStream {
     if (this.socket) this.socket.close(1000);
     this.abort.abort();
     this.resolveDone();
+  }
+
+  /** Every way to follow the run failed before its end. */
+  lose() {
+    if (this.ended) return;
+    this.finish();
+    this.onLost();
   }
 
   /** Run a flow. One idempotency key for both transports: if the socket dies before the
@@ -108,6 +121,7 @@ export class RunStream {
     const url = `${scheme}//${location.host}/api/v1/ws/runs?ticket=${encodeURIComponent(ticket)}`;
     return new Promise((resolve) => {
       let opened = false;
+      let abandoned = false;
       let socket;
       try {
         socket = new WebSocket(url);
@@ -116,18 +130,29 @@ export class RunStream {
         return;
       }
       this.socket = socket;
+      const timer = setTimeout(() => { // neither open nor closed: give up on it, go over SSE
+        abandoned = true;
+        this.socket = null;
+        socket.close();
+        resolve(false);
+      }, OPEN_TIMEOUT_MS);
       socket.addEventListener("open", () => {
+        clearTimeout(timer);
+        if (abandoned) return;
         opened = true;
         this.onTransport("websocket");
         socket.send(JSON.stringify(message));
         resolve(true);
       });
       socket.addEventListener("message", (e) => {
+        if (abandoned) return;
         let event;
         try { event = JSON.parse(e.data); } catch { return; }
         this.deliver(event); // a refusal (unknown flow, bad input) is an error without seq
       });
       socket.addEventListener("close", () => {
+        clearTimeout(timer);
+        if (abandoned) return;
         this.socket = null;
         if (!opened) resolve(false); // never connected: the caller goes over SSE
         else if (this.ended) return;
@@ -150,12 +175,13 @@ export class RunStream {
   }
 
   /** Read events from an SSE request; a stream that breaks before the run's end is
-   * resumed (a few times, backing off) from the last event seen. */
+   * resumed (a few times, backing off) from the last event seen; then the run is lost. */
   async sse(url, init) {
-    for (let attempt = 0; attempt < 5 && !this.ended; attempt += 1) {
+    for (let attempt = 0; attempt < SSE_ATTEMPTS && !this.ended; attempt += 1) {
       if (attempt > 0) {
         await new Promise((r) => setTimeout(r, 300 * attempt));
-        if (this.ended || !this.runId) return;
+        if (this.ended) return;
+        if (!this.runId) break; // the run was never known: nothing to resume
         [url, init] = this.resumeRequest();
       }
       let response;
@@ -181,6 +207,7 @@ export class RunStream {
         /* broken stream: resumed below */
       }
     }
+    this.lose();
   }
 
   async cancel() {

@@ -6,55 +6,9 @@ audit entries, hostile names rendered as text, and a phone-width screen."""
 from __future__ import annotations
 
 import pytest
-from support.keys import SECRETS
-
-ADMIN, PUBLISHER, RUNNER = SECRETS["admin"], SECRETS["publisher"], SECRETS["runner"]
+from console_helpers import ADMIN, PUBLISHER, RUNNER, flow_definition, signed_in, start_run
 
 pytestmark = pytest.mark.integration
-
-# Records, in the page, each change of the streamed answer's length and each state a node
-# goes through, with the time; and when the run view reached an end state.
-RECORDER = """() => {
-  window.__seen = {tokens: [], nodes: {}, endedAt: null};
-  const view = document.querySelector('.run-view');
-  const tokens = view.querySelector('.tokens');
-  new MutationObserver(() => window.__seen.tokens.push([performance.now(), tokens.textContent.length]))
-    .observe(tokens, {childList: true, characterData: true, subtree: true});
-  new MutationObserver((changes) => {
-    for (const c of changes) {
-      const el = c.target;
-      if (el.classList && el.classList.contains('node')) {
-        (window.__seen.nodes[el.dataset.node] ||= []).push(el.dataset.state);
-      }
-      if (el === view && ['finished', 'failed', 'cancelled'].includes(view.dataset.state)
-          && window.__seen.endedAt === null) window.__seen.endedAt = performance.now();
-    }
-  }).observe(document.querySelector('main'),
-             {attributes: true, attributeFilter: ['data-state'], subtree: true});
-}"""
-
-
-def flow_definition(flow_id: str, *, name: str | None = None, template: str = "Q: {question}") -> dict:
-    return {"id": flow_id, "name": name or flow_id, "nodes": [
-        {"id": "in", "type": "ChatInput"},
-        {"id": "prompt", "type": "PromptTemplate", "params": {"template": template}},
-        {"id": "llm", "type": "ChatModel", "params": {"provider": "openai", "model": "gpt-4o-mini"}},
-        {"id": "out", "type": "ChatOutput"}],
-        "edges": [{"source": "in", "target": "prompt"}, {"source": "prompt", "target": "llm"},
-                  {"source": "llm", "target": "out"}]}
-
-
-def signed_in(open_page, key: str = ADMIN, path: str = "/ui/", **size):
-    page = open_page(**size)
-    page.goto(path)
-    page.sign_in(key)
-    return page
-
-
-def start_run(page, text: str) -> None:
-    page.page.evaluate(RECORDER)
-    page.page.fill("#run-input", text)
-    page.page.click(".run-form button[type=submit]")
 
 
 def test_a_wrong_key_is_refused_and_the_right_one_signs_in(open_page, engine):
@@ -294,6 +248,17 @@ def test_a_phone_width_screen_needs_no_sideways_scrolling(open_page, engine):
     for control in ("#run-input", "#run-session", "#change-message"):
         label = page.page.locator(f"label[for='{control[1:]}']")
         assert label.count() == 1, f"{control} has no label"
+
+
+@pytest.mark.parametrize(("path", "table"), [pytest.param("/ui/", "table.flows", id="flows"),
+                                             pytest.param("/ui/runs", "table.runs", id="runs")])
+def test_the_flows_and_runs_lists_fit_a_phone_width_screen(open_page, engine, fresh_llm_sim,
+                                                           path, table):
+    engine.call("POST", "/run/support-router", {"input_value": "a run to list"}, key=RUNNER)
+    page = signed_in(open_page, path=path, width=390, height=844)
+    page.page.wait_for_selector(f"{table} tbody tr")
+    overflow = page.page.evaluate("document.documentElement.scrollWidth - innerWidth")
+    assert overflow <= 0, f"the page is {overflow}px wider than the screen"
 
 
 def test_every_page_carries_the_security_headers(engine):
