@@ -45,11 +45,13 @@ class AmbassadorMetrics(ServiceMetrics):
             "Whole streamed answers relayed to apps, start to end, by route and flow.",
             ["route", "flow"], buckets=STREAM, **kw)
         self.upstream_duration = Histogram(
-            "flowgate_ambassador_upstream_duration_seconds", "Time per upstream attempt, by route.",
-            ["route"], buckets=LATENCY, **kw)
+            "flowgate_ambassador_upstream_duration_seconds",
+            "Time per upstream attempt, by route and flow (bounded: ambassador/labels.py).",
+            ["route", "flow"], buckets=LATENCY, **kw)
         self.overhead = Histogram(
-            "flowgate_ambassador_overhead_seconds", "Time spent outside upstream calls, by route.",
-            ["route"], buckets=OVERHEAD, **kw)
+            "flowgate_ambassador_overhead_seconds",
+            "Time spent outside upstream calls, by route and flow (bounded: "
+            "ambassador/labels.py).", ["route", "flow"], buckets=OVERHEAD, **kw)
         self.in_flight = Gauge(
             "flowgate_ambassador_in_flight_requests", "Requests being answered.",
             multiprocess_mode="livesum", **kw)

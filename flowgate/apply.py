@@ -15,15 +15,19 @@ flow its ``id`` names (the file's stem when it has none):
   delivery job re-run never undoes a rollback; change the file to publish again;
 - with ``--prune --yes``, engine flows that no file names are deleted (admin role).
 
-Everything is validated offline first: one invalid file and nothing is applied. ``--dry-run``
-prints what would change (a diff per flow) and changes nothing. ``export DIR`` writes each
+Every file is validated offline, then by the engine (``POST /api/v1/flows/validate``: the
+knowledge bases, provider origins and limits only it knows) before anything changes, also
+under ``--dry-run``: one refused file and nothing is applied, each problem printed with its
+file, exit 1 — so a CI dry run fails where the real apply would. ``--dry-run`` then prints
+what would change (a diff per flow) and changes nothing. ``export DIR`` writes each
 flow's latest version to ``DIR/<id>.json``; applying that directory changes nothing.
 
 Each change's audit message is ``--message``, or else, in a git checkout, the last commit
 that touched the files (``git log -1 --format='%h %s'``), so the engine's history names the
 commit a version came from.
 
-Exit codes: 0 done, or nothing to do; 1 invalid flows, or the engine refused a change;
+Exit codes (also ``flowgate flows apply --help``): 0 done, or nothing to do; 1 a file invalid
+offline or refused by the engine (nothing applied), or the engine refused a change;
 2 usage (unreadable file, two files for one flow, ``--prune`` without ``--yes``);
 3 engine unreachable; 4 ``--dry-run`` found changes to make (for CI checks).
 """
@@ -90,6 +94,28 @@ def desired(files: list[Path], load_json, limits) -> dict[str, tuple[Path, dict[
             return 2
         found[flow.id] = (path, {**data, "id": flow.id})
     return 1 if invalid else found
+
+
+def engine_refusals(client, wanted: dict[str, tuple[Path, dict[str, Any]]]) -> int:
+    """Have the engine validate every file, printing each refused one's problems; how many it
+    refused. Refusals that are not about a file (no key, wrong role) raise ``ApiError``."""
+    from flowgate.client import ApiError
+
+    refused = 0
+    for path, definition in wanted.values():
+        try:
+            client.call("POST", "/flows/validate", definition)
+        except ApiError as exc:
+            if not exc.problems and exc.status not in (400, 413, 422):
+                raise
+            refused += 1
+            problems = exc.problems or [{"path": "$", "message": exc.message}]
+            n = len(problems)
+            print(f"{path}: refused by the engine ({n} problem{'s' if n != 1 else ''})",
+                  file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem.get('path')}: {problem.get('message')}", file=sys.stderr)
+    return refused
 
 
 def plan(client, wanted: dict[str, tuple[Path, dict[str, Any]]], *, publish: bool,

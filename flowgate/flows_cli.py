@@ -15,14 +15,14 @@
     flowgate flows import FILE [--publish] [--id ID] [--dry-run]
                                              a LangFlow export as a flow (import_cli.py)
 
-Engine URL: --engine-url or FLOWGATE_ENGINE_URL (default http://127.0.0.1:8000). Key:
+Engine URL: --engine-url or FLOWGATE_ENGINE_URL (default http://127.0.0.1:8000), given before
+or after the command (``flowgate flows apply flows/ --engine-url URL``). Key:
 --api-key, FLOWGATE_API_KEY, the admin key of FLOW_ENGINE_API_KEYS (else its highest role),
 or the admin key `flowgate up` wrote to .flowgate/engine.key.
 Commands that change a flow (push, apply, publish, rollback, import) take ``-m/--message
 TEXT``: why, kept with the change in the audit log (``flowgate flows history``); ``apply``
 in a git checkout defaults to the last commit of its files.
-Exit codes: 0 ok; 1 the engine refused (invalid flow, unknown id, run failed); 2 usage or
-unreadable file; 3 the engine is unreachable; 4 ``apply --dry-run`` found changes to make.
+Exit codes (also in each command's ``--help``): :data:`EXIT_CODES`, :data:`APPLY_EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
+EXIT_CODES = """exit codes:
+  0  done
+  1  the engine refused (invalid flow, unknown id, wrong role, run failed)
+  2  usage: bad arguments, an unreadable or non-JSON file
+  3  the engine is unreachable"""
+APPLY_EXIT_CODES = """exit codes:
+  0  done, or nothing to do (--dry-run: the engine already holds these flows)
+  1  a file is invalid offline or refused by the engine (nothing was applied), or the
+     engine refused a change (wrong role, a conflict)
+  2  usage: an unreadable or non-JSON file, two files for one flow, --prune without --yes
+  3  the engine is unreachable
+  4  --dry-run: something would change (CI: `flowgate flows apply DIR --dry-run || [ $? -eq 4 ]`)"""
+VALIDATE_EXIT_CODES = """exit codes:
+  0  every file is valid
+  1  a file is invalid (each problem is printed at its path)
+  2  an unreadable or non-JSON file"""
+_RAW = argparse.RawDescriptionHelpFormatter
+
 
 def add_commands(flows: argparse.ArgumentParser) -> None:
+    flows.epilog, flows.formatter_class = EXIT_CODES + "\n  4  apply --dry-run: something " \
+        "would change (see flowgate flows apply --help)", _RAW
     flows.add_argument("--engine-url", default=None, help="default: FLOWGATE_ENGINE_URL or :8000")
     flows.add_argument("--api-key", default=None, help="default: FLOWGATE_API_KEY, ...")
     sub = flows.add_subparsers(title="flows commands", metavar="COMMAND")
@@ -44,7 +64,11 @@ def add_commands(flows: argparse.ArgumentParser) -> None:
     _message_option(push)
     push.set_defaults(handler=_push)
     apply = sub.add_parser("apply", help="make the engine hold the flows of files or "
-                                         "directories (idempotent)")
+                                         "directories (idempotent)",
+                           description="Validate every file offline and on the engine, "
+                                       "then create, version, publish or (--prune)\ndelete "
+                                       "flows until the engine holds what the files define.",
+                           epilog=APPLY_EXIT_CODES, formatter_class=_RAW)
     apply.add_argument("paths", nargs="+", type=Path, help="flow files, or directories of them")
     apply.add_argument("--publish", action="store_true", help="make each applied version live")
     apply.add_argument("--dry-run", action="store_true",
@@ -86,6 +110,23 @@ def add_commands(flows: argparse.ArgumentParser) -> None:
     from flowgate import import_cli
 
     import_cli.add_command(sub)
+    for command in sub.choices.values():
+        _engine_options_after(command)
+
+
+def _engine_options_after(command: argparse.ArgumentParser) -> None:
+    """``--engine-url``/``--api-key`` after the command too, and exit codes in its help.
+    SUPPRESS: given only before the command, the ``flows`` parser's value stands."""
+    if command.epilog is None:
+        offline = command.get_default("offline")
+        command.epilog = VALIDATE_EXIT_CODES if offline else EXIT_CODES
+        command.formatter_class = _RAW
+    if command.get_default("offline"):
+        return
+    command.add_argument("--engine-url", default=argparse.SUPPRESS,
+                         help="default: FLOWGATE_ENGINE_URL or :8000")
+    command.add_argument("--api-key", default=argparse.SUPPRESS,
+                         help="default: FLOWGATE_API_KEY, ...")
 
 
 def _message_option(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +257,8 @@ def _apply(args) -> int:
     if args.message is None:  # from a git checkout: the commit that last touched the flows
         args.message = apply.git_message(args.paths)
     client = _client(args)
+    if apply.engine_refusals(client, wanted):
+        return 1
     changes = apply.plan(client, wanted, publish=args.publish, prune=args.prune)
     if args.dry_run:
         apply.show(changes)

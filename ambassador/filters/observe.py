@@ -45,7 +45,8 @@ class Observe:
             if telemetry is not None:  # the request's span; upstream attempts are its children
                 request.ctx["span"] = telemetry.server_span(
                     f"{request.method} {request.route}", trace, request.header("traceparent"),
-                    {"http.request.method": request.method, "http.route": request.route})
+                    {"http.request.method": request.method, "http.route": request.route},
+                    started)  # when the request's head arrived (ambassador/wsgi.py)
                 request.ctx["telemetry"] = telemetry
             try:
                 response = next(request)
@@ -115,13 +116,13 @@ class _Record:
     def _finish(self, elapsed: float, first_byte: float | None = None, *,
                 counted: bool = False, **extra: Any) -> None:
         m, req, response, amb = self.amb.metrics, self.request, self.response, self.amb
-        m.overhead.labels(req.route).observe(self.overhead_s)
-        if self.upstream_s:
-            m.upstream_duration.labels(req.route).observe(self.upstream_s)
         if response.meta.get("engine_answered") and 200 <= response.status < 300 \
                 and not response.meta.get("fallback"):
             amb.labels.succeeded(req.flow_id)  # a real flow: it may be a label value now
         flow = amb.labels.of(req.flow_id)  # bounded: made-up flow ids are "other"
+        m.overhead.labels(req.route, flow).observe(self.overhead_s)
+        if self.upstream_s:
+            m.upstream_duration.labels(req.route, flow).observe(self.upstream_s)
         if not counted:
             self._count(flow)
             if response.chunks is None:

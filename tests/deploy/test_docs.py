@@ -69,3 +69,30 @@ def test_the_tutorial_runs_from_start_to_end(clone: Path, processes, tmp_path: P
     finally:
         up.interrupt(STOP_S)
         up.kill()
+
+
+def test_the_test_files_the_docs_name_exist():
+    """A doc that says "run by tests/…" sends the reader to that file."""
+    missing = [f"{doc.relative_to(REPO)}: {name}" for doc in DOCS
+               for name in sorted(set(re.findall(r"\btests/[\w/.-]+\.py\b",
+                                                 doc.read_text(encoding="utf-8"))))
+               if not (REPO / name).is_file()]
+    assert not missing, f"test files the docs name that do not exist: {missing}"
+
+
+def test_doc_commands_run_on_macos_too():
+    """BSD sed (macOS) takes `-i` only with a suffix: `sed -i 's/…/'` fails there, and
+    `sed -i.bak 's/…/' FILE && rm FILE.bak` works with both seds."""
+    gnu_only = [f"{doc.relative_to(REPO)}: {line.strip()}" for doc in DOCS
+                for block in sh_blocks(doc.read_text(encoding="utf-8"))
+                for line in block.splitlines() if re.search(r"\bsed\s+(-\w*\s+)*-i(\s|$)", line)]
+    assert not gnu_only, f"GNU-only `sed -i`: {gnu_only}"
+
+
+def test_the_readme_stays_short_and_points_at_the_docs():
+    """What it is, the two commands, the first curl, where to go next: the rest is in docs/."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 120, "README.md grew: move the detail to docs/"
+    linked = {target.split("#", 1)[0] for target in LINK.findall(readme)}
+    for page in ("tutorial", "design", "production", "configuration", "security", "runbooks"):
+        assert f"docs/{page}.md" in linked, f"README.md does not link docs/{page}.md"

@@ -261,3 +261,33 @@ def test_every_alert_has_a_runbook_and_a_severity():
 def test_alerts_cover_what_the_issue_asks_for(what):
     needle = REQUIRED_ALERT_METRICS[what]
     assert any(needle in expr for _where, expr in rule_expressions()), f"no alert on {what} ({needle})"
+
+
+def test_every_alert_has_a_section_in_the_runbooks():
+    """Each alert's runbook annotation is a sentence; docs/runbooks.md is where the on-call
+    engineer goes next, so an alert without a section there is a dead end."""
+    rules = yaml.safe_load((PROMETHEUS / "rules.yml").read_text(encoding="utf-8"))
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]
+              if "alert" in rule}
+    runbooks = (REPO / "docs" / "runbooks.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^## (\S+)\s*$", runbooks, flags=re.MULTILINE))
+    assert alerts - sections == set(), "alerts without a section in docs/runbooks.md"
+    assert sections - alerts == set(), "runbook sections for alerts rules.yml no longer has"
+
+
+@pytest.mark.parametrize("objective", ["Availability", "Latency"])
+def test_each_slo_has_the_three_burn_rate_tiers(objective):
+    """Google's SRE workbook: page on 14.4x/1h and 6x/6h, a 1x/3d ticket; each with its
+    short window (1/12 of the long one)."""
+    rules = yaml.safe_load((PROMETHEUS / "rules.yml").read_text(encoding="utf-8"))
+    by_name = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]
+               if "alert" in rule}
+    expected = {"Fast": ("critical", {("1h", "5m", "14.4"), ("6h", "30m", "6")}),
+                "Slow": ("warning", {("6h", "30m", "3")}),
+                "Ticket": ("warning", {("3d", "6h", "1")})}
+    for tier, (severity, windows) in expected.items():
+        rule = by_name[f"Flowgate{objective}BudgetBurn{tier}"]
+        assert rule["labels"]["severity"] == severity
+        found = set(re.findall(r"ratio_rate(\w+) > \(([\d.]+) \* [\d.]+\) and \S+ratio_rate(\w+)"
+                               r" > \(\2 \* [\d.]+\)", rule["expr"]))
+        assert {(long, short, factor) for long, factor, short in found} == windows, rule["expr"]

@@ -1,6 +1,6 @@
 """`flowgate engine` and `flowgate ambassador` on a port another process listens on say so
 and exit (2) at once, instead of gunicorn retrying for seconds and failing with its own
-trace (a second `make run`, or the README's engine section while the stack is up)."""
+trace (a second `make run`, or docs/design.md "The engine service" while the stack is up)."""
 
 from __future__ import annotations
 

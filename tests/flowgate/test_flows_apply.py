@@ -215,6 +215,73 @@ def test_one_invalid_file_and_nothing_is_applied(cli, engine, flows_dir):
                                 headers={"x-api-key": ADMIN}).status_code == 404
 
 
+def kb_flow(flow_id: str, knowledge_id: str) -> dict:
+    """A flow valid offline whose knowledge base only the engine can know is missing."""
+    return {"id": flow_id, "nodes": [
+        {"id": "in", "type": "ChatInput"},
+        {"id": "kb", "type": "KnowledgeRetriever", "params": {"knowledge_id": knowledge_id}},
+        {"id": "p", "type": "PromptTemplate", "params": {"template": "{context} {question}"}},
+        {"id": "llm", "type": "ChatModel", "params": {"provider": "echo"}},
+        {"id": "out", "type": "ChatOutput"}],
+        "edges": [{"source": "in", "target": "kb", "target_input": "query"},
+                  {"source": "in", "target": "p", "target_input": "question"},
+                  {"source": "kb", "target": "p", "target_input": "context"},
+                  {"source": "p", "target": "llm"}, {"source": "llm", "target": "out"}]}
+
+
+def test_a_file_the_engine_refuses_fails_the_dry_run_and_nothing_is_applied(cli, engine,
+                                                                           flows_dir):
+    """Valid offline, refused by the engine (no such knowledge base): CI's dry run must fail
+    as the real apply would, and the real apply must not stop halfway (a and b sort first)."""
+    prefix = ids(flows_dir)[0][:-2]
+    (flows_dir / "c.json").write_text(json.dumps(kb_flow(f"{prefix}-c", "no-such-kb")))
+    assert cli("flows", "validate", str(flows_dir / "c.json"))[0] == 0  # offline: fine
+
+    for extra in (["--dry-run"], [], ["--publish"]):
+        code, out, err = cli("flows", "apply", str(flows_dir), *extra)
+
+        assert code == 1, (extra, out, err)
+        assert "would be created" not in out and "created" not in out, out
+        assert f"{flows_dir / 'c.json'}: refused by the engine (1 problem)" in err, err
+        assert "$.nodes[1].params.knowledge_id: no knowledge base" in err, err
+        assert "a.json" not in err and "b.json" not in err, err
+        for flow_id in ids(flows_dir):
+            assert requests.get(f"{engine.url}/api/v1/flows/{flow_id}", timeout=10,
+                                headers={"x-api-key": ADMIN}).status_code == 404
+
+
+def test_engine_url_and_key_may_follow_the_command(engine, flows_dir, monkeypatch, capsys):
+    for name in ("FLOWGATE_API_KEY", "FLOW_ENGINE_API_KEYS", "FLOWGATE_ENGINE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+    code = main(["flows", "apply", str(flows_dir), "--dry-run", "--engine-url", engine.url,
+                 "--api-key", ADMIN])
+    assert code == 4, capsys.readouterr()
+    # before the command it still works, and a value after the command wins
+    code = main(["flows", "--engine-url", "http://127.0.0.1:9", "--api-key", ADMIN, "list",
+                 "--engine-url", engine.url])
+    assert code == 0, capsys.readouterr()
+    assert main(["flows", "--engine-url", "http://127.0.0.1:9", "--api-key", ADMIN,
+                 "list"]) == 3
+
+
+@pytest.mark.parametrize(("command", "codes"), [
+    (["flows", "apply"], ["0  done", "1  a file is invalid", "2  usage", "3  the engine is "
+                          "unreachable", "4  --dry-run: something would change"]),
+    (["flows", "publish"], ["1  the engine refused", "3  the engine is unreachable"]),
+    (["flows", "history"], ["1  the engine refused", "3  the engine is unreachable"]),
+    (["flows", "validate"], ["1  a file is invalid", "2  an unreadable"]),
+])
+def test_help_lists_the_exit_codes(command, codes, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit codes:" in out
+    for line in codes:
+        assert f"  {line}" in out, out
+
+
 def test_two_files_for_one_flow_is_a_usage_error(cli, flows_dir):
     (flows_dir / "c.json").write_text((flows_dir / "a.json").read_text())
 

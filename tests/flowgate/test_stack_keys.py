@@ -90,8 +90,9 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
 
 def test_only_the_engine_inherits_engine_secrets_from_the_shell(monkeypatch):
-    """A shell with keys exported (README: `export FLOW_ENGINE_API_KEYS=...`) must not hand
-    them to the ambassador or the simulator; the ambassador gets its runner key only."""
+    """A shell with keys exported (docs/design.md "The engine service":
+    `export FLOW_ENGINE_API_KEYS=...`) must not hand them to the ambassador or the simulator;
+    the ambassador gets its runner key only."""
     keys = stack.StackKeys.generate()
     monkeypatch.setenv("FLOW_ENGINE_API_KEYS", "dev-key-from-the-shell")
     monkeypatch.setenv("FLOW_ENGINE_API_KEY_FILE", "/somewhere/keys")
