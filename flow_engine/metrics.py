@@ -148,6 +148,11 @@ class EngineMetrics(ServiceMetrics):
             ["flow", "version", "reason"], **kw), RUN_FAILURE_REASONS)
         self.active_runs = Gauge(
             "flowgate_engine_active_runs", "Runs in progress.", multiprocess_mode="livesum", **kw)
+        self.compile_cache_bytes = Gauge(
+            "flowgate_engine_compile_cache_bytes",
+            "Estimated bytes of compiled flows held, by cache (versions|tweaked: callers' "
+            "tweak sets, at most half of FLOW_ENGINE_COMPILE_CACHE_BYTES).",
+            ["cache"], multiprocess_mode="livesum", **kw)
         self.compile_cache = Counter(
             "flowgate_engine_compile_cache_total", "Compile-cache lookups by result (hit|miss).",
             ["result"], **kw)

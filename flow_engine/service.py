@@ -45,11 +45,14 @@ class FlowService:
         # Versions and tweaked variants are kept apart: callers choose tweaks, so however
         # many distinct ones they send, they can take at most half the budget and never
         # evict the compiled versions every other run needs.
+        held = metrics.compile_cache_bytes
         self.cache = CompileCache(settings.compile_cache_size, on_hit=hits.inc,
-                                  on_miss=misses.inc, max_bytes=settings.compile_cache_bytes)
+                                  on_miss=misses.inc, max_bytes=settings.compile_cache_bytes,
+                                  on_size=held.labels("versions").set)
         self.tweaked_cache = CompileCache(settings.compile_cache_size, on_hit=hits.inc,
                                           on_miss=misses.inc,
-                                          max_bytes=settings.compile_cache_bytes // 2)
+                                          max_bytes=settings.compile_cache_bytes // 2,
+                                          on_size=held.labels("tweaked").set)
         # Flow rows (live pointer, routing) seen by runs, kept briefly: a run then costs no
         # store read. Writes through this service forget them at once in this process;
         # other processes see a change within flow_cache_ttl_s.

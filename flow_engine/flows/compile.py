@@ -222,7 +222,7 @@ class CompileCache:
     """LRU of compiled flows keyed by ``(flow_id, version, tweaks digest)``, bounded by
     entries and by the sum of their ``size_estimate`` (an entry larger than the whole
     budget is compiled and used but not kept). Thread-safe; ``on_hit``/``on_miss`` hooks
-    feed metrics."""
+    feed metrics, ``on_size`` gets the estimated bytes held after each change."""
 
     def __init__(
         self,
@@ -230,13 +230,14 @@ class CompileCache:
         on_hit: Callable[[], None] | None = None,
         on_miss: Callable[[], None] | None = None,
         max_bytes: int = 256 * 1024 * 1024,
+        on_size: Callable[[int], None] | None = None,
     ) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes = 0
         self._entries: OrderedDict[tuple, CompiledFlow] = OrderedDict()
         self._lock = threading.Lock()
-        self._on_hit, self._on_miss = on_hit, on_miss
+        self._on_hit, self._on_miss, self._on_size = on_hit, on_miss, on_size
         self.hits = self.misses = 0
 
     def get_or_compile(
@@ -265,8 +266,11 @@ class CompileCache:
                 while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
                     _key, evicted = self._entries.popitem(last=False)
                     self.bytes -= evicted.size_estimate
+            held = self.bytes
         if self._on_miss:
             self._on_miss()
+        if self._on_size:
+            self._on_size(held)
         return compiled
 
     def __len__(self) -> int:

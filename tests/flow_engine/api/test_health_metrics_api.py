@@ -70,6 +70,22 @@ def test_the_second_run_of_a_version_hits_the_compile_cache(defs, create_flow, r
     assert metric(CACHE, result="miss") == misses + 2  # a tweaked graph is compiled on its own
 
 
+def test_the_compile_caches_say_how_many_bytes_they_hold(defs, create_flow, run_flow, metric,
+                                                          app):
+    create_flow({**defs.echo(id="f"), "tweakable": {"p": ["template"]}})
+    held = "flowgate_engine_compile_cache_bytes"
+
+    run_flow("f", {"input_value": "a"})
+    versions = metric(held, cache="versions")
+    tweaked = run_flow("f", {"input_value": "b", "tweaks": {"p": {"template": "T {question}"}}})
+
+    assert tweaked.status_code == 200, tweaked.get_json()
+    caches = app.extensions["flowgate"].flows
+    assert versions == caches.cache.bytes > 0
+    assert metric(held, cache="tweaked") == caches.tweaked_cache.bytes > 0
+    assert metric(held, cache="versions") == versions  # a tweaked graph is held apart
+
+
 def test_node_durations_are_observed_per_node_type(defs, create_flow, run_flow, metric):
     create_flow(defs.echo(id="f"))
 
