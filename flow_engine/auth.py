@@ -6,7 +6,10 @@ Keys come from ``FLOW_ENGINE_API_KEYS`` (comma-separated) and ``FLOW_ENGINE_API_
     FLOW_ENGINE_API_KEYS=cli:admin:3f9c…,orders-sidecar:runner+proxy:81ab…,ci:publisher:c0de…
 
 A bare secret (no colons) stays valid as an ``admin`` key named ``key-<8 hex of its
-sha256>``, so deployments from before roles keep working.
+sha256>``, so deployments from before roles keep working. Every secret, bare or named, is at
+least :data:`MIN_SECRET` characters without whitespace, and a bare one never starts with
+``#``: a comment line or a stray word of the key file must stop the engine, never become an
+admin key anyone can read in the file.
 
 Roles, each including the ones before it (:data:`ROLES`):
 
@@ -21,13 +24,17 @@ and ``x-flowgate-tenant`` headers; from any other key they are ignored, so an ap
 an ordinary key cannot claim to be another tenant.
 
 Tenants. A run, its events, its chat history and its idempotency key belong to the tenant
-that started it (:attr:`Principal.tenant`). For a proxy key it is ``<key name>/<caller>``,
-the caller being the tenant the proxy forwards, else the identity it forwards; without
-either, and for any other key, it is the key's name. The key's name comes first so that
-what one proxy forwards can never name a tenant of another proxy or key: two apps' "alice"
-are two tenants, and an app cannot reach a tenant it does not front. Which role each route
-needs is :data:`ROUTE_ROLES`, one table for the whole API, so the security model can be read
-in one place.
+that started it (:attr:`Principal.tenant`, made by :func:`tenant_of`). For a proxy key it
+is ``<key name>/<tenant>`` when the proxy forwards a tenant, else ``<key name>~<identity>``
+when it forwards an identity; without either, and for any other key, it is the key's name.
+The key's name comes first so that what one proxy forwards can never name a tenant of
+another proxy or key: two apps' "alice" are two tenants, and an app cannot reach a tenant
+it does not front. The separator says where the name came from, so that a caller known only
+by its identity (a JWT without a tenant claim) can never land in the tenant of the same
+name: key names hold neither ``/`` nor ``~``, so the first of them after the key's name
+tells the three kinds apart whatever the forwarded values hold. Which role each route needs
+is :data:`ROUTE_ROLES`, one table for the whole API, so the security model can be read in
+one place.
 """
 
 from __future__ import annotations
@@ -39,12 +46,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 ROLES = ("runner", "editor", "publisher", "admin")
+MIN_SECRET = 8
 _RANK = {role: i for i, role in enumerate(ROLES)}
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # identity and tenant headers: printable ASCII without spaces (a JWT "sub" such as
 # "auth0|5f1c…" fits), bounded
 HEADER_VALUE = re.compile(r"[\x21-\x7e]{1,200}")
 IDENTITY_HEADER, TENANT_HEADER = "x-flowgate-identity", "x-flowgate-tenant"
+# what follows a proxy key's name in the tenants of its callers (never in a key's name)
+TENANT_SEP, IDENTITY_SEP = "/", "~"
+_PROXIED = re.compile(f"({KEY_NAME.pattern})[{TENANT_SEP}{IDENTITY_SEP}]")
 
 # The role each engine endpoint (Flask's "blueprint.view") needs. An endpoint missing here
 # needs admin: a new route is closed until someone decides who may call it.
@@ -91,6 +102,21 @@ ROUTE_ROLES: dict[str, str] = {
 }
 
 
+def tenant_of(key: str, identity: str | None, tenant: str | None) -> str:
+    """The tenant of a caller of proxy key ``key`` (see the module docstring)."""
+    if tenant:
+        return f"{key}{TENANT_SEP}{tenant}"
+    if identity:
+        return f"{key}{IDENTITY_SEP}{identity}"
+    return key
+
+
+def proxy_of(tenant: str) -> str | None:
+    """The proxy key whose callers ``tenant`` is one of; None for a key's own tenant."""
+    found = _PROXIED.match(tenant)
+    return found.group(1) if found else None
+
+
 class KeyConfigError(ValueError):
     """An API key entry cannot be used; the message says which and why (never the secret)."""
 
@@ -119,8 +145,7 @@ class Principal:
 
     def __post_init__(self) -> None:
         if not self.tenant:
-            object.__setattr__(self, "tenant",
-                               f"{self.key}/{self.identity}" if self.identity else self.key)
+            object.__setattr__(self, "tenant", tenant_of(self.key, self.identity, None))
 
     def may(self, role: str) -> bool:
         return _RANK[self.role] >= _RANK[role]
@@ -137,8 +162,9 @@ class Principal:
 
     @property
     def group(self) -> str | None:
-        """The key whose callers this tenant is one of (a proxy's), for limits on them all."""
-        return self.key if self.tenant != self.key else None
+        """The proxy key whose tenants (its own included) this caller's is one of, for
+        limits on them all; None for a key that is not a proxy's."""
+        return self.key if self.proxy else None
 
     @property
     def actor(self) -> str:
@@ -158,6 +184,10 @@ def parse_key(entry: str) -> ApiKey:
         if ":" in entry:
             raise KeyConfigError("an API key entry has one ':'; write name:role:secret, or a "
                                  "bare secret without ':'")
+        if entry.startswith("#"):
+            raise KeyConfigError("a bare secret (an admin key) must not start with '#': a "
+                                 "comment is a line of the key file of its own")
+        _check_secret(entry, "a bare secret (an admin key)")
         digest = hashlib.sha256(entry.encode()).hexdigest()[:8]
         return ApiKey(f"key-{digest}", "admin", False, entry.encode())
     name, role, secret = parts
@@ -170,17 +200,28 @@ def parse_key(entry: str) -> ApiKey:
     if base not in _RANK or suffix not in ("", "proxy"):
         raise KeyConfigError(f"API key '{name}': the second field is not a role; roles are "
                              f"{', '.join(ROLES)}, optionally with '+proxy' (runner+proxy)")
-    if len(secret) < 8:
-        raise KeyConfigError(f"API key '{name}': the secret must be at least 8 characters")
+    _check_secret(secret, f"API key '{name}': the secret")
     return ApiKey(name, base, suffix == "proxy", secret.encode())
 
 
+def _check_secret(secret: str, what: str) -> None:
+    if len(secret) < MIN_SECRET:
+        raise KeyConfigError(f"{what} must be at least {MIN_SECRET} characters")
+    if not secret.isprintable() or any(c.isspace() for c in secret):
+        raise KeyConfigError(f"{what} must not contain whitespace or control characters "
+                             "(entries are name:role:secret; a comment is a line of its own)")
+
+
 def parse_keys(entries: Iterable[str]) -> tuple[ApiKey, ...]:
+    return unique_keys(parse_key(entry) for entry in entries)
+
+
+def unique_keys(parsed: Iterable[ApiKey]) -> tuple[ApiKey, ...]:
+    """The keys, refusing a name or a secret given twice (which key would a request be?)."""
     keys: list[ApiKey] = []
     names: set[str] = set()
     secrets: set[bytes] = set()
-    for entry in entries:
-        key = parse_key(entry)
+    for key in parsed:
         if key.secret in secrets:
             raise KeyConfigError(f"API key '{key.name}': the same secret is configured twice; "
                                  "each key needs its own secret")
@@ -229,9 +270,8 @@ def principal_for(key: ApiKey, identity: str | None, tenant: str | None) -> Prin
         if value is not None and not HEADER_VALUE.fullmatch(value):
             raise CallerHeaderError(f"{header} must be 1-200 printable ASCII characters "
                                     "without spaces")
-    caller = tenant or identity
     return Principal(key.name, key.role, proxy=True, identity=identity or None,
-                     tenant=f"{key.name}/{caller}" if caller else key.name)
+                     tenant=tenant_of(key.name, identity, tenant))
 
 
 def required_role(endpoint: str | None) -> str:

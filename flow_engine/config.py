@@ -15,10 +15,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from flow_engine.auth import KeyConfigError, KeyRing, parse_keys
+from flow_engine.auth import KeyConfigError, KeyRing, parse_key, unique_keys
 from flow_engine.components.base import BuildContext, Limits
 from flow_engine.egress import EgressError, ProviderOrigins
-from flow_engine.tenants import TenantPolicy
+from flow_engine.tenants import Quota, TenantPolicy
 from flowgate.common import jsonlog
 
 _PLAIN_ENV = {
@@ -61,6 +61,10 @@ class Settings:
     tenant_max_runs: int = 0
     tenant_tokens_per_minute: int = 0
     tenant_limits: str = ""
+    # every +proxy key: all the tenants it forwards together (its own included), so a proxy
+    # cannot multiply the per-tenant limits by inventing tenant names; 0 = no such cap
+    proxy_max_runs: int = 0
+    proxy_tokens_per_minute: int = 0
     idempotency_ttl_s: int = 24 * 3600
     idempotency_wait_s: float = 300.0
     sse_keepalive_s: float = 15.0
@@ -152,7 +156,15 @@ class Settings:
 
     def all_api_keys(self) -> tuple[str, ...]:
         """Keys from FLOW_ENGINE_API_KEYS plus the key file (one key per line, # comments)."""
-        keys = list(self.api_keys)
+        return tuple(entry for _where, entry in self._key_entries())
+
+    def _key_entries(self) -> list[tuple[str, str]]:
+        """Each key entry with where it is written, for messages that must name an entry
+        without quoting it (any part of it may be a secret). A key-file line is stripped
+        before it is judged a comment or blank: an indented ``# rotate quarterly`` is a
+        comment, never a key."""
+        entries = [(f"FLOW_ENGINE_API_KEYS (entry {i})", entry)
+                   for i, entry in enumerate((k.strip() for k in self.api_keys if k.strip()), 1)]
         if self.api_key_file:
             try:
                 text = Path(self.api_key_file).read_text(encoding="utf-8")
@@ -160,15 +172,27 @@ class Settings:
                 raise ConfigError(
                     f"FLOW_ENGINE_API_KEY_FILE={self.api_key_file}: cannot read it ({exc.strerror})"
                 ) from None
-            keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-        return tuple(k for k in keys if k)
+            for number, line in enumerate(text.splitlines(), 1):
+                entry = line.strip()
+                if entry and not entry.startswith("#"):
+                    entries.append((f"FLOW_ENGINE_API_KEY_FILE={self.api_key_file} (line {number})",
+                                    entry))
+        return entries
 
     def check_auth(self) -> KeyRing:
         """The accepted keys; refuses to run without one unless insecure_no_auth is set."""
+        parsed = []
+        for where, entry in self._key_entries():
+            try:
+                parsed.append(parse_key(entry))
+            except KeyConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
         try:
-            keys = KeyRing(parse_keys(self.all_api_keys()))
+            keys = KeyRing(unique_keys(parsed))
         except KeyConfigError as exc:
-            raise ConfigError(f"FLOW_ENGINE_API_KEYS: {exc}") from None
+            where = "FLOW_ENGINE_API_KEYS" + (" and FLOW_ENGINE_API_KEY_FILE"
+                                              if self.api_key_file else "")
+            raise ConfigError(f"{where}: {exc}") from None
         if not keys and not self.insecure_no_auth:
             raise ConfigError(
                 "no API key configured: set FLOW_ENGINE_API_KEYS (comma-separated "
@@ -181,7 +205,9 @@ class Settings:
         """Per-tenant limits; the keys' names are known tenants (flow_engine/tenants.py)."""
         try:
             return TenantPolicy.parse(self.tenant_max_runs, self.tenant_tokens_per_minute,
-                                      self.tenant_limits, known=keys.names())
+                                      self.tenant_limits, known=keys.names(),
+                                      proxy=Quota(self.proxy_max_runs,
+                                                  self.proxy_tokens_per_minute))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

@@ -8,10 +8,17 @@ Settings (0 = unlimited)::
     FLOW_ENGINE_TENANT_TOKENS_PER_MINUTE=200000    every tenant: LLM tokens (in + out) a minute
     FLOW_ENGINE_TENANT_LIMITS='{"orders-app": {"max_runs": 50, "tokens_per_minute": 0}}'
 
-A proxy's callers are tenants ``<key name>/<caller>`` (flow_engine/auth.py): the default
-quota applies to each, and an override named after the proxy key itself
-(``{"orders-app": {"max_runs": 50}}``) caps all of that key's tenants together — so a proxy
-cannot escape its limits by inventing tenant names.
+A proxy's callers are tenants ``<key name>/<tenant>``, or ``<key name>~<identity>`` when
+the proxy forwards no tenant (flow_engine/auth.py): the default quota applies to each. A
+proxy could escape that by inventing a tenant name per request, so each proxy key may also
+have a cap on all of its tenants together (the key's own tenant included)::
+
+    FLOW_ENGINE_PROXY_MAX_RUNS=200                 every proxy key: runs of all its tenants
+    FLOW_ENGINE_PROXY_TOKENS_PER_MINUTE=2000000    every proxy key: tokens of all its tenants
+
+and an override named after the proxy key itself (``{"orders-app": {"max_runs": 50}}``)
+replaces that cap for that key. Both are off (0) unless set: how much one app may use is the
+operator's call, and a cap on by default would refuse an app that fronts many tenants.
 
 Tenants named in ``FLOW_ENGINE_TENANT_LIMITS`` and the names of the engine's keys are the
 *known* tenants: metrics carry their names, a proxy's unnamed tenants count under the proxy
@@ -38,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from flow_engine.auth import proxy_of
 from flow_engine.errors import TenantLimited
 from flowgate.common.redis_guard import RedisPause
 
@@ -84,14 +92,15 @@ class TenantPolicy:
     """Each tenant's quota and its metric label."""
 
     def __init__(self, default: Quota, overrides: dict[str, Quota],
-                 known: Iterable[str] = ()) -> None:
+                 known: Iterable[str] = (), proxy: Quota = Quota()) -> None:
         self.default = default
         self.overrides = dict(overrides)
         self.known = frozenset(overrides) | frozenset(known)
+        self.proxy = proxy  # every proxy key's cap on all its tenants together
 
     @classmethod
     def parse(cls, max_runs: int, tokens_per_minute: int, overrides_json: str,
-              known: Iterable[str] = ()) -> TenantPolicy:
+              known: Iterable[str] = (), proxy: Quota = Quota()) -> TenantPolicy:
         """From the settings; ValueError naming FLOW_ENGINE_TENANT_LIMITS when malformed."""
         default = Quota(max_runs, tokens_per_minute)
         overrides: dict[str, Quota] = {}
@@ -105,7 +114,7 @@ class TenantPolicy:
                                  '{"orders-app": {"max_runs": 20, "tokens_per_minute": 100000}}')
             for tenant, spec in raw.items():
                 overrides[tenant] = _quota(tenant, spec, default)
-        return cls(default, overrides, known)
+        return cls(default, overrides, known, proxy)
 
     def quota(self, tenant: str) -> Quota:
         return self.overrides.get(tenant, self.default)
@@ -113,16 +122,21 @@ class TenantPolicy:
     def label(self, tenant: str) -> str:
         if tenant in self.known:
             return tenant
-        group = tenant.split("/", 1)[0]
-        return group if "/" in tenant and group in self.known else OTHER
+        group = proxy_of(tenant)
+        return group if group in self.known else OTHER
 
     def group_quota(self, group: str | None) -> Quota | None:
-        """The limit on all tenants of a proxy key together: only when configured by name."""
-        return self.overrides.get(group) if group else None
+        """The limit on all tenants of a proxy key together: its override by name, else the
+        cap of every proxy key; None when neither is configured."""
+        if not group:
+            return None
+        if group in self.overrides:
+            return self.overrides[group]
+        return self.proxy if self.proxy.max_runs or self.proxy.tokens_per_minute else None
 
     @property
     def limited(self) -> bool:
-        quotas = [self.default, *self.overrides.values()]
+        quotas = [self.default, self.proxy, *self.overrides.values()]
         return any(q.max_runs or q.tokens_per_minute for q in quotas)
 
 
@@ -165,33 +179,39 @@ class TenantLimits:
 
     # -- runs ---------------------------------------------------------------------------------
 
-    def _scopes(self, tenant: str, group: str | None) -> list[tuple[str, Quota]]:
-        """The tenant's own quota, and its proxy key's when one is configured for it."""
-        scopes = [(tenant, self.policy.quota(tenant))]
+    def _scopes(self, tenant: str, group: str | None) -> list[tuple[str, Quota, str]]:
+        """(count, quota, who for messages): the tenant's own, and its proxy key's when one
+        is configured for it. A proxy key's own tenant (it forwards no caller) is the proxy
+        itself, counted where all its tenants are (one name) and held to the proxy's cap:
+        a tighter limit would buy nothing, as the proxy could invent a tenant instead."""
         group_quota = self.policy.group_quota(group)
-        if group_quota is not None and group != tenant:
-            scopes.append((group, group_quota))
-        return scopes
+        who = f"tenant '{tenant}'"
+        if group_quota is None:
+            return [(tenant, self.policy.quota(tenant), who)]
+        together = f"proxy key '{group}' (all its tenants together)"
+        if group == tenant:
+            return [(tenant, group_quota, together)]
+        return [(tenant, self.policy.quota(tenant), who), (group, group_quota, together)]
 
     def check(self, tenant: str, group: str | None = None) -> None:
         """Raise TenantLimited when a run of ``tenant`` would be refused now (nothing is
         taken): lets a request be turned away before anything costly is done for it."""
-        for scope, quota in self._scopes(tenant, group):
-            self._check_tokens(scope, quota)
+        for scope, quota, who in self._scopes(tenant, group):
+            self._check_tokens(scope, quota, who)
             if quota.max_runs and self._running(scope) >= quota.max_runs:
-                raise _runs_limited(scope, quota)
+                raise _runs_limited(who, quota)
 
     def admit(self, tenant: str, run_id: str, group: str | None = None) -> None:
         """Take a run slot for ``run_id`` (in the tenant's and, when configured, its proxy
         key's count) or raise TenantLimited; release() gives them back."""
         scopes = self._scopes(tenant, group)
-        for scope, quota in scopes:
-            self._check_tokens(scope, quota)
+        for scope, quota, who in scopes:
+            self._check_tokens(scope, quota, who)
         taken: list[tuple[str, bool]] = []
         try:
-            for scope, quota in scopes:
+            for scope, quota, who in scopes:
                 if quota.max_runs:
-                    taken.append((scope, self._take(scope, run_id, quota)))
+                    taken.append((scope, self._take(scope, run_id, quota, who)))
         except TenantLimited:
             self._give_back(run_id, taken)
             raise
@@ -217,7 +237,7 @@ class TenantLimits:
         except Exception as exc:
             self._failed("renew", exc)
 
-    def _take(self, scope: str, run_id: str, quota: Quota) -> bool:
+    def _take(self, scope: str, run_id: str, quota: Quota, who: str) -> bool:
         """A slot in ``scope``; True when it is a Redis lease, False a local one."""
         if self._redis_usable():
             try:
@@ -227,12 +247,12 @@ class TenantLimits:
                 self._failed("admit", exc)
             else:
                 if not admitted:
-                    raise _runs_limited(scope, quota)
+                    raise _runs_limited(who, quota)
                 return True
         with self._lock:  # no Redis, or Redis failing: this process counts alone
             running = self._local_runs.setdefault(scope, set())
             if len(running) >= quota.max_runs:
-                raise _runs_limited(scope, quota)
+                raise _runs_limited(who, quota)
             running.add(run_id)
         return False
 
@@ -263,18 +283,18 @@ class TenantLimits:
     # -- tokens -------------------------------------------------------------------------------
 
     def add_tokens(self, tenant: str, tokens: int, group: str | None = None) -> None:
-        for scope, quota in self._scopes(tenant, group):
+        for scope, quota, _who in self._scopes(tenant, group):
             if tokens > 0 and quota.tokens_per_minute:
                 self._add_tokens(scope, tokens)
 
-    def _check_tokens(self, scope: str, quota: Quota) -> None:
+    def _check_tokens(self, scope: str, quota: Quota, who: str) -> None:
         if not quota.tokens_per_minute:
             return
         used = self._tokens_used(scope)
         if used >= quota.tokens_per_minute:
             wait = 60 - int(self._clock()) % 60
             raise TenantLimited(
-                f"tenant '{scope}' used {used} of its {quota.tokens_per_minute} LLM tokens "
+                f"{who} used {used} of its {quota.tokens_per_minute} LLM tokens "
                 f"this minute; retry in {wait} s", retry_after_s=wait, limit="tokens")
 
     def _add_tokens(self, tenant: str, tokens: int) -> None:
@@ -322,7 +342,7 @@ class TenantLimits:
                     op, type(exc).__name__, PAUSE_S)
 
 
-def _runs_limited(scope: str, quota: Quota) -> TenantLimited:
+def _runs_limited(who: str, quota: Quota) -> TenantLimited:
     return TenantLimited(
-        f"tenant '{scope}' already has {quota.max_runs} runs in progress (its limit); retry "
+        f"{who} already has {quota.max_runs} runs in progress (its limit); retry "
         "when one has finished", retry_after_s=1, limit="runs")

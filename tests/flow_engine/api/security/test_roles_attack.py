@@ -131,5 +131,38 @@ def test_bad_key_entries_stop_the_engine_with_a_message(entries, fragment):
 def test_a_bad_key_entry_refuses_to_start(make_app):
     from flow_engine.config import ConfigError
 
-    with pytest.raises(ConfigError, match="FLOW_ENGINE_API_KEYS: API key 'app': the second"):
+    with pytest.raises(ConfigError, match=r"FLOW_ENGINE_API_KEYS \(entry 1\): API key 'app': the second"):
         make_app(api_keys="app:superuser:secret-1234")
+
+
+@pytest.mark.parametrize(("headers", "actor"), [
+    pytest.param(as_("runner"), "orders-app", id="runner-key"),
+    pytest.param(as_("admin"), "platform", id="admin-key"),
+    pytest.param(as_("runner", **{"x-flowgate-identity": "mallory"}), "orders-app",
+                 id="a-plain-key-cannot-name-another-actor"),
+    pytest.param(as_("proxy"), "ambassador", id="proxy-alone"),
+    pytest.param(as_("proxy", **{"x-flowgate-identity": "alice", "x-flowgate-tenant": "shop-a"}),
+                 "ambassador/alice", id="proxy-with-its-caller"),
+])
+def test_the_access_log_names_the_key_as_the_actor(api, caplog, headers, actor):
+    """Who did what is read from the access log: the key's name (and, behind a proxy, the
+    caller it forwarded), never the secret that authenticated the request."""
+    with caplog.at_level("INFO", logger="flow_engine.access"):
+        assert api.get("/api/v1/flows", headers=headers).status_code == 200
+
+    [line] = [r for r in caplog.records if r.name == "flow_engine.access"
+              and getattr(r, "route", None) == "/api/v1/flows"]
+    assert line.actor == actor
+    secret = headers["Authorization"].removeprefix("Bearer ")
+    assert secret not in repr(vars(line))
+
+
+def test_a_bare_secret_is_logged_by_its_derived_name(make_app, caplog):
+    client = make_app(api_keys="legacy-bare-secret-01").test_client()
+    with caplog.at_level("INFO", logger="flow_engine.access"):
+        headers = {"Authorization": "Bearer legacy-bare-secret-01"}
+        assert client.get("/api/v1/flows", headers=headers).status_code == 200
+
+    [line] = [r for r in caplog.records if r.name == "flow_engine.access"]
+    assert line.actor == parse_key("legacy-bare-secret-01").name
+    assert line.actor.startswith("key-") and "legacy" not in repr(vars(line))

@@ -213,3 +213,54 @@ def test_two_proxies_forwarding_the_same_tenant_are_two_tenants(make_app, defs):
                        headers={"Authorization": "Bearer runner-secret-0001"}).get_json()["run_id"]
     _not_found(client.get(f"/api/v1/runs/{mine}", headers=via("orders-proxy-secret", "orders-app")),
                mine)
+
+
+def test_an_identity_named_like_a_tenant_does_not_get_that_tenant(api, defs):
+    """Behind one ambassador, a caller known only by its identity (a JWT without a tenant
+    claim) chooses or happens to have the name of another caller's tenant: "acme". It gets
+    a tenant of its own, never acme's runs, events, idempotent results or conversations —
+    and acme never gets its."""
+    assert api.post("/api/v1/flows", json=HISTORY_ECHO, headers=as_("admin")).status_code == 201
+    key = {"Idempotency-Key": "order-1001"}
+    acme = tenant("acme")
+    posing = as_("proxy", **{"x-flowgate-identity": "acme"})
+    run_id = api.post("/api/v1/run/chat", json=BODY, headers={**acme, **key}).get_json()["run_id"]
+
+    _not_found(api.get(f"/api/v1/runs/{run_id}", headers=posing), run_id)
+    _not_found(api.get(f"/api/v1/runs/{run_id}/events", headers=posing), run_id)
+    _not_found(api.post(f"/api/v1/runs/{run_id}/cancel", headers=posing), run_id)
+    replay = api.post("/api/v1/run/chat", json={**BODY, "input_value": "what did I say?"},
+                      headers={**posing, **key})
+    assert replay.status_code == 200  # not a conflict with acme's key: a key of its own
+    assert "Idempotent-Replayed" not in replay.headers
+    assert replay.get_json()["run_id"] != run_id
+    assert "4242" not in replay.get_json()["output"]  # acme's conversation is not in its prompt
+    assert "(no earlier messages)" in replay.get_json()["output"]
+    assert all(r["tenant"] != "ambassador/acme" for r in
+               api.get("/api/v1/runs", headers=posing).get_json()["runs"])
+
+    theirs = replay.get_json()["run_id"]  # and the other way round
+    _not_found(api.get(f"/api/v1/runs/{theirs}", headers=acme), theirs)
+    assert api.get(f"/api/v1/runs/{theirs}", headers=posing).status_code == 200
+    assert api.get(f"/api/v1/runs/{run_id}", headers=acme).status_code == 200
+
+
+NAMES = ["acme", "~acme", "/acme", "acme/x", "acme~x", "~", "/", "ambassador", "ambassador/acme",
+         "ambassador~acme", "a/b~c", "@acme", "id:acme"]
+
+
+def test_no_forwarded_identity_or_tenant_names_a_tenant_of_another_kind():
+    """Whatever a proxy forwards, a tenant from an identity, a tenant from a forwarded
+    tenant, and a key's own tenant are three disjoint sets — also across proxies."""
+    keys = [parse_key("ambassador:runner+proxy:proxy-secret-0006"),
+            parse_key("amb:runner+proxy:proxy-secret-0007"),
+            parse_key("orders-app:runner:runner-secret-1")]
+    by_identity = {principal_for(k, name, None).tenant for k in keys[:2] for name in NAMES}
+    by_tenant = {principal_for(k, identity, name).tenant for k in keys[:2] for name in NAMES
+                 for identity in (None, "acme")}
+    own = {principal_for(k, None, None).tenant for k in keys} | {
+        principal_for(keys[2], name, name).tenant for name in NAMES}
+
+    assert len(by_identity) == 2 * len(NAMES) and len(by_tenant) == 2 * len(NAMES)
+    assert not by_identity & by_tenant
+    assert not (by_identity | by_tenant) & own

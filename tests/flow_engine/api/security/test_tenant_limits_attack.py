@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.keys import as_, tenant
 from support.procs import free_port
 
-from flow_engine.config import ConfigError
+from flow_engine.config import ConfigError, Settings
 from flow_engine.tenants import TenantLimits, TenantPolicy
 
 BODY = {"input_value": "hello there"}
@@ -113,6 +113,31 @@ def test_the_run_limit_holds_across_processes_with_redis(keyed_app, defs, fresh_
     assert leases.zcard(f"flowgate:tenant:ambassador/{shop}:runs") == 0  # every slot back
 
 
+def test_the_token_limit_holds_across_processes_with_redis(keyed_app, defs, redis_url,
+                                                           monkeypatch):
+    """Tokens one engine process counted for a tenant hold the tenant back on another: a
+    tenant cannot spread its runs over replicas (or workers) to multiply its budget."""
+    shop = f"shop-{free_port()}"  # a tenant of this test alone in the shared Redis
+    config = {"redis_url": redis_url, "tenant_tokens_per_minute": 5}
+    a, b = keyed_app(**config), keyed_app(**config)
+    minute = int(time.time() // 60)
+    for app in (a, b):  # one fixed minute for both: the window cannot turn mid-test
+        monkeypatch.setattr(app.extensions["flowgate"].runs.executor.limits, "_clock",
+                            lambda: minute * 60 + 30.0)
+    a, b = a.test_client(), b.test_client()
+    assert a.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin")).status_code == 201
+
+    assert a.post("/api/v1/run/f", json=BODY, headers=tenant(shop)).status_code == 200
+    used = redis_lib.Redis.from_url(redis_url).get(f"flowgate:tenant:ambassador/{shop}:tokens:{minute}")
+    assert int(used or 0) > 5
+
+    error = refused(b.post("/api/v1/run/f", json=BODY, headers=tenant(shop)), "tokens")
+    assert f"ambassador/{shop}" in error["message"] and error["retry_after_s"] == 30
+    refused(a.post("/api/v1/run/f", json=BODY, headers=tenant(shop)), "tokens")
+    # another tenant of the same proxy, on the same process, is not held back
+    assert b.post("/api/v1/run/f", json=BODY, headers=tenant(f"{shop}-other")).status_code == 200
+
+
 def test_with_redis_down_each_process_still_limits(keyed_app, defs, fresh_llm_sim, slow_run):
     dead = f"redis://127.0.0.1:{free_port()}/0"
     client = keyed_app(openai_base_url=fresh_llm_sim.base_url, redis_url=dead,
@@ -127,18 +152,24 @@ def test_with_redis_down_each_process_still_limits(keyed_app, defs, fresh_llm_si
 
 
 def test_tenant_labels_are_bounded(keyed_app, defs):
-    client = keyed_app(tenant_limits=json.dumps({"ambassador/shop-a": {}})).test_client()
+    client = keyed_app(tenant_limits=json.dumps({"ambassador/shop-a": {},
+                                                 "ambassador~bob": {}})).test_client()
     assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin")).status_code == 201
     for i in range(50):
         assert client.post("/api/v1/run/f", json=BODY, headers=tenant(f"random-{i}")).status_code == 200
+        # callers known by identity alone (a JWT without a tenant claim), "/" or "~" in it
+        by_identity = as_("proxy", **{"x-flowgate-identity": f"a/b~c-{i}"})
+        assert client.post("/api/v1/run/f", json=BODY, headers=by_identity).status_code == 200
     client.post("/api/v1/run/f", json=BODY, headers=tenant("shop-a"))
+    client.post("/api/v1/run/f", json=BODY, headers=as_("proxy", **{"x-flowgate-identity": "bob"}))
     client.post("/api/v1/run/f", json=BODY, headers=as_("runner"))
 
     text = client.get("/metrics").get_data(as_text=True)
     tenants = {s.labels["tenant"] for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == "flowgate_engine_tenant_runs_total"}
     # configured tenants by name, a proxy's others under the proxy key, keys by their name
-    assert tenants == {"ambassador/shop-a", "ambassador", "orders-app"}
+    assert tenants == {"ambassador/shop-a", "ambassador~bob", "ambassador", "orders-app"}
+    assert metric(client, "flowgate_engine_tenant_runs_total", tenant="ambassador") == 100
 
 
 def test_a_proxy_cannot_escape_its_limit_by_inventing_tenants(keyed_app, defs, fresh_llm_sim,
@@ -155,6 +186,58 @@ def test_a_proxy_cannot_escape_its_limit_by_inventing_tenants(keyed_app, defs, f
         assert client.post("/api/v1/run/llm", json=BODY, headers=as_("runner")).status_code == 200
     finally:
         busy.stop()
+
+
+def test_a_cap_for_every_proxy_key_holds_its_invented_tenants_together(keyed_app, defs,
+                                                                       fresh_llm_sim, slow_run):
+    """FLOW_ENGINE_PROXY_MAX_RUNS: without naming each proxy key in FLOW_ENGINE_TENANT_LIMITS,
+    a proxy that invents a tenant name per request still gets no more than its cap, its own
+    key's tenant included; a key that is not a proxy is not held back by it."""
+    client = keyed_app(openai_base_url=fresh_llm_sim.base_url, tenant_max_runs=1,
+                       proxy_max_runs=2).test_client()
+    assert client.post("/api/v1/flows", json=defs.openai(id="llm"), headers=as_("admin")).status_code == 201
+    busy = [slow_run(client, tenant("shop-a")),
+            slow_run(client, as_("proxy", **{"x-flowgate-identity": "made-up-0"}))]
+    try:
+        for headers in (tenant("made-up-1"), tenant("made-up-2"), as_("proxy"),
+                        as_("proxy", **{"x-flowgate-identity": "made-up-3"})):
+            error = refused(client.post("/api/v1/run/llm", json=BODY, headers=headers), "runs")
+            assert error["message"].startswith(
+                "proxy key 'ambassador' (all its tenants together) already has 2 runs")
+        assert client.post("/api/v1/run/llm", json=BODY, headers=as_("runner")).status_code == 200
+    finally:
+        for run in reversed(busy):  # streams of one test client end in the order they began
+            run.stop()
+    assert client.post("/api/v1/run/llm", json=BODY, headers=tenant("made-up-1")).status_code == 200
+
+
+def test_a_token_cap_for_every_proxy_key(keyed_app, defs, monkeypatch):
+    app = keyed_app(proxy_tokens_per_minute=5)
+    monkeypatch.setattr(app.extensions["flowgate"].runs.executor.limits, "_clock",
+                        lambda: 1_000_000 * 60 + 30.0)  # one minute throughout
+    client = app.test_client()
+    assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin")).status_code == 201
+
+    assert client.post("/api/v1/run/f", json=BODY, headers=tenant("t-1")).status_code == 200
+    for headers in (tenant("t-2"), as_("proxy"), as_("proxy", **{"x-flowgate-identity": "x"})):
+        error = refused(client.post("/api/v1/run/f", json=BODY, headers=headers), "tokens")
+        assert error["message"].startswith("proxy key 'ambassador' (all its tenants together) used")
+    assert client.post("/api/v1/run/f", json=BODY, headers=as_("runner")).status_code == 200
+
+
+def test_a_named_override_of_a_proxy_key_wins_over_the_proxy_cap(keyed_app, defs):
+    app = keyed_app(proxy_tokens_per_minute=5, tenant_limits=json.dumps(
+        {"ambassador": {"tokens_per_minute": 0}}))
+    client = app.test_client()
+    assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin")).status_code == 201
+    for name in ("t-1", "t-2", "t-3"):
+        assert client.post("/api/v1/run/f", json=BODY, headers=tenant(name)).status_code == 200
+
+
+@pytest.mark.parametrize("env", ["FLOW_ENGINE_PROXY_MAX_RUNS", "FLOW_ENGINE_PROXY_TOKENS_PER_MINUTE"])
+def test_a_negative_proxy_cap_stops_the_engine(env):
+    with pytest.raises(ConfigError, match=env):
+        Settings.load(environ={env: "-1"})
 
 
 def test_failed_runs_count_their_tokens(keyed_app, defs, fresh_llm_sim):
