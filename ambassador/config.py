@@ -24,6 +24,7 @@ down. Example (every key optional)::
               readiness_path: /readyz, probe_interval_s: 0.5, probe_timeout_s: 1}
     cache: {max_entries: 10000, max_bytes: 67108864, max_body_bytes: 1000000}
     redis_pause_s: 5            # after a Redis failure, local fallbacks this long
+    redis_timeout_s: 0.5        # a Redis call that takes longer fails (a hung Redis)
     flows:
       faq-rag: {cache: {ttl_s: 300, stale_if_error_s: 3600}}
 """
@@ -263,6 +264,8 @@ class Settings(_Model):
     allowed_hosts: list[str] = []
     # after a Redis failure, Redis is left alone this long (local fallbacks meanwhile)
     redis_pause_s: float = Field(5.0, gt=0, le=3600)
+    # a Redis call (connect or command) taking longer fails: what a hung Redis costs a request
+    redis_timeout_s: float = Field(0.5, gt=0, le=30)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=100 * 1_048_576)
     log_level: str = "INFO"
 

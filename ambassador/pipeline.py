@@ -109,7 +109,8 @@ def build(amb: Ambassador, settings: Settings) -> Pipeline:
 
 
 def _redis(parts: Parts, settings: Settings, m: Any) -> tuple[Any, RedisPause]:
-    client = parts.get("redis", settings.redis_url, lambda: _redis_client(settings.redis_url))
+    client = parts.get("redis", (settings.redis_url, settings.redis_timeout_s),
+                       lambda: _redis_client(settings.redis_url, settings.redis_timeout_s))
     # one pause for every store on this Redis: a failure one sees spares the others
     pause = parts.get("redis_pause", (settings.redis_url, settings.redis_pause_s),
                       lambda: RedisPause(settings.redis_pause_s, on_failure=m.redis_failures.inc))

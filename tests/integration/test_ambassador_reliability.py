@@ -16,11 +16,14 @@ bounded.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 import requests
 import websocket
 from test_ambassador import (
@@ -29,6 +32,7 @@ from test_ambassador import (
     PrivateEngines,
     expected_output,
     kill_group,
+    redis_server,
     wait_for,
 )
 
@@ -217,3 +221,35 @@ def test_a_stalled_body_is_a_408_and_the_sidecar_keeps_answering(start_ambassado
     assert head.startswith(b"HTTP/1.1 408"), answer[:300]
     assert json.loads(body)["error"]["code"] == "request_timeout"
     assert requests.get(amb.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_hung_redis_costs_requests_nothing_but_its_timeout(engine, start_ambassador,
+                                                              fresh_llm_sim, tmp_path):
+    """Redis stopped mid-flight (SIGSTOP: connections open, nothing answered) under the
+    cache and the rate limit: each call to it fails after redis_timeout_s, the ambassador
+    falls back to process memory and every request is answered; Redis resumed, the cache
+    uses it again."""
+    config = {"flows": {FLOW_ID: {"cache": {"ttl_s": 60}}}, "redis_timeout_s": 0.3,
+              "redis_pause_s": 0.5, "ratelimit": {"requests_per_s": 1000, "burst": 1000}}
+    with redis_server(tmp_path) as (proc, url):
+        amb = start_ambassador(config, engine.url, redis_url=url)
+        assert amb.run("before").headers["X-Cache"] == "MISS"
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            answers = [amb.run("while hung", timeout=WAIT_S) for _ in range(3)]
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+
+        assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+        assert [a.headers["X-Cache"] for a in answers] == ["MISS", "HIT", "HIT"]  # in memory
+        assert amb.metric("flowgate_ambassador_redis_failures_total") >= 1
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            def cached_in_redis() -> bool:
+                assert amb.run("resumed").status_code == 200
+                return any(client.scan_iter(match="flowgate:cache:*resumed*")) or any(
+                    True for _ in client.scan_iter(match="flowgate:cache:*"))
+
+            wait_for(cached_in_redis, WAIT_S, interval_s=0.2, what="the cache uses Redis again")
+        finally:
+            client.close()
