@@ -2,6 +2,7 @@
 --fault-every seconds (60) rotating through the chaos drills of tests/chaos.
 
     .venv/bin/python bench/soak.py [--minutes 30] [--fault-every 60] [--rate 10]
+                                   [--warmup-s 120] [--warmup-requests 0]
 
 The deployment is the drills' (tests/support/chaos.py): its own llm-sim, the engine with two
 gevent workers on PostgreSQL (a fresh schema of FLOWGATE_TEST_POSTGRES_URL, default the
@@ -16,12 +17,19 @@ and cache hits (60/20/20), each run with its own Idempotency-Key. Faults, in tur
     publish-kill     kill -9 of the engine during a burst of publishes; store checked after
     slow-loris       200 slow-loris connections for 15 s
 
+The load first runs for a warm-up without faults (--warmup-s, or --warmup-requests answers
+if that comes first): imports, compile caches, connection pools and allocator arenas fill
+then, and would otherwise count as growth. The RSS baseline is taken after it (a process
+restarted by a fault gets a new baseline once it has served --warmup-requests answers, or
+50), then --minutes of load with faults.
+
 Each minute a progress line; at the end requests, failures by kind, p50/p99, the RSS of
-every process at start and end (the engine's since its last restart), and as the last line
-one JSON object: ``lost`` (requests without an answer), ``duplicated`` (LLM calls made twice
-for one request), ``bad_5xx`` (5xx outside 502/503/504), ``late`` (answers past the
-ambassador's deadline), ``rss_growth_mb`` and the rest. Targets: lost, duplicated, bad_5xx,
-late all 0.
+every process at start, after the warm-up and at the end, with each one's growth since its
+baseline in MB and %, and as the last line one JSON object: ``lost`` (requests without an
+answer), ``duplicated`` (LLM calls made twice for one request), ``bad_5xx`` (5xx outside
+502/503/504), ``late`` (answers past the ambassador's deadline), ``rss_growth_mb``,
+``rss_growth_pct`` (the largest growth of one process, in % of its baseline) and the rest.
+Targets: lost, duplicated, bad_5xx, late all 0; rss_growth_pct at most 10.
 """
 
 from __future__ import annotations
@@ -63,8 +71,9 @@ from support.chaos import (
 
 
 class Soak:
-    def __init__(self, stack: Stack, load: Load, outcomes: Outcomes) -> None:
+    def __init__(self, stack: Stack, load: Load, outcomes: Outcomes, *, rewarm: int = 50) -> None:
         self.stack, self.load, self.outcomes = stack, load, outcomes
+        self.rewarm = rewarm  # answers a restarted process serves before its new baseline
         self.notes: list[dict[str, Any]] = []
         self.extra: list[Outcome] = []  # resumed streams
         self.latest_version = 1
@@ -75,22 +84,28 @@ class Soak:
         self.notes.append({"fault": fault, **what})
         print(f"  fault {fault}: {what}", flush=True)
 
+    def rebase(self, name: str) -> None:
+        """A new RSS baseline for a restarted process, once it is warm again."""
+        self.load.wait_done(self.outcomes.done() + self.rewarm, timeout_s=120)
+        self.rss_base[name] = self.stack.rss_mb().get(name, 0.0)
+
     def rss_engine_base(self) -> None:
-        self.rss_base["engine"] = self.stack.rss_mb().get("engine", 0.0)
+        self.rebase("engine")
 
     # -- faults
     def engine_kill(self) -> None:
         self.stack.kill_engine()
         self.load.wait_done(self.outcomes.done() + 10)
         self.stack.restart_engine()
-        self.rss_engine_base()
         self.note("engine-kill", recovery_s=round(self.stack.wait_recovered(), 1))
+        self.rss_engine_base()
 
     def redis_kill(self) -> None:
         self.stack.redis.kill()
         self.load.wait_done(self.outcomes.done() + 40)
         self.stack.redis.start()
         self.note("redis-kill", recovery_s=round(self.stack.wait_recovered(), 1))
+        self.rebase("redis")
 
     def pg_terminate(self) -> None:
         wait_for(self.stack.pg.backends, 10, "engine connections")
@@ -144,8 +159,8 @@ class Soak:
         for t in threads:
             t.join(30)
         self.stack.restart_engine()
-        self.rss_engine_base()
         recovery = self.stack.wait_recovered()
+        self.rss_engine_base()
         self.note("publish-kill", recovery_s=round(recovery, 1),
                   acked=[p.acked() for p in publishers], inconsistent=store_inconsistencies(publishers))
 
@@ -170,6 +185,20 @@ def rss_all(stack: Stack, sim_proc: Any) -> dict[str, float]:
     return out
 
 
+def growth(base: dict[str, float], end: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per process: RSS growth since its baseline in MB, and in % of that baseline."""
+    mb = {name: round(end[name] - base.get(name, 0.0), 1) for name in end}
+    pct = {name: round(100 * mb[name] / base[name], 1) for name in end if base.get(name)}
+    return mb, pct
+
+
+def warm_up(outcomes: Outcomes, seconds: float, answers: int) -> None:
+    """Until the load has run ``seconds``, or (``answers`` > 0) that many requests ended."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds and not (answers and outcomes.done() >= answers):
+        time.sleep(0.2)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
@@ -180,6 +209,10 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=30.0)
     p.add_argument("--fault-every", type=float, default=60.0, help="seconds between faults")
     p.add_argument("--rate", type=float, default=10.0, help="requests per second")
+    p.add_argument("--warmup-s", type=float, default=120.0,
+                   help="seconds of load without faults before the RSS baseline")
+    p.add_argument("--warmup-requests", type=int, default=0,
+                   help="end the warm-up once this many requests were answered (0: by time)")
     args = p.parse_args()
     problems = missing_tools()
     if problems:
@@ -199,10 +232,13 @@ def main() -> None:
               f"{args.fault_every:g} s; RSS at start (MB): {rss_start}", flush=True)
         calls = LlmCalls(sim).start()
         load = Load(stack, outcomes, threads=6, rate_per_s=args.rate,
-                    max_requests=int(duration * args.rate * 1.2) + 100,
+                    max_requests=int((duration + args.warmup_s) * args.rate * 1.2) + 100,
                     mix={"run": 0.6, "stream": 0.2, "cached": 0.2}).start()
-        soak = Soak(stack, load, outcomes)
-        soak.rss_base = dict(rss_start)
+        soak = Soak(stack, load, outcomes, rewarm=args.warmup_requests or 50)
+        warm_up(outcomes, args.warmup_s, args.warmup_requests)
+        rss_warm = rss_all(stack, sim_proc)
+        soak.rss_base = dict(rss_warm)
+        print(f"warm after {outcomes.done()} requests; RSS baseline (MB): {rss_warm}", flush=True)
         started = time.monotonic()
         next_fault, turn, last_report = args.fault_every, 0, 0
         while (elapsed := time.monotonic() - started) < duration:
@@ -239,7 +275,7 @@ def main() -> None:
                       for o in everything if not o.ok)
     times = {kind: [o.seconds for o in everything if o.kind == kind and o.ok]
              for kind in ("run", "stream", "cached")}
-    growth = {name: round(rss_end.get(name, 0.0) - soak.rss_base.get(name, 0.0), 1) for name in rss_end}
+    growth_mb, growth_pct = growth(soak.rss_base, rss_end)
     print(f"requests: {v.requests} ({dict(Counter(o.kind for o in everything))}), "
           f"ok {v.successes}")
     print(f"failures by kind: {dict(by_kind.most_common())}")
@@ -247,7 +283,12 @@ def main() -> None:
         print(f"{kind}: p50 {percentile(values, 0.5) * 1000:.0f} ms, "
               f"p99 {percentile(values, 0.99) * 1000:.0f} ms")
     print(f"RSS at start (MB): {rss_start}")
-    print(f"RSS at end (MB): {rss_end} (growth: {growth}; the engine's since its last restart)")
+    print(f"RSS after warm-up (MB): {rss_warm}")
+    print(f"RSS at end (MB): {rss_end}; baseline (MB): {soak.rss_base} (a restarted process's "
+          "once it was warm again)")
+    for name in rss_end:
+        pct = f"{growth_pct[name]:+.1f} %" if name in growth_pct else "n/a"
+        print(f"RSS growth {name}: {growth_mb[name]:+.1f} MB, {pct}")
     for problem in v.problems():
         print("problem:", problem)
     print(json.dumps({
@@ -259,8 +300,11 @@ def main() -> None:
         "p50_ms": round(v.p50_s * 1000, 1), "p99_ms": round(v.p99_s * 1000, 1),
         "p50_ms_by_kind": {k: round(percentile(t, 0.5) * 1000, 1) for k, t in times.items()},
         "p99_ms_by_kind": {k: round(percentile(t, 0.99) * 1000, 1) for k, t in times.items()},
-        "rss_mb_start": rss_start, "rss_mb_end": rss_end, "rss_growth_mb_by_process": growth,
-        "rss_growth_mb": round(sum(growth.values()), 1),
+        "rss_mb_start": rss_start, "rss_mb_warm": rss_warm, "rss_mb_baseline": soak.rss_base,
+        "rss_mb_end": rss_end, "rss_growth_mb_by_process": growth_mb,
+        "rss_growth_pct_by_process": growth_pct,
+        "rss_growth_mb": round(sum(growth_mb.values()), 1),
+        "rss_growth_pct": max(growth_pct.values(), default=0.0),
         "fault_notes": soak.notes,
     }))
 

@@ -17,7 +17,7 @@ import pytest
 import requests
 from psycopg import sql
 from support.needs import missing
-from support.procs import ServerProcess, free_port
+from support.procs import ServerProcess, start_owned
 
 from flowgate.llm_sim import SimSettings
 
@@ -67,10 +67,13 @@ class LlmSim:
 @pytest.fixture(scope="session")
 def llm_sim() -> Iterator[LlmSim]:
     """One simulator process (gunicorn + gevent, 1 worker) for the test session."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "flowgate.llm_sim", "--port", str(port)]
-    with ServerProcess(cmd, port=port, ready_path="/sim/stats", name="llm-sim") as proc:
+    proc = start_owned(lambda port: ServerProcess(
+        [sys.executable, "-m", "flowgate.llm_sim", "--port", str(port)],
+        port=port, ready_path="/sim/stats", name="llm-sim"))
+    try:
         yield LlmSim(proc.url)
+    finally:
+        proc.stop()
 
 
 @pytest.fixture

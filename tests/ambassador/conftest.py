@@ -8,7 +8,6 @@ Only time and the downstream handler are faked; Redis-backed stores talk to the 
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ import pytest
 import redis
 from app_harness import SERVICE_KEY, ClosingClient, FakeEngine
 from prometheus_client import CollectorRegistry
+from support.needs import require_redis
 
 from ambassador.app import create_app
 from ambassador.chain import Request, Response
@@ -118,17 +118,9 @@ def settings_with() -> Callable[..., Settings]:
 
 @pytest.fixture
 def redis_client() -> Iterator[redis.Redis]:
-    """The shared Redis; skipped when it is down, except under CI (like postgres_admin)."""
-    client = redis.Redis.from_url(REDIS_URL, decode_responses=True, socket_connect_timeout=1,
-                                  socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        reason = f"Redis at {REDIS_URL} is not reachable: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI is set, so the Redis-backed stores must be tested)",
-                        pytrace=False)
-        pytest.skip(reason)
+    """The shared Redis; skipped when it is down, except under CI (support/needs.py)."""
+    client = require_redis(REDIS_URL, decode_responses=True, socket_connect_timeout=1,
+                           socket_timeout=2)
     yield client
     client.close()
 

@@ -7,21 +7,33 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from support.chaos import LlmCalls, Outcome, Timeline, check_stream, verdict
+from support.chaos import Outcome, Timeline, check_stream, verdict
+from support.llm_calls import LlmCalls
 
 
 class FakeSim:
-    """llm-sim's request log: the last ``keep`` requests, oldest first."""
+    """llm-sim's request log: the last ``keep`` requests, oldest first. ``marked``: each
+    entry says whether its stream was cut off (``closed_early``), set in place by ``cut``."""
 
-    def __init__(self, keep: int = 100) -> None:
-        self.keep = keep
+    def __init__(self, keep: int = 100, *, marked: bool = False) -> None:
+        self.keep, self.marked = keep, marked
         self.log: list[dict[str, Any]] = []
         self.closed_early = 0
 
-    def call(self, text: str, port: int = 1) -> None:
-        self.log.append({"body": {"messages": [{"role": "user", "content": text}]},
-                         "remote_port": port})
+    def call(self, text: str, port: int = 1) -> dict[str, Any]:
+        entry: dict[str, Any] = {"body": {"messages": [{"role": "user", "content": text}]},
+                                 "remote_port": port}
+        if self.marked:
+            entry["closed_early"] = False
+        self.log.append(entry)
         self.log = self.log[-self.keep:]
+        return entry
+
+    def cut(self, entry: dict[str, Any]) -> None:
+        """The stream of this call was closed early (its engine died)."""
+        self.closed_early += 1
+        if self.marked:
+            entry["closed_early"] = True
 
     def requests(self) -> list[dict[str, Any]]:
         return list(self.log)
@@ -47,7 +59,28 @@ def test_calls_are_counted_across_reads_of_a_log_that_keeps_the_last_100():
     assert calls.duplicated() == 1
     sim.closed_early = 1  # ... the first call of it was cut off by a dying engine
     calls.stats = sim.stats()
-    assert calls.duplicated() == 0
+    assert calls.duplicated() == 0  # an llm-sim without per-call marks: the drill's total
+
+
+def test_a_cut_off_call_explains_a_repeat_of_its_own_request_only():
+    sim = FakeSim(marked=True)
+    calls = LlmCalls(sim)  # type: ignore[arg-type]
+    sim.call("ask q0000abcdn1")
+    sim.call("ask q0000abcdn1")  # run twice, both completed: a real duplicate
+    calls.poll()
+    sim.cut(sim.call("ask q0000abcdn2"))  # cut off by a dying engine ...
+    sim.call("ask q0000abcdn2")  # ... and retried: not a duplicate
+    cut_later = sim.call("ask q0000abcdn3")
+    calls.poll()  # read before its mark came
+    sim.cut(cut_later)
+    sim.call("ask q0000abcdn3")
+    sim.cut(sim.call("ask q0000abcdn4"))  # cut off, never retried: explains nothing
+    calls.stop()
+    assert calls.repeated() == {"q0000abcdn1": 2, "q0000abcdn2": 2, "q0000abcdn3": 2}
+    assert calls.cut_off() == {"q0000abcdn2": 1, "q0000abcdn3": 1, "q0000abcdn4": 1}
+    assert sim.stats()["streams_closed_early"] == 3  # more than the one duplicate ...
+    assert calls.duplicated() == 1  # ... which an unrelated cut-off no longer hides
+    assert calls.calls() == 7 and not calls.overflowed
 
 
 def test_a_log_that_turned_over_between_two_reads_is_an_overflow():

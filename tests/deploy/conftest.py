@@ -2,7 +2,7 @@
 metrics the services really export.
 
 A test that needs a tool or package that is not installed skips locally and FAILS under CI
-(``CI`` set): a green CI run must have checked every manifest. What CI installs:
+(tests/support/needs.py): a green CI run must have checked every manifest. What CI installs:
 
 - ``kubectl`` with kustomize v5 (the apt package ``kubectl`` that the machine comes with;
   Debian's own ``kubernetes-client`` 1.20 bundles kustomize v2, too old for these files)
@@ -31,6 +31,7 @@ from types import ModuleType
 
 import pytest
 import yaml
+from support.needs import missing
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -38,17 +39,6 @@ TOOL_HINTS = {
     "kubectl": "apt-get install kubectl (needs kustomize v5: kubectl >= 1.27)",
     "promtool": "apt-get install prometheus",
 }
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
-def missing(reason: str) -> None:
-    """Skip locally, fail under CI: nothing a CI run needs may be silently left out."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI is set, so this check must run)", pytrace=False)
-    pytest.skip(reason)
 
 
 def require_tool(name: str) -> str:

@@ -43,6 +43,7 @@ import pytest
 import requests
 import yaml
 from support.procs import free_port
+from support.prom import metric_value
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -69,7 +70,7 @@ QUIET = {
     "flowgate_engine_ws_rejected_total":
         "counted when a worker refuses a WebSocket past FLOW_ENGINE_WS_MAX_CONNECTIONS (500)",
     "flowgate_ambassador_faults_injected_total":
-        "counted only during a fault drill (README, \"Fault drills\"; "
+        "counted only during a fault drill (docs/production.md, \"Fault drills\"; "
         "tests/integration/test_ambassador_faults.py); the stack here runs none",
 }
 
@@ -356,10 +357,16 @@ def traffic(stack: Stack, prometheus: Prometheus) -> dict[str, Any]:
     # A client that leaves a stream early, while tokens still come (5 per second): the engine
     # sees the hang-up at its next write and counts a disconnect. With the answer sent at
     # once, the run could end before the hang-up reached it, and nothing would be counted.
+    def disconnects() -> float:
+        text = requests.get(f"{stack.engine}/metrics", timeout=10).text
+        return metric_value(text, "flowgate_engine_stream_disconnects_total", transport="sse")
+
     requests.post(f"{stack.llm}/sim/config", json={"tokens_per_s": 5}, timeout=5).raise_for_status()
     try:
+        before = disconnects()
         r["stream_left"] = stream_run(stack, {"flow_id": "chat", "input": "Goodbye"}, leave_after=2)
-        time.sleep(0.5)  # a token or two more: the engine writes into the closed connection
+        # a token or two more: the engine writes into the closed connection and counts it
+        wait_for(lambda: disconnects() > before, 15, "the engine counting the stream left early")
     finally:
         requests.post(f"{stack.llm}/sim/config", json={"tokens_per_s": sim["tokens_per_s"]},
                       timeout=5).raise_for_status()

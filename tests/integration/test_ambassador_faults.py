@@ -37,6 +37,7 @@ WAIT_S = 15
 FAULTS = "flowgate_ambassador_faults_injected_total"
 DRILL_KEY = "drill-secret-0001"
 APP_KEY = "orders-secret-0001"
+PER_TRY_S = 5.0  # the header drill's per-try limit, and the delay that uses it up
 
 
 def test_an_injected_abort_is_retried_opens_the_breaker_and_the_fallback_answers(
@@ -128,7 +129,9 @@ def test_the_fault_header_from_an_allowed_key(engine, start_ambassador, fresh_ll
             {"key": DRILL_KEY, "identity": "drill-app", "flows": [FLOW_ID],
              "allow_fault_header": True},
             {"key": APP_KEY, "identity": "orders-app", "flows": [FLOW_ID]}]},
-        "upstream": {"timeouts": {"per_try_s": 0.3, "total_s": 20}},
+        # per_try_s bounds the plain run at the end too: generous, so that a slow machine
+        # never decides it; total_s leaves the delayed drill's second attempt one second
+        "upstream": {"timeouts": {"per_try_s": PER_TRY_S, "total_s": PER_TRY_S + 1}},
         "retry": {"max_attempts": 2, "budget_min_per_s": 10},
         "breaker": {"consecutive_failures": 100},
     }, engine.url)
@@ -150,7 +153,7 @@ def test_the_fault_header_from_an_allowed_key(engine, start_ambassador, fresh_ll
 
     # a delay as long as the per-try limit is the upstream's own timeout, retried (the
     # ambassador's Idempotency-Key makes a timed-out run safe to retry)
-    resp = run(DRILL_KEY, "delay=5000")
+    resp = run(DRILL_KEY, f"delay={int(PER_TRY_S * 1000)}")
     assert_error_contract(resp, 504, ("upstream_timeout", "timeout"))
     assert int(resp.headers["X-Upstream-Attempts"]) >= 1
     assert fresh_llm_sim.stats()["chat_completions_started"] == 0
@@ -173,5 +176,5 @@ def test_the_fault_header_from_an_allowed_key(engine, start_ambassador, fresh_ll
     assert len(aborts) == 2 and {e["trace_id"] for e in aborts} == {error["trace_id"]}
     assert {e["identity"] for e in lines} == {"drill-app"}
     assert {e["fault_source"] for e in lines} == {"header"}
-    delays = [e for e in lines if e.get("delay_ms") == 5000]
+    delays = [e for e in lines if e.get("delay_ms") == PER_TRY_S * 1000]
     assert {e["trace_id"] for e in delays} == {resp.headers["X-Trace-ID"]}

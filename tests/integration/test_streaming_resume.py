@@ -10,7 +10,7 @@ Three deployments, each started once for this module:
   cancelled from the other.
 
 The Redis cases skip when Redis (``FLOWGATE_TEST_REDIS_URL``, default
-``redis://127.0.0.1:6379/0``) is unreachable, except under CI (``CI`` set), where they fail.
+``redis://127.0.0.1:6379/0``) is unreachable, except under CI, where they fail (tests/support/needs.py).
 The Redis streams of every run made on the pair are deleted afterwards.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import threading
 import uuid
@@ -38,7 +37,6 @@ from support.waiting import wait_until
 from flowgate.llm_sim import reply_tokens
 
 pytestmark = pytest.mark.integration
-REDIS_URL = os.environ.get("FLOWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY = "streaming-key"
 # Connection: close: no idle keep-alive connection holds up the engines' graceful stop
 AUTH = {"Authorization": f"Bearer {KEY}", "Connection": "close"}
@@ -89,19 +87,6 @@ def local(tmp_path_factory: pytest.TempPathFactory, llm_sim: Any) -> Iterator[Se
         yield proc
     finally:
         proc.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        reason = (f"Redis is not reachable at {REDIS_URL} ({type(exc).__name__}: {exc}); start "
-                  "it or set FLOWGATE_TEST_REDIS_URL")
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI is set, so the Redis cases must run)", pytrace=False)
-        pytest.skip(reason)
-    return REDIS_URL
 
 
 @pytest.fixture(scope="module")

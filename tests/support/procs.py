@@ -2,10 +2,13 @@
 
 Example::
 
-    port = free_port()
-    with ServerProcess([sys.executable, "-m", "flowgate.llm_sim", "--port", str(port)],
-                       port=port, ready_path="/sim/stats") as proc:
+    proc = start_owned(lambda port: ServerProcess(
+        [sys.executable, "-m", "flowgate.llm_sim", "--port", str(port)],
+        port=port, ready_path="/sim/stats"))  # started, on a port of its own
+    try:
         requests.get(proc.url + "/v1/models")
+    finally:
+        proc.stop()
 
 The process gets its own session (process group) so that a SIGKILL on shutdown also
 reaches children such as gunicorn workers. Its stdout and stderr go to a temp file whose
@@ -21,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -29,10 +32,70 @@ import requests
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it). Another process
+    may bind it before the server does: start servers with :func:`start_owned`."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on TCP ``port`` (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def listens_on(session: int, port: int) -> bool:
+    """Does a process of ``session`` (a ServerProcess's pid: it leads its own session) hold
+    a socket listening on ``port``? Without /proc (not Linux), assumed so."""
+    if not Path("/proc/net/tcp").exists():
+        return True
+    targets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) != session:
+                continue
+            if any(os.readlink(fd) in targets for fd in (entry / "fd").iterdir()):
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
+def start_owned(make: Callable[[int], ServerProcess], port: int | None = None,
+                attempts: int = 5) -> ServerProcess:
+    """``make(port).start()`` on a port from free_port(), made sure to be ours: the port was
+    free when free_port() looked, but another process (another test run on this machine) may
+    bind it before the server does. Then the server fails to bind (gunicorn retries for
+    seconds first) while its readiness check may even be answered by the other process. So
+    the server counts as started only once a process of its own listens there; otherwise it
+    is stopped and started again on another port. A ``port`` given (a restart on the same
+    address) is not changed: taken by another process, it is an error saying so."""
+    for attempt in range(1, attempts + 1):
+        chosen = port or free_port()
+        proc = make(chosen)
+        try:
+            proc.start()
+        except ServerNotReady as exc:
+            if port is None and "in use" in str(exc) and attempt < attempts:
+                continue
+            raise
+        assert proc.proc is not None
+        if listens_on(proc.proc.pid, chosen):
+            return proc
+        proc.kill()
+        if port is not None:
+            raise AssertionError(f"port {port} is held by another process; cannot restart there")
+    raise AssertionError(f"no port of our own after {attempts} attempts")
 
 
 class ServerNotReady(RuntimeError):
@@ -139,6 +202,14 @@ class ServerProcess:
             self.log_path.unlink(missing_ok=True)
             self.log_path = None
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """Stop without a graceful drain: SIGKILL to the whole group, then :meth:`stop`."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._kill_group()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+        self.stop()
 
     def _kill_group(self) -> None:
         assert self.proc is not None

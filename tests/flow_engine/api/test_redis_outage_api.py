@@ -171,7 +171,8 @@ def test_watching_with_redis_hung_is_a_quick_true_503(pair, private_redis, fresh
     error = resp.get_json()["error"]
     assert error["code"] == "event_log_unavailable"
     assert "REDIS_URL" not in error["message"]
-    assert seconds < 5, f"a hung Redis held the request {seconds:.1f} s (redis_timeout_s 0.3)"
+    # generous for a loaded machine; without redis_timeout_s (0.3) it is XREAD's 30 s
+    assert seconds < 15, f"a hung Redis held the request {seconds:.1f} s (redis_timeout_s 0.3)"
 
 
 def test_a_running_run_whose_events_redis_lost_is_a_503_not_set_redis_url(pair, private_redis):

@@ -3,14 +3,14 @@ mirror and the two combined, against the protocol in the module's docstring.
 
 The Redis cases use the real server at ``FLOWGATE_TEST_REDIS_URL`` (default
 ``redis://127.0.0.1:6379/0``) under a key prefix of their own that is deleted afterwards.
-When Redis is unreachable they skip, except under CI (``CI`` set), where they fail.
+When Redis is unreachable they skip, except under CI, where they fail (tests/support/needs.py;
+the session fixture ``redis_url`` of tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -33,7 +33,6 @@ from flow_engine.runs.events import (
 )
 from flow_engine.runs.runner import RunEvent
 
-REDIS_URL = os.environ.get("FLOWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 WAIT_S = 5.0  # every blocking read and poll here gives up after this long
 # A read that must return "at once" or "when woken" waits up to LONG_S and must be back well
 # before it: no test depends on how fast this machine is, only on not waiting for a timeout.
@@ -393,19 +392,6 @@ def test_memory_concurrent_readers_each_see_every_event_once_in_order():
 
 
 # -- RedisEventLog --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except redis.RedisError as exc:
-        reason = (f"Redis is not reachable at {REDIS_URL} ({type(exc).__name__}: {exc}); start "
-                  "it or set FLOWGATE_TEST_REDIS_URL")
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI is set, so the Redis cases must run)", pytrace=False)
-        pytest.skip(reason)
-    return REDIS_URL
 
 
 @pytest.fixture
