@@ -43,8 +43,9 @@ injected from :class:`SimSettings`;
 embeddings have their own ``embedding_latency_s`` and ``embedding_error_rate`` (same kinds).
 
 Test hooks: ``GET /sim/stats`` (counters), ``GET /sim/requests`` (the last 100 well-formed
-chat completion requests: ``body``, ``headers`` and the client's ``remote_port``, which tells
-keep-alive reuse from new connections), ``GET /sim/embedding-requests`` (the last 100
+chat completion requests: ``body``, ``headers``, the client's ``remote_port``, which tells
+keep-alive reuse from new connections, and ``closed_early``, true once the client closed its
+stream before the end), ``GET /sim/embedding-requests`` (the last 100
 embeddings requests: ``model``, ``inputs``, ``dimensions``, ``headers``), ``POST /sim/reset``
 (zero them all), ``GET|POST /sim/config`` (read / change settings at runtime). They live in
 the worker process. ``hold: true`` holds every chat completion request (once it is in
@@ -200,9 +201,13 @@ class _Stats:
         with self._lock:
             self._requests.append(entry)
 
+    def mark_closed_early(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            entry["closed_early"] = True
+
     def requests(self) -> list[dict[str, Any]]:
         with self._lock:
-            return list(self._requests)
+            return [dict(e) for e in self._requests]  # copies: a mark may come later
 
     def record_embedding(self, entry: dict[str, Any]) -> None:
         with self._lock:
@@ -525,7 +530,8 @@ class _Sim:
                       "(simulated).", "server_error", "server_error")
 
     def stream(self, s: SimSettings, base: dict[str, Any], tokens: list[str], finish: str,
-               usage: dict[str, Any] | None, call: ToolCall | None = None) -> Iterator[bytes]:
+               usage: dict[str, Any] | None, call: ToolCall | None = None,
+               logged: dict[str, Any] | None = None) -> Iterator[bytes]:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             extra = {"usage": None} if usage else {}  # OpenAI sends usage: null until the end
@@ -561,6 +567,8 @@ class _Sim:
             done = True
         except GeneratorExit:  # the server closes us when a write fails: client went away
             self.stats.add("streams_closed_early")
+            if logged is not None:
+                self.stats.mark_closed_early(logged)
             raise
         finally:
             self.stats.add("active_streams", -1)
@@ -617,8 +625,9 @@ def create_app(settings: SimSettings | None = None) -> Flask:
         raw = body["messages"]  # well-formed: _parse_messages checked each one
         if tools:
             _check_tool_protocol(raw)
-        sim.stats.record({"body": body, "headers": dict(request.headers),
-                          "remote_port": request.environ.get("REMOTE_PORT")})
+        logged = {"body": body, "headers": dict(request.headers),
+                  "remote_port": request.environ.get("REMOTE_PORT"), "closed_early": False}
+        sim.stats.record(logged)
 
         s = sim.settings
         sim.hold(s)
@@ -641,7 +650,7 @@ def create_app(settings: SimSettings | None = None) -> Flask:
         headers = {"x-request-id": f"req_{uuid.uuid4().hex}"}
         if stream:
             body_iter = sim.stream(s, base, tokens, finish,
-                                   usage if opts.get("include_usage") else None, call)
+                                   usage if opts.get("include_usage") else None, call, logged)
             headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return Response(body_iter, mimetype="text/event-stream", headers=headers)
 

@@ -287,6 +287,18 @@ def test_client_closing_stream_early_is_counted(fresh_llm_sim: Any) -> None:
     assert stats["chat_completions_started"] == 2
     assert stats["chat_completions_completed"] == 0
     assert 4 <= stats["tokens_sent"] < 500
+    # the request log says which calls were cut off (a drill tells retries from duplicates)
+    assert [r["closed_early"] for r in fresh_llm_sim.requests()] == [True, True]
+
+
+def test_a_stream_read_to_its_end_is_not_marked_closed_early(fresh_llm_sim: Any) -> None:
+    client = _client(fresh_llm_sim)
+    for _chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True):
+        pass
+    client.chat.completions.create(model=MODEL, messages=MESSAGES)
+
+    _stats_settle(fresh_llm_sim, chat_completions_completed=2, active_streams=0)
+    assert [r["closed_early"] for r in fresh_llm_sim.requests()] == [False, False]
 
 
 # --- injected failures ------------------------------------------------------------------------
