@@ -86,6 +86,16 @@ def readme_curls(readme: str) -> list[list[str]]:
     return commands(blocks[0], "curl") if blocks else []
 
 
+def readme_cli_lines(readme: str) -> list[str]:
+    """The lines of the Quick start's CLI block (the one after "is the CLI"), as written."""
+    text = section(readme, "Quick start")
+    assert "is the CLI" in text, "README.md: Quick start no longer shows the CLI"
+    blocks = sh_blocks(text[text.index("is the CLI"):])
+    assert blocks, "README.md: no ```sh block after the CLI's introduction"
+    lines = [line.strip() for line in re.sub(r"\\\n\s*", " ", blocks[0]).splitlines()]
+    return [line for line in lines if line.startswith(".venv/bin/flowgate ")]
+
+
 def printed_curls(output: str) -> list[list[str]]:
     banner = output[output.rindex("Flowgate is up."):]
     return commands(banner, "curl")
@@ -226,6 +236,16 @@ def test_readme_quick_start_run_command_and_printed_curl(clone: Path, processes,
                                 capture_output=True, text=True, timeout=60, check=False)
         assert listed.returncode == 0 and all(flow in listed.stdout for flow in examples), \
             f".venv/bin/flowgate flows list exited {listed.returncode}:\n{listed.stdout}{listed.stderr}"
+
+        # Every line of the README's CLI block, in order, as written (a line may hold two
+        # commands: bash runs it), against the running stack: each exits 0.
+        failed = []
+        for line in readme_cli_lines(readme):
+            done = subprocess.run(["bash", "-c", line], cwd=clone, env=cli_env,
+                                  capture_output=True, text=True, timeout=120, check=False)
+            if done.returncode != 0:
+                failed.append(f"{line}\n  exited {done.returncode}:\n{done.stdout}{done.stderr}")
+        assert not failed, "README.md's CLI lines that fail:\n" + "\n".join(failed)
     finally:
         # Ctrl-C: SIGINT to the foreground process group (make and `flowgate up`).
         code, took, survivors = up.interrupt(STOP_S)
