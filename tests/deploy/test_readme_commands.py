@@ -238,10 +238,10 @@ def test_readme_quick_start_run_command_and_printed_curl(clone: Path, processes,
             f".venv/bin/flowgate flows list exited {listed.returncode}:\n{listed.stdout}{listed.stderr}"
 
         # Every line of the README's CLI block, in order, as written (a line may hold two
-        # commands: bash runs it), against the running stack: each exits 0.
+        # commands: bash -e runs it, so each must succeed), against the running stack.
         failed = []
         for line in readme_cli_lines(readme):
-            done = subprocess.run(["bash", "-c", line], cwd=clone, env=cli_env,
+            done = subprocess.run(["bash", "-e", "-c", line], cwd=clone, env=cli_env,
                                   capture_output=True, text=True, timeout=120, check=False)
             if done.returncode != 0:
                 failed.append(f"{line}\n  exited {done.returncode}:\n{done.stdout}{done.stderr}")
