@@ -12,8 +12,9 @@ version is None (``X-Cache: BYPASS``, never a guess), and the engine is asked ag
 ``check_s`` after the failed try, not on every request meanwhile. Without Redis nothing else
 would tell the ambassador of a publish made meanwhile, so serving hits by an old view could
 serve the old version's answers for as long as the engine's flow record cannot be read.
-``last_version_for`` still answers from the last view, whatever its age: for a stale answer
-when the engine fails (stale-if-error), never for a hit.
+``last_version_for`` still answers from the last view while it is younger than the flow's
+``stale_if_error_s``: for a stale answer when the engine fails (stale-if-error), never for a
+hit.
 
 ``version_for(request)`` repeats the engine's choice (flow_engine/routing.py):
 
@@ -75,14 +76,18 @@ class RoutingView:
         pinned = _pin(body)
         return pinned if pinned is not None else _choose(self.view(flow_ref), body)
 
-    def last_version_for(self, flow_ref: str, body: dict[str, Any]) -> int | None:
-        """The version the last view of the flow chose, however old (for stale-if-error)."""
+    def last_version_for(self, flow_ref: str, body: dict[str, Any], *,
+                         max_age_s: float) -> int | None:
+        """The version the last view of the flow, read at most ``max_age_s`` ago, chose (for
+        stale-if-error: what was served then may be served stale, never older)."""
         pinned = _pin(body)
         if pinned is not None:
             return pinned
         with self._lock:
             hit = self._views.get(flow_ref)
-        return _choose(hit.view if hit is not None else None, body)
+        if hit is None or self._clock() - hit.read_at > max_age_s:
+            return None
+        return _choose(hit.view, body)
 
     def view(self, flow_ref: str) -> FlowView | None:
         """The flow's routing as the engine said at most ``check_s`` ago (None: no such

@@ -19,6 +19,7 @@ version, the calls of a model by outcome and the changes of a flow by action are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -46,11 +47,14 @@ class FromZero:
     label but the last) is used — or :meth:`start` names it ahead — its series for each of
     ``values`` are created, so ``increase()`` sees the first increment of each (a series born
     at 1 shows none). Keys are only as many as the labels before the last allow (flows,
-    bounded versions, bounded models). Everything else is the counter's own."""
+    bounded versions, bounded models), and at most ``max_keys`` get their zeros: past that
+    (flows created by the thousand) a key's series are born when first used, as any
+    counter's. Everything else is the counter's own."""
 
-    def __init__(self, counter: Counter, values: tuple[str, ...]) -> None:
+    def __init__(self, counter: Counter, values: tuple[str, ...], max_keys: int = 1000) -> None:
         self.counter = counter
         self.values = values
+        self.max_keys = max_keys
         self._seen: dict[tuple[str, ...], set[str]] = {}  # key → its last-label values
         self._lock = threading.Lock()
 
@@ -69,6 +73,8 @@ class FromZero:
         with self._lock:
             seen = self._seen.get(key)
             if seen is None:
+                if len(self._seen) >= self.max_keys:
+                    return
                 seen = self._seen[key] = set()
                 for value in self.values:
                     self.counter.labels(*key, value)
@@ -82,6 +88,15 @@ class FromZero:
             seen = self._seen.pop(key, set())
         for value in seen:
             self.counter.remove(*key, value)
+
+    def forget_zeros(self, *key: str) -> None:
+        """Drop the series of a key that are still 0 (made ahead, never used): a deleted
+        flow's counts stay, its placeholders go."""
+        with self._lock:
+            seen = self._seen.pop(key, set())
+        for value in seen:
+            if self.counter.labels(*key, value)._value.get() == 0:
+                self.counter.remove(*key, value)
 
     def __getattr__(self, name: str):
         return getattr(self.counter, name)
@@ -266,7 +281,11 @@ class EngineMetrics(ServiceMetrics):
         and the flow's canary percent set from the routing it left (a new version leaves
         the routing as it was)."""
         self.flow_changes.labels(entry.flow_id, entry.action).inc()
-        if entry.action != "new_version":
+        if entry.action == "delete":  # its placeholders and gauge go; its counts stay
+            self.flow_changes.forget_zeros(entry.flow_id)
+            with contextlib.suppress(KeyError):
+                self.canary_percent.remove(entry.flow_id)
+        elif entry.action != "new_version":
             self.canary_percent.labels(entry.flow_id).set(canary_percent(entry.routing))
 
 

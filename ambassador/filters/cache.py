@@ -95,12 +95,13 @@ class Cache:
             return self._mark(next(request), "BYPASS")
         version = self.routing.version_for(request.flow_id or "", request.body or {})
         if version is None:  # the engine draws, or the routing is unknown now: no lookup, no flight
-            response = self._fetch(request, next, cfg, directives, None, None)
-            last = self.routing.last_version_for(request.flow_id or "", request.body or {})
-            if last is None or not _upstream_failed(response):
-                return response
-            return self._stale(cache_key(request, cfg.session_in_key, last), None, cfg,
-                               response) or response
+            # should the engine fail: the answer of the version the last view (not older
+            # than stale_if_error_s) chose, if still within stale_if_error_s
+            last = self.routing.last_version_for(request.flow_id or "", request.body or {},
+                                                 max_age_s=cfg.stale_if_error_s)
+            return self._fetch(request, next, cfg, directives, None, None,
+                               stale_key=None if last is None
+                               else cache_key(request, cfg.session_in_key, last))
         key = cache_key(request, cfg.session_in_key, version)
         no_cache = "no-cache" in directives
         landed = self.flights.landed
@@ -138,9 +139,10 @@ class Cache:
             self.flights.land(flight, landing)
 
     def _fetch(self, request: Request, next: Handler, cfg: FlowCache, directives: set[str],
-               key: str | None, entry: dict[str, Any] | None) -> Response:
-        """The engine's answer: stored when it may be, else a stale entry when the engine
-        failed."""
+               key: str | None, entry: dict[str, Any] | None, *,
+               stale_key: str | None = None) -> Response:
+        """The engine's answer: stored when it may be, else a stale entry (``key``'s, or
+        ``stale_key``'s when there was no lookup) when the engine failed. Marked once."""
         response = next(request)
         if response.status == 200 and not response.streamed:
             served = _served_version(response)
@@ -154,7 +156,8 @@ class Cache:
                           cfg.ttl_s + cfg.stale_if_error_s)
             looked = key is not None and "no-cache" not in directives
             return self._mark(response, "MISS" if looked else "BYPASS")
-        return self._stale(key, entry, cfg, response) or self._mark(response, "MISS")
+        return (self._stale(key or stale_key, entry, cfg, response)
+                or self._mark(response, "MISS" if key is not None else "BYPASS"))
 
     def _follow(self, request: Request, next: Handler, cfg: FlowCache, directives: set[str],
                 key: str, entry: dict[str, Any] | None, flight: Flight) -> Response:

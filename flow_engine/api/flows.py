@@ -12,16 +12,19 @@ newest."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from urllib.parse import unquote
 
 from flask import Blueprint, g, jsonify, request
 
 from flow_engine.api.common import engine, int_arg, json_body, principal
-from flow_engine.errors import BadRequest, NotFound
+from flow_engine.errors import BadRequest, FlowgateError, NotFound
 from flow_engine.rollouts.analysis import Guard
 from flow_engine.store.base import Change, FlowRecord, VersionRecord
 from flowgate.common.run_request import MAX_VERSION, is_version
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 2000
 
@@ -70,12 +73,18 @@ def written(flow: FlowRecord, action: str, made: Change) -> dict[str, Any]:
     """The flow with the audit entry this request's change wrote: the newest of the flow's
     entries with this request's trace id, actor and action. (The store commits the entry with
     the change but answers the flow only; another change of this flow by the same actor and
-    trace id, sent concurrently with one traceparent, could be taken for this one.)"""
+    trace id, sent concurrently with one traceparent, could be taken for this one.) The change
+    is committed: a store that cannot be read now makes the entry null, never the answer an
+    error — a caller retrying a rollback it was told had failed would roll back twice."""
     entry = None
     if made.trace_id is not None:
-        entry = next((e.as_dict() for e in engine().store.list_audit(flow.id, 20)
-                      if e.trace_id == made.trace_id and e.actor == made.actor
-                      and e.action == action), None)
+        try:
+            entry = next((e.as_dict() for e in engine().store.list_audit(flow.id, 20)
+                          if e.trace_id == made.trace_id and e.actor == made.actor
+                          and e.action == action), None)
+        except FlowgateError:
+            log.warning("flow %s: %s committed, its audit entry could not be read back",
+                        flow.id, action)
     return {**flow_json(flow), "audit": entry}
 
 

@@ -266,10 +266,12 @@ class RunExecutor:
         deadline = time.monotonic() + self.record_retry_s
         delays = Backoff(0.25, 10.0).delays()
         delay = next(delays)
+        why = f"after {self.record_retry_s:g} s"
         try:
             while time.monotonic() + delay <= deadline:
                 if self._closed.wait(delay):  # cooperative under gevent
-                    return
+                    why = "as the engine stopped"
+                    break
                 delay = next(delays)
                 try:
                     write()
@@ -280,11 +282,11 @@ class RunExecutor:
                 return
             self.metrics.record_retries.labels("given_up").inc()
             if whole is None:
-                log.error("gave up recording the end of run %s after %g s; the maintenance "
-                          "job will mark it failed", run_id, self.record_retry_s)
+                log.error("gave up recording the end of run %s %s; the maintenance job will "
+                          "mark it failed", run_id, why)
             else:
-                log.error("gave up recording run %s after %g s: the store never got it, so "
-                          "this line holds its record", run_id, self.record_retry_s, extra={
+                log.error("gave up recording run %s %s: the store never got it, so this line "
+                          "holds its record", run_id, why, extra={
                               "run_id": run_id, "flow_id": whole.flow_id,
                               "version": whole.version, "tenant": whole.tenant,
                               "run_status": whole.status, "duration_ms": whole.duration_ms,

@@ -580,10 +580,26 @@ def test_an_answer_without_its_version_is_not_stored(make_cache, request_for, do
 def test_an_unknown_routing_still_serves_stale_from_the_last_view(make_cache, request_for,
                                                                   downstream, engine,
                                                                   clock) -> None:
-    cache, _, _ = make_cache()
+    cache, hooks, _ = make_cache()
     down = downstream(answer("cached"), upstream_failure(503, upstream_error="connect_error"))
     ask(cache, request_for, down)
     clock.advance(120)
     engine.down = True  # the routing cannot be read either: the last view stands
     stale = ask(cache, request_for, down)
     assert (stale.headers["X-Cache"], stale.json()) == ("STALE", {"output": "cached"})
+    assert hooks.results == ["miss", "stale"]  # each request counted once
+
+
+def test_a_view_older_than_stale_if_error_serves_nothing_stale(make_cache, request_for,
+                                                                downstream, engine,
+                                                                clock) -> None:
+    """A publish the ambassador could not learn of may have happened since: the last view's
+    version is served stale only while that view is younger than stale_if_error_s."""
+    cache, hooks, _ = make_cache(**{"flows.faq.cache": {"ttl_s": 60, "stale_if_error_s": 600}})
+    ask(cache, request_for, downstream(answer("cached")))
+    engine.down = True
+    clock.advance(601)  # the entry is still kept (ttl + stale_if_error), the view is too old
+    failed = ask(cache, request_for, downstream(upstream_failure(503,
+                                                                 upstream_error="connect_error")))
+    assert failed.status == 503 and failed.headers["X-Cache"] == "BYPASS"
+    assert hooks.results == ["miss", "bypass"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flow_engine.store.base import Change
+from flow_engine.store.base import Change, StoreError
 
 FLOW_FIELDS = {"id", "name", "description", "latest_version", "live_version",
                "previous_live_versions", "routing", "created_at", "updated_at"}
@@ -120,3 +120,21 @@ def test_a_refused_change_answers_its_error_and_writes_no_entry(
     assert resp.status_code == status
     assert "error" in resp.get_json() and "audit" not in resp.get_json()
     assert newest_entry(client, auth) == before
+
+
+def test_a_committed_change_whose_entry_cannot_be_read_back_answers_200(
+        client, auth, two_versions, app, monkeypatch):
+    """The change is done: a store that fails the read-back makes the entry null, never the
+    answer a 5xx (a caller retrying a rollback it was told had failed would roll back twice)."""
+    store = app.extensions["flowgate"].store
+
+    def unavailable(*_args: Any, **_kw: Any) -> Any:
+        raise StoreError("the store cannot be read now")
+
+    monkeypatch.setattr(store, "list_audit", unavailable)
+    resp = client.post("/api/v1/flows/f/publish", json={"version": 2}, headers=auth)
+
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json()["audit"] is None and resp.get_json()["live_version"] == 2
+    monkeypatch.undo()
+    assert newest_entry(client, auth)["action"] == "publish"

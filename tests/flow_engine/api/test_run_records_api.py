@@ -73,11 +73,14 @@ def test_an_end_the_store_refused_is_recorded_in_the_background(make_app, auth, 
     assert sample(app, "flowgate_engine_run_record_retries_total", outcome="recorded") == 1
 
 
+@pytest.mark.parametrize("stopping", [pytest.param(False, id="retries-run-out"),
+                                      pytest.param(True, id="engine-stops")])
 def test_a_plain_run_whose_end_is_never_recorded_leaves_its_record_in_the_log(
-        make_app, auth, defs, caller, tmp_path, caplog):
+        make_app, auth, defs, caller, tmp_path, caplog, stopping):
     """A plain run reaches the store only at its end: when the store refuses that write for
-    longer than record_retry_s, the error line says so and carries the record."""
-    app = make_app(record_retry_s=0.5)
+    longer than record_retry_s — or the engine stops while it retries — the error line says
+    so and carries the record."""
+    app = make_app(record_retry_s=60 if stopping else 0.5)
     client = app.test_client()
     assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=auth).status_code == 201
     runs, store = app.extensions["flowgate"].runs, app.extensions["flowgate"].store
@@ -87,6 +90,10 @@ def test_a_plain_run_whose_end_is_never_recorded_leaves_its_record_in_the_log(
     holder = hold_write_lock(tmp_path / "engine.db")
     try:
         runs.run(prepared)
+        if stopping:
+            runs.executor.flush()  # the writer tried: the end waits for a retry
+            assert runs.executor.unrecorded(prepared.run_id) is not None
+            runs.executor.close()
         wait_until(lambda: sample(app, "flowgate_engine_run_record_retries_total",
                                   outcome="given_up") == 1, "the background writer to give up")
     finally:

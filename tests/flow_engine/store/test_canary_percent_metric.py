@@ -5,9 +5,10 @@ engine process starts, for every known flow (the rollout controller's start)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from support.prom import label_values, metric_value
 
-from flow_engine.metrics import EngineMetrics
+from flow_engine.metrics import FLOW_CHANGE_ACTIONS, EngineMetrics
 from flow_engine.rollouts.controller import RolloutController
 from flow_engine.rollouts.outcomes import OutcomeRecorder, StoreWindow
 from flow_engine.store.base import Change
@@ -57,3 +58,35 @@ def test_a_starting_process_sets_every_known_flow_s_percent(store):
     controller.start()
 
     assert (percent(metrics, "rag"), percent(metrics, "chat")) == (30, 0)
+
+
+def test_a_deleted_flow_leaves_its_counts_but_not_its_placeholders(open_store):
+    """Created and deleted over and over, flows must not pile up series: a delete drops the
+    flow's zero placeholders and its gauge; the changes it counted stay."""
+    metrics = EngineMetrics(CollectorRegistry())
+    store = open_store(on_audit=metrics.audited)
+    store.migrate()
+    for _ in range(3):
+        store.create_flow("rag", "rag", "", DEFINITION)
+        store.delete_flow("rag")
+
+    text = generate_latest(metrics.registry).decode()
+    assert "rag" not in label_values(text, GAUGE, "flow")
+    changes = "flowgate_engine_flow_changes_total"
+    assert sorted(label_values(text, changes, "action")) == ["create", "delete"]
+    assert metric_value(text, changes, flow="rag", action="create") == 3
+    assert metric_value(text, changes, flow="rag", action="delete") == 3
+
+
+def test_past_its_bound_a_counter_makes_no_more_placeholders():
+    metrics = EngineMetrics(CollectorRegistry())
+    metrics.flow_changes.max_keys = 2
+    for flow in ("a", "b", "c"):
+        metrics.flow_changes.labels(flow, "publish").inc()
+
+    text = generate_latest(metrics.registry).decode()
+    series = [s.labels for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "flowgate_engine_flow_changes_total"]
+    by_flow = {flow: sorted(s["action"] for s in series if s["flow"] == flow) for flow in "abc"}
+    assert by_flow["a"] == by_flow["b"] == sorted(FLOW_CHANGE_ACTIONS)
+    assert by_flow["c"] == ["publish"]  # born when used, as any counter's
