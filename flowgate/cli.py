@@ -28,7 +28,15 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from flowgate import components_cli, flows_cli, history_cli, import_cli, knowledge_cli, stack
+from flowgate import (
+    canary_cli,
+    components_cli,
+    flows_cli,
+    history_cli,
+    import_cli,
+    knowledge_cli,
+    stack,
+)
 
 DEMO_QUESTION = "How long does it take to get a refund?"
 
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.handler.__module__ in (flows_cli.__name__, components_cli.__name__,
                                        knowledge_cli.__name__, import_cli.__name__,
-                                       history_cli.__name__):
+                                       history_cli.__name__, canary_cli.__name__):
             return flows_cli.dispatch(args)
         return args.handler(args)
     except KeyboardInterrupt:

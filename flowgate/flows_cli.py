@@ -10,6 +10,8 @@
     flowgate flows rollback ID
     flowgate flows history ID [--limit N]    who changed the flow, when, what, why (history_cli.py)
     flowgate flows diff ID A B               what changed between versions A and B
+    flowgate flows canary ID VERSION --percent P [--steps ...] [guard options] | ID --stop
+                                             start, change or stop a canary (canary_cli.py)
     flowgate flows run ID --input TEXT [--session S] [--stream]
     flowgate flows validate FILE...          offline, the same messages as the API
     flowgate flows import FILE [--publish] [--id ID] [--dry-run]
@@ -19,7 +21,7 @@ Engine URL: --engine-url or FLOWGATE_ENGINE_URL (default http://127.0.0.1:8000),
 or after the command (``flowgate flows apply flows/ --engine-url URL``). Key:
 --api-key, FLOWGATE_API_KEY, the admin key of FLOW_ENGINE_API_KEYS (else its highest role),
 or the admin key `flowgate up` wrote to .flowgate/engine.key.
-Commands that change a flow (push, apply, publish, rollback, import) take ``-m/--message
+Commands that change a flow (push, apply, publish, rollback, canary, import) take ``-m/--message
 TEXT``: why, kept with the change in the audit log (``flowgate flows history``); ``apply``
 in a git checkout defaults to the last commit of its files.
 Exit codes (also in each command's ``--help``): :data:`EXIT_CODES`, :data:`APPLY_EXIT_CODES`.
@@ -97,6 +99,9 @@ def add_commands(flows: argparse.ArgumentParser) -> None:
     from flowgate import history_cli
 
     history_cli.add_commands(sub)
+    from flowgate import canary_cli
+
+    canary_cli.add_command(sub)
     run = sub.add_parser("run", help="run a flow")
     run.add_argument("flow")
     run.add_argument("--input", required=True)
