@@ -25,9 +25,11 @@ every process is told (``flow_changed``), a metric counts the action and the aud
 logged. A promotion builds the canary's version first (``check_builds``: compile and build
 every component with this engine's settings, as a publish does); a version that no longer
 builds — a node type, knowledge base or provider origin gone since it became a canary — is
-not promoted: the canary is aborted, ``reason.breach`` ``build`` with the problems. A canary's
-window starts when it was set up (``started_at``), so outcomes of the
-version from before it was a canary (pinned test runs) count at most one slot.
+not promoted: the canary is aborted, ``reason.breach`` ``build`` with the problems. A flow
+whose judging fails (the store, a bug) is logged with its id and judged again next pass; the
+pass goes on with the other flows. A canary's window starts when it was set up
+(``started_at``), so outcomes of the version from before it was a canary (pinned test runs)
+count at most one slot.
 """
 
 from __future__ import annotations
@@ -86,6 +88,15 @@ class RolloutController:
             except Conflict:  # a person's change landed first; judged again next pass
                 continue
             except NotFound:  # deleted meanwhile
+                continue
+            except FlowgateError as exc:  # the store down, ...: this flow again next pass
+                log.warning("rollouts: judging flow %s failed (%s); the other flows are "
+                            "judged, it again next pass", flow.id, exc.code,
+                            extra={"flow_id": flow.id})
+                continue
+            except Exception:  # a bug or an odd routing: one flow never stops the others
+                log.exception("rollouts: judging flow %s failed; the other flows are judged, "
+                              "it again next pass", flow.id, extra={"flow_id": flow.id})
                 continue
             if action is not None:
                 done.append((flow.id, action))

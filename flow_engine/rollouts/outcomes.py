@@ -10,8 +10,10 @@ window every ``flush_s``:
   run fell in are there), added with HINCRBY in one pipeline and expiring after the
   longest window a guard may ask for. (``flowgate:outcomes:`` held 12 coarser buckets: an
   engine of that layout and one of this never add into each other's hashes.)
-- without: rows of the store's ``run_outcomes`` table (one upsert per flow, version and
-  slot, a column per bucket), deleted by the maintenance job past the same age.
+- without: rows of the store's ``run_outcome_slots`` table (one upsert per flow, version
+  and slot, a column per bucket), deleted by the maintenance job past the same age.
+  (``run_outcomes`` held the 12 coarser buckets: likewise never shared with an engine of
+  that layout — flow_engine/store/schema.py, migration 9.)
 
 Reading a window sums its slots (``window``). A failure is a run that failed with a 5xx
 (LLM error, timeout, node error); runs refused for bad input (4xx) and cancelled runs are

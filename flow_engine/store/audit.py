@@ -13,6 +13,11 @@ transaction-scoped advisory lock (:data:`PG_LOCK`), held from just before its in
 its commit: the next writer gets its seq only once the previous entry is committed (or
 rolled back). The entry is the last statement of each change, so the lock is held for a
 commit's time. SQLite already runs one write transaction at a time.
+
+The wait for that lock is bounded (:data:`LOCK_TIMEOUT`, ``SET LOCAL lock_timeout``, which
+ends with the transaction): a transaction stuck between its entry and its commit would
+otherwise hold up every flow change on every engine. A change that waits longer fails as
+the store being unavailable (StoreError: 503 with Retry-After) and writes nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from flow_engine.store.schema import audit_log, aware, now
 
 _log = logging.getLogger("flow_engine.audit")
 PG_LOCK = 727273  # pg_advisory_xact_lock key of audit writers (727272: migrations)
+LOCK_TIMEOUT = "5s"  # the longest a change waits for PG_LOCK (a PostgreSQL interval)
 
 
 def write(conn: Any, change: Change, action: str, flow_id: str, *,
@@ -38,6 +44,10 @@ def write(conn: Any, change: Change, action: str, flow_id: str, *,
               "routing": routing, "reason": change.reason, "message": change.message,
               "trace_id": change.trace_id}
     if conn.dialect.name == "postgresql":
+        # SET LOCAL lock_timeout (set_config(..., true) is the same, with a bound value):
+        # for the rest of this transaction, the lock below and the insert
+        conn.execute(sa.text("SELECT set_config('lock_timeout', :timeout, true)"),
+                     {"timeout": LOCK_TIMEOUT})
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK})
     seq = conn.execute(audit_log.insert().values(**values)).inserted_primary_key[0]
     return AuditEntry(seq=seq, **values)

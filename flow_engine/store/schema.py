@@ -115,16 +115,31 @@ jobs = sa.Table(
 )
 # Run outcomes per flow version and 5-second slot, summed over every engine process: canary
 # analysis reads them when the engine has no Redis (flow_engine/rollouts/outcomes.py)
-OUTCOME_BUCKETS = 64  # len(flow_engine.rollouts.analysis.BUCKETS); was 12 (migration 9)
-run_outcomes = sa.Table(
-    "run_outcomes", metadata,
+OUTCOME_BUCKETS = 64  # len(flow_engine.rollouts.analysis.BUCKETS)
+run_outcome_slots = sa.Table(
+    "run_outcome_slots", metadata,
     sa.Column("flow_id", String(64), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("slot", sa.BigInteger, primary_key=True),
     sa.Column("ok", sa.Integer, nullable=False),
     sa.Column("failed", sa.Integer, nullable=False),
     *(sa.Column(f"h{i}", sa.Integer, nullable=False) for i in range(OUTCOME_BUCKETS)),
-    sa.Index("ix_run_outcomes_slot", "slot"),  # retention deletes by age
+    sa.Index("ix_run_outcome_slots_slot", "slot"),  # retention deletes by age
+)
+# The same with 12 coarse buckets (2–3× apart), as migration 7 made it. Engines of that
+# layout read and write it; this engine never does (migration 9 made run_outcome_slots
+# beside it, under a new name, so an old engine still running in a rolling upgrade never
+# reads the new buckets with the old meaning). Frozen: only migration 7 uses it.
+LEGACY_OUTCOME_BUCKETS = 12
+legacy_run_outcomes = sa.Table(
+    "run_outcomes", metadata,
+    sa.Column("flow_id", String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("slot", sa.BigInteger, primary_key=True),
+    sa.Column("ok", sa.Integer, nullable=False),
+    sa.Column("failed", sa.Integer, nullable=False),
+    *(sa.Column(f"h{i}", sa.Integer, nullable=False) for i in range(LEGACY_OUTCOME_BUCKETS)),
+    sa.Index("ix_run_outcomes_slot", "slot"),
 )
 # Every change to a flow, written in the transaction of the change (flow_engine/store/audit.py)
 audit_log = sa.Table(
@@ -203,8 +218,9 @@ def _add_audit(conn: Connection) -> None:
 
 
 def _add_outcomes(conn: Connection) -> None:
-    """Per-version run outcomes (canary analysis without Redis)."""
-    run_outcomes.create(conn, checkfirst=True)
+    """Per-version run outcomes (canary analysis without Redis), 12 buckets: engines since
+    migration 9 use run_outcome_slots instead."""
+    legacy_run_outcomes.create(conn, checkfirst=True)
 
 
 def _add_runs_list_indexes(conn: Connection) -> None:
@@ -215,17 +231,17 @@ def _add_runs_list_indexes(conn: Connection) -> None:
 
 
 def _finer_outcome_buckets(conn: Connection) -> None:
-    """run_outcomes with the finer duration buckets canary analysis reads (64, 1.2× apart;
-    they were 12, 2–3× apart). Counts of the old buckets cannot be split into the new ones,
-    so a table of the old layout is dropped and made anew: guarded rollouts lose at most the
-    last hour of outcomes (the longest guard window) and judge from the runs after the
-    upgrade. An engine still on the old layout cannot write into the new table (its rows
-    lack the new columns) and keeps its counts for a later try; a table made by migration 7
-    at this layout is left as it is."""
-    have = {c["name"] for c in sa.inspect(conn).get_columns(run_outcomes.name)}
-    if have != {c.name for c in run_outcomes.columns}:
-        conn.execute(sa.text(f"DROP TABLE {run_outcomes.name}"))
-        run_outcomes.create(conn)
+    """run_outcome_slots: run outcomes with the finer duration buckets canary analysis reads
+    (64, 1.2× apart; run_outcomes has 12, 2–3× apart), in a table of a NEW name, as the Redis
+    keys moved to ``flowgate:outcomes2:``. ``run_outcomes`` is left as it is, rows and all:
+    during a rolling upgrade the engines still on the old layout keep reading and writing it
+    (and their retention keeps deleting from it), and never see a count of the new buckets
+    with the old meaning (h0..h11 of the new layout are all under 65 ms: a slow canary would
+    look fast to them). Counts of the old buckets cannot be split into the new ones, so the
+    new engines judge from the runs after the upgrade (at most the longest guard window, an
+    hour, is not seen). Once no engine of the old layout runs, a later migration may drop
+    ``run_outcomes``."""
+    run_outcome_slots.create(conn, checkfirst=True)
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [

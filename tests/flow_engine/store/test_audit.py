@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from support.waiting import wait_until
 
 from flow_engine.store import SqlFlowStore, audit
-from flow_engine.store.base import Change
+from flow_engine.store.base import Change, StoreError
 
 DEFINITION = {"id": "rag", "nodes": [{"id": "in", "type": "ChatInput"}], "edges": []}
 CANARY = {"canary": {"version": 2, "percent": 10}}
@@ -115,3 +115,41 @@ def test_a_tailer_never_skips_an_entry_that_commits_late(store, open_store, db_u
     b_entry = store.list_audit("rag", limit=1)[0]
     assert (b_entry.actor, mine.seq < b_entry.seq) == ("b", True)
     assert tail == seqs, f"the tailer saw {tail}, the log holds {seqs}"
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_change_waits_for_the_audit_lock_at_most_the_lock_timeout(store, monkeypatch):
+    """A transaction stuck holding the audit lock (here: another real connection, in an open
+    transaction) makes a change fail as the store being unavailable once the lock timeout
+    passes — not wait for ever — and the change writes nothing; the next change, once the
+    lock is free, goes through."""
+    two_versions(store)
+    before = state(store)
+    monkeypatch.setattr(audit, "LOCK_TIMEOUT", "100ms")
+
+    outcome: list[BaseException | None] = []
+
+    def blocked_change() -> None:
+        try:
+            store.publish("rag", 2, Change(actor="blocked"))
+            outcome.append(None)
+        except BaseException as exc:  # asserted below
+            outcome.append(exc)
+
+    with store.engine.connect() as stuck, stuck.begin():
+        stuck.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": audit.PG_LOCK})
+        # in a thread, so that a change that waits for ever fails this test, not hangs it
+        thread = threading.Thread(target=blocked_change, daemon=True)
+        thread.start()
+        wait_until(lambda: outcome, "the change waiting for the audit lock gave up")
+        failed = outcome[0]
+        assert isinstance(failed, StoreError), repr(failed)
+        assert (failed.status, failed.code) == (503, "store_unavailable")
+        assert state(store) == before  # neither the change nor its entry
+    # the stuck transaction ended (rolled back): its lock is free
+    thread.join(timeout=60)
+
+    monkeypatch.undo()
+    store.publish("rag", 2, Change(actor="after"))
+    assert store.get_flow("rag").live_version == 2
+    assert [(e.actor, e.action) for e in store.list_audit("rag", limit=1)] == [("after", "publish")]

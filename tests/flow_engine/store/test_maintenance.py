@@ -85,6 +85,9 @@ def test_retention_deletes_old_runs_and_chat_messages_in_batches(store):
     old_slot = slot_of(NOW.timestamp() - KEEP_S) - 1  # older than any guard window reads
     store.add_outcomes([("rag", 1, old_slot - i, 1, 0, [1] + [0] * (OUTCOME_BUCKETS - 1)) for i in range(3)]
                        + [("rag", 1, now_slot, 4, 1, [5] + [0] * (OUTCOME_BUCKETS - 1))])
+    with store.engine.begin() as conn:  # an engine of the 12-bucket layout's: its own to delete
+        conn.execute(sa.text("INSERT INTO run_outcomes VALUES ('rag', 1, :slot, 1, 0"
+                             + ", 0" * 12 + ")"), {"slot": old_slot})
     maintenance, metrics = job(store, batch=2)
 
     done = maintenance.run_once()
@@ -94,7 +97,8 @@ def test_retention_deletes_old_runs_and_chat_messages_in_batches(store):
     assert [m.content for m in store.chat_history("t1", "s1", "rag", 10)] == ["today"]
     with store.engine.connect() as conn:
         left = set(conn.execute(sa.text("SELECT run_id FROM runs")).scalars())
-    assert left == {"recent", "old-but-alive"}
+        assert left == {"recent", "old-but-alive"}
+        assert conn.execute(sa.text("SELECT count(*) FROM run_outcomes")).scalar_one() == 1
     assert sample(metrics, "flowgate_engine_retention_deleted_total", kind="runs") == 5
     assert sample(metrics, "flowgate_engine_retention_deleted_total", kind="chat_messages") == 3
     assert sample(metrics, "flowgate_engine_retention_deleted_total", kind="outcomes") == 3
