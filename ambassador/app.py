@@ -78,6 +78,7 @@ class Ambassador:
         a part that cannot be built (a key file) leaves the previous one wholly in force."""
         fresh = pipeline_module.build(self, settings)
         self.labels.configure(settings)
+        self.routing.check_s = settings.routing_check_s
         self.pipeline = fresh
 
     # what the pipeline in force holds, for the probes, the WebSocket guard and tests

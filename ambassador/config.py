@@ -25,6 +25,7 @@ down. Example (every key optional)::
     cache: {max_entries: 10000, max_bytes: 67108864, max_body_bytes: 1000000}
     redis_pause_s: 5            # after a Redis failure, local fallbacks this long
     redis_timeout_s: 0.5        # a Redis call that takes longer fails (a hung Redis)
+    routing_check_s: 2          # the cache re-reads a flow's routing this often
     flows:
       faq-rag: {cache: {ttl_s: 300, stale_if_error_s: 3600}}
 """
@@ -266,6 +267,9 @@ class Settings(_Model):
     redis_pause_s: float = Field(5.0, gt=0, le=3600)
     # a Redis call (connect or command) taking longer fails: what a hung Redis costs a request
     redis_timeout_s: float = Field(0.5, gt=0, le=30)
+    # the cache's view of a flow's routing is re-read this often (with the engine's Redis, a
+    # change also drops it at once): how long, without Redis, a publish may go unseen
+    routing_check_s: float = Field(2.0, gt=0, le=3600)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=100 * 1_048_576)
     log_level: str = "INFO"
 

@@ -950,6 +950,37 @@ def test_cache_follows_publish_and_rollback_without_redis(private_engine, start_
     assert (back.headers["X-Cache"], back.content) == ("HIT", first.content)
 
 
+def test_cache_follows_a_publish_through_the_engines_redis_signal(private_engine,
+                                                                  start_ambassador, tmp_path):
+    """With the engine's Redis, its flow_changed signal drops the cache's view of the flow
+    at once: the routing re-read is set to an hour here, so only the signal can make the
+    next answers version 2's (and the rollback's, version 1's again)."""
+    with redis_server(tmp_path) as (_, url):
+        eng = private_engine.start(env={"REDIS_URL": url})
+        amb = start_ambassador({**CACHED, "routing_check_s": 3600}, eng.url, redis_url=url)
+        text = f"signalled {uuid.uuid4().hex[:8]}"
+        first = amb.run(text)
+        assert (first.headers["X-Cache"], first.headers["X-Flow-Version"]) == ("MISS", "1")
+        assert amb.run(text).headers["X-Cache"] == "HIT"
+        v2 = {**FLOW, "nodes": [*FLOW["nodes"], {"id": "p", "type": "PromptTemplate",
+                                                 "params": {"template": "[v2] {question}"}}],
+              "edges": [{"source": "in", "target": "p"}, {"source": "p", "target": "llm"},
+                        {"source": "llm", "target": "out"}]}
+        base = f"{eng.url}/api/v1/flows/{FLOW_ID}"
+        assert requests.put(base, json=v2, headers=ENGINE_AUTH, timeout=10).status_code == 201
+        assert requests.post(base + "/publish", json={"version": 2}, headers=ENGINE_AUTH,
+                             timeout=10).status_code == 200
+
+        fresh = wait_for(lambda: (r := amb.run(text)).headers["X-Flow-Version"] == "2" and r,
+                         15, what="an answer of version 2 (the signal reached the ambassador)")
+        assert "[v2]" in fresh.json()["output"]
+        assert requests.post(base + "/rollback", headers=ENGINE_AUTH,
+                             timeout=10).status_code == 200
+        back = wait_for(lambda: (r := amb.run(text)).headers["X-Flow-Version"] == "1" and r,
+                        15, what="an answer of version 1 again")
+        assert (back.headers["X-Cache"], back.content) == ("HIT", first.content)
+
+
 def test_cache_entries_are_per_tenant(engine, start_ambassador, fresh_llm_sim):
     keys = [{"key": "shop-key-00001", "identity": "shop-orders", "tenant": "shop"},
             {"key": "shop-key-00002", "identity": "shop-reports", "tenant": "shop"},
