@@ -237,6 +237,10 @@ class EngineMetrics(ServiceMetrics):
         self.ws_rejected = Counter(
             "flowgate_engine_ws_rejected_total", "WebSocket connections refused, by reason.",
             ["reason"], **kw)
+        self.rollout_errors = Counter(
+            "flowgate_engine_rollout_errors_total",
+            "Passes of the rollout controller that could not judge a guarded flow (the store "
+            "down, an odd routing): it is judged again next pass; by flow.", ["flow"], **kw)
         self.rollout_actions = Counter(
             "flowgate_engine_rollout_actions_total",
             "Changes the rollout controller made, by flow and action (canary_step|"

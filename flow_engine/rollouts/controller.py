@@ -90,11 +90,13 @@ class RolloutController:
             except NotFound:  # deleted meanwhile
                 continue
             except FlowgateError as exc:  # the store down, ...: this flow again next pass
+                self.metrics.rollout_errors.labels(flow.id).inc()
                 log.warning("rollouts: judging flow %s failed (%s); the other flows are "
                             "judged, it again next pass", flow.id, exc.code,
                             extra={"flow_id": flow.id})
                 continue
             except Exception:  # a bug or an odd routing: one flow never stops the others
+                self.metrics.rollout_errors.labels(flow.id).inc()
                 log.exception("rollouts: judging flow %s failed; the other flows are judged, "
                               "it again next pass", flow.id, extra={"flow_id": flow.id})
                 continue

@@ -64,7 +64,8 @@ def test_a_flow_whose_judging_fails_does_not_stop_the_pass(store, monkeypatch, c
         if failure == "store_error_building" and flow.id == "a":
             raise StoreError("the flow store is unavailable; retry shortly")
 
-    controller = RolloutController(store, recorder, EngineMetrics(CollectorRegistry()),
+    metrics = EngineMetrics(CollectorRegistry())
+    controller = RolloutController(store, recorder, metrics,
                                    interval_s=2, on_change=lambda flow: None,
                                    check_builds=check_builds, clock=clock)
     healthy_canary_at_100(store, recorder, "a")  # judged first (flows in id order)
@@ -88,6 +89,9 @@ def test_a_flow_whose_judging_fails_does_not_stop_the_pass(store, monkeypatch, c
     failed = [r for r in caplog.records if "judging flow a failed" in r.getMessage()]
     assert len(failed) == 1 and getattr(failed[0], "flow_id", None) == "a"
     assert (failed[0].exc_info is not None) == (failure == "bug_reading_outcomes")
+    errors = metrics.registry.get_sample_value
+    assert errors("flowgate_engine_rollout_errors_total", {"flow": "a"}) == 1
+    assert errors("flowgate_engine_rollout_errors_total", {"flow": "b"}) is None
 
     monkeypatch.undo()  # the failure passes: the flow is judged at the next pass
     if failure == "store_error_building":
