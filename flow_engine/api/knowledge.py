@@ -13,12 +13,15 @@
 ``{kb}`` is a base's id or name, ``{doc}`` a document's id or name. Uploads are read into
 memory, never into a file: the multipart parser gets an in-memory stream factory and a
 bound of ``FLOW_ENGINE_MAX_UPLOAD_BYTES`` (413 beyond it, before the body is read when the
-client declares its length).
+client declares its length). A JSON document's body is scanned before it is parsed: one that
+holds more objects, arrays or members than a document can have is refused (422) without
+json.loads, which would cost far more memory and time than the body's size.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
@@ -42,13 +45,32 @@ from flow_engine.knowledge.errors import (
     KnowledgeInvalid,
     KnowledgeUnavailable,
 )
-from flow_engine.knowledge.model import KnowledgeBase, document_name, parse_metadata, parse_search
+from flow_engine.knowledge.model import (
+    MAX_METADATA_KEYS,
+    KnowledgeBase,
+    document_name,
+    parse_metadata,
+    parse_search,
+)
 from flow_engine.knowledge.service import KnowledgeService
 from flow_engine.knowledge.vocab import STATUSES
 
 bp = Blueprint("knowledge", __name__)
 EXTENSION = "flowgate_knowledge"
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small fields around the file
+
+# A JSON document is {name, text, metadata?} with flat metadata (model.parse_metadata: at most
+# MAX_METADATA_KEYS keys, scalar values): 2 objects, at most 35 ':' and 33 ',' and 69
+# strings. json.loads of a body made of many small containers or members costs ~50 times its
+# size ([{},{},...] of 20 MiB: 8 s and 1 GB), all before the shape can be checked; so the
+# body's bytes are scanned first and anything far beyond what a document can hold is refused.
+# The bounds leave room for a few mistakes, which then get their precise 422 from the parse.
+MAX_JSON_CONTAINERS = 8  # '{' and '[' outside strings
+MAX_JSON_MEMBERS = 4 * (3 + MAX_METADATA_KEYS)  # ',' and ':' outside strings; and strings
+# A JSON string, matched in linear time: possessive repeats, and an unterminated string runs
+# to the end of the body (so a failed match is never retried from each later quote, which
+# makes r'"(?:[^"\\]|\\.)*"' quadratic on a body of escaped quotes without a closing one).
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"?', re.DOTALL)
 
 
 def knowledge() -> KnowledgeService:
@@ -154,7 +176,9 @@ def _multipart(limit: int) -> tuple[str, str, bytes, dict[str, Any]]:
 
 
 def _json_document(limit: int) -> tuple[str, str, bytes, dict[str, Any]]:
-    body = parse_json(_upload_body(limit))
+    data = _upload_body(limit)
+    _check_json_shape(data)
+    body = parse_json(data)
     if not isinstance(body, dict):
         raise KnowledgeInvalid([Problem("$", 'send {"name", "text", "metadata"}')])
     problems = [Problem(f"$.{k}", "unknown key (allowed: metadata, name, text)")
@@ -200,6 +224,41 @@ def _upload_body(limit: int) -> bytes:
     if not data:
         raise BadRequest('send the document as JSON {"name", "text", "metadata"}')
     return data
+
+
+def _check_json_shape(data: bytes) -> None:
+    """Refuses, before it is parsed, a JSON body that holds more objects, arrays, members or
+    strings than a document can (422, naming the bound): counted outside strings, in C-speed
+    passes over the bytes. For valid JSON the strings found here are JSON's own, so the counts
+    are exact; for invalid JSON json.loads stops at the first error, and up to it the two
+    agree. UTF-16 and UTF-32 JSON (json.loads guesses them from NUL bytes) would hide the
+    structure from a scan of bytes: a body with a NUL byte is 400 (JSON between systems is
+    UTF-8, RFC 8259; a NUL character in a string is refused anyway)."""
+    if b"\x00" in data:
+        raise BadRequest("send the document as UTF-8 JSON: the body holds NUL bytes")
+    containers = members = start = 0
+
+    def count(end: int) -> None:
+        nonlocal containers, members
+        containers += data.count(b"{", start, end) + data.count(b"[", start, end)
+        members += data.count(b",", start, end) + data.count(b":", start, end)
+        if containers > MAX_JSON_CONTAINERS:
+            _too_complex(f"more than {MAX_JSON_CONTAINERS} objects or arrays")
+        if members > MAX_JSON_MEMBERS:
+            _too_complex(f"more than {MAX_JSON_MEMBERS} members or items")
+
+    for strings, found in enumerate(_JSON_STRING.finditer(data), 1):
+        if strings > MAX_JSON_MEMBERS + 1:
+            _too_complex(f"more than {MAX_JSON_MEMBERS + 1} strings")
+        count(found.start())
+        start = found.end()
+    count(len(data))
+
+
+def _too_complex(what: str) -> None:
+    raise KnowledgeInvalid([Problem("$", f"the body holds {what}; a document is {{name, text, "
+                                         f"metadata}} with at most {MAX_METADATA_KEYS} metadata "
+                                         "keys of string, number or boolean values")])
 
 
 def _metadata(raw: Any) -> dict[str, Any]:

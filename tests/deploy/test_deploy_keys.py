@@ -25,7 +25,7 @@ COMPOSE = REPO / "docker-compose.yml"
 BASE = REPO / "deploy" / "k8s" / "base"
 OVERLAYS = ("dev", "prod")
 # What a user exports before `docker compose up` (deploy/README.md), as test values.
-COMPOSE_SECRETS = {"FLOWGATE_CLI_KEY": "cli-secret-0123456789abcdef",
+COMPOSE_SECRETS = {"FLOWGATE_ADMIN_KEY": "admin-secret-0123456789abcdef",
                    "FLOWGATE_FLOWS_KEY": "flows-init-secret-0123456789abcdef",
                    "FLOWGATE_ORDERS_APP_KEY": "orders-app-secret-0123456789abcdef"}
 PUBLISHER = "pushing and publishing flows needs the publisher role, no more"
@@ -98,7 +98,7 @@ def test_compose_gives_each_holder_its_own_key_with_the_least_role():
     pusher = key_with_secret(keys, compose_env("flows-init", COMPOSE_SECRETS)["FLOWGATE_API_KEY"],
                              "flows-init")
     assert (pusher.role, pusher.proxy) == ("publisher", False), PUBLISHER
-    cli = key_with_secret(keys, COMPOSE_SECRETS["FLOWGATE_CLI_KEY"], "the host's CLI")
+    cli = key_with_secret(keys, COMPOSE_SECRETS["FLOWGATE_ADMIN_KEY"], "the host's CLI")
     assert (cli.name, cli.role, cli.proxy) == ("platform-cli", "admin", False), (
         "issue #10: the operators' CLI keeps an admin key")
     privileged = {k.secret.decode() for k in keys if k.role in ("admin", "publisher")}
@@ -117,8 +117,64 @@ def test_compose_gives_each_holder_its_own_key_with_the_least_role():
 def test_compose_refuses_to_start_without_each_secret_and_says_where_to_look():
     for missing in COMPOSE_SECRETS:
         env = {k: v for k, v in COMPOSE_SECRETS.items() if k != missing}
-        with pytest.raises(KeyError, match=rf"{missing}: set {missing} first \(see deploy/README.md\)"):
+        with pytest.raises(KeyError, match=rf"{missing}: set {missing} first\b.*\(see deploy/README.md\)"):
             compose_env("flow-engine", env)
+
+
+# The variable of the CLI's key before it became admin: it held a publisher key, shared by
+# flows-init and the CLI, which operators may have handed to CI (deploy/README.md, "Upgrading").
+OLD_CLI_VARIABLE = "FLOWGATE_CLI_KEY"
+OLD_CLI_SECRET = "old-publisher-secret-0123456789abcdef"
+
+
+def compose_files_text() -> str:
+    return COMPOSE.read_text(encoding="utf-8")
+
+
+def test_the_old_cli_variable_no_longer_gives_a_key():
+    """The CLI's key turned admin under a new variable: a secret that was handed out as a
+    publisher key under FLOWGATE_CLI_KEY must not quietly become admin (nor open anything)."""
+    assert not re.search(rf"\${{?{OLD_CLI_VARIABLE}\b", compose_files_text()), (
+        f"docker-compose.yml still reads {OLD_CLI_VARIABLE}; the admin key is FLOWGATE_ADMIN_KEY")
+    env = {**COMPOSE_SECRETS, OLD_CLI_VARIABLE: OLD_CLI_SECRET}  # still exported: nothing breaks
+    keys = engine_keys(compose_env("flow-engine", env)["FLOW_ENGINE_API_KEYS"])
+    assert OLD_CLI_SECRET not in {k.secret.decode() for k in keys}, "the old secret opens a key"
+    for service in compose_services():
+        assert OLD_CLI_SECRET not in compose_env(service, env).values(), f"{service} holds it"
+    check_engine_starts(compose_env("flow-engine", env), "compose with FLOWGATE_CLI_KEY still set")
+
+
+def test_compose_without_the_new_admin_variable_refuses_to_start_even_with_the_old_one():
+    env = {k: v for k, v in COMPOSE_SECRETS.items() if k != "FLOWGATE_ADMIN_KEY"}
+    env[OLD_CLI_VARIABLE] = OLD_CLI_SECRET
+    with pytest.raises(KeyError, match=r"FLOWGATE_ADMIN_KEY: set FLOWGATE_ADMIN_KEY first.*"
+                                       r"FLOWGATE_CLI_KEY is no longer read.*deploy/README.md"):
+        compose_env("flow-engine", env)
+
+
+def test_the_docs_name_the_old_cli_variable_only_to_say_it_is_gone():
+    """Every mention of FLOWGATE_CLI_KEY left in the docs is in the upgrade notes; none tells
+    anyone to export it or use it as a key."""
+    docs = [REPO / "README.md", REPO / "deploy" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        assert not re.search(rf"^export {OLD_CLI_VARIABLE}=|\${OLD_CLI_VARIABLE}\b", text,
+                             re.MULTILINE), f"{doc.relative_to(REPO)} still uses {OLD_CLI_VARIABLE}"
+    readme = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    upgrade = readme.split("### Upgrading an existing compose stack", 1)[1].split("\n## ", 1)[0]
+    assert OLD_CLI_VARIABLE in upgrade and "FLOWGATE_ADMIN_KEY" in upgrade
+
+
+def test_deploy_readme_says_to_reindex_a_volume_made_by_the_alpine_image():
+    """postgres:16-alpine (musl) → pgvector/pgvector:pg16 (Debian, glibc) on the same volume
+    changes how text collates: its text indexes must be rebuilt once."""
+    services = yaml.safe_load(compose_files_text())["services"]
+    assert services["postgres"]["image"].startswith("pgvector/pgvector:")
+    assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+    readme = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    upgrade = readme.split("### Upgrading an existing compose stack", 1)[1].split("\n## ", 1)[0]
+    assert "REINDEX DATABASE flowgate;" in upgrade and "postgres:16-alpine" in upgrade
+    assert "docker compose down -v" in upgrade  # or a fresh volume
 
 
 def test_deploy_readme_exports_exactly_the_secrets_compose_requires():

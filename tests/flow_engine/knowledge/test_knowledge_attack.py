@@ -5,6 +5,7 @@ no input may reach a query language, a file system or another origin."""
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pytest
@@ -294,3 +295,159 @@ def test_a_json_document_is_bounded_by_the_upload_limit_not_the_body_limit(make_
     assert "FLOW_ENGINE_MAX_UPLOAD_BYTES" in error["message"]
     assert api.post("/api/v1/flows", headers=as_("editor"), json={
         "id": "big", "description": "x" * 5_000, "nodes": [], "edges": []}).status_code == 413
+
+
+# -- JSON documents: refused from a scan of their bytes before json.loads -------------------------
+
+MiB = 1024 * 1024
+UPLOAD_LIMIT = 20 * MiB  # FLOW_ENGINE_MAX_UPLOAD_BYTES's default
+
+
+def _items(item: bytes, size: int, head: bytes = b"[", tail: bytes = b"]") -> bytes:
+    """``head item,item,... tail`` of about ``size`` bytes."""
+    count = (size - len(head) - len(tail)) // (len(item) + 1)
+    return head + b",".join([item] * count) + tail
+
+
+def _post_json(api, body: bytes, kb: str = "handbook", headers=None):
+    return api.post(f"/api/v1/knowledge/{kb}/documents", data=body,
+                    headers={**(headers or as_("editor")), "Content-Type": "application/json"})
+
+
+@pytest.fixture
+def json_loads_inputs(monkeypatch) -> list[int]:
+    """The size of what each json.loads call of the engine's parse_json is given."""
+    from flow_engine.api import common
+
+    seen: list[int] = []
+    loads = common.json.loads
+
+    def spy(data, *args, **kwargs):
+        seen.append(len(data))
+        return loads(data, *args, **kwargs)
+
+    monkeypatch.setattr(common, "json", type("json", (), {"loads": staticmethod(spy)}))
+    return seen
+
+
+@pytest.mark.parametrize(("body", "bound"), [
+    pytest.param(_items(b"{}", UPLOAD_LIMIT), "more than 8 objects or arrays", id="[{},{},...]"),
+    pytest.param(_items(b"[]", UPLOAD_LIMIT), "more than 8 objects or arrays", id="[[],[],...]"),
+    pytest.param(_items(b"{}", UPLOAD_LIMIT, b'{"name":"a.md","text":"x","metadata":{"k":[', b"]}}"),
+                 "more than 8 objects or arrays", id="containers in a document's metadata"),
+    pytest.param(_items(b'"k":1', UPLOAD_LIMIT, b'{"name":"a.md","text":"x","metadata":{', b"}}"),
+                 "more than 140 members or items", id="1.7 M metadata members"),
+    pytest.param(_items(b"1", UPLOAD_LIMIT), "more than 140 members or items", id="[1,1,...]"),
+    pytest.param(_items(b'"a"', UPLOAD_LIMIT), "more than 141 strings", id='["a","a",...]'),
+])
+def test_a_json_body_of_many_containers_or_members_is_refused_before_it_is_parsed(
+        api, json_loads_inputs, body, bound) -> None:
+    """json.loads of 20 MiB of [{},{},...] took 8 s and 1 GB before the answer (422): a
+    gevent worker's every request waited. The body is refused from a scan of its bytes."""
+    import tracemalloc
+
+    create_base(api)
+    assert UPLOAD_LIMIT - MiB < len(body) <= UPLOAD_LIMIT
+    tracemalloc.start()
+    try:
+        resp = _post_json(api, body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    error = _error(resp, 422, "knowledge_invalid")
+    assert bound in error["message"] and "at most 32 metadata keys" in error["message"]
+    assert [p["path"] for p in error["problems"]] == ["$"]
+    assert all(size < MiB for size in json_loads_inputs), "the body reached json.loads"
+    assert peak < 4 * len(body), f"{peak / MiB:.0f} MiB allocated for a {len(body) / MiB:.0f} MiB body"
+    assert api.get("/api/v1/knowledge/handbook/documents",
+                   headers=as_("runner")).get_json()["documents"] == []
+
+
+def _legit_document(size: int) -> tuple[dict, bytes]:
+    """A real document of about ``size`` bytes as JSON: prose full of what the scan counts
+    outside strings ({ [ , : and quotes, escapes, non-ASCII), 32 metadata keys."""
+    line = 'Refunds: "5 days", {see [policy]}, C:\\path\\ – ok, {"a": [1, 2]} 💸\n'
+    metadata = {f"key.{i:02d}": ("v" * 900 if i % 2 else i) for i in range(32)} | {"key.31": True}
+    doc = {"name": "big.md", "text": "", "metadata": metadata}
+    overhead = len(json.dumps(doc).encode())
+    per_line = len(json.dumps(line)) - 2
+    doc["text"] = line * ((size - overhead) // per_line)
+    body = json.dumps(doc).encode()
+    assert size - len(line) * 8 < len(body) <= size
+    return doc, body
+
+
+def test_a_legit_json_document_near_the_upload_limit_is_accepted(api, monkeypatch) -> None:
+    """At the default limit (20 MiB): what is stored is exactly the text sent. Indexing is
+    not waited for here (the next test indexes one)."""
+    create_base(api)
+    service = api.application.extensions[EXTENSION]
+    doc, body = _legit_document(UPLOAD_LIMIT)
+    stored: dict = {}
+    real_upload = service.upload
+
+    def upload(kb_ref, name, *, kind, data, metadata, actor):
+        stored.update(name=name, kind=kind, data=data, metadata=metadata)
+        return real_upload(kb_ref, name, kind=kind, data=b"stand-in for the big text",
+                           metadata=metadata, actor=actor)
+
+    monkeypatch.setattr(service, "upload", upload)
+    resp = _post_json(api, body)
+    assert resp.status_code == 202, resp.get_data(as_text=True)[:500]
+    assert stored == {"name": "big.md", "kind": "markdown", "data": doc["text"].encode(),
+                      "metadata": doc["metadata"]}
+
+
+def test_a_legit_json_document_near_a_smaller_limit_is_indexed(make_kapp) -> None:
+    api = make_kapp(max_upload_bytes=MiB).test_client()
+    create_base(api, chunking={"size": 8000, "overlap": 0})
+    doc, body = _legit_document(MiB)
+    resp = _post_json(api, body)
+    assert resp.status_code == 202, resp.get_data(as_text=True)[:500]
+    indexed = wait_document(api, "handbook", "big.md")
+    assert indexed["status"] == "ready" and indexed["chunks"] >= len(doc["text"]) // 8000, indexed
+    assert indexed["metadata"] == doc["metadata"]
+
+
+def test_a_json_body_that_is_not_utf8_is_400(api) -> None:
+    """UTF-16 and UTF-32 JSON (which json.loads guesses) would hide their structure from the
+    scan: JSON between systems is UTF-8 (RFC 8259), a NUL byte is 400 before parsing."""
+    create_base(api)
+    for body in ('{"name": "a.md", "text": "refunds"}'.encode("utf-16"),
+                 '{"name": "a.md", "text": "refunds"}'.encode("utf-32-le"),
+                 _items("{}".encode("utf-16-le"), 4 * MiB, "[".encode("utf-16-le"),
+                        "]".encode("utf-16-le"))):
+        error = _error(_post_json(api, body), 400, "bad_request")
+        assert "UTF-8" in error["message"]
+
+
+def test_the_scan_of_strings_is_linear_in_the_body(api) -> None:
+    """A string that never ends, made of escaped quotes: r'"(?:[^"\\\\]|\\\\.)*"' retries it
+    from every quote (200 kB: two minutes; 8 MiB here: days, so a quadratic scan never ends
+    within the test's timeout); the engine's scan reads it once. No clock is read here."""
+    create_base(api)
+    for body in (b'{"name": "a.md", "text": "' + b'\\"' * (4 * MiB),
+                 b'{"name": "a.md", "text": "' + b'\\"' * (MiB // 4) + b'"}'):
+        resp = _post_json(api, body)
+        assert resp.status_code in (400, 202), resp.get_data(as_text=True)[:300]
+    assert resp.status_code == 202  # the second: a text of 256 k quotes
+
+
+def test_only_the_upload_route_reads_a_body_over_the_body_limit(make_kapp) -> None:
+    """FLOW_ENGINE_MAX_UPLOAD_BYTES is the upload route's alone, and only once the caller
+    may upload to that base: the other routes of the same app keep FLOW_ENGINE_MAX_BODY_BYTES."""
+    api = make_kapp(max_body_bytes=4_000, max_upload_bytes=MiB).test_client()
+    create_base(api)
+    big = {"name": "big.md", "text": "refunds " * 20_000}  # 160 kB
+    upload_text(api, "handbook", **big)
+    for method, path, headers, body in (
+            ("POST", "/api/v1/knowledge", as_("editor"),
+             {"id": "x", "name": "x" * 10_000, "embedding": EMBEDDING}),
+            ("POST", "/api/v1/knowledge/handbook/search", as_("runner"), {"query": "r" * 10_000}),
+            ("POST", "/api/v1/flows", as_("editor"),
+             {"id": "big", "description": "x" * 10_000, "nodes": [], "edges": []})):
+        _error(api.open(path, method=method, headers=headers, json=body), 413, "payload_too_large")
+    _error(api.post("/api/v1/knowledge/handbook/documents", headers=as_("runner"), json=big),
+           403, "forbidden")
+    _error(api.post("/api/v1/knowledge/nope/documents", headers=as_("editor"), json=big),
+           404, "knowledge_not_found")
