@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app, g, request
-from werkzeug.exceptions import ClientDisconnected
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from flow_engine import jsontext
 from flow_engine.auth import (
@@ -89,21 +89,32 @@ def body_bytes() -> bytes:
     if cached is not None:
         return cached
     limit = engine().settings.max_body_bytes
+    data = read_body(limit)
+    if data is None:
+        raise PayloadTooLarge(f"request body over the {limit} byte limit")
+    g.body = data
+    return data
+
+
+def read_body(limit: int) -> bytes | None:
+    """The request's body when it is at most ``limit`` bytes, else None (its declared length
+    over it, or — a body of unknown length, read one byte past the limit — its bytes). A
+    body that ends before its declared length is a 400, the server's body timeout a 408."""
+    request.max_content_length = limit
     try:
         if request.content_length is not None:
-            data = request.get_data(cache=True)  # 413 above the limit
+            data = request.get_data(cache=True)  # werkzeug: 413 above max_content_length
         else:
             data = _read_at_most(request.environ["wsgi.input"], limit + 1)
+    except RequestEntityTooLarge:
+        return None
     except ClientDisconnected as exc:
         if isinstance(exc.__context__, TimeoutError):
             raise RequestTimeout(str(exc.__context__)) from None
         raise BadRequest("the request body ended before its declared length") from None
     except TimeoutError as exc:
         raise RequestTimeout(str(exc)) from None
-    if len(data) > limit:
-        raise PayloadTooLarge(f"request body over the {limit} byte limit")
-    g.body = data
-    return data
+    return None if len(data) > limit else data
 
 
 def _read_at_most(stream: Any, size: int) -> bytes:

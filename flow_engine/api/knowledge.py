@@ -25,17 +25,16 @@ import re
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
-from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import parse_form_data
 
 from flow_engine.api.common import (
-    RequestTimeout,
     UnsupportedMediaType,
-    _read_at_most,
     int_arg,
     json_body,
     parse_json,
     principal,
+    read_body,
 )
 from flow_engine.components.openai_compat import ProviderError
 from flow_engine.errors import BadRequest, PayloadTooLarge, Problem
@@ -204,21 +203,8 @@ def _upload_body(limit: int) -> bytes:
     """A JSON document's body, read up to the upload limit: ``json_body`` stops at
     FLOW_ENGINE_MAX_BODY_BYTES, meant for flows and run requests, not for documents. A body
     of unknown length (chunked) is read one byte past the limit, and over is 413."""
-    request.max_content_length = limit
-    try:
-        if request.content_length is not None:
-            data = request.get_data(cache=True)  # werkzeug: 413 above max_content_length
-        else:
-            data = _read_at_most(request.environ["wsgi.input"], limit + 1)
-    except RequestEntityTooLarge:
-        data = None
-    except ClientDisconnected as exc:
-        if isinstance(exc.__context__, TimeoutError):
-            raise RequestTimeout(str(exc.__context__)) from None
-        raise BadRequest("the request body ended before its declared length") from None
-    except TimeoutError as exc:
-        raise RequestTimeout(str(exc)) from None
-    if data is None or len(data) > limit:
+    data = read_body(limit)
+    if data is None:
         raise PayloadTooLarge(f"the upload is over the {limit - _FORM_OVERHEAD} byte limit "
                               "(FLOW_ENGINE_MAX_UPLOAD_BYTES)")
     if not data:

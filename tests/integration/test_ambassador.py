@@ -919,6 +919,20 @@ def test_cache_miss_then_hit_and_no_cache_bypasses(engine, start_ambassador, fre
     assert amb.metric("flowgate_ambassador_cache_total", result="hit") == 2
 
 
+def publish_v2(engine_url: str) -> str:
+    """Add version 2 of the flow (its answers start with "[v2]") and make it live; the
+    flow's URL on the engine."""
+    v2 = {**FLOW, "nodes": [*FLOW["nodes"], {"id": "p", "type": "PromptTemplate",
+                                             "params": {"template": "[v2] {question}"}}],
+          "edges": [{"source": "in", "target": "p"}, {"source": "p", "target": "llm"},
+                    {"source": "llm", "target": "out"}]}
+    base = f"{engine_url}/api/v1/flows/{FLOW_ID}"
+    assert requests.put(base, json=v2, headers=ENGINE_AUTH, timeout=10).status_code == 201
+    assert requests.post(base + "/publish", json={"version": 2}, headers=ENGINE_AUTH,
+                         timeout=10).status_code == 200
+    return base
+
+
 def test_cache_follows_publish_and_rollback_without_redis(private_engine, start_ambassador):
     """No Redis: the ambassador re-reads a cached flow's routing every 2 s, so after a
     publish the old version's answer stops being served, and after the rollback it is the
@@ -929,14 +943,7 @@ def test_cache_follows_publish_and_rollback_without_redis(private_engine, start_
     first = amb.run(text)
     assert (first.headers["X-Cache"], first.headers["X-Flow-Version"]) == ("MISS", "1")
     assert amb.run(text).headers["X-Cache"] == "HIT"
-    v2 = {**FLOW, "nodes": [*FLOW["nodes"], {"id": "p", "type": "PromptTemplate",
-                                             "params": {"template": "[v2] {question}"}}],
-          "edges": [{"source": "in", "target": "p"}, {"source": "p", "target": "llm"},
-                    {"source": "llm", "target": "out"}]}
-    base = f"{eng.url}/api/v1/flows/{FLOW_ID}"
-    assert requests.put(base, json=v2, headers=ENGINE_AUTH, timeout=10).status_code == 201
-    assert requests.post(base + "/publish", json={"version": 2}, headers=ENGINE_AUTH,
-                         timeout=10).status_code == 200
+    base = publish_v2(eng.url)
 
     fresh = wait_for(lambda: (r := amb.run(text)).headers["X-Flow-Version"] == "2" and r, 10,
                      what="an answer of version 2")
@@ -962,14 +969,7 @@ def test_cache_follows_a_publish_through_the_engines_redis_signal(private_engine
         first = amb.run(text)
         assert (first.headers["X-Cache"], first.headers["X-Flow-Version"]) == ("MISS", "1")
         assert amb.run(text).headers["X-Cache"] == "HIT"
-        v2 = {**FLOW, "nodes": [*FLOW["nodes"], {"id": "p", "type": "PromptTemplate",
-                                                 "params": {"template": "[v2] {question}"}}],
-              "edges": [{"source": "in", "target": "p"}, {"source": "p", "target": "llm"},
-                        {"source": "llm", "target": "out"}]}
-        base = f"{eng.url}/api/v1/flows/{FLOW_ID}"
-        assert requests.put(base, json=v2, headers=ENGINE_AUTH, timeout=10).status_code == 201
-        assert requests.post(base + "/publish", json={"version": 2}, headers=ENGINE_AUTH,
-                             timeout=10).status_code == 200
+        base = publish_v2(eng.url)
 
         fresh = wait_for(lambda: (r := amb.run(text)).headers["X-Flow-Version"] == "2" and r,
                          15, what="an answer of version 2 (the signal reached the ambassador)")
