@@ -269,7 +269,7 @@ class Settings(_Model):
     redis_timeout_s: float = Field(0.5, gt=0, le=30)
     # the cache's view of a flow's routing is re-read this often (with the engine's Redis, a
     # change also drops it at once): how long, without Redis, a publish may go unseen
-    routing_check_s: float = Field(2.0, gt=0, le=3600)
+    routing_check_s: float = Field(2.0, ge=0.1, le=60)
     max_body_bytes: int = Field(1_048_576, ge=1024, le=100 * 1_048_576)
     log_level: str = "INFO"
 

@@ -218,11 +218,19 @@ def main() -> None:
             load(pgs, size, seed=size)
             load_s = time.perf_counter() - t0
             search_latency(pgs, queries[:5])
-            results, p50, p99 = search_latency(pgs, queries)
             pg_ids = chunk_ids(pgs)
-            hits = sum(len(set(r) & set(exact_ids(vectors, pg_ids, q)))
-                       for r, q in zip(results, queries, strict=True))
-            recall = hits / (10 * len(queries))
+            exact = [set(exact_ids(vectors, pg_ids, q)) for q in queries]
+            default_ef = pgs.store.index.ef_search
+            for ef in (default_ef, 2 * default_ef, 4 * default_ef):  # recall vs. speed
+                pgs.store.index.ef_search = ef
+                search_latency(pgs, queries[:3])
+                got, ef50, ef99 = search_latency(pgs, queries)
+                ef_recall = sum(len(set(r) & e) for r, e in zip(got, exact, strict=True)) / (
+                    10 * len(queries))
+                print(f"       PostgreSQL HNSW hnsw.ef_search {ef:4d}: p50 {ef50:6.2f} ms "
+                      f"p99 {ef99:6.2f} ms recall@10 {ef_recall:.3f}")
+                if ef == default_ef:  # what the engine does (FLOW_ENGINE_KNOWLEDGE_HNSW_EF_SEARCH)
+                    p50, p99, recall = ef50, ef99, ef_recall
             pgs.close()
             label = f"{size // 1000}k"
             print(f"{label:>5} chunks  SQLite exact p50 {s50:6.2f} ms p99 {s99:6.2f} ms | "

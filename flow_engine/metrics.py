@@ -62,13 +62,6 @@ class FromZero:
         if key not in self._seen:
             self._add(key, None)
 
-    def labels(self, *labels: str):
-        key, last = labels[:-1], labels[-1]
-        seen = self._seen.get(key)
-        if seen is None or last not in seen:
-            self._add(key, last)
-        return self.counter.labels(*labels)
-
     def _add(self, key: tuple[str, ...], last: str | None) -> None:
         with self._lock:
             seen = self._seen.get(key)
@@ -91,12 +84,23 @@ class FromZero:
 
     def forget_zeros(self, *key: str) -> None:
         """Drop the series of a key that are still 0 (made ahead, never used): a deleted
-        flow's counts stay, its placeholders go."""
-        with self._lock:
+        flow's counts stay, its placeholders go. Not in multiprocess mode, where
+        prometheus_client cannot remove a series (a worker's files keep them until it
+        restarts)."""
+        if _multiprocess():
+            return
+        with self._lock:  # _add() cannot make placeholders again between look and drop
             seen = self._seen.pop(key, set())
-        for value in seen:
-            if self.counter.labels(*key, value)._value.get() == 0:
-                self.counter.remove(*key, value)
+            for value in seen:
+                if self.counter.labels(*key, value)._value.get() == 0:
+                    self.counter.remove(*key, value)
+
+    def labels(self, *labels: str):
+        key, last = labels[:-1], labels[-1]
+        seen = self._seen.get(key)
+        if seen is None or last not in seen:
+            self._add(key, last)
+        return self.counter.labels(*labels)
 
     def __getattr__(self, name: str):
         return getattr(self.counter, name)
@@ -287,8 +291,11 @@ class EngineMetrics(ServiceMetrics):
         self.flow_changes.labels(entry.flow_id, entry.action).inc()
         if entry.action == "delete":  # its placeholders and gauge go; its counts stay
             self.flow_changes.forget_zeros(entry.flow_id)
-            with contextlib.suppress(KeyError):
-                self.canary_percent.remove(entry.flow_id)
+            if _multiprocess():  # a series cannot be removed there: it says no canary
+                self.canary_percent.labels(entry.flow_id).set(0)
+            else:
+                with contextlib.suppress(KeyError):
+                    self.canary_percent.remove(entry.flow_id)
         elif entry.action != "new_version":
             self.canary_percent.labels(entry.flow_id).set(canary_percent(entry.routing))
 
@@ -334,10 +341,14 @@ class VersionLabels:
         return label
 
 
+def _multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 def forget_version(metrics: EngineMetrics, flow_id: str, version: str) -> None:
     """Drop a version's series from this process's registry (not in multiprocess mode,
     where prometheus_client cannot: the worker's files keep them until it restarts)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if _multiprocess():
         return
     for metric, extra in ((metrics.runs, ("succeeded", "failed", "cancelled")),
                           (metrics.llm_tokens, ("input", "output")),

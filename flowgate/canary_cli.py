@@ -19,14 +19,24 @@ change and the audit entry it wrote.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
+
+def finite(text: str) -> float:
+    """A number argument; NaN and infinities are not numbers the engine takes (JSON has none)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
 GUARD_OPTIONS = {  # name: (type, help); the engine's defaults where left out
-    "max_error_rate": (float, "guard: abort when the canary fails more often (default 0.05)"),
-    "max_latency_ratio": (float, "guard: abort when its p95 is this × live's (default 2.0)"),
+    "max_error_rate": (finite, "guard: abort when the canary fails more often (default 0.05)"),
+    "max_latency_ratio": (finite, "guard: abort when its p95 is this × live's (default 2.0)"),
     "min_runs": (int, "guard: judge only after this many canary runs (default 20)"),
-    "window_s": (float, "guard: judge the last this many seconds (default 300)"),
+    "window_s": (finite, "guard: judge the last this many seconds (default 300)"),
 }
 
 
@@ -35,12 +45,12 @@ def add_command(sub: Any) -> None:
     canary.add_argument("flow")
     canary.add_argument("version", type=int, nargs="?", default=None,
                         help="the canary's version (omit with --stop)")
-    canary.add_argument("--percent", type=float, default=None,
+    canary.add_argument("--percent", type=finite, default=None,
                         help="share of runs sent to it, 0-100 (default: the first step)")
     canary.add_argument("--stop", action="store_true", help="end the canary: live only")
     canary.add_argument("--steps", default=None,
                         help="percents to walk, e.g. 5,25,50,100 (a guarded canary)")
-    canary.add_argument("--step-after-s", type=float, default=None,
+    canary.add_argument("--step-after-s", type=finite, default=None,
                         help="seconds at each step (engine default 60)")
     for name, (kind, text) in GUARD_OPTIONS.items():
         canary.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
@@ -68,7 +78,7 @@ def routing_body(args: argparse.Namespace, current: dict[str, Any]) -> dict[str,
              if getattr(args, name) is not None}
     if args.steps is not None:
         try:
-            canary["steps"] = [float(p) for p in args.steps.split(",")]
+            canary["steps"] = [finite(p) for p in args.steps.split(",")]
         except ValueError:
             raise ValueError("--steps is a comma-separated list of percents, e.g. 5,25,50,100"
                              ) from None
@@ -82,13 +92,13 @@ def routing_body(args: argparse.Namespace, current: dict[str, Any]) -> dict[str,
 def _canary(args: argparse.Namespace) -> int:
     from flowgate.flows_cli import _client
 
-    client = _client(args)
-    current = client.call("GET", f"/flows/{args.flow}").get("routing") or {}
     try:
-        body = routing_body(args, current)
+        routing_body(args, {})  # the arguments, checked before the engine is called
     except ValueError as exc:
         print(f"flowgate: {exc}", file=sys.stderr)
         return 2
+    client = _client(args)
+    body = routing_body(args, client.call("GET", f"/flows/{args.flow}").get("routing") or {})
     if args.dry_run:
         body["dry_run"] = True
     answer = client.call("PUT", f"/flows/{args.flow}/routing", body)

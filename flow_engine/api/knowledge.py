@@ -28,6 +28,7 @@ from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import parse_form_data
 
+from flow_engine import jsontext
 from flow_engine.api.common import (
     UnsupportedMediaType,
     int_arg,
@@ -191,6 +192,7 @@ def _json_document(limit: int) -> tuple[str, str, bytes, dict[str, Any]]:
         problems.append(Problem("$.text", "text must be a string"))
     metadata = parse_metadata(body.get("metadata"), "$.metadata",
                               lambda path, msg: problems.append(Problem(path, msg)))
+    problems += _not_text({"$.name": body.get("name"), "$.text": text}, metadata)
     if problems:
         raise KnowledgeInvalid(problems)
     kind = parse.KINDS.get("." + name.rsplit(".", 1)[-1].lower(), "text") if "." in name else "text"
@@ -247,9 +249,21 @@ def _too_complex(what: str) -> None:
                                          "keys of string, number or boolean values")])
 
 
+def _not_text(fields: dict[str, Any], metadata: dict[str, Any]) -> list[Problem]:
+    """A problem for each string holding a lone surrogate (``"\\ud800"`` is valid JSON but
+    half of a UTF-16 pair, not a character): no store keeps it, UTF-8 cannot encode it.
+    (Metadata keys are refused by parse_metadata's key rule already.)"""
+    strings = {**fields, **{f"$.metadata.{k}": v for k, v in metadata.items()}}
+    return [Problem(path, "holds a lone surrogate (\\ud800-\\udfff, half of a UTF-16 pair), "
+                          "which is not text: send the character it was part of")
+            for path, value in strings.items()
+            if isinstance(value, str) and not jsontext.encodable(value)]
+
+
 def _metadata(raw: Any) -> dict[str, Any]:
     problems: list[Problem] = []
     metadata = parse_metadata(raw, "$.metadata", lambda p, m: problems.append(Problem(p, m)))
+    problems += _not_text({}, metadata)
     if problems:
         raise KnowledgeInvalid(problems)
     return metadata

@@ -45,7 +45,7 @@ from flow_engine.errors import Conflict, FlowgateError, FlowInvalid, NotFound
 from flow_engine.metrics import EngineMetrics, canary_percent
 from flow_engine.rollouts.analysis import Guard, Verdict, judge_canary, judge_publish
 from flow_engine.rollouts.outcomes import OutcomeRecorder
-from flow_engine.store.base import Change, FlowRecord
+from flow_engine.store.base import Change, FlowRecord, StoreError
 
 log = logging.getLogger(__name__)
 JOB = "rollouts"
@@ -89,7 +89,13 @@ class RolloutController:
                 continue
             except NotFound:  # deleted meanwhile
                 continue
-            except FlowgateError as exc:  # the store down, ...: this flow again next pass
+            except StoreError as exc:  # the store every flow needs: the pass ends here
+                self.metrics.rollout_errors.labels(flow.id).inc()
+                log.warning("rollouts: judging flow %s failed (%s); the pass ends, every "
+                            "flow is judged again next pass", flow.id, exc.code,
+                            extra={"flow_id": flow.id})
+                break
+            except FlowgateError as exc:  # this flow's own trouble: the others are judged
                 self.metrics.rollout_errors.labels(flow.id).inc()
                 log.warning("rollouts: judging flow %s failed (%s); the other flows are "
                             "judged, it again next pass", flow.id, exc.code,

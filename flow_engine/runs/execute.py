@@ -63,6 +63,7 @@ class RunExecutor:
         self._active: dict[str, PreparedRun] = {}
         self._unrecorded: dict[str, PreparedRun] = {}  # ended; the store has not taken it yet
         self._closed = threading.Event()
+        self._retrying: set[threading.Thread] = set()  # _record_later threads, joined at close
         self._series: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._heartbeats: threading.Thread | None = None
@@ -240,9 +241,12 @@ class RunExecutor:
                 # The client has its answer; the record is written again in the background.
                 log.warning("could not record the end of run %s (%s); retrying for up to %g s",
                             prepared.run_id, exc.code, self.record_retry_s)
-                threading.Thread(target=self._record_later,
-                                 args=(prepared.run_id, write, record if whole else None),
-                                 name="flowgate-record-retry", daemon=True).start()
+                retry = threading.Thread(target=self._record_later,
+                                         args=(prepared.run_id, write, record if whole else None),
+                                         name="flowgate-record-retry", daemon=True)
+                with self._lock:
+                    self._retrying.add(retry)
+                retry.start()
             else:
                 self._recorded([prepared.run_id])
 
@@ -295,6 +299,7 @@ class RunExecutor:
         finally:
             with self._lock:
                 self._unrecorded.pop(run_id, None)
+                self._retrying.discard(threading.current_thread())
 
     def _remember_chat(self, prepared: PreparedRun, result: RunResult) -> None:
         session = prepared.request.session_id
@@ -322,10 +327,17 @@ class RunExecutor:
         """Write the ends of runs still queued (at exit, and by tests that read the store)."""
         self.records.flush()
 
-    def close(self) -> None:
-        """Write what is queued, then stop retrying records (the store is going away)."""
+    def close(self, wait_s: float = 2.0) -> None:
+        """Write what is queued, then stop retrying records (the store is going away) and
+        wait up to ``wait_s`` for the retries to log what they gave up: the process may exit
+        right after, and a plain run's record is in that log line only."""
         self.flush()
         self._closed.set()
+        with self._lock:
+            retrying = list(self._retrying)
+        deadline = time.monotonic() + wait_s
+        for thread in retrying:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def unrecorded(self, run_id: str) -> PreparedRun | None:
         """A run of this process that has ended but whose record is still being written."""

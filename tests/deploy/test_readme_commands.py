@@ -240,7 +240,9 @@ def test_readme_quick_start_run_command_and_printed_curl(clone: Path, processes,
         # Every line of the README's CLI block, in order, as written (a line may hold two
         # commands: bash -e runs it, so each must succeed), against the running stack.
         failed = []
-        for line in readme_cli_lines(readme):
+        lines = readme_cli_lines(readme)
+        assert len(lines) >= 5, f"README.md's CLI block has only {len(lines)} flowgate lines"
+        for line in lines:
             done = subprocess.run(["bash", "-e", "-c", line], cwd=clone, env=cli_env,
                                   capture_output=True, text=True, timeout=120, check=False)
             if done.returncode != 0:

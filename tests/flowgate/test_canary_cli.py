@@ -83,10 +83,22 @@ def test_a_dry_run_changes_nothing(cli, engine, two_versions):  # noqa: F811
     pytest.param(["--percent", "10"], id="no-version"),
     pytest.param(["2", "--percent", "10", "--stop"], id="stop-with-a-canary"),
     pytest.param(["2", "--percent", "10", "--steps", "5,lots"], id="bad-steps"),
+    pytest.param(["2", "--steps", "5,nan,100"], id="nan-step"),
 ])
 def test_bad_arguments_exit_2_and_change_nothing(cli, engine, two_versions, args):  # noqa: F811
     code, _, err = cli("flows", "canary", two_versions, *args)
     assert code == 2 and "flowgate:" in err
+    assert routing(engine, two_versions).get("canary") is None
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(["2", "--percent", "nan"], id="nan-percent"),
+    pytest.param(["2", "--percent", "10", "--max-error-rate", "inf"], id="inf-guard"),
+])
+def test_numbers_json_has_not_are_usage_errors(cli, engine, two_versions, args):  # noqa: F811
+    with pytest.raises(SystemExit) as exited:  # argparse: the value is not a number it takes
+        cli("flows", "canary", two_versions, *args)
+    assert exited.value.code == 2
     assert routing(engine, two_versions).get("canary") is None
 
 

@@ -960,20 +960,25 @@ def test_cache_follows_publish_and_rollback_without_redis(private_engine, start_
 def test_cache_follows_a_publish_through_the_engines_redis_signal(private_engine,
                                                                   start_ambassador, tmp_path):
     """With the engine's Redis, its flow_changed signal drops the cache's view of the flow
-    at once: the routing re-read is set to an hour here, so only the signal can make the
-    next answers version 2's (and the rollback's, version 1's again)."""
+    at once: the routing re-read is set to a minute here, so only the signal can make the
+    next answers version 2's (and the rollback's, version 1's again) — as the control, an
+    ambassador on no Redis with the same setting still answers version 1 from its cache."""
     with redis_server(tmp_path) as (_, url):
         eng = private_engine.start(env={"REDIS_URL": url})
-        amb = start_ambassador({**CACHED, "routing_check_s": 3600}, eng.url, redis_url=url)
+        amb = start_ambassador({**CACHED, "routing_check_s": 60}, eng.url, redis_url=url)
+        deaf = start_ambassador({**CACHED, "routing_check_s": 60}, eng.url)
         text = f"signalled {uuid.uuid4().hex[:8]}"
         first = amb.run(text)
         assert (first.headers["X-Cache"], first.headers["X-Flow-Version"]) == ("MISS", "1")
         assert amb.run(text).headers["X-Cache"] == "HIT"
+        assert deaf.run(text).headers["X-Flow-Version"] == "1"
         base = publish_v2(eng.url)
 
         fresh = wait_for(lambda: (r := amb.run(text)).headers["X-Flow-Version"] == "2" and r,
                          15, what="an answer of version 2 (the signal reached the ambassador)")
         assert "[v2]" in fresh.json()["output"]
+        stale = deaf.run(text)  # within its minute: the setting holds without a signal
+        assert (stale.headers["X-Cache"], stale.headers["X-Flow-Version"]) == ("HIT", "1")
         assert requests.post(base + "/rollback", headers=ENGINE_AUTH,
                              timeout=10).status_code == 200
         back = wait_for(lambda: (r := amb.run(text)).headers["X-Flow-Version"] == "1" and r,

@@ -93,7 +93,9 @@ def test_a_plain_run_whose_end_is_never_recorded_leaves_its_record_in_the_log(
         if stopping:
             runs.executor.flush()  # the writer tried: the end waits for a retry
             assert runs.executor.unrecorded(prepared.run_id) is not None
-            runs.executor.close()
+            runs.executor.close()  # returns once the retry has logged what it gave up
+            assert sample(app, "flowgate_engine_run_record_retries_total",
+                          outcome="given_up") == 1
         wait_until(lambda: sample(app, "flowgate_engine_run_record_retries_total",
                                   outcome="given_up") == 1, "the background writer to give up")
     finally:
@@ -104,6 +106,7 @@ def test_a_plain_run_whose_end_is_never_recorded_leaves_its_record_in_the_log(
     lines = [r for r in caplog.records if getattr(r, "run_id", None) == prepared.run_id
              and r.levelname == "ERROR"]
     assert len(lines) == 1 and "the store never got it" in lines[0].getMessage()
+    assert ("as the engine stopped" in lines[0].getMessage()) == stopping
     line = lines[0]
     assert (line.flow_id, line.version, line.run_status) == ("f", 1, "succeeded")
     assert line.tenant == caller.tenant and line.duration_ms > 0

@@ -451,3 +451,29 @@ def test_only_the_upload_route_reads_a_body_over_the_body_limit(make_kapp) -> No
            403, "forbidden")
     _error(api.post("/api/v1/knowledge/nope/documents", headers=as_("editor"), json=big),
            404, "knowledge_not_found")
+
+
+@pytest.mark.parametrize(("body", "path"), [
+    pytest.param(b'{"name": "a.md", "text": "caf\\ud800"}', "$.text", id="text"),
+    pytest.param(b'{"name": "\\udc00.md", "text": "hi"}', "$.name", id="name"),
+    pytest.param(b'{"name": "a.md", "text": "hi", "metadata": {"team": "\\ud800"}}',
+                 "$.metadata.team", id="metadata-value"),
+])
+def test_a_lone_surrogate_in_a_json_document_is_a_422_not_a_500(api, body, path) -> None:
+    """'\\ud800' is valid JSON but half of a UTF-16 pair: no store keeps it, UTF-8 cannot
+    encode it."""
+    create_base(api)
+    resp = _post_json(api, body)
+    problems = _error(resp, 422, "knowledge_invalid")["problems"]
+    assert [p["path"] for p in problems] == [path]
+    assert "lone surrogate" in problems[0]["message"]
+
+
+def test_a_lone_surrogate_in_multipart_metadata_is_a_422(api) -> None:
+    create_base(api)
+    resp = api.post("/api/v1/knowledge/handbook/documents", headers=as_("editor"),
+                    data={"file": (io.BytesIO(b"refunds take 5 days"), "r.md"),
+                          "metadata": '{"team": "\\ud800"}'},
+                    content_type="multipart/form-data")
+    problems = _error(resp, 422, "knowledge_invalid")["problems"]
+    assert [p["path"] for p in problems] == ["$.metadata.team"]

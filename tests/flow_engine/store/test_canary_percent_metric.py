@@ -90,3 +90,19 @@ def test_past_its_bound_a_counter_makes_no_more_placeholders():
     by_flow = {flow: sorted(s["action"] for s in series if s["flow"] == flow) for flow in "abc"}
     assert by_flow["a"] == by_flow["b"] == sorted(FLOW_CHANGE_ACTIONS)
     assert by_flow["c"] == ["publish"]  # born when used, as any counter's
+
+
+def test_in_multiprocess_mode_a_deleted_flow_says_no_canary(open_store, monkeypatch, tmp_path):
+    """prometheus_client cannot remove a series there: the gauge is set to 0 instead, and
+    the placeholders stay (no warning per series)."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    metrics = EngineMetrics(CollectorRegistry())
+    store = open_store(on_audit=metrics.audited)
+    store.migrate()
+    store.create_flow("rag", "rag", "", DEFINITION)
+    store.add_version("rag", {"v": 2}, "rag", "")
+    store.set_routing("rag", {"canary": {"version": 2, "percent": 20}})
+
+    store.delete_flow("rag")
+
+    assert percent(metrics, "rag") == 0
