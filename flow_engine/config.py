@@ -126,7 +126,7 @@ class Settings:
     knowledge_max_chunks: int = 20_000
     knowledge_max_pdf_pages: int = 2_000
     knowledge_max_pdf_objects: int = 200_000
-    knowledge_hnsw_ef_search: int = 100
+    knowledge_hnsw_ef_search: int = 400
     knowledge_stale_s: float = 30.0
     knowledge_max_attempts: int = 3
     knowledge_cache_bytes: int = 512 * 1024 * 1024

@@ -34,7 +34,7 @@ def vector_literal(vector: np.ndarray) -> str:
 
 
 class PgIndex:
-    def __init__(self, ef_search: int = 100) -> None:
+    def __init__(self, ef_search: int = 400) -> None:
         self.ef_search = ef_search
 
     def insert(self, conn: Connection, kb_id: str, doc_id: str, rows: Sequence[ChunkRow]) -> None:
