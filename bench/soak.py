@@ -2,7 +2,7 @@
 --fault-every seconds (60) rotating through the chaos drills of tests/chaos.
 
     .venv/bin/python bench/soak.py [--minutes 30] [--fault-every 60] [--rate 10]
-                                   [--warmup-s 120] [--warmup-requests 0]
+                                   [--warmup-s 120] [--warmup-requests 0] [--event-ttl-s 60]
 
 The deployment is the drills' (tests/support/chaos.py): its own llm-sim, the engine with two
 gevent workers on PostgreSQL (a fresh schema of FLOWGATE_TEST_POSTGRES_URL, default the
@@ -22,6 +22,14 @@ if that comes first): imports, compile caches, connection pools and allocator ar
 then, and would otherwise count as growth. The RSS baseline is taken after it (a process
 restarted by a fault gets a new baseline once it has served --warmup-requests answers, or
 50), then --minutes of load with faults.
+
+Redis is a data store, not a leak suspect: it holds each finished run's events for
+``FLOW_ENGINE_EVENT_TTL_S`` (3600 s by default), so under a steady load its memory grows for
+that long and then stays level. The soak sets it to --event-ttl-s (60 s, within the warm-up)
+so that Redis is at its steady state when the baseline is taken and its growth means what the
+others' does; its key census (keys by family, ``used_memory``, keys expired) is printed at the
+baseline and at the end, and the bytes per retained run (``redis_bytes_per_run``) size a
+production Redis: runs per second x FLOW_ENGINE_EVENT_TTL_S x that.
 
 Each minute a progress line; at the end requests, failures by kind, p50/p99, the RSS of
 every process at start, after the warm-up and at the end, with each one's growth since its
@@ -179,6 +187,32 @@ FAULTS = ["engine_kill", "redis_kill", "pg_terminate", "publish", "stream_resume
           "slow_loris"]
 
 
+def redis_census(url: str) -> dict[str, Any]:
+    """What Redis holds: keys by family (the key's first two ``:``-separated parts, and
+    ``:owner`` for a run's owner key), ``used_memory`` in MB and the keys expired so far."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    try:
+        families: Counter[str] = Counter()
+        for key in client.scan_iter(count=1000):
+            name = key.decode(errors="replace")
+            families[":".join(name.split(":")[:2]) + (":owner" if name.endswith(":owner") else "")] += 1
+        memory, stats = client.info("memory"), client.info("stats")
+    finally:
+        client.close()
+    return {"keys": sum(families.values()), "families": dict(families.most_common(12)),
+            "used_memory_mb": round(memory["used_memory"] / 2**20, 1),
+            "expired_keys": stats["expired_keys"]}
+
+
+def bytes_per_run(census: dict[str, Any], empty_mb: float) -> int | None:
+    """Redis bytes per run whose events it keeps (``used_memory`` above an empty Redis's,
+    over the event logs held)."""
+    logs = census["families"].get("flowgate:run", 0)  # a run's event stream (RedisEventLog.key)
+    return round((census["used_memory_mb"] - empty_mb) * 2**20 / logs) if logs else None
+
+
 def rss_all(stack: Stack, sim_proc: Any) -> dict[str, float]:
     out = stack.rss_mb()
     out["llm-sim"] = group_rss_mb(sim_proc.proc.pid)
@@ -213,6 +247,9 @@ def main() -> None:
                    help="seconds of load without faults before the RSS baseline")
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="end the warm-up once this many requests were answered (0: by time)")
+    p.add_argument("--event-ttl-s", type=float, default=60.0,
+                   help="FLOW_ENGINE_EVENT_TTL_S of the engine: how long Redis keeps a finished "
+                        "run's events (keep it within the warm-up, see above)")
     args = p.parse_args()
     problems = missing_tools()
     if problems:
@@ -223,11 +260,12 @@ def main() -> None:
     sim = Sim(sim_proc.url)
     sim.configure(ttft_s=0.1, tokens_per_s=50, reply_tokens=8)
     workdir = Path(tempfile.mkdtemp(prefix="flowgate-soak-"))
-    stack = Stack(workdir, sim)
+    stack = Stack(workdir, sim, engine_env={"FLOW_ENGINE_EVENT_TTL_S": f"{args.event_ttl_s:g}"})
     outcomes = Outcomes()
     try:
         stack.start()
         rss_start = rss_all(stack, sim_proc)
+        redis_empty = redis_census(stack.redis.url)
         print(f"soak: {args.minutes:g} min at {args.rate:g} req/s, a fault every "
               f"{args.fault_every:g} s; RSS at start (MB): {rss_start}", flush=True)
         calls = LlmCalls(sim).start()
@@ -238,7 +276,9 @@ def main() -> None:
         warm_up(outcomes, args.warmup_s, args.warmup_requests)
         rss_warm = rss_all(stack, sim_proc)
         soak.rss_base = dict(rss_warm)
-        print(f"warm after {outcomes.done()} requests; RSS baseline (MB): {rss_warm}", flush=True)
+        redis_warm = redis_census(stack.redis.url)
+        print(f"warm after {outcomes.done()} requests; RSS baseline (MB): {rss_warm}; "
+              f"Redis holds {redis_warm}", flush=True)
         started = time.monotonic()
         next_fault, turn, last_report = args.fault_every, 0, 0
         while (elapsed := time.monotonic() - started) < duration:
@@ -265,6 +305,7 @@ def main() -> None:
         load.join(120)
         calls.stop()
         rss_end = rss_all(stack, sim_proc)
+        redis_end = redis_census(stack.redis.url)
     finally:
         stack.stop()
         sim_proc.stop()
@@ -289,6 +330,9 @@ def main() -> None:
     for name in rss_end:
         pct = f"{growth_pct[name]:+.1f} %" if name in growth_pct else "n/a"
         print(f"RSS growth {name}: {growth_mb[name]:+.1f} MB, {pct}")
+    per_run = bytes_per_run(redis_end, redis_empty["used_memory_mb"])
+    print(f"Redis after warm-up: {redis_warm}")
+    print(f"Redis at end: {redis_end}; about {per_run} bytes per run it keeps events of")
     for problem in v.problems():
         print("problem:", problem)
     print(json.dumps({
@@ -305,6 +349,8 @@ def main() -> None:
         "rss_growth_pct_by_process": growth_pct,
         "rss_growth_mb": round(sum(growth_mb.values()), 1),
         "rss_growth_pct": max(growth_pct.values(), default=0.0),
+        "event_ttl_s": args.event_ttl_s, "redis_warm": redis_warm, "redis_end": redis_end,
+        "redis_bytes_per_run": per_run,
         "fault_notes": soak.notes,
     }))
 
