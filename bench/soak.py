@@ -23,13 +23,14 @@ then, and would otherwise count as growth. The RSS baseline is taken after it (a
 restarted by a fault gets a new baseline once it has served --warmup-requests answers, or
 50), then --minutes of load with faults.
 
-Redis is a data store, not a leak suspect: it holds each finished run's events for
-``FLOW_ENGINE_EVENT_TTL_S`` (3600 s by default), so under a steady load its memory grows for
-that long and then stays level. The soak sets it to --event-ttl-s (60 s, within the warm-up)
-so that Redis is at its steady state when the baseline is taken and its growth means what the
-others' does; its key census (keys by family, ``used_memory``, keys expired) is printed at the
-baseline and at the end, and the bytes per retained run (``redis_bytes_per_run``) size a
-production Redis: runs per second x FLOW_ENGINE_EVENT_TTL_S x that.
+Redis's memory is the data it is told to keep: each finished run's events stay there for
+``FLOW_ENGINE_EVENT_TTL_S`` (3600 s by default), so under a steady load it grows for that long
+and then stays level. The soak sets it to --event-ttl-s (60 s, within the warm-up) so that
+Redis is at its steady state when the baseline is taken and its growth means what the
+others' does. Its key census (keys by family, ``used_memory``, keys expired) is printed at the
+baseline and at the end: a family that keeps growing is a key without a TTL. The bytes per
+retained run (``redis_bytes_per_run``) size a production Redis: runs per second x
+FLOW_ENGINE_EVENT_TTL_S x that (docs/configuration.md, "Sizing Redis").
 
 Each minute a progress line; at the end requests, failures by kind, p50/p99, the RSS of
 every process at start, after the warm-up and at the end, with each one's growth since its
