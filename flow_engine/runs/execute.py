@@ -168,8 +168,9 @@ class RunExecutor:
         """``spent``, ``calls``: the usage and LLM calls of a run that failed or was
         cancelled (they still count)."""
         compiled = prepared.compiled
-        with self._lock:
+        with self._lock:  # "here" (unrecorded) with no gap until the store has the run's end
             self._active.pop(prepared.run_id, None)
+            self._unrecorded[prepared.run_id] = prepared
         self.limits.release(prepared.run_id)
         m = self.metrics
         m.active_runs.dec()
