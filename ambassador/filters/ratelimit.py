@@ -61,15 +61,17 @@ class RedisBuckets:
     meanwhile), so a hung Redis is not a timeout on every request."""
 
     def __init__(self, client: Any, prefix: str = "flowgate:rl:",
-                 pause: RedisPause | None = None) -> None:
+                 pause: RedisPause | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.client = client
         self.prefix = prefix
         self.pause = pause if pause is not None else RedisPause()
+        self._clock = clock  # wall clock: every ambassador's buckets share the time axis
         self._script = client.register_script(_LUA)
 
     def take(self, key: str, limit: RateLimitSettings) -> float:
         allowed, wait_ms = self.pause.call(lambda: self._script(
-            keys=[self.prefix + key], args=[limit.requests_per_s, limit.burst, time.time()]))
+            keys=[self.prefix + key], args=[limit.requests_per_s, limit.burst, self._clock()]))
         return 0.0 if int(allowed) else int(wait_ms) / 1000
 
 

@@ -217,7 +217,8 @@ class RunExecutor:
     def _record_end(self, prepared: PreparedRun, status: str, duration_ms: float,
                     body: dict[str, Any] | None, error: dict[str, Any] | None) -> None:
         """Hand the run's end to the batch writer (runs/record_writer.py); until the store
-        has it, this process answers for the run from ``unrecorded``."""
+        has it, this process answers for the run from ``unrecorded`` (``_finish`` put it
+        there)."""
         record = prepared.record
         if record is not None:  # what this process answers for the run until it is written
             record.status, record.duration_ms, record.result, record.error = (
@@ -251,8 +252,6 @@ class RunExecutor:
             else:
                 self._recorded([prepared.run_id])
 
-        with self._lock:
-            self._unrecorded[prepared.run_id] = prepared
         self.records.submit(RunEnd(prepared.run_id, record if whole else None,
                                    None if whole else finish, write_alone))
 

@@ -88,17 +88,18 @@ class RunWatcher:
         if self.events.shared is None:
             return None
         deadline = time.monotonic() + self.settings.shared_events_grace_s
-        while time.monotonic() < deadline:
+        while True:  # looks once more after the deadline: a late wake-up is not a miss
             try:
                 self.store.get_run(run_id)
                 return None  # on record: _missing_events knows what to say
             except RunNotFound:
                 pass
-            time.sleep(0.05)
             events = self.events.read(run_id, after, 0)
             if events is not None:
                 return events
-        return None
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def _missing_events(self, run_id: str, after: int, caller: Principal) -> Iterator[RunEvent]:
         record = self.store.get_run(run_id)  # RunNotFound for a run that never existed

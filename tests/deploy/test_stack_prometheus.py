@@ -401,8 +401,10 @@ def guarded_canary(stack: Stack, prometheus: Prometheus) -> dict[str, Any]:
     admin = {"x-api-key": (stack.log_dir / "engine.key").read_text(encoding="utf-8").strip()}
     flow = requests.get(engine, headers=admin, timeout=10).json()
     new = requests.put(engine, json=flow["definition"], headers=admin, timeout=10).json()
+    # The latency guard is off: one run is v2's whole p95 here, and a first run on a loaded
+    # machine may well take twice the live version's p95 (the guard has its own tests).
     canary = {"version": new["version"], "steps": [100], "step_after_s": 1,
-              "guard": {"min_runs": 1}}
+              "guard": {"min_runs": 1, "max_latency_ratio": 100}}
     requests.put(f"{engine}/routing", json={"canary": canary, "message": "stack test"},
                  headers=admin, timeout=10).raise_for_status()
     # The controller creates the flow's action series at 0 first: Prometheus must see that

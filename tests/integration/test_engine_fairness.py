@@ -54,7 +54,11 @@ def served_before_newcomer(port: int) -> int:
             answer; the answers the busy connections got meanwhile."""
             served = 0
             while time.monotonic() < deadline:
-                for key, _ in selector.select(0.5):
+                ready = [key for key, _ in selector.select(0.5)]
+                # answers read in one batch came in an unknown order: the newcomer's first
+                # (a stalled client must not count what the worker did after answering it)
+                ready.sort(key=lambda key: key.fileobj is not until)
+                for key in ready:
                     data = key.fileobj.recv(65536)
                     assert data, "the engine closed a connection"
                     answered = key.data.count(data)
@@ -69,7 +73,12 @@ def served_before_newcomer(port: int) -> int:
             assert until is None, "the new connection got no answer within 30 s"
             return served
 
-        assert pump(time.monotonic() + 0.5) >= BUSY  # the worker is saturated
+        saturated = 0  # the worker is saturated: every busy connection had about one answer
+        for _ in range(60):
+            saturated += pump(time.monotonic() + 0.5)
+            if saturated >= BUSY:
+                break
+        assert saturated >= BUSY, f"{saturated} answers in 30 s to {BUSY} busy connections"
         newcomer = socket.create_connection(("127.0.0.1", port), timeout=10)
         busy.append(newcomer)
         newcomer.sendall(REQUEST)
@@ -87,7 +96,10 @@ def test_a_new_connection_is_answered_while_keep_alive_connections_keep_a_worker
     with ServerProcess(cmd, port=port, ready_path="/readyz", name="engine", ready_timeout=30,
                        cwd=tmp_path, env={"DATABASE_URL": f"sqlite:///{tmp_path / 'engine.db'}",
                                           "FLOW_ENGINE_WORKERS": "2"}):
-        served = [served_before_newcomer(port) for _ in range(8)]
-    assert max(served) <= ROUNDS_ALLOWED * BUSY, (
+        served = sorted(served_before_newcomer(port) for _ in range(9))
+    # The median of 9 trials: a machine busy with other work may stall the client or a
+    # worker in a few, while the unfair worker is late in most (measured: fair medians
+    # 16-17, highest 26; with sleep(0) medians 83-191)
+    assert served[len(served) // 2] <= ROUNDS_ALLOWED * BUSY, (
         f"answers to the {BUSY} busy connections while a new one waited for its first: {served} "
         f"(fair: about {BUSY})")

@@ -145,9 +145,9 @@ def test_sigterm_lets_in_flight_runs_finish(tmp_path, fresh_llm_sim):
 
         thread = threading.Thread(target=slow_run)
         thread.start()
-        deadline = time.monotonic() + 5  # wait until the run has reached the LLM
-        while time.monotonic() < deadline and fresh_llm_sim.stats()["chat_completions_started"] < 1:
-            time.sleep(0.05)
+        # in flight: SIGTERM before the engine took the request would refuse it
+        wait_until(lambda: fresh_llm_sim.stats()["chat_completions_started"] >= 1,
+                   what="the run at the LLM")
         proc.proc.send_signal(signal.SIGTERM)
         thread.join(20)
         assert result.get("status") == 200, result

@@ -268,8 +268,8 @@ def test_events_come_in_order_and_tokens_arrive_while_the_llm_generates(local, f
 
 @pytest.mark.parametrize("k", [3, 9])  # inside the first nodes; in the middle of the tokens
 def test_a_dropped_stream_resumes_exactly_with_last_event_id(deployment, fresh_llm_sim, k):
-    # ~2 s of generation: still running when resumed, however slow the machine is today
-    fresh_llm_sim.configure(tokens_per_s=10, reply_tokens=20)
+    # ~3 s of generation: still running when resumed, though the test's thread may stall
+    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=60)
     body = question("resume")
     resp = open_run(deployment.start_url, body, "&on_disconnect=continue")
     run_id = resp.headers["X-Run-ID"]
@@ -284,10 +284,10 @@ def test_a_dropped_stream_resumes_exactly_with_last_event_id(deployment, fresh_l
 
     assert status_then == "running", "the resume followed the run while it went on"
     assert [e[0] for e in first] == [str(i) for i in range(1, k + 1)]
-    assert_full_run(first + resumed, body, 20)
+    assert_full_run(first + resumed, body, 60)
     assert watch(deployment.watch_url, run_id) == first + resumed
     assert wait_status(deployment.watch_url, run_id, "succeeded")["result"]["output"] == (
-        expected_reply(body, 20))
+        expected_reply(body, 60))
 
 
 @pytest.mark.parametrize("where", ["local", "pair"])

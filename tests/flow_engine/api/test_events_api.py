@@ -511,7 +511,9 @@ class SlowPipelineClient:
 
 def test_resuming_on_b_before_a_has_mirrored_the_run_follows_it_instead_of_404(pair, slow_llm,
                                                                              defs):
-    a, b = pair(openai_base_url=slow_llm.base_url)
+    # B waits up to the grace for the run to show up: far more than the 0.4 s the mirror
+    # is late by, so a busy machine's scheduling does not decide the test
+    a, b = pair(openai_base_url=slow_llm.base_url, shared_events_grace_s=15)
     a.create(defs.openai(id="llm"))
     mirror = a.runs.events.shared
     mirror.client = SlowPipelineClient(mirror.client, delay_s=0.4)
@@ -527,6 +529,41 @@ def test_resuming_on_b_before_a_has_mirrored_the_run_follows_it_instead_of_404(p
                    "the mirror to catch up")
 
     assert status == 200, resp.get_data(as_text=True)
+    assert full[:1] + resumed == full
+
+
+def test_the_grace_ends_with_one_more_look_not_a_404(pair, slow_llm, defs, monkeypatch):
+    """B's first read misses a run of A that is not on record yet (a plain run is recorded
+    at its end), and the events reach Redis right after it: B looks once more at the end of
+    the grace, here 0 s, so a late wake-up does not make a run in progress a 404."""
+    slow_llm.configure(hold=True)  # in progress (not on record) until B has looked
+    a, b = pair(openai_base_url=slow_llm.base_url, shared_events_grace_s=0)
+    a.create(defs.openai(id="llm"))
+    on_a = StreamInThread(a, "llm")
+    mirror = a.runs.events.shared
+    wait_until(lambda: mirror.client.xlen(mirror.key(on_a.run_id)) >= 2, "A's first events in Redis")
+    log, reads = b.runs.watcher.events, []
+
+    def first_read_misses(*args: Any, **kwargs: Any) -> Any:
+        reads.append(args)
+        if len(reads) == 1:
+            return None
+        if len(reads) == 2:  # B has looked again: the run may go on
+            slow_llm.configure(hold=False)
+        return read(*args, **kwargs)
+
+    read = log.read
+    monkeypatch.setattr(log, "read", first_read_misses)
+    try:
+        resp = b.events(on_a.run_id, header=1)  # read to its end by the test client
+    finally:
+        slow_llm.configure(hold=False)
+    status = resp.status_code
+    resumed = parse(resp.iter_encoded()) if status == 200 else []
+    full = on_a.join()
+
+    assert status == 200, resp.get_data(as_text=True)
+    assert len(reads) >= 2
     assert full[:1] + resumed == full
 
 

@@ -246,7 +246,8 @@ def test_a_keyed_run_beating_in_another_engine_is_never_taken_over(fresh_llm_sim
     owner = make_app(openai_base_url=fresh_llm_sim.base_url)
     judge = make_app(openai_base_url=fresh_llm_sim.base_url)  # the same store: another worker
     owner.extensions["flowgate"].runs.executor.heartbeat_s = 0.05
-    stale_after_s = judge.extensions["flowgate"].runs.idempotency.stale_after_s = 2.0
+    # 5 s: a heartbeat thread starved that long on a loaded machine is not what is tested
+    stale_after_s = judge.extensions["flowgate"].runs.idempotency.stale_after_s = 5.0
     assert owner.test_client().post("/api/v1/flows", json=defs.openai(id="llm"),
                                     headers=auth).status_code == 201
     headers = {**auth, "Idempotency-Key": "slow-but-alive"}
@@ -303,6 +304,42 @@ def test_a_duplicate_on_the_engine_running_the_key_waits_however_silent_its_hear
     assert answers["duplicate"].headers.get("Idempotent-Replayed") == "true"
     assert answers["duplicate"].get_json()["run_id"] == answers["first"].get_json()["run_id"]
     assert fresh_llm_sim.stats()["chat_completions_started"] == 1
+
+
+def test_a_finished_run_is_here_until_the_store_has_its_end(make_app, auth, defs,
+                                                            monkeypatch):
+    """No gap between leaving the active set and the store taking the run's end: at every
+    step in between (a hook on each) the process says the run is its own, so a duplicate
+    never judges a run of this very process by its heartbeat (a gap once let one abandon a
+    run that was writing its end and call the model again)."""
+    app = make_app()
+    flowgate = app.extensions["flowgate"]
+    runs, store = flowgate.runs, flowgate.store
+    assert app.test_client().post("/api/v1/flows", json=defs.echo(id="f"),
+                                  headers=auth).status_code == 201
+    seen: list[tuple[str, bool]] = []
+
+    def spy(step: str, method: Any, run_id_of: Any) -> Any:
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            for run_id in run_id_of(*args, **kwargs):
+                seen.append((step, runs._here(run_id)))
+            return method(*args, **kwargs)
+        return hooked
+
+    limits = runs.executor.limits
+    monkeypatch.setattr(limits, "release", spy("released", limits.release, lambda r: [r]))
+    monkeypatch.setattr(store, "record_run_ends", spy(
+        "writing", store.record_run_ends,
+        lambda inserts, finishes, *a, **k: [*(r.run_id for r in inserts),
+                                            *(f["run_id"] for f in finishes)]))
+
+    answer = app.test_client().post("/api/v1/run/f", json=BODY,
+                                    headers={**auth, "Idempotency-Key": "no-gap"})
+    runs.executor.flush()
+
+    assert answer.status_code == 200
+    assert seen == [("released", True), ("writing", True)]
+    assert not runs._here(answer.get_json()["run_id"])  # recorded: the store answers now
 
 
 def test_server_timing_says_the_engines_time_and_the_claims_share(defs, create_flow, run_flow):

@@ -52,7 +52,10 @@ def test_a_canary_whose_model_fails_is_aborted_within_its_window(api, fresh_llm_
     window_s = 10
     resp = api.put("/api/v1/flows/f/routing", headers=as_("publisher"), json={"canary": {
         "version": 2, "percent": 50,
-        "guard": {"max_error_rate": 0.1, "min_runs": 10, "window_s": window_s}}})
+        # latency off (100x): a failed run's retries can make it the slowest, and were the
+        # first judged runs to hold a single failure, the latency guard would breach first
+        "guard": {"max_error_rate": 0.1, "max_latency_ratio": 100, "min_runs": 10,
+                  "window_s": window_s}}})
     assert resp.status_code == 200
 
     took, _ = drive(api, lambda flow: flow["routing"] is None, deadline_s=window_s + 5)

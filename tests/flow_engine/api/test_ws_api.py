@@ -46,11 +46,16 @@ class Session:
 
 @pytest.fixture
 def connect(app: Flask) -> Iterator[Callable[..., Session]]:
-    """``connect(app=None, clock=None)``: a served connection; all are closed afterwards."""
+    """``connect(app=None, clock=None, first=None)``: a served connection, with ``first``
+    already waiting in it when the server starts; all are closed afterwards."""
     sessions: list[Session] = []
 
-    def make(on: Flask | None = None, clock: FakeClock | None = None) -> Session:
-        session = Session(on or app, FakeSocket(clock), clock)
+    def make(on: Flask | None = None, clock: FakeClock | None = None,
+             first: dict[str, Any] | None = None) -> Session:
+        ws = FakeSocket(clock)
+        if first is not None:
+            ws.feed(first)
+        session = Session(on or app, ws, clock)
         sessions.append(session)
         return session
 
@@ -366,8 +371,10 @@ def test_messages_and_runs_keep_a_connection_open(slow_app, fresh_llm_sim, conne
     progress keeps the connection open through them; the countdown restarts at its end."""
     fresh_llm_sim.configure(ttft_s=0.5, tokens_per_s=50, reply_tokens=20)
     clock = FakeClock()
-    session = connect(slow_app, clock)
-    session.ws.feed({"type": "run", "flow_id": "slow", "input_value": "slow one"})
+    # the run is there from the start: fed after, a test thread late by the socket's wait
+    # would find the connection closed as idle already
+    session = connect(slow_app, clock, first={"type": "run", "flow_id": "slow",
+                                              "input_value": "slow one"})
     started_at = clock.now
 
     events = session.ws.until_last_event()

@@ -13,6 +13,7 @@ import redis as redis_lib
 from prometheus_client.parser import text_string_to_metric_families
 from support.keys import as_, tenant
 from support.procs import free_port
+from support.waiting import wait_until
 
 from flow_engine.config import ConfigError, Settings
 from flow_engine.tenants import TenantLimits, TenantPolicy
@@ -57,9 +58,23 @@ class Busy:
 
 @pytest.fixture
 def slow_run(fresh_llm_sim):
-    """``slow_run(client, headers)``: a Busy run (the LLM streams for ~2 s)."""
-    fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=40)
-    return Busy
+    """``slow_run(client, headers)``: a Busy run whose model streams until it is stopped
+    (100 s at most): however late the test's next requests come, its slot is still taken.
+    Other runs get the sim's defaults (answered at once)."""
+
+    def start(client, headers) -> Busy:
+        streaming = fresh_llm_sim.stats()["active_streams"]
+        fresh_llm_sim.configure(tokens_per_s=20, reply_tokens=2000)
+        try:
+            busy = Busy(client, headers)
+            # the sim takes its settings when the run's call arrives, after run_started
+            wait_until(lambda: fresh_llm_sim.stats()["active_streams"] > streaming,
+                       what="the busy run's call at the model")
+        finally:
+            fresh_llm_sim.restore_defaults()
+        return busy
+
+    return start
 
 
 def test_concurrent_runs_over_the_tenant_limit_are_429(keyed_app, defs, fresh_llm_sim, slow_run):
@@ -84,13 +99,20 @@ def test_concurrent_runs_over_the_tenant_limit_are_429(keyed_app, defs, fresh_ll
                   limit="runs") == 2
 
 
-def test_tokens_per_minute_over_the_limit_are_429(keyed_app, defs):
-    client = keyed_app(tenant_tokens_per_minute=5).test_client()
+def one_minute(app, monkeypatch):
+    """The tenant limits' clock fixed mid-minute: the token window cannot turn mid-test."""
+    monkeypatch.setattr(app.extensions["flowgate"].runs.executor.limits, "_clock",
+                        lambda: 1_000_000 * 60 + 30.0)
+    return app
+
+
+def test_tokens_per_minute_over_the_limit_are_429(keyed_app, defs, monkeypatch):
+    client = one_minute(keyed_app(tenant_tokens_per_minute=5), monkeypatch).test_client()
     assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin")).status_code == 201
 
     assert client.post("/api/v1/run/f", json=BODY, headers=as_("runner")).status_code == 200
     error = refused(client.post("/api/v1/run/f", json=BODY, headers=as_("runner")), "tokens")
-    assert error["retry_after_s"] <= 60
+    assert error["retry_after_s"] == 30  # the rest of the minute
     assert client.post("/api/v1/run/f", json=BODY, headers=as_("other")).status_code == 200
     assert metric(client, "flowgate_engine_tenant_llm_tokens_total", tenant="orders-app") > 5
 
@@ -212,10 +234,7 @@ def test_a_cap_for_every_proxy_key_holds_its_invented_tenants_together(keyed_app
 
 
 def test_a_token_cap_for_every_proxy_key(keyed_app, defs, monkeypatch):
-    app = keyed_app(proxy_tokens_per_minute=5)
-    monkeypatch.setattr(app.extensions["flowgate"].runs.executor.limits, "_clock",
-                        lambda: 1_000_000 * 60 + 30.0)  # one minute throughout
-    client = app.test_client()
+    client = one_minute(keyed_app(proxy_tokens_per_minute=5), monkeypatch).test_client()
     assert client.post("/api/v1/flows", json=defs.echo(id="f"), headers=as_("admin")).status_code == 201
 
     assert client.post("/api/v1/run/f", json=BODY, headers=tenant("t-1")).status_code == 200
@@ -240,11 +259,11 @@ def test_a_negative_proxy_cap_stops_the_engine(env):
         Settings.load(environ={env: "-1"})
 
 
-def test_failed_runs_count_their_tokens(keyed_app, defs, fresh_llm_sim):
+def test_failed_runs_count_their_tokens(keyed_app, defs, fresh_llm_sim, monkeypatch):
     """A run that fails after its LLM call (its parser refuses the answer) still spent the
     tokens: without counting them a tenant could burn tokens for free."""
-    client = keyed_app(openai_base_url=fresh_llm_sim.base_url,
-                       tenant_tokens_per_minute=20).test_client()
+    client = one_minute(keyed_app(openai_base_url=fresh_llm_sim.base_url,
+                                  tenant_tokens_per_minute=20), monkeypatch).test_client()
     flow = defs.openai(id="f")
     flow["nodes"].insert(2, {"id": "parse", "type": "JsonOutputParser"})
     flow["edges"] = [{"source": "in", "target": "llm"}, {"source": "llm", "target": "parse"},
