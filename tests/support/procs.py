@@ -17,8 +17,10 @@ tail is included in the error when the process dies or never becomes ready.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,11 +32,39 @@ from types import TracebackType
 
 import requests
 
+_PICKER = random.SystemRandom()  # not the random module's state, which tests may seed
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=512)
+_BELOW_EPHEMERAL = 12_000  # how many ports under the kernel's ephemeral range to pick from
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel gives outgoing connections (ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it). Another process
-    may bind it before the server does: start servers with :func:`start_owned`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port on 127.0.0.1 that was free a moment ago. Picked below the kernel's
+    ephemeral range, so none of the suite's own outgoing connections (to Redis, PostgreSQL,
+    the servers) takes it before the server binds it, and not one this process handed out
+    lately. Another process may still bind it first: start servers with
+    :func:`start_owned`."""
+    high = _ephemeral_low()
+    low = max(1024, high - _BELOW_EPHEMERAL)
+    for _ in range(200):
+        port = _PICKER.randrange(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:  # without SO_REUSEADDR: a port with connections in TIME_WAIT is skipped too
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.append(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: the OS's
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
