@@ -167,11 +167,27 @@ class RunExecutor:
                 spent: dict[str, int] | None = None, calls: Sequence[LlmCall] = ()) -> None:
         """``spent``, ``calls``: the usage and LLM calls of a run that failed or was
         cancelled (they still count)."""
-        compiled = prepared.compiled
         with self._lock:  # "here" (unrecorded) with no gap until the store has the run's end
             self._active.pop(prepared.run_id, None)
             self._unrecorded[prepared.run_id] = prepared
-        self.limits.release(prepared.run_id)
+        # neither is in the way of the record: unrecorded, the run would stay "here" for good
+        try:
+            self.limits.release(prepared.run_id)
+        except Exception:
+            log.exception("could not release the tenant slot of run %s", prepared.run_id)
+        try:
+            self._account(prepared, status, seconds, result, error, spent, calls)
+        except Exception:
+            log.exception("could not account for run %s", prepared.run_id)
+        duration_ms = round(seconds * 1000, 3)
+        self._record_end(prepared, status, duration_ms, result.as_dict() if result else None,
+                         error)
+
+    def _account(self, prepared: PreparedRun, status: str, seconds: float,
+                 result: RunResult | None, error: dict[str, Any] | None,
+                 spent: dict[str, int] | None, calls: Sequence[LlmCall]) -> None:
+        """The run's metrics, outcome (for canary analysis), tokens and chat turn."""
+        compiled = prepared.compiled
         m = self.metrics
         m.active_runs.dec()
         flow_id, version = compiled.flow_id, self.version_label(compiled.flow_id, compiled.version)
@@ -210,9 +226,6 @@ class RunExecutor:
             for node, ms in result.nodes.items():
                 m.node_duration.labels(compiled.flow_id, compiled.node_types[node]).observe(ms / 1000)
             self._remember_chat(prepared, result)
-        duration_ms = round(seconds * 1000, 3)
-        self._record_end(prepared, status, duration_ms, result.as_dict() if result else None,
-                         error)
 
     def _record_end(self, prepared: PreparedRun, status: str, duration_ms: float,
                     body: dict[str, Any] | None, error: dict[str, Any] | None) -> None:

@@ -88,7 +88,8 @@ class RunWatcher:
         if self.events.shared is None:
             return None
         deadline = time.monotonic() + self.settings.shared_events_grace_s
-        while True:  # looks once more after the deadline: a late wake-up is not a miss
+        while True:  # a last look at the deadline, however late: a late wake-up is no miss
+            time.sleep(max(0.0, min(0.05, deadline - time.monotonic())))
             try:
                 self.store.get_run(run_id)
                 return None  # on record: _missing_events knows what to say
@@ -99,7 +100,6 @@ class RunWatcher:
                 return events
             if time.monotonic() >= deadline:
                 return None
-            time.sleep(0.05)
 
     def _missing_events(self, run_id: str, after: int, caller: Principal) -> Iterator[RunEvent]:
         record = self.store.get_run(run_id)  # RunNotFound for a run that never existed

@@ -230,7 +230,7 @@ def test_reply_tokens_setting_applies_at_runtime(fresh_llm_sim: Any) -> None:
 def test_ttft_and_tokens_per_second_are_honoured(fresh_llm_sim: Any) -> None:
     """Streaming is told by the sim's state, not by the test's clock (a stalled client reads
     a burst); the pace by lower bounds from the start, which a stall can only raise."""
-    ttft, tps, n = 1.5, 40.0, 100
+    ttft, tps, n = 3.0, 40.0, 100  # the margins a stalled test thread has: 3 s, then 2.5 s
     fresh_llm_sim.configure(ttft_s=ttft, tokens_per_s=tps, reply_tokens=n)
     client = _client(fresh_llm_sim)
 
@@ -258,9 +258,9 @@ def test_ttft_and_tokens_per_second_are_honoured(fresh_llm_sim: Any) -> None:
 
 
 def test_slow_requests_are_served_concurrently(fresh_llm_sim: Any) -> None:
-    # One gevent worker: its waits must be cooperative, or one waiting request would keep
-    # the other 19 from being read. Told by state: all 20 are waiting at once.
-    fresh_llm_sim.configure(ttft_s=0.5, hold=True)
+    # One gevent worker: its waits must be cooperative (monkey-patched), or one waiting
+    # request would keep the other 19 from being read. Told by state: all 20 wait at once.
+    fresh_llm_sim.configure(hold=True)
 
     def call(_: int) -> int:
         return requests.post(f"{fresh_llm_sim.base_url}/chat/completions", timeout=60,
@@ -268,8 +268,11 @@ def test_slow_requests_are_served_concurrently(fresh_llm_sim: Any) -> None:
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         answers = pool.map(call, range(20))
-        wait_until(lambda: fresh_llm_sim.stats()["held"] == 20, what="20 requests held at once")
-        fresh_llm_sim.configure(hold=False)
+        try:
+            wait_until(lambda: fresh_llm_sim.stats()["held"] == 20,
+                       what="20 requests held at once")
+        finally:
+            fresh_llm_sim.configure(hold=False)
         assert list(answers) == [200] * 20
 
 

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ import requests
 
 _PICKER = random.SystemRandom()  # not the random module's state, which tests may seed
 _HANDED_OUT: collections.deque[int] = collections.deque(maxlen=512)
+_PICKING = threading.Lock()
 _BELOW_EPHEMERAL = 12_000  # how many ports under the kernel's ephemeral range to pick from
 
 
@@ -52,19 +54,20 @@ def free_port() -> int:
     lately. Another process may still bind it first: start servers with
     :func:`start_owned`."""
     high = _ephemeral_low()
-    low = max(1024, high - _BELOW_EPHEMERAL)
-    for _ in range(200):
-        port = _PICKER.randrange(low, high)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:  # without SO_REUSEADDR: a port with connections in TIME_WAIT is skipped too
-                s.bind(("127.0.0.1", port))
-            except OSError:
+    low = high - _BELOW_EPHEMERAL
+    with _PICKING:
+        for _ in range(200 if low >= 10_000 else 0):  # a low ephemeral range: the OS's pick
+            port = _PICKER.randrange(low, high)
+            if port in _HANDED_OUT:
                 continue
-        _HANDED_OUT.append(port)
-        return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: the OS's
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:  # without SO_REUSEADDR: a port with connections in TIME_WAIT is skipped
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _HANDED_OUT.append(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

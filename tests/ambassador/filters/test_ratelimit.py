@@ -137,13 +137,14 @@ def test_redis_buckets_are_shared_between_ambassadors(settings_with, clock, requ
 
 def test_redis_bucket_retry_after(settings_with, clock, request_for, downstream, redis_client,
                                   redis_prefix) -> None:
-    settings = settings_with({"ratelimit": {"requests_per_s": 0.5, "burst": 1}})
-    # one instant for both calls: a pause between them must not shorten the wait
+    # one instant for both calls, and a bucket Redis keeps ~100 s: a pause between them
+    # must not shorten the wait nor let the key expire
+    settings = settings_with({"ratelimit": {"requests_per_s": 0.01, "burst": 1}})
     f, _ = make_filter(settings, clock, RedisBuckets(redis_client, prefix=redis_prefix,
                                                      clock=lambda: 1_700_000_000.0))
     assert call(f, request_for, downstream)[0].status == 200
     response, _ = call(f, request_for, downstream)
-    assert response.status == 429 and response.headers["Retry-After"] == "2"
+    assert response.status == 429 and response.headers["Retry-After"] == "100"
 
 
 def test_redis_down_falls_back_to_the_local_bucket(settings_with, clock, request_for, downstream,

@@ -342,6 +342,31 @@ def test_a_finished_run_is_here_until_the_store_has_its_end(make_app, auth, defs
     assert not runs._here(answer.get_json()["run_id"])  # recorded: the store answers now
 
 
+def test_a_run_whose_accounting_fails_is_still_recorded(make_app, auth, defs, monkeypatch,
+                                                       caplog):
+    """Metrics, outcomes and token counts after a run are never in the way of its record: a
+    failure there is logged, the run is recorded and stops being this process's."""
+    app = make_app()
+    flowgate = app.extensions["flowgate"]
+    runs = flowgate.runs
+    assert app.test_client().post("/api/v1/flows", json=defs.echo(id="f"),
+                                  headers=auth).status_code == 201
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("metrics backend gone")
+
+    monkeypatch.setattr(runs.executor, "_account", broken)
+    answer = app.test_client().post("/api/v1/run/f", json=BODY,
+                                    headers={**auth, "Idempotency-Key": "accounting"})
+    runs.executor.flush()
+
+    assert answer.status_code == 200
+    run_id = answer.get_json()["run_id"]
+    assert flowgate.store.get_run(run_id).status == "succeeded"
+    assert not runs._here(run_id)
+    assert f"could not account for run {run_id}" in caplog.text
+
+
 def test_server_timing_says_the_engines_time_and_the_claims_share(defs, create_flow, run_flow):
     create_flow(defs.echo(id="f"))
 

@@ -371,11 +371,11 @@ def test_messages_and_runs_keep_a_connection_open(slow_app, fresh_llm_sim, conne
     progress keeps the connection open through them; the countdown restarts at its end."""
     fresh_llm_sim.configure(ttft_s=0.5, tokens_per_s=50, reply_tokens=20)
     clock = FakeClock()
+    started_at = clock.now
     # the run is there from the start: fed after, a test thread late by the socket's wait
     # would find the connection closed as idle already
     session = connect(slow_app, clock, first={"type": "run", "flow_id": "slow",
                                               "input_value": "slow one"})
-    started_at = clock.now
 
     events = session.ws.until_last_event()
     assert session.ws.closed.wait(WAIT_S)
